@@ -1,0 +1,469 @@
+//! Configuration: command-line flags, `FERRY_*` environment variables and an optional TOML file,
+//! merged in that order of precedence and validated once into [`Config`].
+//!
+//! The raw layers ([`ServeArgs`], [`FileConfig`]) stay close to what the user typed; [`Config`] is
+//! what the rest of the program uses and holds only valid values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        message: message.into(),
+    }
+}
+
+/// Flags and environment variables shared by `ferry serve` and `ferry token`.
+/// Every field is optional so that a value from the config file can fill it.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP/WebSocket listen address.
+    #[arg(long, env = "FERRY_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Serve /metrics on this address instead of the HTTP port.
+    #[arg(long, env = "FERRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// API key: the `kid` of access tokens.
+    #[arg(long, env = "FERRY_API_KEY")]
+    pub api_key: Option<String>,
+    /// API secret that signs access tokens (HS256). Without it the server runs in dev mode.
+    #[arg(long, env = "FERRY_API_SECRET", hide_env_values = true)]
+    pub api_secret: Option<String>,
+    /// Rooms larger than this go through the relay (0 = always relay).
+    #[arg(long, env = "FERRY_P2P_MAX_PEERS")]
+    pub p2p_max_peers: Option<u32>,
+    /// Time a P2P connection has to connect before the pair falls back to relay (e.g. "5s").
+    #[arg(long, env = "FERRY_P2P_TIMEOUT")]
+    pub p2p_timeout: Option<String>,
+    /// Most members a room may hold (the cap for a room's own maxPeers).
+    #[arg(long, env = "FERRY_MAX_ROOM_PEERS")]
+    pub max_room_peers: Option<u32>,
+    /// Most simultaneous WebSocket connections.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Largest signaling message accepted, in bytes.
+    #[arg(long, env = "FERRY_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Sustained messages per second allowed per connection.
+    #[arg(long, env = "FERRY_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// Burst of messages allowed per connection above the sustained rate.
+    #[arg(long, env = "FERRY_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Interval of the server's WebSocket pings (e.g. "10s").
+    #[arg(long, env = "FERRY_PING_INTERVAL")]
+    pub ping_interval: Option<String>,
+    /// A connection silent for this long is closed as dead (e.g. "30s").
+    #[arg(long, env = "FERRY_PING_TIMEOUT")]
+    pub ping_timeout: Option<String>,
+    /// Time a new connection has to send `hello` (e.g. "10s").
+    #[arg(long, env = "FERRY_HELLO_TIMEOUT")]
+    pub hello_timeout: Option<String>,
+    /// How long a shutdown waits for clients to leave (e.g. "30s").
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// How long a room with no members is kept (e.g. "5m").
+    #[arg(long, env = "FERRY_EMPTY_ROOM_TTL")]
+    pub empty_room_ttl: Option<String>,
+    /// Log format: "text" or "json".
+    #[arg(long, env = "FERRY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// An ICE server handed to clients in the welcome message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// The TOML file, with the same names as the flags (snake_case).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub http_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub api_key: Option<String>,
+    pub api_secret: Option<String>,
+    pub p2p_max_peers: Option<u32>,
+    pub p2p_timeout: Option<String>,
+    pub max_room_peers: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub max_message_bytes: Option<usize>,
+    pub rate_limit: Option<u32>,
+    pub rate_burst: Option<u32>,
+    pub ping_interval: Option<String>,
+    pub ping_timeout: Option<String>,
+    pub hello_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub empty_room_ttl: Option<String>,
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub ice_servers: Vec<IceServer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub http_listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// `(key, secret)`; `None` means dev mode (anonymous access).
+    pub api: Option<(String, String)>,
+    pub p2p_max_peers: u32,
+    pub p2p_timeout: Duration,
+    pub max_room_peers: u32,
+    pub max_connections: u32,
+    pub max_message_bytes: usize,
+    pub rate_limit: u32,
+    pub rate_burst: u32,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub empty_room_ttl: Duration,
+    pub log_format: LogFormat,
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
+            api: None,
+            p2p_max_peers: 2,
+            p2p_timeout: Duration::from_secs(5),
+            max_room_peers: 50,
+            max_connections: 10_000,
+            max_message_bytes: 64 * 1024,
+            rate_limit: 50,
+            rate_burst: 100,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            empty_room_ttl: Duration::from_secs(300),
+            log_format: LogFormat::Text,
+            ice_servers: Vec::new(),
+        }
+    }
+}
+
+/// The WebSocket layer closes a connection outright above this multiple of `max_message_bytes`;
+/// between the two, a message gets a `message_too_large` error and the connection survives.
+pub const HARD_MESSAGE_LIMIT_FACTOR: usize = 16;
+
+impl Config {
+    /// Merge flags/env over the file named by `--config` (if any) over the defaults, and validate.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Config::merge(args, file)
+    }
+
+    pub fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let http_listen = match args.http_listen.clone().or(file.http_listen) {
+            Some(s) => parse_addr("http_listen", &s)?,
+            None => d.http_listen,
+        };
+        let metrics_listen = match args.metrics_listen.clone().or(file.metrics_listen) {
+            Some(s) if s.is_empty() => None,
+            Some(s) => Some(parse_addr("metrics_listen", &s)?),
+            None => None,
+        };
+        let api_key = args.api_key.clone().or(file.api_key);
+        let api_secret = args.api_secret.clone().or(file.api_secret);
+        let api = match (api_key, api_secret) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "api_secret",
+                    "api_key is set but api_secret is not",
+                ));
+            }
+            (key, Some(secret)) => {
+                if secret.len() < 32 {
+                    return Err(invalid(
+                        "api_secret",
+                        format!("must be at least 32 characters (got {})", secret.len()),
+                    ));
+                }
+                let key = key.unwrap_or_else(|| "default".to_string());
+                if key.is_empty() {
+                    return Err(invalid("api_key", "must not be empty"));
+                }
+                Some((key, secret))
+            }
+        };
+        let dur = |name: &'static str, a: &Option<String>, f: Option<String>, def: Duration| match a
+            .clone()
+            .or(f)
+        {
+            Some(s) => parse_duration(name, &s),
+            None => Ok(def),
+        };
+        let p2p_timeout = dur(
+            "p2p_timeout",
+            &args.p2p_timeout,
+            file.p2p_timeout,
+            d.p2p_timeout,
+        )?;
+        let ping_interval = dur(
+            "ping_interval",
+            &args.ping_interval,
+            file.ping_interval,
+            d.ping_interval,
+        )?;
+        let ping_timeout = dur(
+            "ping_timeout",
+            &args.ping_timeout,
+            file.ping_timeout,
+            d.ping_timeout,
+        )?;
+        let hello_timeout = dur(
+            "hello_timeout",
+            &args.hello_timeout,
+            file.hello_timeout,
+            d.hello_timeout,
+        )?;
+        let drain_timeout = dur(
+            "drain_timeout",
+            &args.drain_timeout,
+            file.drain_timeout,
+            d.drain_timeout,
+        )?;
+        let empty_room_ttl = dur(
+            "empty_room_ttl",
+            &args.empty_room_ttl,
+            file.empty_room_ttl,
+            d.empty_room_ttl,
+        )?;
+        let log_format = match args
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("expected \"text\" or \"json\", got {other:?}"),
+                ));
+            }
+        };
+        let cfg = Config {
+            http_listen,
+            metrics_listen,
+            api,
+            p2p_max_peers: args
+                .p2p_max_peers
+                .or(file.p2p_max_peers)
+                .unwrap_or(d.p2p_max_peers),
+            p2p_timeout,
+            max_room_peers: args
+                .max_room_peers
+                .or(file.max_room_peers)
+                .unwrap_or(d.max_room_peers),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_message_bytes: args
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            rate_limit: args.rate_limit.or(file.rate_limit).unwrap_or(d.rate_limit),
+            rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(d.rate_burst),
+            ping_interval,
+            ping_timeout,
+            hello_timeout,
+            drain_timeout,
+            empty_room_ttl,
+            log_format,
+            ice_servers: file.ice_servers,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_room_peers < 2 {
+            return Err(invalid("max_room_peers", "must be at least 2"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if self.rate_limit == 0 {
+            return Err(invalid(
+                "rate_limit",
+                "must be at least 1 message per second",
+            ));
+        }
+        if self.rate_burst == 0 {
+            return Err(invalid("rate_burst", "must be at least 1"));
+        }
+        if self.ping_interval.is_zero() {
+            return Err(invalid("ping_interval", "must be greater than zero"));
+        }
+        if self.ping_timeout <= self.ping_interval {
+            return Err(invalid(
+                "ping_timeout",
+                format!(
+                    "must be longer than ping_interval ({})",
+                    humantime::format_duration(self.ping_interval)
+                ),
+            ));
+        }
+        if self.hello_timeout.is_zero() {
+            return Err(invalid("hello_timeout", "must be greater than zero"));
+        }
+        if self.p2p_timeout.is_zero() {
+            return Err(invalid("p2p_timeout", "must be greater than zero"));
+        }
+        for s in &self.ice_servers {
+            if s.urls.is_empty() {
+                return Err(invalid("ice_servers", "every entry needs at least one url"));
+            }
+            for u in &s.urls {
+                if !(u.starts_with("stun:")
+                    || u.starts_with("stuns:")
+                    || u.starts_with("turn:")
+                    || u.starts_with("turns:"))
+                {
+                    return Err(invalid(
+                        "ice_servers",
+                        format!("{u:?} is not a stun:, stuns:, turn: or turns: URL"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when anonymous clients are accepted (no API secret configured).
+    pub fn dev_mode(&self) -> bool {
+        self.api.is_none()
+    }
+}
+
+fn parse_addr(name: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(name, format!("{s:?} is not an address like 127.0.0.1:8080")))
+}
+
+pub fn parse_duration(name: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| invalid(name, format!("{s:?} is not a duration like \"5s\" ({e})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_dev_mode_on_loopback() {
+        let c = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert!(c.dev_mode());
+        assert_eq!(c.p2p_max_peers, 2);
+        assert_eq!(c.p2p_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig =
+            toml::from_str("http_listen = \"127.0.0.1:9000\"\np2p_max_peers = 4\n").unwrap();
+        let args = ServeArgs {
+            p2p_max_peers: Some(0),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, file).unwrap();
+        assert_eq!(c.http_listen.port(), 9000);
+        assert_eq!(c.p2p_max_peers, 0);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let args = ServeArgs {
+            p2p_timeout: Some("soon".into()),
+            ..Default::default()
+        };
+        let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("p2p_timeout"), "{e}");
+
+        let args = ServeArgs {
+            api_secret: Some("short".into()),
+            ..Default::default()
+        };
+        let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+
+        let args = ServeArgs {
+            ping_interval: Some("30s".into()),
+            ping_timeout: Some("10s".into()),
+            ..Default::default()
+        };
+        let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("ping_timeout"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let e = toml::from_str::<FileConfig>("htp_listen = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,114 @@
+//! The HTTP surface on one port: demo page, SDK, WebSocket signaling, health, readiness, metrics.
+//! Static assets are compiled into the binary.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::config::HARD_MESSAGE_LIMIT_FACTOR;
+use crate::signal::hub::Hub;
+use crate::signal::protocol::close;
+use crate::signal::session;
+
+const DEMO_HTML: &str = include_str!("sdk/index.html");
+const SDK_JS: &str = include_str!("sdk/ferry.js");
+
+/// The main router. `with_metrics` adds `/metrics` (off when metrics have their own address).
+pub fn router(hub: Arc<Hub>, with_metrics: bool) -> Router {
+    let mut r = Router::new()
+        .route("/", get(demo))
+        .route("/sdk/ferry.js", get(sdk))
+        .route("/ws", get(ws))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        r = r.route("/metrics", get(metrics));
+    }
+    r.with_state(hub)
+}
+
+/// A router serving only `/metrics`, for `metrics_listen`.
+pub fn metrics_router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(hub)
+}
+
+async fn demo() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DEMO_HTML,
+    )
+        .into_response()
+}
+
+async fn sdk() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        SDK_JS,
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
+    if hub.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        hub.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ws(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
+    let upgrade = upgrade.max_message_size(limit).max_frame_size(limit);
+    let token = query.get("token").cloned();
+    upgrade.on_upgrade(move |socket| async move {
+        if hub.is_draining() {
+            session::refuse(socket, close::TRY_AGAIN_LATER, "server is draining").await;
+            return;
+        }
+        let Some(slot) = hub.try_connect() else {
+            hub.metrics
+                .signal_errors
+                .with_label_values(&["too_many_connections"])
+                .inc();
+            let reason = format!(
+                "too many connections (max_connections = {})",
+                hub.config.max_connections
+            );
+            session::refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
+            return;
+        };
+        session::run(hub, socket, slot, token, remote).await;
+    })
+}

@@ -1,0 +1,173 @@
+//! The `ferry` binary: parse the configuration, set up logging, run; or mint a token.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ferry::auth::{self, Grants};
+use ferry::config::{Config, LogFormat, ServeArgs, parse_duration};
+use ferry::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "P2P-first WebRTC signaling hub and media relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Print an access token signed with the configured API key and secret.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user's identity (the token's `sub`).
+    #[arg(long)]
+    identity: String,
+    /// Restrict the token to this room (default: any room).
+    #[arg(long)]
+    room: Option<String>,
+    /// Lifetime, e.g. "1h", "30m".
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    /// Do not allow creating rooms.
+    #[arg(long)]
+    no_create: bool,
+    /// Do not allow publishing media.
+    #[arg(long)]
+    no_publish: bool,
+    /// Do not allow receiving media.
+    #[arg(long)]
+    no_subscribe: bool,
+    /// Always carry this user's media through the relay.
+    #[arg(long)]
+    relay_only: bool,
+    #[command(flatten)]
+    config: ServeArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(t)) => token(t),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn token(t: TokenArgs) -> ExitCode {
+    let cfg = match Config::load(&t.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((key, secret)) = cfg.api else {
+        eprintln!(
+            "ferry: no API secret configured: set FERRY_API_KEY and FERRY_API_SECRET (or --api-key/--api-secret, or the config file)"
+        );
+        return ExitCode::from(2);
+    };
+    let ttl = match parse_duration("ttl", &t.ttl) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            eprintln!("ferry: invalid value for ttl: must be greater than zero");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if t.identity.is_empty() || t.identity.len() > 256 {
+        eprintln!("ferry: --identity must be 1 to 256 characters");
+        return ExitCode::from(2);
+    }
+    let grants = Grants {
+        room: t.room,
+        create: !t.no_create,
+        publish: !t.no_publish,
+        subscribe: !t.no_subscribe,
+        relay_only: t.relay_only,
+    };
+    match auth::mint(&key, &secret, &t.identity, ttl, grants) {
+        Ok(tok) => {
+            println!("{tok}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry: cannot sign token: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let cfg = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(cfg.log_format);
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = rt.block_on(async move {
+        let server = Server::bind(cfg.clone()).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", cfg.http_listen),
+            )
+        })?;
+        let handle = server.shutdown_handle();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received");
+            handle.shutdown();
+        });
+        server.run().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,93 @@
+//! Prometheus metrics. One registry per server instance (so tests can run several servers in one
+//! process); labels are low-cardinality only, never a room or a user.
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub ws_connections: IntGauge,
+    pub rooms: IntGauge,
+    pub room_members: IntGauge,
+    pub signal_messages: IntCounterVec,
+    pub signal_errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let ws_connections = IntGauge::new(
+            "ferry_ws_connections",
+            "Open signaling WebSocket connections.",
+        )
+        .expect("valid metric");
+        let rooms = IntGauge::new("ferry_rooms", "Rooms that exist.").expect("valid metric");
+        let room_members = IntGauge::new(
+            "ferry_room_members",
+            "Members in all rooms (a user in a room counts once).",
+        )
+        .expect("valid metric");
+        let signal_messages = IntCounterVec::new(
+            Opts::new(
+                "ferry_signal_messages_total",
+                "Signaling requests received, by message type (\"invalid\" when unparseable).",
+            ),
+            &["type"],
+        )
+        .expect("valid metric");
+        let signal_errors = IntCounterVec::new(
+            Opts::new(
+                "ferry_signal_errors_total",
+                "Signaling error responses and error closes, by error code.",
+            ),
+            &["code"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("ferry_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [
+            Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rooms.clone()),
+            Box::new(room_members.clone()),
+            Box::new(signal_messages.clone()),
+            Box::new(signal_errors.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registered once");
+        Metrics {
+            registry,
+            ws_connections,
+            rooms,
+            room_members,
+            signal_messages,
+            signal_errors,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,460 @@
+//! The control plane shared by every WebSocket task: sessions, rooms, presence fan-out and
+//! the P2P relay of offer/answer/candidate/bye.
+//!
+//! Registries are `DashMap`s; a shard guard is never held across an `.await` (every method here is
+//! synchronous). Messages to other sessions go through their bounded outbound queues with
+//! `try_send`: a session whose queue is full is kicked as a slow consumer instead of stalling the
+//! sender.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Grants, Verifier};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::signal::protocol::{CreateRoom, ErrorCode, MemberInfo, RoomMode, SignalError};
+
+/// Capacity of each session's outbound queue.
+pub const OUTBOUND_QUEUE: usize = 256;
+
+/// What other tasks hold to reach a session.
+pub struct SessionHandle {
+    pub tx: mpsc::Sender<Utf8Bytes>,
+    /// Cancelled when the session must be closed as a slow consumer.
+    pub kick: CancellationToken,
+}
+
+struct Member {
+    user_id: String,
+    identity: String,
+}
+
+struct Room {
+    max_peers: u32,
+    mode: RoomMode,
+    members: Vec<Member>,
+    empty_since: Option<Instant>,
+}
+
+/// Result of a successful join.
+pub struct Joined {
+    pub members: Vec<MemberInfo>,
+    pub max_peers: u32,
+    pub mode: RoomMode,
+}
+
+pub struct Hub {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub verifier: Option<Verifier>,
+    sessions: DashMap<String, SessionHandle>,
+    rooms: DashMap<String, Room>,
+    connections: AtomicUsize,
+    draining: AtomicBool,
+    /// `true` once draining started; sessions watch it to send the `draining` event.
+    drain_tx: watch::Sender<bool>,
+    /// Cancelled when the drain timeout passed: remaining sessions close.
+    pub shutdown: CancellationToken,
+}
+
+/// Keeps the connection count right however a session ends.
+pub struct ConnectionSlot {
+    hub: Arc<Hub>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
+        self.hub.metrics.ws_connections.dec();
+    }
+}
+
+const ID_ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyz23456789";
+
+fn random_id(len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len)
+        .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
+        .collect()
+}
+
+fn valid_room_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Hub {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Hub> {
+        let verifier = config
+            .api
+            .as_ref()
+            .map(|(key, secret)| Verifier::new(key, secret));
+        let (drain_tx, _) = watch::channel(false);
+        Arc::new(Hub {
+            config,
+            metrics,
+            verifier,
+            sessions: DashMap::new(),
+            rooms: DashMap::new(),
+            connections: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            drain_tx,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Take a connection slot, or `None` when `max_connections` are open.
+    pub fn try_connect(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections as usize;
+        let prev = self.connections.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.ws_connections.inc();
+        Some(ConnectionSlot { hub: self.clone() })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain_tx.send_replace(true);
+    }
+
+    pub fn drain_watch(&self) -> watch::Receiver<bool> {
+        self.drain_tx.subscribe()
+    }
+
+    /// Register a new session under a fresh unique user id.
+    pub fn register(&self, handle: SessionHandle) -> String {
+        let mut handle = Some(handle);
+        loop {
+            let id = format!("u-{}", random_id(10));
+            if let Entry::Vacant(v) = self.sessions.entry(id.clone()) {
+                v.insert(handle.take().expect("inserted once"));
+                return id;
+            }
+        }
+    }
+
+    pub fn unregister(&self, user_id: &str) {
+        self.sessions.remove(user_id);
+    }
+
+    /// Queue a message for a session without waiting. A full queue kicks that session.
+    fn deliver(&self, user_id: &str, text: &Utf8Bytes) {
+        if let Some(s) = self.sessions.get(user_id) {
+            match s.tx.try_send(text.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => s.kick.cancel(),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    /// Send an event to every session (used for `draining`).
+    pub fn broadcast(&self, text: &Utf8Bytes) {
+        let ids: Vec<String> = self.sessions.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            self.deliver(&id, text);
+        }
+    }
+
+    pub fn create_room(&self, grants: &Grants, req: CreateRoom) -> Result<Value, SignalError> {
+        if self.is_draining() {
+            return Err(SignalError::new(
+                ErrorCode::Draining,
+                "the server is draining: no new rooms",
+            ));
+        }
+        if !grants.create {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                "this token may not create rooms",
+            ));
+        }
+        let max_cap = self.config.max_room_peers;
+        let max_peers = req.max_peers.unwrap_or(max_cap);
+        if !(2..=max_cap).contains(&max_peers) {
+            return Err(SignalError::new(
+                ErrorCode::BadRequest,
+                format!("maxPeers must be between 2 and {max_cap}"),
+            ));
+        }
+        let requested = match (&req.room_id, &grants.room) {
+            (Some(id), Some(allowed)) if id != allowed => {
+                return Err(SignalError::new(
+                    ErrorCode::Forbidden,
+                    format!("this token is restricted to room {allowed:?}"),
+                ));
+            }
+            (Some(id), _) => Some(id.clone()),
+            (None, Some(allowed)) => Some(allowed.clone()),
+            (None, None) => None,
+        };
+        let mode = req.mode.unwrap_or_default();
+        let room = || Room {
+            max_peers,
+            mode,
+            members: Vec::new(),
+            empty_since: Some(Instant::now()),
+        };
+        let room_id = match requested {
+            Some(id) => {
+                if !valid_room_id(&id) {
+                    return Err(SignalError::new(
+                        ErrorCode::BadRequest,
+                        "roomId must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'",
+                    ));
+                }
+                match self.rooms.entry(id.clone()) {
+                    Entry::Occupied(_) => {
+                        return Err(SignalError::new(
+                            ErrorCode::RoomExists,
+                            format!("room {id:?} already exists"),
+                        ));
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(room());
+                    }
+                }
+                id
+            }
+            None => loop {
+                let id = random_id(10);
+                if let Entry::Vacant(v) = self.rooms.entry(id.clone()) {
+                    v.insert(room());
+                    break id;
+                }
+            },
+        };
+        self.metrics.rooms.inc();
+        Ok(json!({ "roomId": room_id, "maxPeers": max_peers, "mode": mode }))
+    }
+
+    /// Add a member; tells the others. The caller checked it is in no room.
+    pub fn join_room(
+        &self,
+        user_id: &str,
+        identity: &str,
+        grants: &Grants,
+        room_id: &str,
+    ) -> Result<Joined, SignalError> {
+        if self.is_draining() {
+            return Err(SignalError::new(
+                ErrorCode::Draining,
+                "the server is draining: no new joins",
+            ));
+        }
+        if let Some(allowed) = &grants.room
+            && allowed != room_id
+        {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                format!("this token is restricted to room {allowed:?}"),
+            ));
+        }
+        let (joined, others) = {
+            let Some(mut room) = self.rooms.get_mut(room_id) else {
+                return Err(SignalError::new(
+                    ErrorCode::RoomNotFound,
+                    format!("no room {room_id:?}"),
+                ));
+            };
+            if room.members.len() >= room.max_peers as usize {
+                return Err(SignalError::new(
+                    ErrorCode::RoomFull,
+                    format!("room {room_id:?} is full ({} members)", room.max_peers),
+                ));
+            }
+            let members: Vec<MemberInfo> = room
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    user_id: m.user_id.clone(),
+                    identity: m.identity.clone(),
+                })
+                .collect();
+            room.members.push(Member {
+                user_id: user_id.to_string(),
+                identity: identity.to_string(),
+            });
+            room.empty_since = None;
+            let others: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
+            (
+                Joined {
+                    members,
+                    max_peers: room.max_peers,
+                    mode: room.mode,
+                },
+                others,
+            )
+        };
+        self.metrics.room_members.inc();
+        let event: Utf8Bytes = json!({
+            "type": "presence", "event": "join", "roomId": room_id,
+            "userId": user_id, "identity": identity,
+        })
+        .to_string()
+        .into();
+        for other in others {
+            self.deliver(&other, &event);
+        }
+        Ok(joined)
+    }
+
+    /// Remove a member and tell the others. `reason` is "left" or "disconnected".
+    pub fn leave_room(&self, user_id: &str, room_id: &str, reason: &str) {
+        let others: Vec<String> = {
+            let Some(mut room) = self.rooms.get_mut(room_id) else {
+                return;
+            };
+            let before = room.members.len();
+            room.members.retain(|m| m.user_id != user_id);
+            if room.members.len() == before {
+                return;
+            }
+            if room.members.is_empty() {
+                room.empty_since = Some(Instant::now());
+            }
+            room.members.iter().map(|m| m.user_id.clone()).collect()
+        };
+        self.metrics.room_members.dec();
+        let event: Utf8Bytes = json!({
+            "type": "presence", "event": "leave", "roomId": room_id,
+            "userId": user_id, "reason": reason,
+        })
+        .to_string()
+        .into();
+        for other in others {
+            self.deliver(&other, &event);
+        }
+    }
+
+    /// Relay a P2P signaling message from `from` to `to`, both in `room_id`. `event` is the
+    /// complete event object; `from` is set here so that it cannot be spoofed.
+    pub fn relay(
+        &self,
+        from: &str,
+        room_id: &str,
+        to: &str,
+        mut event: serde_json::Map<String, Value>,
+    ) -> Result<(), SignalError> {
+        if to == from {
+            return Err(SignalError::new(
+                ErrorCode::TargetNotFound,
+                "cannot signal yourself",
+            ));
+        }
+        let present = self
+            .rooms
+            .get(room_id)
+            .is_some_and(|r| r.members.iter().any(|m| m.user_id == to));
+        if !present {
+            return Err(SignalError::new(
+                ErrorCode::TargetNotFound,
+                format!("{to:?} is not a member of your room"),
+            ));
+        }
+        event.insert("from".into(), Value::String(from.to_string()));
+        let text: Utf8Bytes = Value::Object(event).to_string().into();
+        self.deliver(to, &text);
+        Ok(())
+    }
+
+    /// Delete rooms empty for longer than `empty_room_ttl`. Returns how many went.
+    pub fn reap_rooms(&self, now: Instant) -> usize {
+        let ttl = self.config.empty_room_ttl;
+        let before = self.rooms.len();
+        self.rooms.retain(|_, r| {
+            !(r.members.is_empty()
+                && r.empty_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+        });
+        let gone = before.saturating_sub(self.rooms.len());
+        self.metrics.rooms.sub(gone as i64);
+        gone
+    }
+
+    /// Run [`Hub::reap_rooms`] periodically until shutdown.
+    pub async fn reaper(self: Arc<Self>) {
+        let period = (self.config.empty_room_ttl / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.reap_rooms(Instant::now()); }
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(Arc::new(Config::default()), Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn empty_rooms_are_reaped_after_ttl_only() {
+        let h = hub();
+        let r = h
+            .create_room(&Grants::default(), CreateRoom::default())
+            .unwrap();
+        let id = r["roomId"].as_str().unwrap().to_string();
+        let now = Instant::now();
+        assert_eq!(h.reap_rooms(now), 0);
+        assert_eq!(h.reap_rooms(now + Duration::from_secs(301)), 1);
+        assert_eq!(h.metrics.rooms.get(), 0);
+        assert!(h.join_room("u", "a", &Grants::default(), &id).is_err());
+    }
+
+    #[test]
+    fn rooms_with_members_are_kept() {
+        let h = hub();
+        let r = h
+            .create_room(&Grants::default(), CreateRoom::default())
+            .unwrap();
+        let id = r["roomId"].as_str().unwrap();
+        h.join_room("u", "a", &Grants::default(), id).unwrap();
+        assert_eq!(h.reap_rooms(Instant::now() + Duration::from_secs(3600)), 0);
+        h.leave_room("u", id, "left");
+        assert_eq!(h.metrics.room_members.get(), 0);
+        assert_eq!(h.reap_rooms(Instant::now() + Duration::from_secs(301)), 1);
+    }
+
+    #[test]
+    fn connection_slots_are_capped_and_returned() {
+        let cfg = Config {
+            max_connections: 1,
+            ..Config::default()
+        };
+        let h = Hub::new(Arc::new(cfg), Arc::new(Metrics::new()));
+        let a = h.try_connect().unwrap();
+        assert!(h.try_connect().is_none());
+        drop(a);
+        assert!(h.try_connect().is_some());
+    }
+}

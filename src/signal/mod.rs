@@ -1,0 +1,5 @@
+//! Signaling: the WebSocket protocol, sessions, rooms, presence and the P2P relay.
+
+pub mod hub;
+pub mod protocol;
+pub mod session;

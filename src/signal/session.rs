@@ -1,0 +1,583 @@
+//! One signaling session: the task that owns a client's WebSocket.
+//!
+//! The loop, in priority order: close when kicked or when the server's drain timeout passed;
+//! forward queued events to the client; handle the client's frames; send pings and close a
+//! connection that stayed silent past `ping_timeout`; close one that never said `hello`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::auth::{Grants, TokenError};
+use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
+use crate::signal::protocol::{
+    self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, PROTOCOL_VERSION,
+    RequestType, Sdp, SignalError, close, fields,
+};
+
+/// A send that does not complete within this time means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Refuse a connection right after the upgrade, with a close code and reason.
+pub async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+struct Auth {
+    user_id: String,
+    identity: String,
+    grants: Grants,
+}
+
+/// Token bucket: `rate` per second, up to `burst`.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32, burst: u32) -> Self {
+        RateLimit {
+            tokens: burst as f64,
+            rate: rate as f64,
+            burst: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Close(u16, String),
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    /// A token given as the `token` query parameter, already verified.
+    query_claims: Option<crate::auth::Claims>,
+    auth: Option<Auth>,
+    room: Option<String>,
+    rx: mpsc::Receiver<Utf8Bytes>,
+    /// Held until `hello` registers the session.
+    pending: Option<(mpsc::Sender<Utf8Bytes>, CancellationToken)>,
+    kick: CancellationToken,
+    limiter: RateLimit,
+}
+
+/// Run a session to its end. `query_token` is the `token` query parameter, if any.
+pub async fn run(
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    slot: ConnectionSlot,
+    query_token: Option<String>,
+    remote: std::net::SocketAddr,
+) {
+    let span =
+        info_span!("session", %remote, user = tracing::field::Empty, room = tracing::field::Empty);
+    async move {
+        let _slot = slot;
+        let query_claims = match (&hub.verifier, query_token) {
+            (Some(v), Some(t)) => match v.verify(&t) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    hub.metrics
+                        .signal_errors
+                        .with_label_values(&[ErrorCode::Unauthorized.as_str()])
+                        .inc();
+                    info!(reason = %e, "refused token");
+                    refuse(socket, close::UNAUTHORIZED, &e.to_string()).await;
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let kick = CancellationToken::new();
+        let limiter = RateLimit::new(hub.config.rate_limit, hub.config.rate_burst);
+        let mut s = Session {
+            hub,
+            socket,
+            query_claims,
+            auth: None,
+            room: None,
+            rx,
+            pending: Some((tx, kick.clone())),
+            kick,
+            limiter,
+        };
+        let (code, reason) = s.run_loop().await;
+        s.finish(code, &reason).await;
+    }
+    .instrument(span)
+    .await
+}
+
+impl Session {
+    async fn run_loop(&mut self) -> (u16, String) {
+        let cfg = self.hub.config.clone();
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let hello_deadline = Instant::now() + cfg.hello_timeout;
+        let mut last_heard = Instant::now();
+        let mut drain = self.hub.drain_watch();
+        let mut drain_announced = false;
+        let shutdown = self.hub.shutdown.clone();
+        let kick = self.kick.clone();
+        loop {
+            if !drain_announced && *drain.borrow_and_update() {
+                drain_announced = true;
+                let ms = cfg.drain_timeout.as_millis() as u64;
+                let ev = json!({"type": "draining", "deadlineMs": ms}).to_string();
+                if let Flow::Close(c, r) = self.send_text(ev.into()).await {
+                    return (c, r);
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = kick.cancelled() => {
+                    return (close::SLOW_CONSUMER, "outbound queue full: client is not reading".into());
+                }
+                _ = shutdown.cancelled() => {
+                    return (close::GOING_AWAY, "server shutting down".into());
+                }
+                _ = drain.changed(), if !drain_announced => {}
+                Some(text) = self.rx.recv() => {
+                    if let Flow::Close(c, r) = self.send_text(text).await {
+                        return (c, r);
+                    }
+                }
+                msg = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    let flow = match msg {
+                        None => return (1000, String::new()),
+                        Some(Err(e)) => {
+                            let text = e.to_string();
+                            debug!(error = %text, "websocket read error");
+                            if text.contains("too long") || text.contains("Space limit") {
+                                self.count_error(ErrorCode::MessageTooLarge);
+                                return (close::MESSAGE_TOO_BIG, "message too large".into());
+                            }
+                            return (1002, "protocol error".into());
+                        }
+                        Some(Ok(Message::Text(t))) => self.handle_text(t.as_str()).await,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.metrics_message("invalid");
+                            let err = SignalError::new(ErrorCode::BadRequest, "binary frames are not supported: send JSON text");
+                            self.reply(&Value::Null, Err(err)).await
+                        }
+                        Some(Ok(Message::Close(_))) => return (1000, String::new()),
+                        Some(Ok(_)) => Flow::Continue, // ping/pong: answered by the library
+                    };
+                    if let Flow::Close(c, r) = flow {
+                        return (c, r);
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= cfg.ping_timeout {
+                        info!("no traffic within ping_timeout: closing dead connection");
+                        return (close::PING_TIMEOUT, "ping timeout".into());
+                    }
+                    if let Flow::Close(c, r) = self.send(Message::Ping(Default::default())).await {
+                        return (c, r);
+                    }
+                }
+                _ = sleep_until(hello_deadline), if self.auth.is_none() => {
+                    return (close::HELLO_TIMEOUT, "no hello within hello_timeout".into());
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self, code: u16, reason: &str) {
+        if let (Some(auth), Some(room)) = (&self.auth, self.room.take()) {
+            let why = if code == 1000 && reason.is_empty() {
+                "disconnected"
+            } else {
+                "closed"
+            };
+            self.hub.leave_room(&auth.user_id, &room, why);
+        }
+        if let Some(auth) = &self.auth {
+            self.hub.unregister(&auth.user_id);
+            info!(code, reason, "session ended");
+        }
+        if code != 1000 {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(frame)).await;
+        }
+    }
+
+    async fn send(&mut self, msg: Message) -> Flow {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(msg)).await {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Close(1000, String::new()),
+            Err(_) => Flow::Close(close::SLOW_CONSUMER, "write timeout".into()),
+        }
+    }
+
+    async fn send_text(&mut self, text: Utf8Bytes) -> Flow {
+        self.send(Message::Text(text)).await
+    }
+
+    fn metrics_message(&self, ty: &str) {
+        self.hub
+            .metrics
+            .signal_messages
+            .with_label_values(&[ty])
+            .inc();
+    }
+
+    fn count_error(&self, code: ErrorCode) {
+        self.hub
+            .metrics
+            .signal_errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+    }
+
+    async fn reply(&mut self, id: &Value, result: Result<Value, SignalError>) -> Flow {
+        let text = match &result {
+            Ok(v) => protocol::response_ok(id, v.clone()),
+            Err(e) => {
+                self.count_error(e.code);
+                debug!(code = e.code.as_str(), message = %e.message, "error response");
+                protocol::response_err(id, e)
+            }
+        };
+        self.send_text(text.into()).await
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Flow {
+        if text.len() > self.hub.config.max_message_bytes {
+            self.metrics_message("invalid");
+            let err = SignalError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message of {} bytes exceeds the limit of {} bytes",
+                    text.len(),
+                    self.hub.config.max_message_bytes
+                ),
+            );
+            return self.reply(&Value::Null, Err(err)).await;
+        }
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                self.metrics_message("invalid");
+                let err = SignalError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}"));
+                return self.reply(&Value::Null, Err(err)).await;
+            }
+        };
+        let (id, ty, obj) = match protocol::envelope(value) {
+            Ok(parts) => parts,
+            Err((id, err)) => {
+                self.metrics_message("invalid");
+                return self.reply(&id, Err(err)).await;
+            }
+        };
+        let Some(ty) = RequestType::parse(&ty) else {
+            self.metrics_message("unknown");
+            let err = SignalError::new(
+                ErrorCode::UnknownType,
+                format!("unknown message type {ty:?}"),
+            );
+            return self.reply(&id, Err(err)).await;
+        };
+        self.metrics_message(ty.as_str());
+        if !self.limiter.allow(Instant::now()) {
+            let err = SignalError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second: request dropped",
+                    self.hub.config.rate_limit
+                ),
+            );
+            return self.reply(&id, Err(err)).await;
+        }
+        match self.dispatch(ty, obj) {
+            Ok(v) => self.reply(&id, Ok(v)).await,
+            Err(Reject::Error(e)) => self.reply(&id, Err(e)).await,
+            Err(Reject::Close(e, code)) => {
+                let reason = e.message.clone();
+                let _ = self.reply(&id, Err(e)).await;
+                Flow::Close(code, reason)
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        ty: RequestType,
+        obj: serde_json::Map<String, Value>,
+    ) -> Result<Value, Reject> {
+        if ty == RequestType::Ping {
+            let _: Empty = fields(ty, obj)?;
+            return Ok(json!({}));
+        }
+        if ty == RequestType::Hello {
+            return self.hello(fields(ty, obj)?);
+        }
+        let Some(auth) = &self.auth else {
+            return Err(SignalError::new(ErrorCode::NotAuthenticated, "send hello first").into());
+        };
+        let hub = &self.hub;
+        match ty {
+            RequestType::CreateRoom => {
+                let req: CreateRoom = fields(ty, obj)?;
+                Ok(hub.create_room(&auth.grants, req)?)
+            }
+            RequestType::JoinRoom => {
+                let req: JoinRoom = fields(ty, obj)?;
+                if let Some(r) = &self.room {
+                    return Err(SignalError::new(
+                        ErrorCode::AlreadyInRoom,
+                        format!("already in room {r:?}: leave it first"),
+                    )
+                    .into());
+                }
+                let joined =
+                    hub.join_room(&auth.user_id, &auth.identity, &auth.grants, &req.room_id)?;
+                tracing::Span::current().record("room", req.room_id.as_str());
+                info!(room = %req.room_id, "joined room");
+                self.room = Some(req.room_id.clone());
+                Ok(json!({
+                    "roomId": req.room_id,
+                    "members": joined.members,
+                    "maxPeers": joined.max_peers,
+                    "mode": joined.mode,
+                }))
+            }
+            RequestType::LeaveRoom => {
+                let _: Empty = fields(ty, obj)?;
+                let Some(room) = self.room.take() else {
+                    return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room").into());
+                };
+                hub.leave_room(&auth.user_id, &room, "left");
+                info!(%room, "left room");
+                Ok(json!({}))
+            }
+            RequestType::Offer | RequestType::Answer => {
+                let req: Sdp = fields(ty, obj)?;
+                let room = self.require_room()?;
+                check_sdp_grants(&req.sdp, &auth.grants)?;
+                let mut ev = serde_json::Map::new();
+                ev.insert("type".into(), ty.as_str().into());
+                ev.insert("sdp".into(), req.sdp.into());
+                if let Some(meta) = req.meta {
+                    ev.insert("meta".into(), meta);
+                }
+                hub.relay(&auth.user_id, room, &req.to, ev)?;
+                Ok(json!({}))
+            }
+            RequestType::Candidate => {
+                let req: Candidate = fields(ty, obj)?;
+                let room = self.require_room()?;
+                if !(req.candidate.is_object() || req.candidate.is_null()) {
+                    return Err(SignalError::new(
+                        ErrorCode::BadRequest,
+                        "candidate must be an RTCIceCandidateInit object or null",
+                    )
+                    .into());
+                }
+                let mut ev = serde_json::Map::new();
+                ev.insert("type".into(), "candidate".into());
+                ev.insert("candidate".into(), req.candidate);
+                hub.relay(&auth.user_id, room, &req.to, ev)?;
+                Ok(json!({}))
+            }
+            RequestType::Bye => {
+                let req: Bye = fields(ty, obj)?;
+                let room = self.require_room()?;
+                let mut ev = serde_json::Map::new();
+                ev.insert("type".into(), "bye".into());
+                if let Some(r) = req.reason {
+                    ev.insert("reason".into(), r.into());
+                }
+                hub.relay(&auth.user_id, room, &req.to, ev)?;
+                Ok(json!({}))
+            }
+            RequestType::Hello | RequestType::Ping => unreachable!("handled above"),
+        }
+    }
+
+    fn require_room(&self) -> Result<&str, SignalError> {
+        self.room
+            .as_deref()
+            .ok_or_else(|| SignalError::new(ErrorCode::NotInRoom, "join a room before signaling"))
+    }
+
+    fn hello(&mut self, req: Hello) -> Result<Value, Reject> {
+        if self.auth.is_some() {
+            return Err(SignalError::new(
+                ErrorCode::AlreadyAuthenticated,
+                "hello was already accepted",
+            )
+            .into());
+        }
+        if let Some(p) = req.protocol
+            && p != PROTOCOL_VERSION
+        {
+            return Err(SignalError::new(
+                ErrorCode::UnsupportedProtocol,
+                format!("protocol {p} is not supported; this server speaks {PROTOCOL_VERSION}"),
+            )
+            .into());
+        }
+        let (identity, grants) = match &self.hub.verifier {
+            Some(v) => {
+                let claims = match (self.query_claims.take(), req.token) {
+                    (_, Some(t)) => v.verify(&t),
+                    (Some(c), None) => Ok(c),
+                    (None, None) => Err(TokenError::Missing),
+                };
+                match claims {
+                    Ok(c) => (c.sub, c.grants),
+                    Err(e) => {
+                        return Err(Reject::Close(
+                            SignalError::new(ErrorCode::Unauthorized, e.to_string()),
+                            close::UNAUTHORIZED,
+                        ));
+                    }
+                }
+            }
+            None => {
+                let name = req
+                    .identity
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.chars().take(64).collect::<String>());
+                (
+                    name.unwrap_or_else(|| "guest".to_string()),
+                    Grants::default(),
+                )
+            }
+        };
+        let (tx, kick) = self.pending.take().expect("hello registers once");
+        let user_id = self.hub.register(SessionHandle { tx, kick });
+        tracing::Span::current().record("user", user_id.as_str());
+        info!(%identity, "session started");
+        let cfg = &self.hub.config;
+        let welcome = json!({
+            "userId": user_id,
+            "identity": identity,
+            "protocol": PROTOCOL_VERSION,
+            "iceServers": cfg.ice_servers,
+            "p2pMaxPeers": cfg.p2p_max_peers,
+            "p2pTimeoutMs": cfg.p2p_timeout.as_millis() as u64,
+            "pingIntervalMs": cfg.ping_interval.as_millis() as u64,
+            "pingTimeoutMs": cfg.ping_timeout.as_millis() as u64,
+            "maxMessageBytes": cfg.max_message_bytes,
+            "grants": grants,
+        });
+        self.auth = Some(Auth {
+            user_id,
+            identity,
+            grants,
+        });
+        Ok(welcome)
+    }
+}
+
+enum Reject {
+    Error(SignalError),
+    /// Answer with the error, then close with this code.
+    Close(SignalError, u16),
+}
+
+impl From<SignalError> for Reject {
+    fn from(e: SignalError) -> Self {
+        Reject::Error(e)
+    }
+}
+
+/// A client may only send media if granted `publish`, and receive if granted `subscribe`.
+/// The SDP's media directions say which it intends.
+fn check_sdp_grants(sdp: &str, grants: &Grants) -> Result<(), SignalError> {
+    if grants.publish && grants.subscribe {
+        return Ok(());
+    }
+    for line in sdp.lines() {
+        let dir = line.trim();
+        let sends = dir == "a=sendrecv" || dir == "a=sendonly";
+        let receives = dir == "a=sendrecv" || dir == "a=recvonly";
+        if sends && !grants.publish {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                "this token may not publish: the SDP sends media",
+            ));
+        }
+        if receives && !grants.subscribe {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                "this token may not subscribe: the SDP receives media",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_refills_over_time() {
+        let mut rl = RateLimit::new(10, 3);
+        let t = Instant::now();
+        assert!(rl.allow(t) && rl.allow(t) && rl.allow(t));
+        assert!(!rl.allow(t));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(rl.allow(Instant::now()));
+        assert!(!rl.allow(Instant::now()));
+    }
+
+    #[test]
+    fn sdp_directions_follow_grants() {
+        let viewer = Grants {
+            publish: false,
+            ..Grants::default()
+        };
+        assert!(check_sdp_grants("v=0\r\na=recvonly\r\n", &viewer).is_ok());
+        assert_eq!(
+            check_sdp_grants("v=0\r\na=sendrecv\r\n", &viewer)
+                .unwrap_err()
+                .code,
+            ErrorCode::Forbidden
+        );
+        let sender = Grants {
+            subscribe: false,
+            ..Grants::default()
+        };
+        assert!(check_sdp_grants("a=sendonly\r\n", &sender).is_ok());
+        assert!(check_sdp_grants("a=recvonly\r\n", &sender).is_err());
+    }
+}
