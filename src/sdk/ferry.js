@@ -1,0 +1,470 @@
+// Ferry browser SDK — served by the Ferry server at /sdk/ferry.js.
+// ES module exporting `Ferry` (also set as window.Ferry). Plain JavaScript, no build step.
+// Wire protocol: docs/protocol.md. Contract: README.md and docs/sdk.md.
+
+const PROTOCOL = 1;
+const REQUEST_TIMEOUT_MS = 10000;
+const STREAM_TYPES = ['cam', 'screen'];
+// ICE 'disconnected' often heals by itself; restart only if it lasts this long.
+const DISCONNECTED_GRACE_MS = 2500;
+
+export class FerryError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'FerryError';
+    this.code = code;
+  }
+}
+
+function wsUrl(url) {
+  if (!url) {
+    const loc = globalThis.location;
+    return (loc.protocol === 'https:' ? 'wss:' : 'ws:') + '//' + loc.host + '/ws';
+  }
+  const u = new URL(url, globalThis.location ? globalThis.location.href : undefined);
+  if (u.protocol === 'http:') u.protocol = 'ws:';
+  if (u.protocol === 'https:') u.protocol = 'wss:';
+  if (u.pathname === '/' || u.pathname === '') u.pathname = '/ws';
+  return u.toString();
+}
+
+// One direct RTCPeerConnection to one remote member, negotiated with "perfect negotiation":
+// the polite side yields on offer collisions, so simultaneous offers never deadlock.
+class Link {
+  constructor(ferry, remoteId) {
+    this.ferry = ferry;
+    this.remoteId = remoteId;
+    this.polite = ferry._userId > remoteId;
+    this.makingOffer = false;
+    this.ignoreOffer = false;
+    this.settingRemoteAnswer = false;
+    this.pendingCandidates = [];
+    this.remoteMeta = {}; // remote stream id -> 'cam' | 'screen'
+    this.remoteStreams = new Map(); // 'cam' | 'screen' -> MediaStream
+    this.senders = new Map(); // 'cam' | 'screen' -> { stream, senders: RTCRtpSender[] }
+    this.queue = Promise.resolve();
+    this.closed = false;
+    this.disconnectTimer = null;
+
+    const config = Object.assign({}, ferry._rtcConfig, { iceServers: ferry._iceServers() });
+    const pc = (this.pc = new RTCPeerConnection(config));
+    pc.onnegotiationneeded = () => this._negotiate();
+    pc.onicecandidate = ({ candidate }) => {
+      this.ferry._send('candidate', { to: remoteId, candidate: candidate ? candidate.toJSON() : null });
+    };
+    pc.ontrack = (ev) => this._onTrack(ev);
+    pc.oniceconnectionstatechange = () => this._onIceState();
+  }
+
+  // Serialize everything that touches signaling state.
+  run(task) {
+    this.queue = this.queue.then(task).catch((e) => {
+      if (!this.closed) console.warn('ferry: negotiation with', this.remoteId, e);
+    });
+    return this.queue;
+  }
+
+  _meta() {
+    const streams = {};
+    for (const [type, { stream }] of this.senders) streams[stream.id] = type;
+    return { streams };
+  }
+
+  async _negotiate() {
+    if (this.closed) return;
+    try {
+      this.makingOffer = true;
+      await this.pc.setLocalDescription();
+      await this.ferry._send('offer', { to: this.remoteId, sdp: this.pc.localDescription.sdp, meta: this._meta() });
+    } catch (e) {
+      if (!this.closed) console.warn('ferry: offer to', this.remoteId, e);
+    } finally {
+      this.makingOffer = false;
+    }
+  }
+
+  handleDescription(type, sdp, meta) {
+    return this.run(async () => {
+      if (this.closed) return;
+      if (meta && meta.streams) Object.assign(this.remoteMeta, meta.streams);
+      const pc = this.pc;
+      const readyForOffer = !this.makingOffer && (pc.signalingState === 'stable' || this.settingRemoteAnswer);
+      const collision = type === 'offer' && !readyForOffer;
+      this.ignoreOffer = !this.polite && collision;
+      if (this.ignoreOffer) return;
+      this.settingRemoteAnswer = type === 'answer';
+      try {
+        await pc.setRemoteDescription({ type, sdp });
+      } finally {
+        this.settingRemoteAnswer = false;
+      }
+      for (const c of this.pendingCandidates.splice(0)) await this._addCandidate(c);
+      if (type === 'offer') {
+        await pc.setLocalDescription();
+        await this.ferry._send('answer', { to: this.remoteId, sdp: pc.localDescription.sdp, meta: this._meta() });
+      }
+    });
+  }
+
+  handleCandidate(candidate) {
+    return this.run(async () => {
+      if (this.closed) return;
+      if (!this.pc.remoteDescription) {
+        this.pendingCandidates.push(candidate);
+        return;
+      }
+      await this._addCandidate(candidate);
+    });
+  }
+
+  async _addCandidate(candidate) {
+    try {
+      await this.pc.addIceCandidate(candidate || undefined);
+    } catch (e) {
+      if (!this.ignoreOffer) throw e;
+    }
+  }
+
+  _onTrack({ track, streams }) {
+    const stream = streams[0] || new MediaStream([track]);
+    const type = this.remoteMeta[stream.id] || (this.remoteStreams.has('cam') && this.remoteStreams.get('cam') !== stream ? 'screen' : 'cam');
+    if (this.remoteStreams.get(type) === stream) return;
+    this.remoteStreams.set(type, stream);
+    stream.addEventListener('removetrack', () => {
+      if (stream.getTracks().length === 0 && this.remoteStreams.get(type) === stream) {
+        this.remoteStreams.delete(type);
+        this.ferry._presence({ type: 'unsubscribed', userId: this.remoteId, streamType: type, stream });
+      }
+    });
+    this.ferry._presence({ type: 'subscribed', userId: this.remoteId, streamType: type, stream, mode: 'p2p' });
+  }
+
+  _onIceState() {
+    const state = this.pc.iceConnectionState;
+    clearTimeout(this.disconnectTimer);
+    if (this.closed) return;
+    if (state === 'failed') {
+      this.pc.restartIce();
+    } else if (state === 'disconnected') {
+      this.disconnectTimer = setTimeout(() => {
+        if (!this.closed && this.pc.iceConnectionState === 'disconnected') this.pc.restartIce();
+      }, DISCONNECTED_GRACE_MS);
+    }
+  }
+
+  addStream(type, stream) {
+    this.removeStream(type);
+    const canSubscribe = this.ferry._welcome.grants.subscribe;
+    const senders = stream.getTracks().map((track) => {
+      const sender = this.pc.addTrack(track, stream);
+      if (!canSubscribe) {
+        const t = this.pc.getTransceivers().find((x) => x.sender === sender);
+        if (t) t.direction = 'sendonly';
+      }
+      return sender;
+    });
+    this.senders.set(type, { stream, senders });
+  }
+
+  removeStream(type) {
+    const entry = this.senders.get(type);
+    if (!entry) return;
+    this.senders.delete(type);
+    for (const s of entry.senders) {
+      try {
+        this.pc.removeTrack(s);
+      } catch (_) {
+        // already closed
+      }
+    }
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.disconnectTimer);
+    this.pc.close();
+    for (const [type, stream] of this.remoteStreams) {
+      this.ferry._presence({ type: 'unsubscribed', userId: this.remoteId, streamType: type, stream });
+    }
+    this.remoteStreams.clear();
+  }
+}
+
+export class Ferry extends EventTarget {
+  // opts: { token?, identity? (dev-mode display name), rtcConfig? (extra RTCConfiguration) }
+  constructor(opts = {}) {
+    super();
+    this._token = opts.token;
+    this._identity = opts.identity;
+    this._rtcConfig = opts.rtcConfig || {};
+    this._ws = null;
+    this._nextId = 1;
+    this._pending = new Map();
+    this._welcome = null;
+    this._userId = undefined;
+    this._roomId = undefined;
+    this._members = new Map(); // userId -> identity
+    this._links = new Map(); // userId -> Link
+    this._published = new Map(); // 'cam' | 'screen' -> MediaStream, sent to every member
+    this._pingTimer = null;
+  }
+
+  // Connect and say hello. Resolves { userId, identity, iceServers, p2pMaxPeers, p2pTimeoutMs, grants }.
+  async init(url) {
+    if (this._ws) throw new FerryError('already_initialized', 'init() was already called');
+    const ws = (this._ws = new WebSocket(wsUrl(url)));
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onclose = (ev) => reject(closeError(ev));
+    });
+    ws.onmessage = (ev) => this._onMessage(ev.data);
+    ws.onclose = (ev) => this._onClose(ev);
+    const hello = { protocol: PROTOCOL };
+    if (this._token) hello.token = this._token;
+    if (this._identity) hello.identity = this._identity;
+    const welcome = await this._request('hello', hello);
+    this._welcome = welcome;
+    this._userId = welcome.userId;
+    const every = Math.max(1000, welcome.pingIntervalMs || 10000);
+    this._pingTimer = setInterval(() => {
+      this._request('ping', {}, welcome.pingTimeoutMs || 30000).catch((e) => {
+        if (e.code === 'timeout' && this._ws) this._ws.close(4000, 'server did not answer ping');
+      });
+    }, every);
+    return welcome;
+  }
+
+  getUserId() {
+    return this._userId;
+  }
+
+  getRoomId() {
+    return this._roomId;
+  }
+
+  // The identity (token `sub` or dev-mode name) of a member of the current room.
+  getIdentity(userId) {
+    return userId === this._userId ? this._welcome && this._welcome.identity : this._members.get(userId);
+  }
+
+  // opts: { maxPeers?, mode?: 'auto' | 'relay', roomId? }. Resolves { roomId, maxPeers, mode }.
+  async createRoom(opts = {}) {
+    return this._request('createRoom', opts);
+  }
+
+  // Resolves { roomId, members: [userId…] (not me), maxPeers, mode }.
+  async joinRoom(roomId) {
+    if (typeof roomId !== 'string' || !roomId) throw new FerryError('bad_request', 'joinRoom needs a room id');
+    const res = await this._request('joinRoom', { roomId });
+    this._roomId = res.roomId;
+    for (const m of res.members) {
+      this._members.set(m.userId, m.identity);
+      this._link(m.userId);
+    }
+    return { roomId: res.roomId, members: res.members.map((m) => m.userId), maxPeers: res.maxPeers, mode: res.mode };
+  }
+
+  // Send `stream` to every member, now and later. type: 'cam' | 'screen'.
+  async publish(stream, type = 'cam') {
+    this._checkPublish(stream, type);
+    this._published.set(type, stream);
+    for (const link of this._links.values()) link.addStream(type, stream);
+  }
+
+  // Stop sending the stream of that type to everyone.
+  async unpublish(type = 'cam') {
+    this._published.delete(type);
+    for (const link of this._links.values()) link.removeStream(type);
+  }
+
+  // Send `stream` to one member only.
+  async publishP2P(userId, type, stream) {
+    this._checkPublish(stream, type);
+    const link = this._links.get(userId);
+    if (!link) throw new FerryError('target_not_found', `${userId} is not a member of your room`);
+    link.addStream(type, stream);
+  }
+
+  // The MediaStream received from that member (type 'cam' by default), or undefined.
+  getStream(userId, type = 'cam') {
+    const link = this._links.get(userId);
+    if (!link) return undefined;
+    return link.remoteStreams.get(type) || (type === 'cam' ? link.remoteStreams.values().next().value : undefined);
+  }
+
+  // 'p2p' | 'relay' | undefined
+  getMode(userId) {
+    return this._links.has(userId) ? 'p2p' : undefined;
+  }
+
+  // RTCStatsReport of the connection carrying that member's media, or undefined.
+  async getStats(userId) {
+    const link = this._links.get(userId);
+    return link ? link.pc.getStats() : undefined;
+  }
+
+  async leaveRoom() {
+    if (!this._roomId) throw new FerryError('not_in_room', 'not in a room');
+    for (const userId of this._links.keys()) this._send('bye', { to: userId, reason: 'leave' });
+    this._closeLinks();
+    this._roomId = undefined;
+    this._members.clear();
+    await this._request('leaveRoom', {});
+  }
+
+  close() {
+    clearInterval(this._pingTimer);
+    this._closeLinks();
+    this._roomId = undefined;
+    if (this._ws) this._ws.close(1000);
+  }
+
+  // --- internals ---
+
+  _checkPublish(stream, type) {
+    if (!this._welcome) throw new FerryError('not_connected', 'call init() first');
+    if (!STREAM_TYPES.includes(type)) throw new FerryError('bad_request', `stream type must be 'cam' or 'screen'`);
+    if (!(stream instanceof MediaStream)) throw new FerryError('bad_request', 'publish needs a MediaStream');
+    if (!this._welcome.grants.publish) throw new FerryError('forbidden', 'this token may not publish');
+  }
+
+  _iceServers() {
+    return (this._welcome && this._welcome.iceServers) || [];
+  }
+
+  _link(userId) {
+    let link = this._links.get(userId);
+    if (!link) {
+      link = new Link(this, userId);
+      this._links.set(userId, link);
+      for (const [type, stream] of this._published) link.addStream(type, stream);
+    }
+    return link;
+  }
+
+  _dropLink(userId) {
+    const link = this._links.get(userId);
+    if (link) {
+      this._links.delete(userId);
+      link.close();
+    }
+  }
+
+  _closeLinks() {
+    for (const userId of [...this._links.keys()]) this._dropLink(userId);
+  }
+
+  _presence(detail) {
+    this.dispatchEvent(new CustomEvent('presence', { detail }));
+  }
+
+  _request(type, fields, timeoutMs = REQUEST_TIMEOUT_MS) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      return Promise.reject(new FerryError('not_connected', 'not connected to the server'));
+    }
+    const id = this._nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new FerryError('timeout', `${type} got no answer within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this._pending.set(id, { resolve, reject, timer });
+      ws.send(JSON.stringify(Object.assign({ id, type }, fields)));
+    });
+  }
+
+  // Fire-and-forget signaling (errors are logged: the peer may just have left).
+  _send(type, fields) {
+    return this._request(type, fields).catch((e) => {
+      if (e.code !== 'target_not_found' && e.code !== 'not_in_room') console.warn('ferry:', type, e.message);
+    });
+  }
+
+  _onMessage(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch (_) {
+      return;
+    }
+    switch (msg.type) {
+      case 'response': {
+        const p = this._pending.get(msg.id);
+        if (!p) return;
+        this._pending.delete(msg.id);
+        clearTimeout(p.timer);
+        if (msg.error) p.reject(new FerryError(msg.error.code, msg.error.message));
+        else p.resolve(msg.result);
+        return;
+      }
+      case 'presence':
+        if (msg.roomId !== this._roomId) return;
+        if (msg.event === 'join') {
+          this._members.set(msg.userId, msg.identity);
+          this._link(msg.userId);
+          this._presence({ type: 'join', userId: msg.userId, identity: msg.identity });
+        } else if (msg.event === 'leave') {
+          this._dropLink(msg.userId);
+          this._members.delete(msg.userId);
+          this._presence({ type: 'leave', userId: msg.userId, reason: msg.reason });
+        }
+        return;
+      case 'offer':
+      case 'answer':
+        if (!this._roomId) return;
+        this._link(msg.from).handleDescription(msg.type, msg.sdp, msg.meta);
+        return;
+      case 'candidate': {
+        const link = this._links.get(msg.from);
+        if (link) link.handleCandidate(msg.candidate);
+        return;
+      }
+      case 'bye':
+        // The peer tore its side down but stays in the room: start afresh.
+        if (this._links.has(msg.from) && this._members.has(msg.from)) {
+          this._dropLink(msg.from);
+          this._link(msg.from);
+        }
+        return;
+      case 'draining':
+        this.dispatchEvent(new CustomEvent('draining', { detail: { deadlineMs: msg.deadlineMs } }));
+        return;
+      default:
+        return;
+    }
+  }
+
+  _onClose(ev) {
+    clearInterval(this._pingTimer);
+    const err = closeError(ev);
+    for (const p of this._pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(err);
+    }
+    this._pending.clear();
+    this._closeLinks();
+    this._roomId = undefined;
+    this._ws = null;
+    this.dispatchEvent(new CustomEvent('disconnected', { detail: { code: ev.code, reason: ev.reason } }));
+  }
+}
+
+const CLOSE_CODES = {
+  1001: 'going_away',
+  1009: 'message_too_large',
+  1013: 'try_again_later',
+  4001: 'unauthorized',
+  4002: 'hello_timeout',
+  4003: 'ping_timeout',
+  4004: 'slow_consumer',
+};
+
+function closeError(ev) {
+  const code = CLOSE_CODES[ev.code] || 'disconnected';
+  return new FerryError(code, ev.reason || `connection closed (${ev.code})`);
+}
+
+if (typeof window !== 'undefined') window.Ferry = Ferry;
+export default Ferry;
