@@ -234,10 +234,17 @@ pub fn fields<T: serde::de::DeserializeOwned>(
     ty: RequestType,
     obj: serde_json::Map<String, Value>,
 ) -> Result<T, SignalError> {
-    serde_json::from_value(Value::Object(obj)).map_err(|e| {
+    serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let detail = if path == "." {
+            inner.to_string()
+        } else {
+            format!("field `{path}`: {inner}")
+        };
         SignalError::new(
             ErrorCode::BadRequest,
-            format!("invalid {} request: {e}", ty.as_str()),
+            format!("invalid {} request: {detail}", ty.as_str()),
         )
     })
 }

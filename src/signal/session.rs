@@ -217,10 +217,10 @@ impl Session {
 
     async fn finish(&mut self, code: u16, reason: &str) {
         if let (Some(auth), Some(room)) = (&self.auth, self.room.take()) {
-            let why = if code == 1000 && reason.is_empty() {
-                "disconnected"
-            } else {
-                "closed"
+            let why = match code {
+                close::PING_TIMEOUT => "timeout",
+                1000 => "disconnected",
+                _ => "closed",
             };
             self.hub.leave_room(&auth.user_id, &room, why);
         }

@@ -1,0 +1,253 @@
+//! Bad input and limits: each gets a clear error or close code, the connection survives where it
+//! reasonably can, and the other members are unaffected.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Send raw text and return the error response it gets.
+async fn refused(c: &mut Client, text: &str) -> (Value, String, String) {
+    c.send_raw(text).await;
+    loop {
+        let m = c.recv().await.expect("connection survives bad input");
+        if m["type"] == "response" {
+            let e = &m["error"];
+            assert!(e.is_object(), "expected an error for {text:?}, got {m}");
+            return (
+                m["id"].clone(),
+                e["code"].as_str().unwrap().to_string(),
+                e["message"].as_str().unwrap().to_string(),
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_messages_get_errors_and_the_connection_survives() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    a.event().await;
+
+    let cases: &[(&str, &str, &str)] = &[
+        ("{not json", "bad_request", "malformed JSON"),
+        ("[1,2]", "bad_request", "JSON object"),
+        ("\"text\"", "bad_request", "JSON object"),
+        (r#"{"type":"ping"}"#, "bad_request", "missing request id"),
+        (
+            r#"{"id":{"x":1},"type":"ping"}"#,
+            "bad_request",
+            "request id",
+        ),
+        (r#"{"id":7}"#, "bad_request", "missing field `type`"),
+        (
+            r#"{"id":8,"type":5}"#,
+            "bad_request",
+            "`type` must be a string",
+        ),
+        (r#"{"id":9,"type":"teleport"}"#, "unknown_type", "teleport"),
+        (r#"{"id":10,"type":"joinRoom"}"#, "bad_request", "roomId"),
+        (
+            r#"{"id":11,"type":"joinRoom","roomId":42}"#,
+            "bad_request",
+            "invalid type",
+        ),
+        (r#"{"id":12,"type":"offer","to":"x"}"#, "bad_request", "sdp"),
+        (
+            r#"{"id":13,"type":"candidate","to":"x","candidate":"str"}"#,
+            "bad_request",
+            "candidate",
+        ),
+        (
+            r#"{"id":14,"type":"createRoom","maxPeers":-1}"#,
+            "bad_request",
+            "maxPeers",
+        ),
+        (
+            r#"{"id":15,"type":"ping","extra":true}"#,
+            "bad_request",
+            "unknown field",
+        ),
+        (
+            r#"{"id":"s","type":"hello"}"#,
+            "already_authenticated",
+            "hello",
+        ),
+    ];
+    for (text, code, needle) in cases {
+        let (_, c, msg) = refused(&mut a, text).await;
+        assert_eq!(&c, code, "for {text}: {msg}");
+        assert!(
+            msg.contains(needle),
+            "for {text}: message {msg:?} lacks {needle:?}"
+        );
+    }
+    // The id is echoed whenever it could be read.
+    let (id, _, _) = refused(&mut a, r#"{"id":"abc","type":"nope"}"#).await;
+    assert_eq!(id, json!("abc"));
+
+    // Binary frames are refused, not fatal.
+    a.send_message(Message::Binary(vec![1, 2, 3].into())).await;
+    let m = a.recv().await.unwrap();
+    assert_eq!(m["error"]["code"], "bad_request");
+
+    // Still in the room and working; b saw none of it.
+    a.request("offer", json!({"to": b.user_id, "sdp": "v=0\r\n"}))
+        .await
+        .unwrap();
+    assert_eq!(b.event().await["type"], "offer");
+
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(metric(&m, "ferry_signal_errors_total{code=\"bad_request\"}").unwrap() >= 12.0);
+    assert_eq!(
+        metric(&m, "ferry_signal_messages_total{type=\"unknown\"}"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn requests_before_hello_and_wrong_protocol() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::connect(s.addr).await;
+    let e = a.request("createRoom", json!({})).await.unwrap_err();
+    assert_eq!(e.0, "not_authenticated");
+    // ping works before hello
+    a.request("ping", json!({})).await.unwrap();
+    let e = a
+        .request("hello", json!({"protocol": 2}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.0, "unsupported_protocol");
+    a.request("hello", json!({"protocol": 1})).await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages() {
+    let mut cfg = test_config();
+    cfg.max_message_bytes = 4096;
+    let s = spawn(cfg).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+
+    // Above the protocol limit: an error, and the connection survives.
+    let big = format!(r#"{{"id":1,"type":"ping","pad":"{}"}}"#, "x".repeat(5000));
+    let (_, code, msg) = refused(&mut a, &big).await;
+    assert_eq!(code, "message_too_large");
+    assert!(msg.contains("4096"), "{msg}");
+    a.request("ping", json!({})).await.unwrap();
+
+    // Far above it (the transport limit, 16x): the connection is closed with 1009.
+    let huge = "x".repeat(4096 * 16 + 1);
+    a.send_raw(&huge).await;
+    let (code, _) = a.expect_close().await;
+    assert_eq!(code, 1009);
+}
+
+#[tokio::test]
+async fn message_flood_is_rate_limited_and_recovers() {
+    let mut cfg = test_config();
+    cfg.rate_limit = 5;
+    cfg.rate_burst = 5;
+    let s = spawn(cfg).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let mut b = Client::joined_hello(s.addr, "b").await;
+
+    for i in 0..30 {
+        a.send_raw(&json!({"id": 100 + i, "type": "ping"}).to_string())
+            .await;
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for i in 0..30 {
+        match a.response_for(&json!(100 + i)).await {
+            Ok(_) => ok += 1,
+            Err((code, _)) => {
+                assert_eq!(code, "rate_limited");
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!(ok + limited, 30, "every request gets exactly one response");
+    assert!(
+        limited >= 20,
+        "flood was limited: {ok} ok, {limited} limited"
+    );
+    // Another connection is unaffected.
+    b.request("ping", json!({})).await.unwrap();
+    // After a pause the bucket has refilled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.request("ping", json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn too_many_connections_are_refused_with_a_reason() {
+    let mut cfg = test_config();
+    cfg.max_connections = 2;
+    let s = spawn(cfg).await;
+    let a = Client::joined_hello(s.addr, "a").await;
+    let _b = Client::joined_hello(s.addr, "b").await;
+    let mut c = Client::connect(s.addr).await;
+    let (code, reason) = c.expect_close().await;
+    assert_eq!(code, 1013);
+    assert!(reason.contains("too many connections"), "{reason}");
+    drop(a);
+    // The slot comes back once a's session has ended.
+    let mut tries = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.hub.connection_count() < 2 {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "slot never freed");
+    }
+    let mut d = Client::connect(s.addr).await;
+    d.request("hello", json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn hello_timeout_closes_silent_connections() {
+    let mut cfg = test_config();
+    cfg.hello_timeout = Duration::from_millis(200);
+    let s = spawn(cfg).await;
+    let mut a = Client::connect(s.addr).await;
+    let (code, reason) = a.expect_close().await;
+    assert_eq!(code, 4002);
+    assert!(reason.contains("hello"), "{reason}");
+}
+
+#[tokio::test]
+async fn dead_sockets_are_detected_and_leave_their_room() {
+    let mut cfg = test_config();
+    cfg.ping_interval = Duration::from_millis(100);
+    cfg.ping_timeout = Duration::from_millis(400);
+    let s = spawn(cfg).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    a.event().await;
+    // b goes silent: it never reads again, so it never answers the server's pings. a keeps
+    // reading (and so answering pings) while it waits for the leave.
+    let ev = a.event_where(|e| e["event"] == "leave").await;
+    assert_eq!(ev["userId"], b.user_id.as_str());
+    assert_eq!(ev["reason"], "timeout");
+    a.request("ping", json!({})).await.unwrap();
+    assert_eq!(s.hub.metrics.room_members.get(), 1);
+    drop(b);
+}

@@ -1,0 +1,141 @@
+//! Graceful shutdown: readiness, refusal of new sessions, the `draining` event, and the exit.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn drain_waits_for_clients_to_leave() {
+    let mut cfg = test_config();
+    cfg.drain_timeout = Duration::from_secs(60);
+    let s = spawn(cfg).await;
+    assert_eq!(http_get(s.addr, "/readyz").await.0, 200);
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    a.event().await;
+
+    s.shutdown.shutdown();
+    let ev = a.event().await;
+    assert_eq!(ev, json!({"type": "draining", "deadlineMs": 60000}));
+    assert_eq!(b.event().await["type"], "draining");
+
+    // Not ready, still alive.
+    let (status, body) = http_get(s.addr, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+    assert_eq!(http_get(s.addr, "/healthz").await.0, 200);
+
+    // New sessions are refused; new rooms and joins too.
+    let mut late = Client::connect(s.addr).await;
+    let (code, reason) = late.expect_close().await;
+    assert_eq!(code, 1013);
+    assert!(reason.contains("draining"), "{reason}");
+    let e = a.request("createRoom", json!({})).await.unwrap_err();
+    assert_eq!(e.0, "draining");
+
+    // The call in progress continues.
+    a.request("offer", json!({"to": b.user_id, "sdp": "v=0\r\n"}))
+        .await
+        .unwrap();
+    assert_eq!(b.event().await["type"], "offer");
+
+    // The server exits once both have left, long before the drain timeout.
+    a.ws.close(None).await.unwrap();
+    b.ws.close(None).await.unwrap();
+    let res = tokio::time::timeout(WAIT, s.task)
+        .await
+        .expect("server exits after the last client left");
+    res.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn drain_timeout_closes_the_remaining_sessions() {
+    let mut cfg = test_config();
+    cfg.drain_timeout = Duration::from_millis(300);
+    let s = spawn(cfg).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    s.shutdown.shutdown();
+    assert_eq!(a.event().await["type"], "draining");
+    let (code, reason) = a.expect_close().await;
+    assert_eq!(code, 1001);
+    assert!(reason.contains("shutting down"), "{reason}");
+    tokio::time::timeout(WAIT, s.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// The real binary, SIGTERM and all.
+#[tokio::test]
+async fn sigterm_drains_the_real_binary() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--http-listen",
+            &addr.to_string(),
+            "--drain-timeout",
+            "30s",
+        ])
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_API_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "server did not start");
+    let mut a = Client::joined_hello(addr, "a").await;
+
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(a.event().await["type"], "draining");
+    assert_eq!(http_get(addr, "/readyz").await.0, 503);
+    // Still served while draining.
+    a.request("ping", json!({})).await.unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before its client left"
+    );
+
+    a.ws.close(None).await.unwrap();
+    let mut status = None;
+    for _ in 0..400 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("ferry did not exit after its last client left");
+    });
+    assert!(status.success(), "{status:?}");
+}
