@@ -45,11 +45,15 @@ class Link {
     this.queue = Promise.resolve();
     this.closed = false;
     this.disconnectTimer = null;
+    this.watchdog = null;
+    // Counters for debugging a link (see getLinkInfo).
+    this.counts = { offersSent: 0, answersSent: 0, descriptionsIn: 0, ignoredOffers: 0, candidatesOut: 0, candidatesIn: 0, candidatesAdded: 0, iceRestarts: 0 };
 
     const config = Object.assign({}, ferry._rtcConfig, { iceServers: ferry._iceServers() });
     const pc = (this.pc = new RTCPeerConnection(config));
     pc.onnegotiationneeded = () => this._negotiate();
     pc.onicecandidate = ({ candidate }) => {
+      this.counts.candidatesOut++;
       this.ferry._send('candidate', { to: remoteId, candidate: candidate ? candidate.toJSON() : null });
     };
     pc.ontrack = (ev) => this._onTrack(ev);
@@ -75,6 +79,7 @@ class Link {
     try {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
+      this.counts.offersSent++;
       await this.ferry._send('offer', { to: this.remoteId, sdp: this.pc.localDescription.sdp, meta: this._meta() });
     } catch (e) {
       if (!this.closed) console.warn('ferry: offer to', this.remoteId, e);
@@ -91,7 +96,11 @@ class Link {
       const readyForOffer = !this.makingOffer && (pc.signalingState === 'stable' || this.settingRemoteAnswer);
       const collision = type === 'offer' && !readyForOffer;
       this.ignoreOffer = !this.polite && collision;
-      if (this.ignoreOffer) return;
+      this.counts.descriptionsIn++;
+      if (this.ignoreOffer) {
+        this.counts.ignoredOffers++;
+        return;
+      }
       this.settingRemoteAnswer = type === 'answer';
       try {
         await pc.setRemoteDescription({ type, sdp });
@@ -99,14 +108,17 @@ class Link {
         this.settingRemoteAnswer = false;
       }
       for (const c of this.pendingCandidates.splice(0)) await this._addCandidate(c);
+      this._armWatchdog();
       if (type === 'offer') {
         await pc.setLocalDescription();
+        this.counts.answersSent++;
         await this.ferry._send('answer', { to: this.remoteId, sdp: pc.localDescription.sdp, meta: this._meta() });
       }
     });
   }
 
   handleCandidate(candidate) {
+    this.counts.candidatesIn++;
     return this.run(async () => {
       if (this.closed) return;
       if (!this.pc.remoteDescription) {
@@ -117,11 +129,14 @@ class Link {
     });
   }
 
+  // A candidate can be stale (it belonged to an offer that was ignored or rolled back in a
+  // collision): log it and go on, never let one bad candidate drop the ones after it.
   async _addCandidate(candidate) {
     try {
       await this.pc.addIceCandidate(candidate || undefined);
+      this.counts.candidatesAdded++;
     } catch (e) {
-      if (!this.ignoreOffer) throw e;
+      console.warn('ferry: candidate from', this.remoteId, 'not added:', e.message);
     }
   }
 
@@ -139,17 +154,38 @@ class Link {
     this.ferry._presence({ type: 'subscribed', userId: this.remoteId, streamType: type, stream, mode: 'p2p' });
   }
 
+  // A negotiated connection that is not connected within p2pTimeoutMs restarts ICE, so a lost
+  // candidate or a stuck check cannot leave a call silent.
+  _armWatchdog() {
+    if (this.watchdog) return;
+    const ms = (this.ferry._welcome && this.ferry._welcome.p2pTimeoutMs) || 5000;
+    this.watchdog = setTimeout(() => {
+      this.watchdog = null;
+      const state = this.pc.iceConnectionState;
+      if (!this.closed && state !== 'connected' && state !== 'completed') this._restartIce();
+    }, ms);
+  }
+
   _onIceState() {
     const state = this.pc.iceConnectionState;
     clearTimeout(this.disconnectTimer);
     if (this.closed) return;
+    if (state === 'connected' || state === 'completed') {
+      clearTimeout(this.watchdog);
+      this.watchdog = null;
+    }
     if (state === 'failed') {
-      this.pc.restartIce();
+      this._restartIce();
     } else if (state === 'disconnected') {
       this.disconnectTimer = setTimeout(() => {
-        if (!this.closed && this.pc.iceConnectionState === 'disconnected') this.pc.restartIce();
+        if (!this.closed && this.pc.iceConnectionState === 'disconnected') this._restartIce();
       }, DISCONNECTED_GRACE_MS);
     }
+  }
+
+  _restartIce() {
+    this.counts.iceRestarts++;
+    this.pc.restartIce();
   }
 
   addStream(type, stream) {
@@ -183,6 +219,7 @@ class Link {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.disconnectTimer);
+    clearTimeout(this.watchdog);
     this.pc.close();
     for (const [type, stream] of this.remoteStreams) {
       this.ferry._presence({ type: 'unsubscribed', userId: this.remoteId, streamType: type, stream });
@@ -296,6 +333,18 @@ export class Ferry extends EventTarget {
   // 'p2p' | 'relay' | undefined
   getMode(userId) {
     return this._links.has(userId) ? 'p2p' : undefined;
+  }
+
+  // Debugging aid: the state of the connection to that member, or undefined.
+  getLinkInfo(userId) {
+    const link = this._links.get(userId);
+    if (!link) return undefined;
+    const pc = link.pc;
+    return Object.assign({
+      mode: 'p2p', polite: link.polite, signalingState: pc.signalingState,
+      iceConnectionState: pc.iceConnectionState, iceGatheringState: pc.iceGatheringState,
+      connectionState: pc.connectionState,
+    }, link.counts);
   }
 
   // RTCStatsReport of the connection carrying that member's media, or undefined.

@@ -2,6 +2,8 @@
 //! that speaks protocol v1.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;

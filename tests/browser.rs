@@ -1,0 +1,199 @@
+//! Real Chromium: two pages of the demo call each other peer-to-peer through the server, and each
+//! decodes the other's video. Runs in a loopback-only network namespace (see common/browser.rs).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::browser::{Browser, Page, Place, in_loopback_netns};
+use common::*;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// What a page knows about its link to `remote`: decoded frames, mode, candidate pair, tile.
+fn link_report(remote: &str) -> String {
+    format!(
+        r#"(async () => {{
+  const f = window.demo.ferry;
+  const id = {remote:?};
+  const r = await f.getStats(id);
+  if (!r) return null;
+  const byId = new Map();
+  r.forEach((s) => byId.set(s.id, s));
+  let frames = 0, pair = null;
+  r.forEach((s) => {{
+    if (s.type === 'inbound-rtp' && s.kind === 'video') frames += s.framesDecoded || 0;
+    if (s.type === 'transport' && s.selectedCandidatePairId) pair = byId.get(s.selectedCandidatePairId);
+  }});
+  const local = pair && byId.get(pair.localCandidateId);
+  const remoteC = pair && byId.get(pair.remoteCandidateId);
+  const tile = document.getElementById('tile-' + id);
+  const video = tile && tile.querySelector('video');
+  const stream = f.getStream(id);
+  return {{
+    frames,
+    mode: f.getMode(id),
+    local: local ? local.candidateType + ' ' + local.address : null,
+    remote: remoteC ? remoteC.candidateType + ' ' + remoteC.address : null,
+    videoWidth: video ? video.videoWidth : 0,
+    streamTracks: stream ? stream.getTracks().map((t) => t.kind).sort().join(',') : '',
+    link: f.getLinkInfo(id),
+  }};
+}})()"#
+    )
+}
+
+async fn enter_lobby(br: &mut Browser, page: &Page) {
+    br.wait_for(
+        page,
+        "document.readyState === 'complete' && !!window.demo && !!document.getElementById('create')",
+        LIMIT,
+    )
+    .await;
+}
+
+/// Wait until `page` decodes video from `remote`; `None` if it never does within LIMIT.
+async fn wait_decoding(br: &mut Browser, page: &Page, remote: &str) -> Option<Value> {
+    let expr = format!(
+        "(async () => {{ const r = await {}; return r && r.frames > 0 && r.videoWidth > 0 ? r : null; }})()",
+        link_report(remote)
+    );
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let v = br.eval(page, &expr).await;
+        if !v.is_null() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Everything worth seeing when a call did not come up.
+async fn explain(br: &mut Browser, server: &TestServer, pages: &[(&Page, &str)]) -> String {
+    let mut out = String::new();
+    for (page, remote) in pages {
+        let r = br.eval(page, &link_report(remote)).await;
+        out += &format!("{} -> {remote}: {r}\n", page.name);
+    }
+    let (_, m) = http_get(server.addr, "/metrics").await;
+    for l in m.lines().filter(|l| l.starts_with("ferry_signal")) {
+        out += l;
+        out += "\n";
+    }
+    out += &format!("console: {:#?}", br.console);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_call_each_other_p2p() {
+    match in_loopback_netns("two_browsers_call_each_other_p2p") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let s = spawn(test_config()).await;
+    let mut br = Browser::launch().await;
+    let base = format!("http://{}/", s.addr);
+
+    // Alice opens the demo and creates a room.
+    let a = br.open("alice", &base).await;
+    enter_lobby(&mut br, &a).await;
+    br.eval(
+        &a,
+        "document.getElementById('name').value = 'alice'; document.getElementById('create').click(); true",
+    )
+    .await;
+    br.wait_for(&a, "document.body.dataset.state === 'in-room'", LIMIT)
+        .await;
+    let room = br.eval(&a, "window.demo.roomId").await;
+    let room = room.as_str().expect("room id").to_string();
+    let search = br.eval(&a, "location.search").await;
+    assert_eq!(search.as_str(), Some(format!("?room={room}").as_str()), "shareable URL");
+    let a_id = br.eval(&a, "window.demo.ferry.getUserId()").await;
+    let a_id = a_id.as_str().unwrap().to_string();
+
+    // Bob opens the shared link and joins.
+    let b = br.open("bob", &format!("{base}?room={room}")).await;
+    enter_lobby(&mut br, &b).await;
+    assert_eq!(
+        br.eval(&b, "document.getElementById('roomInput').value").await,
+        Value::String(room.clone())
+    );
+    let joined_at = Instant::now();
+    br.eval(
+        &b,
+        "document.getElementById('name').value = 'bob'; document.getElementById('join').click(); true",
+    )
+    .await;
+    br.wait_for(&b, "document.body.dataset.state === 'in-room'", LIMIT)
+        .await;
+    let b_id = br.eval(&b, "window.demo.ferry.getUserId()").await;
+    let b_id = b_id.as_str().unwrap().to_string();
+
+    // Each side decodes video from the other, over a direct loopback pair.
+    br.eval(&a, "console.log('console capture works'); true").await;
+    let (ra, rb) = match (
+        wait_decoding(&mut br, &a, &b_id).await,
+        wait_decoding(&mut br, &b, &a_id).await,
+    ) {
+        (Some(ra), Some(rb)) => (ra, rb),
+        _ => panic!(
+            "the call did not come up:\n{}",
+            explain(&mut br, &s, &[(&a, &b_id), (&b, &a_id)]).await
+        ),
+    };
+    eprintln!(
+        "first decoded frames on both sides {} ms after bob clicked join",
+        joined_at.elapsed().as_millis()
+    );
+    eprintln!("alice <- bob: {ra}\nbob <- alice: {rb}");
+    for r in [&ra, &rb] {
+        assert_eq!(r["mode"], "p2p");
+        assert_eq!(r["streamTracks"], "audio,video");
+        assert!(r["local"].as_str().unwrap().starts_with("host 127.0.0.1"), "{r}");
+        assert!(r["remote"].as_str().unwrap().ends_with("127.0.0.1"), "{r}");
+    }
+    // Identities from presence show on the tiles.
+    let label = br
+        .eval(&a, &format!("document.querySelector('#tile-{b_id} .name').textContent"))
+        .await;
+    assert_eq!(label, "bob");
+
+    // Frames keep coming (the call is live, not a single frame).
+    let f1 = ra["frames"].as_f64().unwrap();
+    let expr = format!(
+        "(async () => {{ const r = await {}; return r.frames > {f1} + 10 ? r.frames : null; }})()",
+        link_report(&b_id)
+    );
+    br.wait_for(&a, &expr, LIMIT).await;
+
+    // The server only relayed signaling.
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(metric(&m, "ferry_signal_messages_total{type=\"offer\"}").unwrap() >= 1.0);
+    assert!(metric(&m, "ferry_signal_messages_total{type=\"answer\"}").unwrap() >= 1.0);
+    assert!(metric(&m, "ferry_signal_messages_total{type=\"candidate\"}").unwrap() >= 2.0);
+    assert_eq!(metric(&m, "ferry_room_members"), Some(2.0));
+
+    // Bob mutes: his audio track is disabled locally; the call goes on.
+    br.eval(&b, "document.getElementById('mute').click(); true").await;
+    assert_eq!(
+        br.eval(&b, "window.demo.local.getAudioTracks()[0].enabled").await,
+        Value::Bool(false)
+    );
+
+    // Bob leaves: alice's tile goes away and the link is closed.
+    br.eval(&b, "document.getElementById('leave').click(); true").await;
+    br.wait_for(
+        &a,
+        &format!("!document.getElementById('tile-{b_id}') && window.demo.ferry.getMode({b_id:?}) === undefined"),
+        LIMIT,
+    )
+    .await;
+    br.wait_for(&b, "document.body.dataset.state === 'lobby'", LIMIT)
+        .await;
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_room_members"), Some(1.0));
+}

@@ -1,0 +1,283 @@
+//! Real Chromium for tests: started headless inside a loopback-only network namespace and driven
+//! over the Chrome DevTools Protocol (a handful of calls: open a page, evaluate JavaScript).
+//!
+//! Network rule: WebRTC gathers candidates on every interface, so a browser in the machine's own
+//! namespace could send media to a non-loopback address. The test therefore re-executes itself
+//! under `unshare --net` (only `lo`, brought up), and runs the server and the browser there.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const NETNS_ENV: &str = "FERRY_TEST_IN_NETNS";
+
+pub fn chromium_path() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Where a browser test runs.
+pub enum Place {
+    /// We are inside the loopback-only namespace: run the test body.
+    Inside,
+    /// We re-ran ourselves in the namespace and it is done (the outcome was asserted).
+    Done,
+    /// The test cannot run on this machine; the reason was printed.
+    Skipped,
+}
+
+/// Make sure the calling test runs in a loopback-only network namespace. Outside one, re-run
+/// exactly this test (`test_name`) of this test binary under `unshare --net` and assert that it
+/// passed. Without Chromium or root, the test is skipped with a clear message, except in CI
+/// (`CI` set), where that is a failure.
+pub fn in_loopback_netns(test_name: &str) -> Place {
+    if std::env::var(NETNS_ENV).as_deref() == Ok("1") {
+        return Place::Inside;
+    }
+    let missing = if chromium_path().is_none() {
+        Some("Chromium is not installed (apt-get install chromium)")
+    } else if !is_root() {
+        Some("creating a network namespace needs root (unshare --net)")
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("the `ip` command (iproute2) is missing")
+    } else {
+        None
+    };
+    if let Some(why) = missing {
+        if std::env::var_os("CI").is_some() {
+            panic!("browser test cannot run in CI: {why}");
+        }
+        eprintln!("SKIPPED {test_name}: {why}. Run .ci/run (as root) to install and run it.");
+        return Place::Skipped;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(NETNS_ENV, "1")
+        .status()
+        .expect("run unshare");
+    assert!(status.success(), "{test_name} failed inside the loopback-only namespace");
+    Place::Done
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A headless Chromium and a CDP connection to it. Killed (by PID) on drop.
+pub struct Browser {
+    child: Child,
+    profile: PathBuf,
+    ws: Ws,
+    next_id: u64,
+    /// Console messages of every page, in arrival order: `(session, text)`.
+    pub console: Vec<(String, String)>,
+}
+
+/// One page (tab) of the browser, identified by its CDP session.
+#[derive(Clone)]
+pub struct Page {
+    pub session: String,
+    pub name: String,
+}
+
+impl Browser {
+    pub async fn launch() -> Browser {
+        let bin = chromium_path().expect("chromium");
+        let profile = std::env::temp_dir().join(format!(
+            "ferry-chromium-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&profile).unwrap();
+        let child = Command::new(bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--disable-renderer-backgrounding",
+                "--disable-background-timer-throttling",
+                "--disable-backgrounding-occluded-windows",
+                "--autoplay-policy=no-user-gesture-required",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium");
+        // Chromium writes its DevTools port and browser path into the profile.
+        let port_file = profile.join("DevToolsActivePort");
+        let mut contents = String::new();
+        for _ in 0..400 {
+            if let Ok(c) = std::fs::read_to_string(&port_file)
+                && c.lines().count() >= 2
+            {
+                contents = c;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!contents.is_empty(), "Chromium did not open its DevTools port");
+        let mut lines = contents.lines();
+        let port = lines.next().unwrap().trim();
+        let path = lines.next().unwrap().trim();
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}{path}"))
+            .await
+            .expect("connect to DevTools");
+        Browser {
+            child,
+            profile,
+            ws,
+            next_id: 1,
+            console: Vec::new(),
+        }
+    }
+
+    /// Send a CDP command (optionally to a page session) and wait for its result.
+    pub async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.ws
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("CDP send");
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("CDP {method} got no answer"))
+                .expect("CDP connection open")
+                .expect("CDP read");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["method"] == "Runtime.consoleAPICalled" {
+                let p = &v["params"];
+                let text: Vec<String> = p["args"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| x["value"].as_str().map(str::to_string).unwrap_or_else(|| x["description"].to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let line = format!("{}: {}", p["type"].as_str().unwrap_or(""), text.join(" "));
+                self.console.push((v["sessionId"].as_str().unwrap_or("").to_string(), line));
+                continue;
+            }
+            if v["id"] == json!(id) {
+                if let Some(e) = v.get("error") {
+                    panic!("CDP {method} failed: {e}");
+                }
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Open a new page at `url`.
+    pub async fn open(&mut self, name: &str, url: &str) -> Page {
+        let t = self
+            .call(None, "Target.createTarget", json!({"url": url, "newWindow": true}))
+            .await;
+        let target = t["targetId"].as_str().unwrap().to_string();
+        let a = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+            )
+            .await;
+        let page = Page {
+            session: a["sessionId"].as_str().unwrap().to_string(),
+            name: name.to_string(),
+        };
+        self.call(Some(&page.session), "Runtime.enable", json!({}))
+            .await;
+        page
+    }
+
+    /// The console lines of one page.
+    pub fn console_of(&self, page: &Page) -> Vec<String> {
+        self.console
+            .iter()
+            .filter(|(s, _)| *s == page.session)
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// Evaluate an expression (promises awaited) in the page and return its JSON value.
+    pub async fn eval(&mut self, page: &Page, expr: &str) -> Value {
+        let r = self
+            .call(
+                Some(&page.session),
+                "Runtime.evaluate",
+                json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await;
+        if let Some(ex) = r.get("exceptionDetails") {
+            panic!("[{}] script threw: {ex}", page.name);
+        }
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluate `expr` until it returns something truthy; panics after `limit`.
+    pub async fn wait_for(&mut self, page: &Page, expr: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let v = self.eval(page, expr).await;
+            let truthy = !(v.is_null() || v == json!(false) || v == json!(0) || v == json!(""));
+            if truthy {
+                return v;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("[{}] waited {limit:?} for `{expr}`", page.name);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
