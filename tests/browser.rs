@@ -73,18 +73,20 @@ async fn wait_decoding(br: &mut Browser, page: &Page, remote: &str) -> Option<Va
 }
 
 /// Everything worth seeing when a call did not come up.
-async fn explain(br: &mut Browser, server: &TestServer, pages: &[(&Page, &str)]) -> String {
+async fn explain(server: &TestServer, sides: &mut [(&mut Browser, &Page, &str)]) -> String {
     let mut out = String::new();
-    for (page, remote) in pages {
+    for (br, page, remote) in sides.iter_mut() {
         let r = br.eval(page, &link_report(remote)).await;
-        out += &format!("{} -> {remote}: {r}\n", page.name);
+        out += &format!(
+            "{} -> {remote}: {r}\nconsole: {:#?}\n",
+            page.name, br.console
+        );
     }
     let (_, m) = http_get(server.addr, "/metrics").await;
     for l in m.lines().filter(|l| l.starts_with("ferry_signal")) {
         out += l;
         out += "\n";
     }
-    out += &format!("console: {:#?}", br.console);
     out
 }
 
@@ -95,54 +97,61 @@ async fn two_browsers_call_each_other_p2p() {
         Place::Done | Place::Skipped => return,
     }
     let s = spawn(test_config()).await;
-    let mut br = Browser::launch().await;
+    // Each user has a browser of their own, as in life.
+    let mut ba = Browser::launch().await;
+    let mut bb = Browser::launch().await;
     let base = format!("http://{}/", s.addr);
+    let origin = format!("http://{}", s.addr);
+    ba.grant_media(&origin).await;
+    bb.grant_media(&origin).await;
 
     // Alice opens the demo and creates a room.
-    let a = br.open("alice", &base).await;
-    enter_lobby(&mut br, &a).await;
-    br.eval(
-        &a,
+    let a = ba.open("alice", &base).await;
+    enter_lobby(&mut ba, &a).await;
+    ba.eval(&a,
         "document.getElementById('name').value = 'alice'; document.getElementById('create').click(); true",
     )
     .await;
-    br.wait_for(&a, "document.body.dataset.state === 'in-room'", LIMIT)
+    ba.wait_for(&a, "document.body.dataset.state === 'in-room'", LIMIT)
         .await;
-    let room = br.eval(&a, "window.demo.roomId").await;
+    let room = ba.eval(&a, "window.demo.roomId").await;
     let room = room.as_str().expect("room id").to_string();
-    let search = br.eval(&a, "location.search").await;
-    assert_eq!(search.as_str(), Some(format!("?room={room}").as_str()), "shareable URL");
-    let a_id = br.eval(&a, "window.demo.ferry.getUserId()").await;
+    let search = ba.eval(&a, "location.search").await;
+    assert_eq!(
+        search.as_str(),
+        Some(format!("?room={room}").as_str()),
+        "shareable URL"
+    );
+    let a_id = ba.eval(&a, "window.demo.ferry.getUserId()").await;
     let a_id = a_id.as_str().unwrap().to_string();
 
     // Bob opens the shared link and joins.
-    let b = br.open("bob", &format!("{base}?room={room}")).await;
-    enter_lobby(&mut br, &b).await;
+    let b = bb.open("bob", &format!("{base}?room={room}")).await;
+    enter_lobby(&mut bb, &b).await;
     assert_eq!(
-        br.eval(&b, "document.getElementById('roomInput').value").await,
+        bb.eval(&b, "document.getElementById('roomInput').value")
+            .await,
         Value::String(room.clone())
     );
     let joined_at = Instant::now();
-    br.eval(
-        &b,
+    bb.eval(&b,
         "document.getElementById('name').value = 'bob'; document.getElementById('join').click(); true",
     )
     .await;
-    br.wait_for(&b, "document.body.dataset.state === 'in-room'", LIMIT)
+    bb.wait_for(&b, "document.body.dataset.state === 'in-room'", LIMIT)
         .await;
-    let b_id = br.eval(&b, "window.demo.ferry.getUserId()").await;
+    let b_id = bb.eval(&b, "window.demo.ferry.getUserId()").await;
     let b_id = b_id.as_str().unwrap().to_string();
 
     // Each side decodes video from the other, over a direct loopback pair.
-    br.eval(&a, "console.log('console capture works'); true").await;
     let (ra, rb) = match (
-        wait_decoding(&mut br, &a, &b_id).await,
-        wait_decoding(&mut br, &b, &a_id).await,
+        wait_decoding(&mut ba, &a, &b_id).await,
+        wait_decoding(&mut bb, &b, &a_id).await,
     ) {
         (Some(ra), Some(rb)) => (ra, rb),
         _ => panic!(
             "the call did not come up:\n{}",
-            explain(&mut br, &s, &[(&a, &b_id), (&b, &a_id)]).await
+            explain(&s, &mut [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)]).await
         ),
     };
     eprintln!(
@@ -153,12 +162,18 @@ async fn two_browsers_call_each_other_p2p() {
     for r in [&ra, &rb] {
         assert_eq!(r["mode"], "p2p");
         assert_eq!(r["streamTracks"], "audio,video");
-        assert!(r["local"].as_str().unwrap().starts_with("host 127.0.0.1"), "{r}");
+        assert!(
+            r["local"].as_str().unwrap().starts_with("host 127.0.0.1"),
+            "{r}"
+        );
         assert!(r["remote"].as_str().unwrap().ends_with("127.0.0.1"), "{r}");
     }
     // Identities from presence show on the tiles.
-    let label = br
-        .eval(&a, &format!("document.querySelector('#tile-{b_id} .name').textContent"))
+    let label = ba
+        .eval(
+            &a,
+            &format!("document.querySelector('#tile-{b_id} .name').textContent"),
+        )
         .await;
     assert_eq!(label, "bob");
 
@@ -168,7 +183,7 @@ async fn two_browsers_call_each_other_p2p() {
         "(async () => {{ const r = await {}; return r.frames > {f1} + 10 ? r.frames : null; }})()",
         link_report(&b_id)
     );
-    br.wait_for(&a, &expr, LIMIT).await;
+    ba.wait_for(&a, &expr, LIMIT).await;
 
     // The server only relayed signaling.
     let (_, m) = http_get(s.addr, "/metrics").await;
@@ -178,21 +193,23 @@ async fn two_browsers_call_each_other_p2p() {
     assert_eq!(metric(&m, "ferry_room_members"), Some(2.0));
 
     // Bob mutes: his audio track is disabled locally; the call goes on.
-    br.eval(&b, "document.getElementById('mute').click(); true").await;
+    bb.eval(&b, "document.getElementById('mute').click(); true")
+        .await;
     assert_eq!(
-        br.eval(&b, "window.demo.local.getAudioTracks()[0].enabled").await,
+        bb.eval(&b, "window.demo.local.getAudioTracks()[0].enabled")
+            .await,
         Value::Bool(false)
     );
 
     // Bob leaves: alice's tile goes away and the link is closed.
-    br.eval(&b, "document.getElementById('leave').click(); true").await;
-    br.wait_for(
-        &a,
+    bb.eval(&b, "document.getElementById('leave').click(); true")
+        .await;
+    ba.wait_for(&a,
         &format!("!document.getElementById('tile-{b_id}') && window.demo.ferry.getMode({b_id:?}) === undefined"),
         LIMIT,
     )
     .await;
-    br.wait_for(&b, "document.body.dataset.state === 'lobby'", LIMIT)
+    bb.wait_for(&b, "document.body.dataset.state === 'lobby'", LIMIT)
         .await;
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_room_members"), Some(1.0));

@@ -355,7 +355,6 @@ export class Ferry extends EventTarget {
 
   async leaveRoom() {
     if (!this._roomId) throw new FerryError('not_in_room', 'not in a room');
-    for (const userId of this._links.keys()) this._send('bye', { to: userId, reason: 'leave' });
     this._closeLinks();
     this._roomId = undefined;
     this._members.clear();

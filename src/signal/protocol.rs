@@ -249,10 +249,17 @@ pub fn fields<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Split a parsed frame into `(id, type, remaining fields)`.
-pub fn envelope(
-    value: Value,
-) -> Result<(Value, String, serde_json::Map<String, Value>), (Value, SignalError)> {
+/// A request split into its parts.
+#[derive(Debug)]
+pub struct Envelope {
+    pub id: Value,
+    pub ty: String,
+    /// The remaining fields, `id` and `type` removed.
+    pub fields: serde_json::Map<String, Value>,
+}
+
+/// Split a parsed frame into an [`Envelope`]; on error, the id (if it could be read) and why.
+pub fn envelope(value: Value) -> Result<Envelope, (Value, SignalError)> {
     let Value::Object(mut obj) = value else {
         return Err((
             Value::Null,
@@ -280,7 +287,11 @@ pub fn envelope(
         }
     }
     match obj.remove("type") {
-        Some(Value::String(t)) => Ok((id, t, obj)),
+        Some(Value::String(ty)) => Ok(Envelope {
+            id,
+            ty,
+            fields: obj,
+        }),
         Some(_) => Err((
             id,
             SignalError::new(ErrorCode::BadRequest, "field `type` must be a string"),
@@ -327,10 +338,10 @@ mod tests {
         assert!(e.1.message.contains("id"));
         let e = envelope(serde_json::json!({"id": 3})).unwrap_err();
         assert_eq!(e.0, serde_json::json!(3));
-        let (id, t, rest) =
+        let e =
             envelope(serde_json::json!({"id": "a", "type": "joinRoom", "roomId": "r"})).unwrap();
-        assert_eq!((id, t.as_str()), (serde_json::json!("a"), "joinRoom"));
-        let j: JoinRoom = fields(RequestType::JoinRoom, rest).unwrap();
+        assert_eq!((e.id, e.ty.as_str()), (serde_json::json!("a"), "joinRoom"));
+        let j: JoinRoom = fields(RequestType::JoinRoom, e.fields).unwrap();
         assert_eq!(j.room_id, "r");
     }
 

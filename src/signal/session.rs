@@ -298,7 +298,11 @@ impl Session {
                 return self.reply(&Value::Null, Err(err)).await;
             }
         };
-        let (id, ty, obj) = match protocol::envelope(value) {
+        let protocol::Envelope {
+            id,
+            ty,
+            fields: obj,
+        } = match protocol::envelope(value) {
             Ok(parts) => parts,
             Err((id, err)) => {
                 self.metrics_message("invalid");

@@ -21,10 +21,14 @@ pub fn chromium_path() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("CHROMIUM") {
         return Some(PathBuf::from(p));
     }
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 fn is_root() -> bool {
@@ -71,13 +75,22 @@ pub fn in_loopback_netns(test_name: &str) -> Place {
     }
     let exe = std::env::current_exe().expect("test binary path");
     let status = Command::new("unshare")
-        .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
         .arg(exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(NETNS_ENV, "1")
         .status()
         .expect("run unshare");
-    assert!(status.success(), "{test_name} failed inside the loopback-only namespace");
+    assert!(
+        status.success(),
+        "{test_name} failed inside the loopback-only namespace"
+    );
     Place::Done
 }
 
@@ -147,7 +160,10 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(!contents.is_empty(), "Chromium did not open its DevTools port");
+        assert!(
+            !contents.is_empty(),
+            "Chromium did not open its DevTools port"
+        );
         let mut lines = contents.lines();
         let port = lines.next().unwrap().trim();
         let path = lines.next().unwrap().trim();
@@ -189,12 +205,18 @@ impl Browser {
                     .as_array()
                     .map(|a| {
                         a.iter()
-                            .map(|x| x["value"].as_str().map(str::to_string).unwrap_or_else(|| x["description"].to_string()))
+                            .map(|x| {
+                                x["value"]
+                                    .as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| x["description"].to_string())
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
                 let line = format!("{}: {}", p["type"].as_str().unwrap_or(""), text.join(" "));
-                self.console.push((v["sessionId"].as_str().unwrap_or("").to_string(), line));
+                self.console
+                    .push((v["sessionId"].as_str().unwrap_or("").to_string(), line));
                 continue;
             }
             if v["id"] == json!(id) {
@@ -206,10 +228,26 @@ impl Browser {
         }
     }
 
+    /// Grant camera and microphone to an origin, as a user who clicked "Allow" once would.
+    /// Chromium enumerates local network interfaces for ICE only for pages with media
+    /// permission; the fake media UI alone leaves that check racy.
+    pub async fn grant_media(&mut self, origin: &str) {
+        self.call(
+            None,
+            "Browser.grantPermissions",
+            json!({"origin": origin, "permissions": ["audioCapture", "videoCapture"]}),
+        )
+        .await;
+    }
+
     /// Open a new page at `url`.
     pub async fn open(&mut self, name: &str, url: &str) -> Page {
         let t = self
-            .call(None, "Target.createTarget", json!({"url": url, "newWindow": true}))
+            .call(
+                None,
+                "Target.createTarget",
+                json!({"url": url, "newWindow": true}),
+            )
             .await;
         let target = t["targetId"].as_str().unwrap().to_string();
         let a = self
