@@ -90,12 +90,23 @@ async fn explain(server: &TestServer, sides: &mut [(&mut Browser, &Page, &str)])
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browsers_call_each_other_p2p() {
-    match in_loopback_netns("two_browsers_call_each_other_p2p") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
-    }
+/// Two users, each in a browser of their own, in a call through the demo page: alice creates a
+/// room, bob opens its shared link and joins. Returns once each decodes the other's video.
+struct Call {
+    server: TestServer,
+    ba: Browser,
+    bb: Browser,
+    a: Page,
+    b: Page,
+    a_id: String,
+    b_id: String,
+    /// What each side reported when it first decoded video: alice's view of bob, bob's of alice.
+    first: (Value, Value),
+    /// From bob's click on "Join" to both sides decoding.
+    setup_time: Duration,
+}
+
+async fn start_call() -> Call {
     let s = spawn(test_config()).await;
     // Each user has a browser of their own, as in life.
     let mut ba = Browser::launch().await;
@@ -154,9 +165,39 @@ async fn two_browsers_call_each_other_p2p() {
             explain(&s, &mut [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)]).await
         ),
     };
+    Call {
+        setup_time: joined_at.elapsed(),
+        server: s,
+        ba,
+        bb,
+        a,
+        b,
+        a_id,
+        b_id,
+        first: (ra, rb),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_call_each_other_p2p() {
+    match in_loopback_netns("two_browsers_call_each_other_p2p") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let Call {
+        server: s,
+        mut ba,
+        mut bb,
+        a,
+        b,
+        a_id: _,
+        b_id,
+        first: (ra, rb),
+        setup_time,
+    } = start_call().await;
     eprintln!(
         "first decoded frames on both sides {} ms after bob clicked join",
-        joined_at.elapsed().as_millis()
+        setup_time.as_millis()
     );
     eprintln!("alice <- bob: {ra}\nbob <- alice: {rb}");
     for r in [&ra, &rb] {
@@ -213,4 +254,118 @@ async fn two_browsers_call_each_other_p2p() {
         .await;
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_room_members"), Some(1.0));
+}
+
+/// Frames decoded so far by `page` from `remote` (0 when none).
+async fn frames(br: &mut Browser, page: &Page, remote: &str) -> f64 {
+    let r = br.eval(page, &link_report(remote)).await;
+    r["frames"].as_f64().unwrap_or(0.0)
+}
+
+fn iptables(args: &[&str]) {
+    let st = std::process::Command::new("iptables")
+        .args(args)
+        .status()
+        .expect("run iptables");
+    assert!(st.success(), "iptables {args:?} failed");
+}
+
+/// The direct path breaks mid-call while both stay in the room: the SDK restarts ICE, and media
+/// flows again once the path is back. The break is real: inside the test's own namespace,
+/// iptables drops every loopback packet except signaling and DevTools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_restart_heals_a_broken_path() {
+    match in_loopback_netns("ice_restart_heals_a_broken_path") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    if std::process::Command::new("iptables")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "iptables missing in CI");
+        eprintln!("SKIPPED ice_restart_heals_a_broken_path: iptables is not installed");
+        return;
+    }
+    let Call {
+        server: s,
+        mut ba,
+        mut bb,
+        a,
+        b,
+        a_id,
+        b_id,
+        ..
+    } = start_call().await;
+    let keep = format!("{},{},{}", s.addr.port(), ba.port, bb.port);
+    iptables(&[
+        "-A",
+        "INPUT",
+        "-i",
+        "lo",
+        "-p",
+        "tcp",
+        "-m",
+        "multiport",
+        "--ports",
+        &keep,
+        "-j",
+        "ACCEPT",
+    ]);
+    iptables(&["-A", "INPUT", "-i", "lo", "-j", "DROP"]);
+    let broken_at = Instant::now();
+
+    // Both sides notice; at least one restarts ICE.
+    let restarted = "(() => { const i = window.demo.ferry.getLinkInfo(%ID%); return i && i.iceRestarts > 0 ? i : null; })()";
+    let (ra, rb) = (
+        restarted.replace("%ID%", &format!("{b_id:?}")),
+        restarted.replace("%ID%", &format!("{a_id:?}")),
+    );
+    let info = tokio::select! {
+        v = ba.wait_for(&a, &ra, LIMIT) => v,
+        v = bb.wait_for(&b, &rb, LIMIT) => v,
+    };
+    eprintln!(
+        "ICE restarted {} ms after the break: {info}",
+        broken_at.elapsed().as_millis()
+    );
+    let (fa, fb) = (
+        frames(&mut ba, &a, &b_id).await,
+        frames(&mut bb, &b, &a_id).await,
+    );
+
+    iptables(&["-F", "INPUT"]);
+    let healed_at = Instant::now();
+    for (br, page, remote, before) in [(&mut ba, &a, &b_id, fa), (&mut bb, &b, &a_id, fb)] {
+        let expr = format!(
+            "(async () => {{ const r = await {}; return r.frames > {before} + 10 ? r : null; }})()",
+            link_report(remote)
+        );
+        let r = br.wait_for(page, &expr, LIMIT).await;
+        assert_eq!(r["mode"], "p2p");
+    }
+    eprintln!(
+        "media flowing again {} ms after the path came back",
+        healed_at.elapsed().as_millis()
+    );
+    let restarts: f64 = [
+        ba.eval(
+            &a,
+            &format!("window.demo.ferry.getLinkInfo({b_id:?}).iceRestarts"),
+        )
+        .await,
+        bb.eval(
+            &b,
+            &format!("window.demo.ferry.getLinkInfo({a_id:?}).iceRestarts"),
+        )
+        .await,
+    ]
+    .iter()
+    .map(|v| v.as_f64().unwrap_or(0.0))
+    .sum();
+    assert!(
+        restarts >= 1.0,
+        "the same connections were restarted, not replaced"
+    );
 }

@@ -7,6 +7,8 @@ const REQUEST_TIMEOUT_MS = 10000;
 const STREAM_TYPES = ['cam', 'screen'];
 // ICE 'disconnected' often heals by itself; restart only if it lasts this long.
 const DISCONNECTED_GRACE_MS = 2500;
+// On a new connection the polite side lets the impolite one offer first, for at most this long.
+const FIRST_OFFER_WAIT_MS = 1500;
 
 export class FerryError extends Error {
   constructor(code, message) {
@@ -49,6 +51,16 @@ class Link {
     // Counters for debugging a link (see getLinkInfo).
     this.counts = { offersSent: 0, answersSent: 0, descriptionsIn: 0, ignoredOffers: 0, candidatesOut: 0, candidatesIn: 0, candidatesAdded: 0, iceRestarts: 0 };
 
+    // Both sides of a new pair usually want to offer at once (each adds its tracks). Perfect
+    // negotiation resolves that by a rollback on the polite side, but Chromium sometimes never
+    // gathers candidates on a connection whose very first offer was rolled back. So on a new
+    // connection the polite side holds its offer until the impolite side's first offer arrives
+    // (its tracks then ride in the answer) or FIRST_OFFER_WAIT_MS passes.
+    this.holdOffers = this.polite;
+    this.heldOffer = false;
+    this.holdTimer = this.polite ? setTimeout(() => this._releaseOffers(), FIRST_OFFER_WAIT_MS) : null;
+    this.restartsWithoutConnecting = 0;
+
     const config = Object.assign({}, ferry._rtcConfig, { iceServers: ferry._iceServers() });
     const pc = (this.pc = new RTCPeerConnection(config));
     pc.onnegotiationneeded = () => this._negotiate();
@@ -74,8 +86,19 @@ class Link {
     return { streams };
   }
 
+  _releaseOffers() {
+    clearTimeout(this.holdTimer);
+    if (!this.holdOffers) return;
+    this.holdOffers = false;
+    if (this.heldOffer && this.pc.signalingState === 'stable') this._negotiate();
+  }
+
   async _negotiate() {
     if (this.closed) return;
+    if (this.holdOffers) {
+      this.heldOffer = true;
+      return;
+    }
     try {
       this.makingOffer = true;
       await this.pc.setLocalDescription();
@@ -110,6 +133,10 @@ class Link {
       for (const c of this.pendingCandidates.splice(0)) await this._addCandidate(c);
       this._armWatchdog();
       if (type === 'offer') {
+        // Offers held so far are answered here: setRemoteDescription paired our added tracks
+        // with the offer's transceivers, and the browser fires negotiationneeded again if not.
+        this.holdOffers = false;
+        clearTimeout(this.holdTimer);
         await pc.setLocalDescription();
         this.counts.answersSent++;
         await this.ferry._send('answer', { to: this.remoteId, sdp: pc.localDescription.sdp, meta: this._meta() });
@@ -162,7 +189,14 @@ class Link {
     this.watchdog = setTimeout(() => {
       this.watchdog = null;
       const state = this.pc.iceConnectionState;
-      if (!this.closed && state !== 'connected' && state !== 'completed') this._restartIce();
+      if (this.closed || state === 'connected' || state === 'completed') return;
+      this.restartsWithoutConnecting++;
+      if (this.restartsWithoutConnecting >= 2 && !this.polite) {
+        // An ICE restart did not help either: start over with a new RTCPeerConnection on both sides.
+        this.ferry._resetLink(this.remoteId);
+      } else {
+        this._restartIce();
+      }
     }, ms);
   }
 
@@ -173,6 +207,7 @@ class Link {
     if (state === 'connected' || state === 'completed') {
       clearTimeout(this.watchdog);
       this.watchdog = null;
+      this.restartsWithoutConnecting = 0;
     }
     if (state === 'failed') {
       this._restartIce();
@@ -218,6 +253,7 @@ class Link {
   close() {
     if (this.closed) return;
     this.closed = true;
+    clearTimeout(this.holdTimer);
     clearTimeout(this.disconnectTimer);
     clearTimeout(this.watchdog);
     this.pc.close();
@@ -389,6 +425,14 @@ export class Ferry extends EventTarget {
       for (const [type, stream] of this._published) link.addStream(type, stream);
     }
     return link;
+  }
+
+  // Replace the connection with that member by a new one, and tell them to do the same.
+  _resetLink(userId) {
+    if (!this._links.has(userId)) return;
+    this._send('bye', { to: userId, reason: 'reset' });
+    this._dropLink(userId);
+    this._link(userId);
   }
 
   _dropLink(userId) {

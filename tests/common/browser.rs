@@ -102,6 +102,8 @@ pub struct Browser {
     profile: PathBuf,
     ws: Ws,
     next_id: u64,
+    /// The DevTools port on 127.0.0.1.
+    pub port: u16,
     /// Console messages of every page, in arrival order: `(session, text)`.
     pub console: Vec<(String, String)>,
 }
@@ -165,7 +167,7 @@ impl Browser {
             "Chromium did not open its DevTools port"
         );
         let mut lines = contents.lines();
-        let port = lines.next().unwrap().trim();
+        let port: u16 = lines.next().unwrap().trim().parse().expect("DevTools port");
         let path = lines.next().unwrap().trim();
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}{path}"))
             .await
@@ -175,6 +177,7 @@ impl Browser {
             profile,
             ws,
             next_id: 1,
+            port,
             console: Vec::new(),
         }
     }
