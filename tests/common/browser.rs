@@ -5,6 +5,7 @@
 //! namespace could send media to a non-loopback address. The test therefore re-executes itself
 //! under `unshare --net` (only `lo`, brought up), and runs the server and the browser there.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -74,7 +75,7 @@ pub fn in_loopback_netns(test_name: &str) -> Place {
         return Place::Skipped;
     }
     let exe = std::env::current_exe().expect("test binary path");
-    let status = Command::new("unshare")
+    let out = Command::new("unshare")
         .args([
             "--net",
             "--",
@@ -85,10 +86,20 @@ pub fn in_loopback_netns(test_name: &str) -> Place {
         .arg(exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(NETNS_ENV, "1")
-        .status()
+        .output()
         .expect("run unshare");
+    // Show what happened inside (written past the test harness's capture, so that CI logs carry
+    // the measured times), prefixed so that its result lines are not counted twice.
+    let mut err = std::io::stderr().lock();
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        let _ = writeln!(err, "  [netns] {line}");
+    }
+    drop(err);
     assert!(
-        status.success(),
+        out.status.success(),
         "{test_name} failed inside the loopback-only namespace"
     );
     Place::Done
