@@ -190,7 +190,7 @@ async fn two_browsers_call_each_other_p2p() {
         mut bb,
         a,
         b,
-        a_id: _,
+        a_id,
         b_id,
         first: (ra, rb),
         setup_time,
@@ -217,6 +217,67 @@ async fn two_browsers_call_each_other_p2p() {
         )
         .await;
     assert_eq!(label, "bob");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("call-alice.png");
+    ba.screenshot(&a, &shot).await;
+    eprintln!("screenshot of alice's page: {}", shot.display());
+
+    // Bob shares his screen: alice gets a second stream, typed 'screen'; then he stops.
+    bb.eval(&b, "document.getElementById('screen').click(); true")
+        .await;
+    let shared = bb
+        .wait_for(&b, "window.demo.screen ? 'sharing' : (document.getElementById('error').textContent || null)", LIMIT)
+        .await;
+    assert_eq!(shared, "sharing");
+    let screen_tile = format!(
+        "(() => {{ const t = document.getElementById('tile-{b_id}-screen'); const v = t && t.querySelector('video'); \
+         const s = window.demo.ferry.getStream({b_id:?}, 'screen'); \
+         return v && v.videoWidth > 0 && s && s !== window.demo.ferry.getStream({b_id:?}) ? v.videoWidth : null; }})()"
+    );
+    let width = ba.wait_for(&a, &screen_tile, LIMIT).await;
+    eprintln!("alice sees bob's screen, {width} px wide");
+    // The camera tile is still there next to it.
+    assert_eq!(
+        ba.eval(&a, &format!("!!document.getElementById('tile-{b_id}')"))
+            .await,
+        Value::Bool(true)
+    );
+    bb.eval(&b, "document.getElementById('screen').click(); true")
+        .await;
+    ba.wait_for(
+        &a,
+        &format!("!document.getElementById('tile-{b_id}-screen') && !window.demo.ferry.getStream({b_id:?}, 'screen')"),
+        LIMIT,
+    )
+    .await;
+
+    // Camera off disables bob's video track locally; the call goes on.
+    bb.eval(&b, "document.getElementById('camera').click(); true")
+        .await;
+    assert_eq!(
+        bb.eval(&b, "window.demo.local.getVideoTracks()[0].enabled")
+            .await,
+        Value::Bool(false)
+    );
+    bb.eval(&b, "document.getElementById('camera').click(); true")
+        .await;
+
+    // publishP2P: bob sends a canvas stream to alice only, through the SDK directly.
+    bb.eval(
+        &b,
+        &format!(
+            "(async () => {{ const c = document.createElement('canvas'); c.width = 320; c.height = 240; \
+             const g = c.getContext('2d'); setInterval(() => {{ g.fillStyle = '#' + Math.floor(Math.random() * 4095).toString(16).padStart(3, '0'); g.fillRect(0, 0, 320, 240); }}, 40); \
+             await window.demo.ferry.publishP2P({a_id:?}, 'screen', c.captureStream(25)); return true; }})()"
+        ),
+    )
+    .await;
+    let width = ba.wait_for(&a, &screen_tile, LIMIT).await;
+    assert_eq!(width, 320);
+    let e = bb
+        .eval(&b, "window.demo.ferry.publishP2P('u-nobody', 'cam', window.demo.local).then(() => 'ok', (e) => e.code)")
+        .await;
+    assert_eq!(e, "target_not_found");
 
     // Frames keep coming (the call is live, not a single frame).
     let f1 = ra["frames"].as_f64().unwrap();

@@ -254,6 +254,22 @@ impl Browser {
         .await;
     }
 
+    /// Save a PNG screenshot of the page.
+    pub async fn screenshot(&mut self, page: &Page, path: &std::path::Path) {
+        let r = self
+            .call(
+                Some(&page.session),
+                "Page.captureScreenshot",
+                json!({"format": "png"}),
+            )
+            .await;
+        use base64::Engine;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap_or_default())
+            .expect("screenshot is base64");
+        std::fs::write(path, png).expect("write screenshot");
+    }
+
     /// Open a new page at `url`.
     pub async fn open(&mut self, name: &str, url: &str) -> Page {
         let t = self
@@ -295,7 +311,7 @@ impl Browser {
             .call(
                 Some(&page.session),
                 "Runtime.evaluate",
-                json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
+                json!({"expression": expr, "awaitPromise": true, "returnByValue": true, "userGesture": true}),
             )
             .await;
         if let Some(ex) = r.get("exceptionDetails") {
