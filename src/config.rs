@@ -4,7 +4,7 @@
 //! The raw layers ([`ServeArgs`], [`FileConfig`]) stay close to what the user typed; [`Config`] is
 //! what the rest of the program uses and holds only valid values.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -45,6 +45,12 @@ pub struct ServeArgs {
     /// Serve /metrics on this address instead of the HTTP port.
     #[arg(long, env = "FERRY_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// UDP media port address (STUN, and the relay's media).
+    #[arg(long, env = "FERRY_MEDIA_LISTEN")]
+    pub media_listen: Option<String>,
+    /// Public IP addresses to advertise for the media port, comma-separated (NAT, load balancer).
+    #[arg(long, env = "FERRY_ANNOUNCE", value_delimiter = ',')]
+    pub announce: Option<Vec<String>>,
     /// API key: the `kid` of access tokens.
     #[arg(long, env = "FERRY_API_KEY")]
     pub api_key: Option<String>,
@@ -103,12 +109,33 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+/// A TURN server whose credentials Ferry mints per session with the shared secret
+/// (the "TURN REST" scheme, coturn's `use-auth-secret` / `static-auth-secret`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnServerFile {
+    pub urls: Vec<String>,
+    pub secret: String,
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnServer {
+    pub urls: Vec<String>,
+    pub secret: String,
+    /// Lifetime of the credentials handed out.
+    pub ttl: Duration,
+}
+
 /// The TOML file, with the same names as the flags (snake_case).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub http_listen: Option<String>,
     pub metrics_listen: Option<String>,
+    pub media_listen: Option<String>,
+    pub announce: Option<Vec<String>>,
     pub api_key: Option<String>,
     pub api_secret: Option<String>,
     pub p2p_max_peers: Option<u32>,
@@ -126,6 +153,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
+    #[serde(default)]
+    pub turn_servers: Vec<TurnServerFile>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +168,9 @@ pub enum LogFormat {
 pub struct Config {
     pub http_listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    pub media_listen: SocketAddr,
+    /// Addresses advertised for the media port; empty = derived from `media_listen`.
+    pub announce: Vec<IpAddr>,
     /// `(key, secret)`; `None` means dev mode (anonymous access).
     pub api: Option<(String, String)>,
     pub p2p_max_peers: u32,
@@ -155,6 +187,7 @@ pub struct Config {
     pub empty_room_ttl: Duration,
     pub log_format: LogFormat,
     pub ice_servers: Vec<IceServer>,
+    pub turn_servers: Vec<TurnServer>,
 }
 
 impl Default for Config {
@@ -162,6 +195,8 @@ impl Default for Config {
         Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             metrics_listen: None,
+            media_listen: SocketAddr::from(([127, 0, 0, 1], 3478)),
+            announce: Vec::new(),
             api: None,
             p2p_max_peers: 2,
             p2p_timeout: Duration::from_secs(5),
@@ -177,6 +212,7 @@ impl Default for Config {
             empty_room_ttl: Duration::from_secs(300),
             log_format: LogFormat::Text,
             ice_servers: Vec::new(),
+            turn_servers: Vec::new(),
         }
     }
 }
@@ -215,6 +251,40 @@ impl Config {
             Some(s) => Some(parse_addr("metrics_listen", &s)?),
             None => None,
         };
+        let media_listen = match args.media_listen.clone().or(file.media_listen) {
+            Some(s) => parse_addr("media_listen", &s)?,
+            None => d.media_listen,
+        };
+        let announce = args
+            .announce
+            .clone()
+            .or(file.announce)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                s.trim().parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        "announce",
+                        format!("{s:?} is not an IP address like 203.0.113.7"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let turn_servers = file
+            .turn_servers
+            .into_iter()
+            .map(|t| {
+                let ttl = match &t.ttl {
+                    Some(s) => parse_duration("turn_servers.ttl", s)?,
+                    None => Duration::from_secs(24 * 3600),
+                };
+                Ok(TurnServer {
+                    urls: t.urls,
+                    secret: t.secret,
+                    ttl,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         let api_key = args.api_key.clone().or(file.api_key);
         let api_secret = args.api_secret.clone().or(file.api_secret);
         let api = match (api_key, api_secret) {
@@ -302,6 +372,8 @@ impl Config {
         let cfg = Config {
             http_listen,
             metrics_listen,
+            media_listen,
+            announce,
             api,
             p2p_max_peers: args
                 .p2p_max_peers
@@ -329,6 +401,7 @@ impl Config {
             empty_room_ttl,
             log_format,
             ice_servers: file.ice_servers,
+            turn_servers,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -374,22 +447,25 @@ impl Config {
         if self.p2p_timeout.is_zero() {
             return Err(invalid("p2p_timeout", "must be greater than zero"));
         }
+        for a in &self.announce {
+            if a.is_unspecified() {
+                return Err(invalid(
+                    "announce",
+                    format!("{a} is not an address clients can reach"),
+                ));
+            }
+        }
+        for t in &self.turn_servers {
+            if t.secret.is_empty() {
+                return Err(invalid("turn_servers", "every entry needs a secret"));
+            }
+            if t.ttl.is_zero() {
+                return Err(invalid("turn_servers", "ttl must be greater than zero"));
+            }
+            check_ice_urls("turn_servers", &t.urls)?;
+        }
         for s in &self.ice_servers {
-            if s.urls.is_empty() {
-                return Err(invalid("ice_servers", "every entry needs at least one url"));
-            }
-            for u in &s.urls {
-                if !(u.starts_with("stun:")
-                    || u.starts_with("stuns:")
-                    || u.starts_with("turn:")
-                    || u.starts_with("turns:"))
-                {
-                    return Err(invalid(
-                        "ice_servers",
-                        format!("{u:?} is not a stun:, stuns:, turn: or turns: URL"),
-                    ));
-                }
-            }
+            check_ice_urls("ice_servers", &s.urls)?;
         }
         Ok(())
     }
@@ -397,6 +473,23 @@ impl Config {
     /// True when anonymous clients are accepted (no API secret configured).
     pub fn dev_mode(&self) -> bool {
         self.api.is_none()
+    }
+}
+
+fn check_ice_urls(name: &'static str, urls: &[String]) -> Result<(), ConfigError> {
+    if urls.is_empty() {
+        return Err(invalid(name, "every entry needs at least one url"));
+    }
+    const SCHEMES: [&str; 4] = ["stun:", "stuns:", "turn:", "turns:"];
+    match urls
+        .iter()
+        .find(|u| !SCHEMES.iter().any(|p| u.starts_with(p)))
+    {
+        Some(u) => Err(invalid(
+            name,
+            format!("{u:?} is not a stun:, stuns:, turn: or turns: URL"),
+        )),
+        None => Ok(()),
     }
 }
 

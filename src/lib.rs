@@ -9,5 +9,6 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod signal;

@@ -133,12 +133,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(cfg.log_format);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
-        let server = Server::bind(cfg.clone()).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot listen on {}: {e}", cfg.http_listen),
-            )
-        })?;
+        let server = Server::bind(cfg).await?;
         let handle = server.shutdown_handle();
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -1,7 +1,9 @@
 //! Prometheus metrics. One registry per server instance (so tests can run several servers in one
 //! process); labels are low-cardinality only, never a room or a user.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -10,6 +12,8 @@ pub struct Metrics {
     pub room_members: IntGauge,
     pub signal_messages: IntCounterVec,
     pub signal_errors: IntCounterVec,
+    pub stun_bindings: IntCounter,
+    pub media_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -42,6 +46,19 @@ impl Metrics {
             &["code"],
         )
         .expect("valid metric");
+        let stun_bindings = IntCounter::new(
+            "ferry_stun_bindings_total",
+            "STUN binding requests answered on the media port (server-reflexive address discovery).",
+        )
+        .expect("valid metric");
+        let media_dropped = IntCounterVec::new(
+            Opts::new(
+                "ferry_media_dropped_total",
+                "Datagrams and packets dropped on the media path, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -56,6 +73,8 @@ impl Metrics {
             Box::new(room_members.clone()),
             Box::new(signal_messages.clone()),
             Box::new(signal_errors.clone()),
+            Box::new(stun_bindings.clone()),
+            Box::new(media_dropped.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric registered once");
@@ -73,6 +92,8 @@ impl Metrics {
             room_members,
             signal_messages,
             signal_errors,
+            stun_bindings,
+            media_dropped,
         }
     }
 

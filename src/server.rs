@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -21,6 +21,7 @@ use crate::signal::hub::Hub;
 pub struct Server {
     hub: Arc<Hub>,
     http: TcpListener,
+    media: Arc<UdpSocket>,
     metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -40,16 +41,29 @@ impl ShutdownHandle {
 impl Server {
     pub async fn bind(config: Config) -> std::io::Result<Server> {
         let config = Arc::new(config);
-        let http = TcpListener::bind(config.http_listen).await?;
+        let http = TcpListener::bind(config.http_listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", config.http_listen),
+            )
+        })?;
         let metrics = match config.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let hub = Hub::new(config, Arc::new(Metrics::new()));
+        let media = UdpSocket::bind(config.media_listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind the media port {}: {e}", config.media_listen),
+            )
+        })?;
+        let media_addrs = crate::net::advertised(media.local_addr()?, &config.announce);
+        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs);
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Server {
             hub,
             http,
+            media: Arc::new(media),
             metrics,
             shutdown_tx,
         })
@@ -57,6 +71,12 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.http.local_addr().expect("bound socket has an address")
+    }
+
+    pub fn media_addr(&self) -> SocketAddr {
+        self.media
+            .local_addr()
+            .expect("bound socket has an address")
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -80,6 +100,7 @@ impl Server {
         let Server {
             hub,
             http: listener,
+            media,
             metrics,
             shutdown_tx,
         } = self;
@@ -92,6 +113,11 @@ impl Server {
             );
         }
         tokio::spawn(hub.clone().reaper());
+        let media_task = tokio::spawn(crate::net::run(
+            media,
+            hub.metrics.clone(),
+            hub.shutdown.clone(),
+        ));
 
         let mut stop_rx = shutdown_tx.subscribe();
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
@@ -142,6 +168,7 @@ impl Server {
         }
         http_stop_tx.send_replace(true);
         let res = serve.await.map_err(std::io::Error::other)?;
+        media_task.await.map_err(std::io::Error::other)?;
         if let Some(t) = metrics_task {
             t.await.map_err(std::io::Error::other)??;
         }

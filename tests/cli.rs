@@ -70,7 +70,7 @@ async fn file_env_and_flags_layer() {
     std::fs::write(
         &f,
         format!(
-            "http_listen = \"127.0.0.1:{port}\"\np2p_max_peers = 7\np2p_timeout = \"9s\"\n\
+            "http_listen = \"127.0.0.1:{port}\"\nmedia_listen = \"127.0.0.1:0\"\np2p_max_peers = 7\np2p_timeout = \"9s\"\n\
              [[ice_servers]]\nurls = [\"stun:127.0.0.1:3478\"]\n"
         ),
     )
@@ -104,7 +104,9 @@ async fn file_env_and_flags_layer() {
     let w = w.unwrap();
     assert_eq!(w["p2pMaxPeers"], 4, "flag beats env and file");
     assert_eq!(w["p2pTimeoutMs"], 3000, "env beats file");
-    assert_eq!(w["iceServers"][0]["urls"][0], "stun:127.0.0.1:3478");
+    let own = w["iceServers"][0]["urls"][0].as_str().unwrap();
+    assert!(own.starts_with("stun:127.0.0.1:"), "Ferry's own STUN comes first: {own}");
+    assert_eq!(w["iceServers"][1]["urls"][0], "stun:127.0.0.1:3478");
 }
 
 #[tokio::test]

@@ -25,7 +25,12 @@ async fn welcome_carries_identity_ice_servers_and_policy() {
     assert_eq!(w["protocol"], 1);
     assert_eq!(w["p2pMaxPeers"], 3);
     assert_eq!(w["p2pTimeoutMs"], 5000);
-    assert_eq!(w["iceServers"][0]["urls"][0], "stun:127.0.0.1:3478");
+    assert_eq!(
+        w["iceServers"][0],
+        json!({"urls": [format!("stun:{}", s.media_addr)]}),
+        "Ferry's own STUN on the media port comes first"
+    );
+    assert_eq!(w["iceServers"][1]["urls"][0], "stun:127.0.0.1:3478");
     assert_eq!(w["grants"]["publish"], true);
     let b = Client::joined_hello(s.addr, "bob").await;
     assert_ne!(

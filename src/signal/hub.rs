@@ -56,6 +56,8 @@ pub struct Hub {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub verifier: Option<Verifier>,
+    /// Where clients reach the media port (STUN now, media with the relay).
+    pub media_addrs: Vec<std::net::SocketAddr>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -96,7 +98,11 @@ fn valid_room_id(id: &str) -> bool {
 }
 
 impl Hub {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Hub> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        media_addrs: Vec<std::net::SocketAddr>,
+    ) -> Arc<Hub> {
         let verifier = config
             .api
             .as_ref()
@@ -106,6 +112,7 @@ impl Hub {
             config,
             metrics,
             verifier,
+            media_addrs,
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -414,7 +421,11 @@ mod tests {
     use super::*;
 
     fn hub() -> Arc<Hub> {
-        Hub::new(Arc::new(Config::default()), Arc::new(Metrics::new()))
+        Hub::new(
+            Arc::new(Config::default()),
+            Arc::new(Metrics::new()),
+            Vec::new(),
+        )
     }
 
     #[test]
@@ -451,7 +462,7 @@ mod tests {
             max_connections: 1,
             ..Config::default()
         };
-        let h = Hub::new(Arc::new(cfg), Arc::new(Metrics::new()));
+        let h = Hub::new(Arc::new(cfg), Arc::new(Metrics::new()), Vec::new());
         let a = h.try_connect().unwrap();
         assert!(h.try_connect().is_none());
         drop(a);

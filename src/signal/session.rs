@@ -494,7 +494,7 @@ impl Session {
             "userId": user_id,
             "identity": identity,
             "protocol": PROTOCOL_VERSION,
-            "iceServers": cfg.ice_servers,
+            "iceServers": crate::signal::ice::for_session(cfg, &self.hub.media_addrs, &user_id),
             "p2pMaxPeers": cfg.p2p_max_peers,
             "p2pTimeoutMs": cfg.p2p_timeout.as_millis() as u64,
             "pingIntervalMs": cfg.ping_interval.as_millis() as u64,

@@ -29,6 +29,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub media_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub hub: Arc<Hub>,
     pub shutdown: ShutdownHandle,
@@ -38,6 +39,7 @@ pub struct TestServer {
 pub fn test_config() -> Config {
     Config {
         http_listen: "127.0.0.1:0".parse().unwrap(),
+        media_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     }
 }
@@ -52,12 +54,14 @@ pub fn secured_config() -> Config {
 pub async fn spawn(cfg: Config) -> TestServer {
     let server = Server::bind(cfg).await.expect("bind test server");
     let addr = server.local_addr();
+    let media_addr = server.media_addr();
     let metrics_addr = server.metrics_addr();
     let hub = server.hub();
     let shutdown = server.shutdown_handle();
     let task = tokio::spawn(server.run());
     TestServer {
         addr,
+        media_addr,
         metrics_addr,
         hub,
         shutdown,

@@ -1,0 +1,138 @@
+//! The media port: one UDP socket for every peer. This module owns the socket; what to do with each
+//! datagram is decided by plain functions ([`classify`], [`stun::handle`]).
+//!
+//! Today the port answers STUN Binding requests from anyone (browsers learn their server-reflexive
+//! address from Ferry) and counts everything else it cannot use yet as a drop with a reason.
+
+pub mod stun;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::metrics::Metrics;
+
+/// What a datagram on the media port is, by its first byte (RFC 7983).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Stun,
+    Dtls,
+    RtpRtcp,
+    Unknown,
+}
+
+pub fn classify(buf: &[u8]) -> Kind {
+    match buf.first() {
+        Some(0..=3) => Kind::Stun,
+        Some(20..=63) => Kind::Dtls,
+        Some(128..=191) => Kind::RtpRtcp,
+        _ => Kind::Unknown,
+    }
+}
+
+/// Largest datagram read; anything longer is truncated by the kernel and dropped as malformed.
+const MAX_DATAGRAM: usize = 2048;
+
+/// Serve the media port until `shutdown`.
+pub async fn run(socket: Arc<UdpSocket>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    if let Ok(addr) = socket.local_addr() {
+        info!(%addr, "media port (UDP) listening; answering STUN binding requests");
+    }
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (len, from) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on some systems: not fatal.
+                    debug!(error = %e, "media port receive error");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        handle_datagram(&socket, &metrics, &buf[..len], from).await;
+    }
+}
+
+async fn handle_datagram(socket: &UdpSocket, metrics: &Metrics, buf: &[u8], from: SocketAddr) {
+    let drop = |reason: &str| metrics.media_dropped.with_label_values(&[reason]).inc();
+    match classify(buf) {
+        Kind::Stun => match stun::handle(buf, from) {
+            stun::StunAction::Reply(bytes) => {
+                metrics.stun_bindings.inc();
+                if let Err(e) = socket.send_to(&bytes, from).await {
+                    debug!(error = %e, %from, "STUN reply not sent");
+                }
+            }
+            // No peer connections on this port yet: an ICE check finds nobody.
+            stun::StunAction::Peer(_) => drop("unknown_peer"),
+            stun::StunAction::Drop(reason) => drop(reason),
+        },
+        Kind::Dtls | Kind::RtpRtcp => drop("unknown_peer"),
+        Kind::Unknown => drop("malformed"),
+    }
+}
+
+/// The media addresses to advertise: the `announce` addresses on the bound port; else the bound
+/// address; else (bound to 0.0.0.0 or ::) every interface address of that family, loopback
+/// only when there is nothing else.
+pub fn advertised(bound: SocketAddr, announce: &[std::net::IpAddr]) -> Vec<SocketAddr> {
+    if !announce.is_empty() {
+        return announce
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, bound.port()))
+            .collect();
+    }
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let ips: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| ip.is_ipv4() == bound.is_ipv4())
+        .collect();
+    let public: Vec<_> = ips.iter().filter(|ip| !ip.is_loopback()).collect();
+    let chosen: Vec<_> = if public.is_empty() {
+        ips.iter().collect()
+    } else {
+        public
+    };
+    chosen
+        .into_iter()
+        .map(|ip| SocketAddr::new(*ip, bound.port()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_are_told_apart_by_their_first_byte() {
+        assert_eq!(classify(&[0, 1]), Kind::Stun);
+        assert_eq!(classify(&[22, 254, 253]), Kind::Dtls);
+        assert_eq!(classify(&[0x80, 96]), Kind::RtpRtcp);
+        assert_eq!(classify(&[0x47]), Kind::Unknown);
+        assert_eq!(classify(&[]), Kind::Unknown);
+    }
+
+    #[test]
+    fn announce_wins_then_the_bound_address() {
+        let bound: SocketAddr = "0.0.0.0:3478".parse().unwrap();
+        let a = advertised(bound, &["203.0.113.7".parse().unwrap()]);
+        assert_eq!(a, vec!["203.0.113.7:3478".parse::<SocketAddr>().unwrap()]);
+        let b: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(advertised(b, &[]), vec![b]);
+        let any = advertised(bound, &[]);
+        assert!(!any.is_empty());
+        assert!(
+            any.iter()
+                .all(|a| a.is_ipv4() && a.port() == 3478 && !a.ip().is_unspecified())
+        );
+    }
+}
