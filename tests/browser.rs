@@ -293,6 +293,11 @@ async fn two_browsers_call_each_other_p2p() {
     assert!(metric(&m, "ferry_signal_messages_total{type=\"answer\"}").unwrap() >= 1.0);
     assert!(metric(&m, "ferry_signal_messages_total{type=\"candidate\"}").unwrap() >= 2.0);
     assert_eq!(metric(&m, "ferry_room_members"), Some(2.0));
+    // Both browsers asked Ferry's own STUN (listed first in their iceServers) for their address.
+    assert!(
+        metric(&m, "ferry_stun_bindings_total").unwrap() >= 2.0,
+        "{m}"
+    );
 
     // Bob mutes: his audio track is disabled locally; the call goes on.
     bb.eval(&b, "document.getElementById('mute').click(); true")
@@ -429,4 +434,139 @@ async fn ice_restart_heals_a_broken_path() {
         restarts >= 1.0,
         "the same connections were restarted, not replaced"
     );
+}
+
+/// A TURN server that checks credentials with a shared secret (Debian coturn), on loopback.
+struct Coturn {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Coturn {
+    async fn start(secret: &str) -> Option<Coturn> {
+        let port = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let child = std::process::Command::new("turnserver")
+            .args([
+                "-n",
+                "--listening-ip=127.0.0.1",
+                "--relay-ip=127.0.0.1",
+                &format!("--listening-port={port}"),
+                "--use-auth-secret",
+                &format!("--static-auth-secret={secret}"),
+                "--realm=ferry.test",
+                "--allow-loopback-peers",
+                "--no-tls",
+                "--no-dtls",
+                "--no-cli",
+                "--log-file=stdout",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut coturn = Coturn { child, port };
+        // Up when it answers a STUN binding request.
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let req = [
+            0u8, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+        ];
+        for _ in 0..100 {
+            sock.send_to(&req, ("127.0.0.1", port)).await.unwrap();
+            let mut buf = [0u8; 512];
+            if tokio::time::timeout(Duration::from_millis(100), sock.recv_from(&mut buf))
+                .await
+                .is_ok()
+            {
+                return Some(coturn);
+            }
+        }
+        let _ = coturn.child.kill();
+        panic!("coturn did not come up on port {}", coturn.port);
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The TURN credentials in Ferry's welcome are accepted by a real TURN server: two browsers
+/// restricted to relay candidates call each other through coturn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_credentials_from_the_welcome_work_with_coturn() {
+    match in_loopback_netns("turn_credentials_from_the_welcome_work_with_coturn") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    if std::process::Command::new("turnserver")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "coturn missing in CI");
+        eprintln!(
+            "SKIPPED turn_credentials_from_the_welcome_work_with_coturn: coturn is not installed"
+        );
+        return;
+    }
+    let secret = "shared-turn-secret-for-tests";
+    let turn = Coturn::start(secret).await.expect("start coturn");
+    let mut cfg = test_config();
+    cfg.turn_servers = vec![ferry::config::TurnServer {
+        urls: vec![format!("turn:127.0.0.1:{}?transport=udp", turn.port)],
+        secret: secret.into(),
+        ttl: Duration::from_secs(600),
+    }];
+    let s = spawn(cfg).await;
+    let base = format!("http://{}/", s.addr);
+    let origin = format!("http://{}", s.addr);
+    let mut ba = Browser::launch().await;
+    let mut bb = Browser::launch().await;
+    ba.grant_media(&origin).await;
+    bb.grant_media(&origin).await;
+    let a = ba.open("alice", &base).await;
+    let b = bb.open("bob", &base).await;
+    enter_lobby(&mut ba, &a).await;
+    enter_lobby(&mut bb, &b).await;
+    let start = |room: &str| {
+        format!(
+            "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true }}); \
+             const f = new window.Ferry({{ rtcConfig: {{ iceTransportPolicy: 'relay' }} }}); \
+             window.demo.ferry = f; const w = await f.init(); \
+             const roomId = {room} || (await f.createRoom()).roomId; await f.joinRoom(roomId); \
+             await f.publish(s, 'cam'); return {{ roomId, userId: w.userId, turn: w.iceServers[1] }}; }})()"
+        )
+    };
+    let ra = ba.eval(&a, &start("null")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    assert!(
+        ra["turn"]["username"]
+            .as_str()
+            .unwrap()
+            .ends_with(ra["userId"].as_str().unwrap())
+    );
+    let rb = bb.eval(&b, &start(&format!("{room:?}"))).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    let relayed = |remote: &str| {
+        format!(
+            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); if (!r) return null; \
+             const m = new Map(); r.forEach((x) => m.set(x.id, x)); let frames = 0, local = null; \
+             r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video') frames += x.framesDecoded || 0; \
+               if (x.type === 'transport' && x.selectedCandidatePairId) local = m.get(m.get(x.selectedCandidatePairId).localCandidateId); }}); \
+             return frames > 0 && local ? {{ frames, local: local.candidateType }} : null; }})()"
+        )
+    };
+    let va = ba.wait_for(&a, &relayed(&b_id), LIMIT).await;
+    let vb = bb.wait_for(&b, &relayed(&a_id), LIMIT).await;
+    eprintln!("through coturn: alice {va}, bob {vb}");
+    assert_eq!(va["local"], "relay");
+    assert_eq!(vb["local"], "relay");
 }

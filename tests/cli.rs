@@ -105,7 +105,10 @@ async fn file_env_and_flags_layer() {
     assert_eq!(w["p2pMaxPeers"], 4, "flag beats env and file");
     assert_eq!(w["p2pTimeoutMs"], 3000, "env beats file");
     let own = w["iceServers"][0]["urls"][0].as_str().unwrap();
-    assert!(own.starts_with("stun:127.0.0.1:"), "Ferry's own STUN comes first: {own}");
+    assert!(
+        own.starts_with("stun:127.0.0.1:"),
+        "Ferry's own STUN comes first: {own}"
+    );
     assert_eq!(w["iceServers"][1]["urls"][0], "stun:127.0.0.1:3478");
 }
 

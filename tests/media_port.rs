@@ -1,0 +1,148 @@
+//! The media port: embedded STUN for anyone, and garbage that is dropped, counted and harmless.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rtc::stun::message::{BINDING_REQUEST, BINDING_SUCCESS, Getter, Message, Setter};
+use rtc::stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+
+/// Ask the media port for our reflexive address with a STUN Binding request.
+async fn stun_binding(sock: &UdpSocket, server: SocketAddr) -> SocketAddr {
+    let mut req = Message::new();
+    req.build(&[Box::new(BINDING_REQUEST) as Box<dyn Setter>])
+        .unwrap();
+    req.new_transaction_id().unwrap();
+    sock.send_to(&req.raw, server).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+        .await
+        .expect("STUN answer in time")
+        .unwrap();
+    assert_eq!(from, server);
+    let mut resp = Message::new();
+    resp.unmarshal_binary(&buf[..n]).unwrap();
+    assert_eq!(resp.typ, BINDING_SUCCESS);
+    assert_eq!(resp.transaction_id, req.transaction_id);
+    let mut xor = XorMappedAddress::default();
+    xor.get_from(&resp).unwrap();
+    SocketAddr::new(xor.ip, xor.port)
+}
+
+#[tokio::test]
+async fn stun_binding_requests_are_answered_for_anyone() {
+    let s = spawn(test_config()).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mapped = stun_binding(&sock, s.media_addr).await;
+    assert_eq!(mapped, sock.local_addr().unwrap());
+    // No session, no token needed: it is the public STUN service of the port.
+    assert_eq!(s.hub.metrics.stun_bindings.get(), 1);
+}
+
+#[tokio::test]
+async fn garbage_datagrams_are_dropped_counted_and_harmless() {
+    let s = spawn(test_config()).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut stun = Message::new();
+    stun.build(&[Box::new(BINDING_REQUEST) as Box<dyn Setter>])
+        .unwrap();
+    let mut lying_length = stun.raw.clone();
+    lying_length[3] = 0xff;
+    let mut response = Message::new();
+    response
+        .build(&[Box::new(BINDING_SUCCESS) as Box<dyn Setter>])
+        .unwrap();
+    let mut ice_check = Message::new();
+    ice_check
+        .build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(rtc::stun::textattrs::Username::new(
+                rtc::stun::attributes::ATTR_USERNAME,
+                "nobody:x".into(),
+            )),
+        ])
+        .unwrap();
+    let garbage: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "malformed"),
+        (vec![0x47; 200], "malformed"),
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "malformed"),
+        (stun.raw[..12].to_vec(), "malformed"),
+        (lying_length, "malformed"),
+        (response.raw.clone(), "unexpected_stun"),
+        (ice_check.raw.clone(), "unknown_peer"),
+        (
+            vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
+            "unknown_peer",
+        ),
+        (
+            vec![0x80, 96, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9, 9],
+            "unknown_peer",
+        ),
+        (vec![0xff; 1400], "malformed"),
+    ];
+    let mut expected = std::collections::HashMap::<&str, u64>::new();
+    for (bytes, reason) in &garbage {
+        sock.send_to(bytes, s.media_addr).await.unwrap();
+        *expected.entry(reason).or_default() += 1;
+    }
+    // The loop is not stalled: a good request right after is answered.
+    let mapped = stun_binding(&sock, s.media_addr).await;
+    assert_eq!(mapped, sock.local_addr().unwrap());
+    for (reason, n) in expected {
+        assert_eq!(
+            s.hub
+                .metrics
+                .media_dropped
+                .with_label_values(&[reason])
+                .get(),
+            n,
+            "drops with reason {reason}"
+        );
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(
+        m.contains("ferry_media_dropped_total{reason=\"malformed\"} 6"),
+        "{m}"
+    );
+}
+
+/// An independent STUN client (coturn's turnutils_stunclient) gets its reflexive address.
+#[tokio::test]
+async fn a_real_stun_client_learns_its_address() {
+    if Command::new("turnutils_stunclient")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "turnutils_stunclient (Debian coturn) missing in CI"
+        );
+        eprintln!(
+            "SKIPPED a_real_stun_client_learns_its_address: turnutils_stunclient (apt-get install coturn) is not installed"
+        );
+        return;
+    }
+    let s = spawn(test_config()).await;
+    let port = s.media_addr.port().to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("turnutils_stunclient")
+            .args(["-p", &port, "127.0.0.1"])
+            .output(),
+    )
+    .await
+    .expect("turnutils_stunclient finished")
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("UDP reflexive addr: 127.0.0.1:"),
+        "turnutils_stunclient said: {text}"
+    );
+    assert!(s.hub.metrics.stun_bindings.get() >= 1);
+}
