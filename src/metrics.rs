@@ -14,6 +14,11 @@ pub struct Metrics {
     pub signal_errors: IntCounterVec,
     pub stun_bindings: IntCounter,
     pub media_dropped: IntCounterVec,
+    pub keyframe_requests: IntCounter,
+    pub relay_connections: IntGauge,
+    /// `ferry_media_packets_total{direction,kind}`, labels resolved once: [in, out] x [audio, video].
+    pub rtp_in: [IntCounter; 2],
+    pub rtp_out: [IntCounter; 2],
 }
 
 impl Metrics {
@@ -59,6 +64,32 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let keyframe_requests = IntCounter::new(
+            "ferry_keyframe_requests_total",
+            "Keyframe requests (PLI) sent to publishers.",
+        )
+        .expect("valid metric");
+        let relay_connections = IntGauge::new(
+            "ferry_relay_connections",
+            "Client connections to the relay (server-side peer connections).",
+        )
+        .expect("valid metric");
+        let media_packets = IntCounterVec::new(
+            Opts::new(
+                "ferry_media_packets_total",
+                "RTP packets through the relay: direction in (from publishers) or out (to subscribers), kind audio or video.",
+            ),
+            &["direction", "kind"],
+        )
+        .expect("valid metric");
+        let rtp_in = [
+            media_packets.with_label_values(&["in", "audio"]),
+            media_packets.with_label_values(&["in", "video"]),
+        ];
+        let rtp_out = [
+            media_packets.with_label_values(&["out", "audio"]),
+            media_packets.with_label_values(&["out", "video"]),
+        ];
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -75,6 +106,9 @@ impl Metrics {
             Box::new(signal_errors.clone()),
             Box::new(stun_bindings.clone()),
             Box::new(media_dropped.clone()),
+            Box::new(keyframe_requests.clone()),
+            Box::new(relay_connections.clone()),
+            Box::new(media_packets),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric registered once");
@@ -94,6 +128,10 @@ impl Metrics {
             signal_errors,
             stun_bindings,
             media_dropped,
+            keyframe_requests,
+            relay_connections,
+            rtp_in,
+            rtp_out,
         }
     }
 

@@ -22,6 +22,7 @@ pub struct Server {
     hub: Arc<Hub>,
     http: TcpListener,
     media: Arc<UdpSocket>,
+    media_rx: tokio::sync::mpsc::Receiver<crate::media::Command>,
     metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -58,12 +59,14 @@ impl Server {
             )
         })?;
         let media_addrs = crate::net::advertised(media.local_addr()?, &config.announce);
-        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs);
+        let (media_tx, media_rx) = tokio::sync::mpsc::channel(1024);
+        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs, media_tx);
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Server {
             hub,
             http,
             media: Arc::new(media),
+            media_rx,
             metrics,
             shutdown_tx,
         })
@@ -101,6 +104,7 @@ impl Server {
             hub,
             http: listener,
             media,
+            media_rx,
             metrics,
             shutdown_tx,
         } = self;
@@ -113,11 +117,13 @@ impl Server {
             );
         }
         tokio::spawn(hub.clone().reaper());
-        let media_task = tokio::spawn(crate::net::run(
+        let core = crate::media::MediaCore::new(
             media,
+            hub.media_addrs.clone(),
             hub.metrics.clone(),
-            hub.shutdown.clone(),
-        ));
+            hub.clone(),
+        )?;
+        let media_task = tokio::spawn(core.run(media_rx, hub.shutdown.clone()));
 
         let mut stop_rx = shutdown_tx.subscribe();
         let (http_stop_tx, http_stop_rx) = watch::channel(false);

@@ -1,19 +1,10 @@
-//! The media port: one UDP socket for every peer. This module owns the socket; what to do with each
-//! datagram is decided by plain functions ([`classify`], [`stun::handle`]).
-//!
-//! Today the port answers STUN Binding requests from anyone (browsers learn their server-reflexive
-//! address from Ferry) and counts everything else it cannot use yet as a drop with a reason.
+//! The media port's plain functions: what a datagram is ([`classify`]), what to do with STUN
+//! ([`stun::handle`]), and which addresses to advertise ([`advertised`]). The socket itself is
+//! owned by the media task ([`crate::media::MediaCore`]).
 
 pub mod stun;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-use tokio::net::UdpSocket;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
-
-use crate::metrics::Metrics;
 
 /// What a datagram on the media port is, by its first byte (RFC 7983).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,50 +21,6 @@ pub fn classify(buf: &[u8]) -> Kind {
         Some(20..=63) => Kind::Dtls,
         Some(128..=191) => Kind::RtpRtcp,
         _ => Kind::Unknown,
-    }
-}
-
-/// Largest datagram read; anything longer is truncated by the kernel and dropped as malformed.
-const MAX_DATAGRAM: usize = 2048;
-
-/// Serve the media port until `shutdown`.
-pub async fn run(socket: Arc<UdpSocket>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    if let Ok(addr) = socket.local_addr() {
-        info!(%addr, "media port (UDP) listening; answering STUN binding requests");
-    }
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        let (len, from) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on some systems: not fatal.
-                    debug!(error = %e, "media port receive error");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        handle_datagram(&socket, &metrics, &buf[..len], from).await;
-    }
-}
-
-async fn handle_datagram(socket: &UdpSocket, metrics: &Metrics, buf: &[u8], from: SocketAddr) {
-    let drop = |reason: &str| metrics.media_dropped.with_label_values(&[reason]).inc();
-    match classify(buf) {
-        Kind::Stun => match stun::handle(buf, from) {
-            stun::StunAction::Reply(bytes) => {
-                metrics.stun_bindings.inc();
-                if let Err(e) = socket.send_to(&bytes, from).await {
-                    debug!(error = %e, %from, "STUN reply not sent");
-                }
-            }
-            // No peer connections on this port yet: an ICE check finds nobody.
-            stun::StunAction::Peer(_) => drop("unknown_peer"),
-            stun::StunAction::Drop(reason) => drop(reason),
-        },
-        Kind::Dtls | Kind::RtpRtcp => drop("unknown_peer"),
-        Kind::Unknown => drop("malformed"),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Hub {
     pub verifier: Option<Verifier>,
     /// Where clients reach the media port (STUN now, media with the relay).
     pub media_addrs: Vec<std::net::SocketAddr>,
+    /// Commands to the media task (the relay).
+    pub media: mpsc::Sender<crate::media::Command>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -102,6 +104,7 @@ impl Hub {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         media_addrs: Vec<std::net::SocketAddr>,
+        media: mpsc::Sender<crate::media::Command>,
     ) -> Arc<Hub> {
         let verifier = config
             .api
@@ -113,6 +116,7 @@ impl Hub {
             metrics,
             verifier,
             media_addrs,
+            media,
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -176,6 +180,11 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+    }
+
+    /// Queue an event for one session (from the media task).
+    pub fn send_event(&self, user_id: &str, text: Utf8Bytes) {
+        self.deliver(user_id, &text);
     }
 
     /// Send an event to every session (used for `draining`).
@@ -425,6 +434,7 @@ mod tests {
             Arc::new(Config::default()),
             Arc::new(Metrics::new()),
             Vec::new(),
+            mpsc::channel(1).0,
         )
     }
 
@@ -462,10 +472,21 @@ mod tests {
             max_connections: 1,
             ..Config::default()
         };
-        let h = Hub::new(Arc::new(cfg), Arc::new(Metrics::new()), Vec::new());
+        let h = Hub::new(
+            Arc::new(cfg),
+            Arc::new(Metrics::new()),
+            Vec::new(),
+            mpsc::channel(1).0,
+        );
         let a = h.try_connect().unwrap();
         assert!(h.try_connect().is_none());
         drop(a);
         assert!(h.try_connect().is_some());
+    }
+}
+
+impl crate::media::ClientSink for Hub {
+    fn send_to(&self, user_id: &str, message: Value) {
+        self.send_event(user_id, message.to_string().into());
     }
 }

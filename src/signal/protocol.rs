@@ -28,10 +28,11 @@ pub enum ErrorCode {
     NotInRoom,
     TargetNotFound,
     Draining,
+    MediaUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MessageTooLarge,
@@ -48,6 +49,7 @@ impl ErrorCode {
         ErrorCode::NotInRoom,
         ErrorCode::TargetNotFound,
         ErrorCode::Draining,
+        ErrorCode::MediaUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +70,7 @@ impl ErrorCode {
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::TargetNotFound => "target_not_found",
             ErrorCode::Draining => "draining",
+            ErrorCode::MediaUnavailable => "media_unavailable",
         }
     }
 }

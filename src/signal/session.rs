@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::auth::{Grants, TokenError};
+use crate::media::{Command, SERVER_ID};
 use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
 use crate::signal::protocol::{
     self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, PROTOCOL_VERSION,
@@ -223,6 +224,9 @@ impl Session {
                 _ => "closed",
             };
             self.hub.leave_room(&auth.user_id, &room, why);
+            let _ = self.hub.media.try_send(Command::Leave {
+                user_id: auth.user_id.clone(),
+            });
         }
         if let Some(auth) = &self.auth {
             self.hub.unregister(&auth.user_id);
@@ -387,6 +391,9 @@ impl Session {
                     return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room").into());
                 };
                 hub.leave_room(&auth.user_id, &room, "left");
+                let _ = hub.media.try_send(Command::Leave {
+                    user_id: auth.user_id.clone(),
+                });
                 info!(%room, "left room");
                 Ok(json!({}))
             }
@@ -394,6 +401,24 @@ impl Session {
                 let req: Sdp = fields(ty, obj)?;
                 let room = self.require_room()?;
                 check_sdp_grants(&req.sdp, &auth.grants)?;
+                if req.to == SERVER_ID {
+                    let user_id = auth.user_id.clone();
+                    let cmd = if ty == RequestType::Offer {
+                        Command::Offer {
+                            user_id,
+                            room_id: room.to_string(),
+                            sdp: req.sdp,
+                            meta: req.meta,
+                        }
+                    } else {
+                        Command::Answer {
+                            user_id,
+                            sdp: req.sdp,
+                        }
+                    };
+                    self.to_media(cmd)?;
+                    return Ok(json!({}));
+                }
                 let mut ev = serde_json::Map::new();
                 ev.insert("type".into(), ty.as_str().into());
                 ev.insert("sdp".into(), req.sdp.into());
@@ -412,6 +437,13 @@ impl Session {
                         "candidate must be an RTCIceCandidateInit object or null",
                     )
                     .into());
+                }
+                if req.to == SERVER_ID {
+                    self.to_media(Command::Candidate {
+                        user_id: auth.user_id.clone(),
+                        candidate: req.candidate,
+                    })?;
+                    return Ok(json!({}));
                 }
                 let mut ev = serde_json::Map::new();
                 ev.insert("type".into(), "candidate".into());
@@ -432,6 +464,16 @@ impl Session {
             }
             RequestType::Hello | RequestType::Ping => unreachable!("handled above"),
         }
+    }
+
+    /// Hand a client's signaling for its relay connection to the media task.
+    fn to_media(&self, cmd: Command) -> Result<(), SignalError> {
+        self.hub.media.try_send(cmd).map_err(|_| {
+            SignalError::new(
+                ErrorCode::MediaUnavailable,
+                "the media relay is overloaded or stopped: try again",
+            )
+        })
     }
 
     fn require_room(&self) -> Result<&str, SignalError> {

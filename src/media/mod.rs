@@ -1,0 +1,780 @@
+//! The relay (SFU) media plane: one task owns the UDP media port and one server-side
+//! `rtc::RTCPeerConnection` per relayed client (ICE-lite, DTLS server, one BUNDLE transport).
+//!
+//! Datagrams are matched to their peer by STUN USERNAME (our ICE ufrag), then by remote address.
+//! A publisher's RTP comes out of its connection decrypted; the router hands it to every other
+//! relayed member of the room, rewriting only the header (SSRC and payload type of that
+//! subscriber's sender, header extensions stripped) before the subscriber's connection encrypts
+//! it. The payload `Bytes` is shared, not copied.
+//!
+//! Negotiation: the client offers first (its connection to the server opens with a data channel);
+//! when tracks come or go the server offers. The server is the impolite side: an offer from the
+//! client that crosses one of ours is ignored and the client rolls back (perfect negotiation).
+//!
+//! Scope of this first version (see docs/status.md): routing, header rewrite, keyframe requests to
+//! a publisher when a subscriber is added; RTCP feedback relay, NACK buffers and sequence rewriting
+//! across publisher restarts are not done yet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::interceptor::Registry;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::RTCPeerConnectionBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::net::{self, Kind, stun};
+
+/// The `to`/`from` id that names the server in signaling.
+pub const SERVER_ID: &str = "server";
+
+/// Signaling from a client to its server-side connection.
+#[derive(Debug)]
+pub enum Command {
+    Offer {
+        user_id: String,
+        room_id: String,
+        sdp: String,
+        meta: Option<Value>,
+    },
+    Answer {
+        user_id: String,
+        sdp: String,
+    },
+    Candidate {
+        user_id: String,
+        candidate: Value,
+    },
+    /// The client left its room or disconnected: drop its connection and its tracks.
+    Leave {
+        user_id: String,
+    },
+}
+
+/// Where the media task sends messages for clients (the signaling hub).
+pub trait ClientSink: Send + Sync + 'static {
+    fn send_to(&self, user_id: &str, message: Value);
+}
+
+type PeerKey = u64;
+
+/// A track a client publishes to the server.
+struct Published {
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: u32,
+    receiver_id: rtc::rtp_transceiver::RTCRtpReceiverId,
+    /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
+    stream_id: String,
+}
+
+/// One subscriber's copy of a published track.
+struct Route {
+    to: PeerKey,
+    sender_id: RTCRtpSenderId,
+    ssrc: u32,
+    payload_type: u8,
+}
+
+struct Peer {
+    user_id: String,
+    room_id: String,
+    pc: RTCPeerConnection,
+    ufrag: String,
+    /// Client stream id -> 'cam' | 'screen' (from the `meta` of its offers).
+    stream_types: HashMap<String, String>,
+    /// Track id (in this connection) -> what it publishes.
+    published: HashMap<String, Published>,
+    /// (publisher key, publisher track id) -> our sender for it.
+    senders: HashMap<(PeerKey, String), (RTCRtpSenderId, String)>,
+    /// Stream id -> (publisher userId, type), for the client to map streams to members.
+    stream_meta: BTreeMap<String, Value>,
+    negotiation_needed: bool,
+    /// Keyframe requests to send to this publisher at these times (a new subscriber joined).
+    pli_at: Vec<Instant>,
+}
+
+pub struct MediaCore {
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    advertised: Vec<SocketAddr>,
+    metrics: Arc<Metrics>,
+    sink: Arc<dyn ClientSink>,
+    next_key: PeerKey,
+    peers: HashMap<PeerKey, Peer>,
+    by_user: HashMap<String, PeerKey>,
+    by_ufrag: HashMap<String, PeerKey>,
+    by_addr: HashMap<SocketAddr, PeerKey>,
+    /// (publisher, track id) -> subscribers.
+    routes: HashMap<(PeerKey, String), Vec<Route>>,
+    dirty: HashSet<PeerKey>,
+}
+
+const MAX_DATAGRAM: usize = 2048;
+
+fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut r = rand::rng();
+    (0..len)
+        .map(|_| A[r.random_range(0..A.len())] as char)
+        .collect()
+}
+
+impl MediaCore {
+    pub fn new(
+        socket: Arc<UdpSocket>,
+        advertised: Vec<SocketAddr>,
+        metrics: Arc<Metrics>,
+        sink: Arc<dyn ClientSink>,
+    ) -> std::io::Result<MediaCore> {
+        let local_addr = socket.local_addr()?;
+        Ok(MediaCore {
+            socket,
+            local_addr,
+            advertised,
+            metrics,
+            sink,
+            next_key: 1,
+            peers: HashMap::new(),
+            by_user: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            routes: HashMap::new(),
+            dirty: HashSet::new(),
+        })
+    }
+
+    /// Run until `shutdown`: datagrams, commands and timers in; transmits and events out.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        info!(addr = %self.local_addr, "media port (UDP) listening: STUN and relay");
+        let socket = self.socket.clone();
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            self.flush().await;
+            let deadline = self.next_deadline();
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                c = commands.recv() => match c {
+                    Some(c) => self.handle_command(c, Instant::now()),
+                    None => break,
+                },
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.handle_datagram(&buf[..n], from, Instant::now()).await,
+                    Err(e) => debug!(error = %e, "media port receive error"),
+                },
+                _ = sleep => self.handle_timeouts(Instant::now()),
+            }
+        }
+        for p in self.peers.values_mut() {
+            let _ = p.pc.close();
+        }
+    }
+
+    fn next_deadline(&mut self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(1);
+        let mut d = far;
+        for p in self.peers.values_mut() {
+            if let Some(t) = p.pc.poll_timeout() {
+                d = d.min(t);
+            }
+            if let Some(t) = p.pli_at.iter().min() {
+                d = d.min(*t);
+            }
+        }
+        d
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            let Some(p) = self.peers.get_mut(&k) else {
+                continue;
+            };
+            if p.pc.poll_timeout().is_some_and(|t| t <= now) {
+                let _ = p.pc.handle_timeout(now);
+                self.dirty.insert(k);
+            }
+            if p.pli_at.iter().any(|t| *t <= now) {
+                p.pli_at.retain(|t| *t > now);
+                request_keyframes(p, now);
+                self.metrics.keyframe_requests.inc();
+                self.dirty.insert(k);
+            }
+        }
+    }
+
+    async fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
+        let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
+        let key = match net::classify(buf) {
+            Kind::Stun => match stun::handle(buf, from) {
+                stun::StunAction::Reply(bytes) => {
+                    self.metrics.stun_bindings.inc();
+                    let _ = self.socket.send_to(&bytes, from).await;
+                    return;
+                }
+                stun::StunAction::Peer(ufrag) => match self.by_ufrag.get(&ufrag) {
+                    Some(k) => {
+                        self.by_addr.insert(from, *k);
+                        *k
+                    }
+                    None => return drop(&self.metrics, "unknown_peer"),
+                },
+                stun::StunAction::Drop(reason) => return drop(&self.metrics, reason),
+            },
+            Kind::Dtls | Kind::RtpRtcp => match self.by_addr.get(&from) {
+                Some(k) => *k,
+                None => return drop(&self.metrics, "unknown_peer"),
+            },
+            Kind::Unknown => return drop(&self.metrics, "malformed"),
+        };
+        let Some(p) = self.peers.get_mut(&key) else {
+            return drop(&self.metrics, "unknown_peer");
+        };
+        let msg = TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr: self.local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(buf),
+        };
+        if let Err(e) = p.pc.handle_read(msg) {
+            debug!(user = %p.user_id, error = %e, "datagram refused by the connection");
+            drop(&self.metrics, "undecryptable");
+        }
+        self.dirty.insert(key);
+    }
+
+    /// Drain every connection that may have output: transmits, events, received media.
+    async fn flush(&mut self) {
+        while !self.dirty.is_empty() {
+            let keys: Vec<PeerKey> = self.dirty.drain().collect();
+            for k in keys {
+                self.drain_peer(k).await;
+            }
+        }
+    }
+
+    async fn drain_peer(&mut self, key: PeerKey) {
+        let now = Instant::now();
+        // Events first: they may add tracks and routes.
+        loop {
+            let Some(p) = self.peers.get_mut(&key) else {
+                return;
+            };
+            let Some(ev) = p.pc.poll_event() else { break };
+            self.handle_event(key, ev, now);
+        }
+        // Media in: route to subscribers.
+        loop {
+            let Some(p) = self.peers.get_mut(&key) else {
+                return;
+            };
+            let Some(TaggedRTCMessage { message, .. }) = p.pc.poll_read() else {
+                break;
+            };
+            if let RTCMessage::RtpPacket(track_id, packet) = message {
+                self.forward(key, &track_id, packet, now);
+            }
+        }
+        // Transmits out.
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        while let Some(t) = p.pc.poll_write() {
+            if let Err(e) = self.socket.send_to(&t.message, t.transport.peer_addr).await {
+                debug!(error = %e, "media send failed");
+            }
+        }
+        if p.negotiation_needed
+            && p.pc.pending_local_description().is_none()
+            && p.pc.pending_remote_description().is_none()
+        {
+            self.negotiate(key);
+        }
+    }
+
+    fn forward(&mut self, from: PeerKey, track_id: &str, packet: rtc::rtp::Packet, now: Instant) {
+        let kind = self
+            .peers
+            .get(&from)
+            .and_then(|p| p.published.get(track_id))
+            .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
+        self.metrics.rtp_in[kind].inc();
+        let Some(routes) = self.routes.get(&(from, track_id.to_string())) else {
+            return;
+        };
+        for r in routes {
+            let Some(sub) = self.peers.get_mut(&r.to) else {
+                continue;
+            };
+            let mut out = packet.clone();
+            out.header.ssrc = r.ssrc;
+            out.header.payload_type = r.payload_type;
+            out.header.extension = false;
+            out.header.extensions.clear();
+            out.header.extension_profile = 0;
+            match sub.pc.rtp_sender(r.sender_id) {
+                Some(mut s) => match s.write_rtp(now, out) {
+                    Ok(()) => self.metrics.rtp_out[kind].inc(),
+                    Err(e) => {
+                        debug!(error = %e, "write_rtp refused");
+                        self.metrics
+                            .media_dropped
+                            .with_label_values(&["sender_refused"])
+                            .inc();
+                    }
+                },
+                None => self
+                    .metrics
+                    .media_dropped
+                    .with_label_values(&["no_sender"])
+                    .inc(),
+            }
+            self.dirty.insert(r.to);
+        }
+    }
+
+    fn handle_event(&mut self, key: PeerKey, ev: RTCPeerConnectionEvent, _now: Instant) {
+        match ev {
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                let Some(p) = self.peers.get_mut(&key) else {
+                    return;
+                };
+                let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
+                    return;
+                };
+                let track = receiver.track();
+                let kind = track.kind();
+                let Some(codec) = track.codec(init.ssrc).cloned() else {
+                    warn!(user = %p.user_id, "published track without a codec");
+                    return;
+                };
+                let client_stream = init.stream_ids.first().cloned().unwrap_or_default();
+                let ty = p
+                    .stream_types
+                    .get(&client_stream)
+                    .cloned()
+                    .unwrap_or_else(|| "cam".into());
+                let stream_id = format!("{}~{}", p.user_id, ty);
+                info!(user = %p.user_id, track = %init.track_id, mime = %codec.mime_type, %stream_id, "track published to the relay");
+                p.published.insert(
+                    init.track_id.clone(),
+                    Published {
+                        kind,
+                        codec,
+                        ssrc: init.ssrc,
+                        receiver_id: init.receiver_id,
+                        stream_id,
+                    },
+                );
+                let room = p.room_id.clone();
+                let subs: Vec<PeerKey> = self
+                    .peers
+                    .iter()
+                    .filter(|(k, q)| **k != key && q.room_id == room)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for s in subs {
+                    self.subscribe(s, key, &init.track_id);
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
+                self.unpublish(key, &track_id);
+            }
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                if let Some(p) = self.peers.get(&key) {
+                    info!(user = %p.user_id, %state, "relay connection state");
+                }
+                if state == RTCPeerConnectionState::Failed {
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["connection_failed"])
+                        .inc();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Give subscriber `sub` a copy of `publisher`'s track.
+    fn subscribe(&mut self, sub: PeerKey, publisher: PeerKey, track_id: &str) {
+        let Some(pubp) = self.peers.get(&publisher) else {
+            return;
+        };
+        let Some(t) = pubp.published.get(track_id) else {
+            return;
+        };
+        let (kind, codec, stream_id) = (t.kind, t.codec.clone(), t.stream_id.clone());
+        let publisher_user = pubp.user_id.clone();
+        let ty = stream_id.rsplit('~').next().unwrap_or("cam").to_string();
+        let Some(s) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        if s.senders.contains_key(&(publisher, track_id.to_string())) {
+            return;
+        }
+        let ssrc: u32 = rand::random();
+        let out_track = MediaStreamTrack::new(
+            stream_id.clone(),
+            format!("{stream_id}~{}", random_token(6)),
+            format!("{publisher_user} {ty}"),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let sender_id = match s.pc.add_track(out_track) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
+                return;
+            }
+        };
+        let payload_type =
+            s.pc.rtp_sender(sender_id)
+                .and_then(|mut snd| {
+                    snd.get_parameters()
+                        .rtp_parameters
+                        .codecs
+                        .iter()
+                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type))
+                        .map(|c| c.payload_type)
+                })
+                .unwrap_or(0);
+        s.senders.insert(
+            (publisher, track_id.to_string()),
+            (sender_id, stream_id.clone()),
+        );
+        s.stream_meta
+            .insert(stream_id, json!({ "userId": publisher_user, "type": ty }));
+        s.negotiation_needed = true;
+        self.dirty.insert(sub);
+        self.routes
+            .entry((publisher, track_id.to_string()))
+            .or_default()
+            .push(Route {
+                to: sub,
+                sender_id,
+                ssrc,
+                payload_type,
+            });
+        // A new subscriber needs a keyframe: ask now and again shortly (its DTLS may still be
+        // coming up).
+        if let Some(p) = self.peers.get_mut(&publisher) {
+            let now = Instant::now();
+            p.pli_at.extend([
+                now,
+                now + Duration::from_millis(500),
+                now + Duration::from_millis(1500),
+            ]);
+        }
+    }
+
+    fn unpublish(&mut self, publisher: PeerKey, track_id: &str) {
+        if let Some(p) = self.peers.get_mut(&publisher) {
+            p.published.remove(track_id);
+        }
+        let Some(routes) = self.routes.remove(&(publisher, track_id.to_string())) else {
+            return;
+        };
+        for r in routes {
+            if let Some(s) = self.peers.get_mut(&r.to) {
+                if let Some((_, stream_id)) = s.senders.remove(&(publisher, track_id.to_string())) {
+                    if !s.senders.values().any(|(_, sid)| *sid == stream_id) {
+                        s.stream_meta.remove(&stream_id);
+                    }
+                }
+                let _ = s.pc.remove_track(r.sender_id);
+                s.negotiation_needed = true;
+                self.dirty.insert(r.to);
+            }
+        }
+    }
+
+    fn negotiate(&mut self, key: PeerKey) {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        p.negotiation_needed = false;
+        let offer = match p.pc.create_offer(None) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(user = %p.user_id, error = %e, "cannot create an offer");
+                return;
+            }
+        };
+        if let Err(e) = p.pc.set_local_description(Instant::now(), offer) {
+            warn!(user = %p.user_id, error = %e, "cannot set our offer");
+            return;
+        }
+        let sdp = p.pc.local_description().map(|d| d.sdp).unwrap_or_default();
+        let meta = json!({ "streams": p.stream_meta });
+        self.sink.send_to(
+            &p.user_id,
+            json!({ "type": "offer", "from": SERVER_ID, "sdp": sdp, "meta": meta }),
+        );
+        self.dirty.insert(key);
+    }
+
+    pub fn handle_command(&mut self, c: Command, now: Instant) {
+        match c {
+            Command::Offer {
+                user_id,
+                room_id,
+                sdp,
+                meta,
+            } => self.handle_offer(user_id, room_id, sdp, meta, now),
+            Command::Answer { user_id, sdp } => {
+                let Some(&k) = self.by_user.get(&user_id) else {
+                    return;
+                };
+                let p = self.peers.get_mut(&k).expect("indexed peer exists");
+                let res = RTCSessionDescription::answer(sdp)
+                    .and_then(|d| p.pc.set_remote_description(now, d));
+                if let Err(e) = res {
+                    warn!(user = %user_id, error = %e, "client answer refused");
+                }
+                self.dirty.insert(k);
+            }
+            Command::Candidate { user_id, candidate } => {
+                let Some(&k) = self.by_user.get(&user_id) else {
+                    return;
+                };
+                let p = self.peers.get_mut(&k).expect("indexed peer exists");
+                if let Ok(c) = serde_json::from_value::<RTCIceCandidateInit>(candidate) {
+                    if !c.candidate.is_empty() {
+                        let _ = p.pc.add_remote_candidate(c);
+                    }
+                }
+                self.dirty.insert(k);
+            }
+            Command::Leave { user_id } => self.remove_peer(&user_id),
+        }
+    }
+
+    fn handle_offer(
+        &mut self,
+        user_id: String,
+        room_id: String,
+        sdp: String,
+        meta: Option<Value>,
+        now: Instant,
+    ) {
+        // A client that moved to another room starts afresh.
+        if let Some(&k) = self.by_user.get(&user_id)
+            && self.peers.get(&k).is_some_and(|p| p.room_id != room_id)
+        {
+            self.remove_peer(&user_id);
+        }
+        let key = match self.by_user.get(&user_id) {
+            Some(&k) => k,
+            None => match self.new_peer(&user_id, &room_id, now) {
+                Ok(k) => k,
+                Err(e) => {
+                    warn!(user = %user_id, error = %e, "cannot create the relay connection");
+                    return;
+                }
+            },
+        };
+        let fresh = self
+            .peers
+            .get(&key)
+            .is_some_and(|p| p.pc.remote_description().is_none());
+        let p = self.peers.get_mut(&key).expect("peer exists");
+        if let Some(streams) = meta
+            .as_ref()
+            .and_then(|m| m.get("streams"))
+            .and_then(|s| s.as_object())
+        {
+            for (sid, ty) in streams {
+                if let Some(ty) = ty.as_str() {
+                    p.stream_types.insert(sid.clone(), ty.to_string());
+                }
+            }
+        }
+        if p.pc.pending_local_description().is_some() {
+            // Our offer crossed theirs: we are impolite, they roll back and answer ours.
+            debug!(user = %user_id, "ignoring a client offer that crossed ours");
+            return;
+        }
+        let answer = RTCSessionDescription::offer(sdp)
+            .and_then(|d| p.pc.set_remote_description(now, d))
+            .and_then(|_| p.pc.create_answer(None))
+            .and_then(|a| p.pc.set_local_description(now, a));
+        if let Err(e) = answer {
+            warn!(user = %user_id, error = %e, "client offer refused");
+            self.sink.send_to(
+                &user_id,
+                json!({ "type": "bye", "from": SERVER_ID, "reason": format!("offer refused: {e}") }),
+            );
+            return;
+        }
+        let sdp = p.pc.local_description().map(|d| d.sdp).unwrap_or_default();
+        let meta = json!({ "streams": p.stream_meta });
+        self.sink.send_to(
+            &user_id,
+            json!({ "type": "answer", "from": SERVER_ID, "sdp": sdp, "meta": meta }),
+        );
+        self.dirty.insert(key);
+        if fresh {
+            // A new member of the relay receives everything already published in its room.
+            let existing: Vec<(PeerKey, String)> = self
+                .peers
+                .iter()
+                .filter(|(k, q)| **k != key && q.room_id == room_id)
+                .flat_map(|(k, q)| q.published.keys().map(move |t| (*k, t.clone())))
+                .collect();
+            for (publisher, track) in existing {
+                self.subscribe(key, publisher, &track);
+            }
+        }
+    }
+
+    fn new_peer(
+        &mut self,
+        user_id: &str,
+        room_id: &str,
+        now: Instant,
+    ) -> rtc::shared::error::Result<PeerKey> {
+        let ufrag = loop {
+            let u = random_token(8);
+            if !self.by_ufrag.contains_key(&u) {
+                break u;
+            }
+        };
+        let setting_engine = SettingEngineBuilder::new()
+            .with_lite(true)
+            .with_answering_dtls_role(RTCDtlsRole::Server)
+            .with_ice_credentials(ufrag.clone(), random_token(24))
+            .build();
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_default_codecs()?;
+        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(setting_engine)
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(now)?;
+        for addr in &self.advertised {
+            let cand = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: addr.ip().to_string(),
+                    port: addr.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()?;
+            pc.add_local_candidate(RTCIceCandidate::from(&cand).to_json()?)?;
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        self.peers.insert(
+            key,
+            Peer {
+                user_id: user_id.to_string(),
+                room_id: room_id.to_string(),
+                pc,
+                ufrag: ufrag.clone(),
+                stream_types: HashMap::new(),
+                published: HashMap::new(),
+                senders: HashMap::new(),
+                stream_meta: BTreeMap::new(),
+                negotiation_needed: false,
+                pli_at: Vec::new(),
+            },
+        );
+        self.by_user.insert(user_id.to_string(), key);
+        self.by_ufrag.insert(ufrag, key);
+        self.metrics.relay_connections.inc();
+        info!(user = %user_id, room = %room_id, "relay connection created");
+        Ok(key)
+    }
+
+    fn remove_peer(&mut self, user_id: &str) {
+        let Some(key) = self.by_user.remove(user_id) else {
+            return;
+        };
+        let tracks: Vec<String> = self
+            .peers
+            .get(&key)
+            .map(|p| p.published.keys().cloned().collect())
+            .unwrap_or_default();
+        for t in tracks {
+            self.unpublish(key, &t);
+        }
+        // Its copies of others' tracks.
+        for routes in self.routes.values_mut() {
+            routes.retain(|r| r.to != key);
+        }
+        if let Some(mut p) = self.peers.remove(&key) {
+            let _ = p.pc.close();
+            self.by_ufrag.remove(&p.ufrag);
+            self.metrics.relay_connections.dec();
+            info!(user = %user_id, "relay connection closed");
+        }
+        self.by_addr.retain(|_, k| *k != key);
+        self.dirty.remove(&key);
+    }
+}
+
+fn request_keyframes(p: &mut Peer, now: Instant) {
+    let targets: Vec<_> = p
+        .published
+        .values()
+        .filter(|t| t.kind == RtpCodecKind::Video)
+        .map(|t| (t.receiver_id, t.ssrc))
+        .collect();
+    for (rid, ssrc) in targets {
+        if let Some(mut r) = p.pc.rtp_receiver(rid) {
+            let _ = r.write_rtcp(
+                now,
+                vec![Box::new(PictureLossIndication {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                })],
+            );
+        }
+    }
+}
