@@ -15,6 +15,10 @@ pub struct Metrics {
     pub stun_bindings: IntCounter,
     pub media_dropped: IntCounterVec,
     pub keyframe_requests: IntCounter,
+    /// `ferry_pairs{mode}`: pairs of room members by how their media travels.
+    pub pairs_p2p: IntGauge,
+    pub pairs_relay: IntGauge,
+    pub fallbacks: IntCounterVec,
     pub relay_connections: IntGauge,
     /// `ferry_media_packets_total{direction,kind}`, labels resolved once: [in, out] x [audio, video].
     pub rtp_in: [IntCounter; 2],
@@ -64,6 +68,24 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let pairs = IntGaugeVec::new(
+            Opts::new(
+                "ferry_pairs",
+                "Pairs of room members by how their media travels (p2p or relay), as clients report.",
+            ),
+            &["mode"],
+        )
+        .expect("valid metric");
+        let pairs_p2p = pairs.with_label_values(&["p2p"]);
+        let pairs_relay = pairs.with_label_values(&["relay"]);
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "ferry_fallbacks_total",
+                "Clients that moved their media to the relay, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let keyframe_requests = IntCounter::new(
             "ferry_keyframe_requests_total",
             "Keyframe requests (PLI) sent to publishers.",
@@ -107,6 +129,8 @@ impl Metrics {
             Box::new(stun_bindings.clone()),
             Box::new(media_dropped.clone()),
             Box::new(keyframe_requests.clone()),
+            Box::new(pairs),
+            Box::new(fallbacks.clone()),
             Box::new(relay_connections.clone()),
             Box::new(media_packets),
             Box::new(build_info),
@@ -129,6 +153,9 @@ impl Metrics {
             stun_bindings,
             media_dropped,
             keyframe_requests,
+            pairs_p2p,
+            pairs_relay,
+            fallbacks,
             relay_connections,
             rtp_in,
             rtp_out,

@@ -570,3 +570,141 @@ async fn turn_credentials_from_the_welcome_work_with_coturn() {
     assert_eq!(va["local"], "relay");
     assert_eq!(vb["local"], "relay");
 }
+
+/// Start a member on a page through the SDK directly: camera on, optional room creation with
+/// `create_opts`, join, publish. Returns `{ roomId, userId }`.
+fn sdk_member(room: Option<&str>, create_opts: &str) -> String {
+    let room = room.map_or("null".to_string(), |r| format!("{r:?}"));
+    format!(
+        "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true, audio: true }}); \
+         const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; \
+         window.events = []; f.addEventListener('presence', (e) => window.events.push({{ type: e.detail.type, userId: e.detail.userId, mode: e.detail.mode, reason: e.detail.reason, at: performance.now() }})); \
+         const w = await f.init(); \
+         const roomId = {room} || (await f.createRoom({create_opts})).roomId; await f.joinRoom(roomId); \
+         await f.publish(s, 'cam'); return {{ roomId, userId: w.userId }}; }})()"
+    )
+}
+
+/// What a page decodes from `remote`, with the connection's mode; null until frames arrive.
+fn decoded_via(remote: &str, mode: &str, min_frames: u32) -> String {
+    format!(
+        "(async () => {{ const f = window.demo.ferry; if (f.getMode({remote:?}) !== {mode:?}) return null; \
+         const s = f.getStream({remote:?}); if (!s || !s.getVideoTracks().length) return null; \
+         const r = await f.getStats({remote:?}); if (!r) return null; let frames = 0; \
+         const id = s.getVideoTracks()[0].id; \
+         r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video' && (!x.trackIdentifier || x.trackIdentifier === id)) frames += x.framesDecoded || 0; }}); \
+         return frames > {min_frames} ? {{ frames, mode: f.getMode({remote:?}), info: f.getLinkInfo({remote:?}) }} : null; }})()"
+    )
+}
+
+/// Wait for `expr`; if it never holds, fail with the connection's state and the page's console.
+async fn wait_or_explain(br: &mut Browser, page: &Page, expr: &str, remote: &str) -> Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let v = br.eval(page, expr).await;
+        if !(v.is_null() || v == Value::Bool(false)) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let info = br
+                .eval(
+                    page,
+                    &format!("JSON.stringify(window.demo.ferry.getLinkInfo({remote:?}))"),
+                )
+                .await;
+            let events = br.eval(page, "JSON.stringify(window.events)").await;
+            let pairs = br
+                .eval(
+                    page,
+                    &format!("(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); const out = []; \
+                      r.forEach((x) => {{ if (x.type === 'candidate-pair' || x.type === 'local-candidate' || x.type === 'remote-candidate' || x.type === 'transport') out.push(x); }}); \
+                      return JSON.stringify(out); }})()"),
+                )
+                .await;
+            eprintln!("stats: {pairs}");
+            panic!(
+                "[{}] waited {LIMIT:?} for media from {remote}\nlink: {info}\nevents: {events}\nconsole: {:#?}",
+                page.name, br.console
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A room created with `mode: 'relay'`: two browsers decode each other's video through Ferry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_room_carries_media_through_ferry() {
+    match in_loopback_netns("relay_room_carries_media_through_ferry") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("FERRY_LOG").unwrap_or_else(|_| "ferry=info".into()))
+        .with_test_writer()
+        .try_init();
+    let s = spawn(test_config()).await;
+    let _pcap = std::env::var("FERRY_PCAP").ok().map(|f| {
+        std::process::Command::new("tcpdump")
+            .args(["-i", "lo", "-U", "-w", &f, "udp"])
+            .spawn()
+            .unwrap()
+    });
+    let base = format!("http://{}/", s.addr);
+    let origin = format!("http://{}", s.addr);
+    let mut ba = Browser::launch().await;
+    let mut bb = Browser::launch().await;
+    ba.grant_media(&origin).await;
+    bb.grant_media(&origin).await;
+    let a = ba.open("alice", &base).await;
+    let b = bb.open("bob", &base).await;
+    enter_lobby(&mut ba, &a).await;
+    enter_lobby(&mut bb, &b).await;
+    let ra = ba.eval(&a, &sdk_member(None, "{ mode: 'relay' }")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
+    let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
+    eprintln!(
+        "relayed video decoded on both sides {} ms after bob joined: alice {va} bob {vb}",
+        started.elapsed().as_millis()
+    );
+    // It keeps flowing.
+    ba.wait_for(
+        &a,
+        &decoded_via(&b_id, "relay", va["frames"].as_u64().unwrap() as u32 + 20),
+        LIMIT,
+    )
+    .await;
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let out_video = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"out\",kind=\"video\"}",
+    )
+    .unwrap_or(0.0);
+    let in_video = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"in\",kind=\"video\"}",
+    )
+    .unwrap_or(0.0);
+    eprintln!("server: {in_video} video packets in, {out_video} out");
+    assert!(in_video > 50.0 && out_video > 50.0, "{m}");
+    assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "ferry_fallbacks_total{reason=\"room_mode\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    // The presence events told the app about the mode.
+    let events = ba
+        .eval(&a, "window.events.filter((e) => e.type === 'mode')")
+        .await;
+    assert_eq!(events[0]["mode"], "relay", "{events}");
+    assert_eq!(events[0]["reason"], "room_mode", "{events}");
+}

@@ -178,6 +178,8 @@ impl MediaCore {
         let socket = self.socket.clone();
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
+            // Timers are due whatever woke us: a busy socket must not starve them.
+            self.handle_timeouts(Instant::now());
             self.flush().await;
             let deadline = self.next_deadline();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
@@ -192,7 +194,7 @@ impl MediaCore {
                     Ok((n, from)) => self.handle_datagram(&buf[..n], from, Instant::now()).await,
                     Err(e) => debug!(error = %e, "media port receive error"),
                 },
-                _ = sleep => self.handle_timeouts(Instant::now()),
+                _ = sleep => {}
             }
         }
         for p in self.peers.values_mut() {
@@ -248,6 +250,10 @@ impl MediaCore {
                         *k
                     }
                     None => return drop(&self.metrics, "unknown_peer"),
+                },
+                stun::StunAction::ByAddress => match self.by_addr.get(&from) {
+                    Some(k) => *k,
+                    None => return drop(&self.metrics, "unexpected_stun"),
                 },
                 stun::StunAction::Drop(reason) => return drop(&self.metrics, reason),
             },
@@ -517,10 +523,10 @@ impl MediaCore {
         };
         for r in routes {
             if let Some(s) = self.peers.get_mut(&r.to) {
-                if let Some((_, stream_id)) = s.senders.remove(&(publisher, track_id.to_string())) {
-                    if !s.senders.values().any(|(_, sid)| *sid == stream_id) {
-                        s.stream_meta.remove(&stream_id);
-                    }
+                if let Some((_, stream_id)) = s.senders.remove(&(publisher, track_id.to_string()))
+                    && !s.senders.values().any(|(_, sid)| *sid == stream_id)
+                {
+                    s.stream_meta.remove(&stream_id);
                 }
                 let _ = s.pc.remove_track(r.sender_id);
                 s.negotiation_needed = true;
@@ -579,10 +585,10 @@ impl MediaCore {
                     return;
                 };
                 let p = self.peers.get_mut(&k).expect("indexed peer exists");
-                if let Ok(c) = serde_json::from_value::<RTCIceCandidateInit>(candidate) {
-                    if !c.candidate.is_empty() {
-                        let _ = p.pc.add_remote_candidate(c);
-                    }
+                if let Ok(c) = serde_json::from_value::<RTCIceCandidateInit>(candidate)
+                    && !c.candidate.is_empty()
+                {
+                    let _ = p.pc.add_remote_candidate(c);
                 }
                 self.dirty.insert(k);
             }
@@ -648,6 +654,7 @@ impl MediaCore {
             return;
         }
         let sdp = p.pc.local_description().map(|d| d.sdp).unwrap_or_default();
+        debug!(user = %user_id, %sdp, "relay answer");
         let meta = json!({ "streams": p.stream_meta });
         self.sink.send_to(
             &user_id,
@@ -680,10 +687,11 @@ impl MediaCore {
                 break u;
             }
         };
+        let pwd = random_token(24);
         let setting_engine = SettingEngineBuilder::new()
             .with_lite(true)
             .with_answering_dtls_role(RTCDtlsRole::Server)
-            .with_ice_credentials(ufrag.clone(), random_token(24))
+            .with_ice_credentials(ufrag.clone(), pwd)
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;

@@ -21,6 +21,8 @@ pub enum StunAction {
     Reply(Vec<u8>),
     /// An ICE check for the peer whose local ufrag is this (the part of USERNAME before ':').
     Peer(String),
+    /// A response or indication: it belongs to whichever peer talks with this address.
+    ByAddress,
     /// Drop it, for this reason (a metric label).
     Drop(&'static str),
 }
@@ -31,8 +33,12 @@ pub fn handle(buf: &[u8], from: SocketAddr) -> StunAction {
     if msg.unmarshal_binary(buf).is_err() {
         return StunAction::Drop("malformed");
     }
-    if msg.typ.method != METHOD_BINDING || msg.typ.class != CLASS_REQUEST {
+    if msg.typ.method != METHOD_BINDING {
         return StunAction::Drop("unexpected_stun");
+    }
+    if msg.typ.class != CLASS_REQUEST {
+        // Answers to our own connectivity checks (ICE-lite still sends triggered checks).
+        return StunAction::ByAddress;
     }
     if let Ok(user) = msg.get(ATTR_USERNAME) {
         let Ok(user) = String::from_utf8(user) else {
@@ -135,6 +141,6 @@ mod tests {
         let mut m = Message::new();
         m.build(&[Box::new(BINDING_SUCCESS) as Box<dyn Setter>])
             .unwrap();
-        assert_eq!(handle(&m.raw, from), StunAction::Drop("unexpected_stun"));
+        assert_eq!(handle(&m.raw, from), StunAction::ByAddress);
     }
 }

@@ -9,6 +9,10 @@ const STREAM_TYPES = ['cam', 'screen'];
 const DISCONNECTED_GRACE_MS = 2500;
 // On a new connection the polite side lets the impolite one offer first, for at most this long.
 const FIRST_OFFER_WAIT_MS = 1500;
+// The id that names the Ferry server (the relay) in signaling.
+const SERVER = 'server';
+// After the room no longer needs the relay, wait this long before going back to P2P (no flapping).
+const BACK_TO_P2P_MS = 3000;
 
 export class FerryError extends Error {
   constructor(code, message) {
@@ -30,13 +34,16 @@ function wsUrl(url) {
   return u.toString();
 }
 
-// One direct RTCPeerConnection to one remote member, negotiated with "perfect negotiation":
-// the polite side yields on offer collisions, so simultaneous offers never deadlock.
+// One RTCPeerConnection: to one remote member (P2P), or to the Ferry server (the relay, remoteId
+// 'server'), negotiated with "perfect negotiation": the polite side yields on offer collisions,
+// so simultaneous offers never deadlock. Against the server the browser is always polite.
 class Link {
   constructor(ferry, remoteId) {
     this.ferry = ferry;
     this.remoteId = remoteId;
-    this.polite = ferry._userId > remoteId;
+    this.isRelay = remoteId === SERVER;
+    this.polite = this.isRelay || ferry._userId > remoteId;
+    this.everConnected = false;
     this.makingOffer = false;
     this.ignoreOffer = false;
     this.settingRemoteAnswer = false;
@@ -56,12 +63,18 @@ class Link {
     // gathers candidates on a connection whose very first offer was rolled back. So on a new
     // connection the polite side holds its offer until the impolite side's first offer arrives
     // (its tracks then ride in the answer) or FIRST_OFFER_WAIT_MS passes.
-    this.holdOffers = this.polite;
+    this.holdOffers = this.polite && !this.isRelay;
     this.heldOffer = false;
-    this.holdTimer = this.polite ? setTimeout(() => this._releaseOffers(), FIRST_OFFER_WAIT_MS) : null;
+    this.holdTimer = this.holdOffers ? setTimeout(() => this._releaseOffers(), FIRST_OFFER_WAIT_MS) : null;
     this.restartsWithoutConnecting = 0;
 
-    const config = Object.assign({}, ferry._rtcConfig, { iceServers: ferry._iceServers() });
+    // Towards the relay, STUN servers are left out: Chromium treats every packet from a STUN
+    // server's address as a STUN-server reply, and Ferry's STUN shares the relay's address and
+    // port, so its ICE answers would be swallowed. The relay is reached directly (or via TURN).
+    const iceServers = this.isRelay
+      ? ferry._iceServers().filter((s) => [].concat(s.urls).some((u) => /^turns?:/.test(u)))
+      : ferry._iceServers();
+    const config = Object.assign({}, ferry._rtcConfig, { iceServers });
     const pc = (this.pc = new RTCPeerConnection(config));
     pc.onnegotiationneeded = () => this._negotiate();
     pc.onicecandidate = ({ candidate }) => {
@@ -70,6 +83,9 @@ class Link {
     };
     pc.ontrack = (ev) => this._onTrack(ev);
     pc.oniceconnectionstatechange = () => this._onIceState();
+    // The server's connection opens with a data channel, so that even a member who publishes
+    // nothing negotiates at once and can receive what the server offers later.
+    if (this.isRelay) pc.createDataChannel('ferry');
   }
 
   // Serialize everything that touches signaling state.
@@ -169,6 +185,10 @@ class Link {
 
   _onTrack({ track, streams }) {
     const stream = streams[0] || new MediaStream([track]);
+    if (this.isRelay) {
+      this.ferry._onRelayStream(stream);
+      return;
+    }
     const type = this.remoteMeta[stream.id] || (this.remoteStreams.has('cam') && this.remoteStreams.get('cam') !== stream ? 'screen' : 'cam');
     if (this.remoteStreams.get(type) === stream) return;
     this.remoteStreams.set(type, stream);
@@ -190,6 +210,16 @@ class Link {
       this.watchdog = null;
       const state = this.pc.iceConnectionState;
       if (this.closed || state === 'connected' || state === 'completed') return;
+      if (!this.isRelay && !this.everConnected) {
+        // The direct path never came up within p2pTimeoutMs: the pair goes through the relay.
+        this.ferry._p2pFailure(this.remoteId, 'p2p_timeout');
+        return;
+      }
+      if (this.isRelay) {
+        // Start over with a new connection to the relay.
+        this.ferry._resetRelay();
+        return;
+      }
       this.restartsWithoutConnecting++;
       if (this.restartsWithoutConnecting >= 2 && !this.polite) {
         // An ICE restart did not help either: start over with a new RTCPeerConnection on both sides.
@@ -208,8 +238,15 @@ class Link {
       clearTimeout(this.watchdog);
       this.watchdog = null;
       this.restartsWithoutConnecting = 0;
+      this.everConnected = true;
     }
-    if (state === 'failed') {
+    if (state === 'failed' && !this.isRelay && !this.everConnected) {
+      this.ferry._p2pFailure(this.remoteId, 'ice_failed');
+      return;
+    }
+    if (state === 'failed' && this.isRelay) {
+      this.ferry._resetRelay();
+    } else if (state === 'failed') {
       this._restartIce();
     } else if (state === 'disconnected') {
       this.disconnectTimer = setTimeout(() => {
@@ -281,6 +318,13 @@ export class Ferry extends EventTarget {
     this._links = new Map(); // userId -> Link
     this._published = new Map(); // 'cam' | 'screen' -> MediaStream, sent to every member
     this._pingTimer = null;
+    this._mode = 'p2p'; // how media travels in the current room: 'p2p' (mesh) or 'relay'
+    this._modeReason = null;
+    this._roomMode = 'auto';
+    this._p2pFailed = null; // why direct connections failed in this room, if they did
+    this._relay = null; // Link to the server while in relay mode
+    this._relayStreams = new Map(); // userId -> Map('cam' | 'screen' -> MediaStream)
+    this._backTimer = null;
   }
 
   // Connect and say hello. Resolves { userId, identity, iceServers, p2pMaxPeers, p2pTimeoutMs, grants }.
@@ -331,10 +375,10 @@ export class Ferry extends EventTarget {
     if (typeof roomId !== 'string' || !roomId) throw new FerryError('bad_request', 'joinRoom needs a room id');
     const res = await this._request('joinRoom', { roomId });
     this._roomId = res.roomId;
-    for (const m of res.members) {
-      this._members.set(m.userId, m.identity);
-      this._link(m.userId);
-    }
+    this._roomMode = res.mode;
+    this._p2pFailed = null;
+    for (const m of res.members) this._members.set(m.userId, m.identity);
+    this._evaluateMode();
     return { roomId: res.roomId, members: res.members.map((m) => m.userId), maxPeers: res.maxPeers, mode: res.mode };
   }
 
@@ -343,17 +387,22 @@ export class Ferry extends EventTarget {
     this._checkPublish(stream, type);
     this._published.set(type, stream);
     for (const link of this._links.values()) link.addStream(type, stream);
+    if (this._relay) this._relay.addStream(type, stream);
   }
 
   // Stop sending the stream of that type to everyone.
   async unpublish(type = 'cam') {
     this._published.delete(type);
     for (const link of this._links.values()) link.removeStream(type);
+    if (this._relay) this._relay.removeStream(type);
   }
 
   // Send `stream` to one member only.
   async publishP2P(userId, type, stream) {
     this._checkPublish(stream, type);
+    if (this._mode === 'relay' && this._members.has(userId)) {
+      throw new FerryError('unsupported', 'publishP2P needs a direct connection; this room goes through the relay');
+    }
     const link = this._links.get(userId);
     if (!link) throw new FerryError('target_not_found', `${userId} is not a member of your room`);
     link.addStream(type, stream);
@@ -362,22 +411,24 @@ export class Ferry extends EventTarget {
   // The MediaStream received from that member (type 'cam' by default), or undefined.
   getStream(userId, type = 'cam') {
     const link = this._links.get(userId);
-    if (!link) return undefined;
-    return link.remoteStreams.get(type) || (type === 'cam' ? link.remoteStreams.values().next().value : undefined);
+    const streams = link ? link.remoteStreams : this._relayStreams.get(userId);
+    if (!streams) return undefined;
+    return streams.get(type) || (type === 'cam' ? streams.values().next().value : undefined);
   }
 
-  // 'p2p' | 'relay' | undefined
+  // 'p2p' | 'relay' | undefined: how media with that member travels.
   getMode(userId) {
-    return this._links.has(userId) ? 'p2p' : undefined;
+    if (!this._members.has(userId)) return undefined;
+    return this._mode;
   }
 
   // Debugging aid: the state of the connection to that member, or undefined.
   getLinkInfo(userId) {
-    const link = this._links.get(userId);
+    const link = this._links.get(userId) || (this._members.has(userId) ? this._relay : null);
     if (!link) return undefined;
     const pc = link.pc;
     return Object.assign({
-      mode: 'p2p', polite: link.polite, signalingState: pc.signalingState,
+      mode: link.isRelay ? 'relay' : 'p2p', reason: this._modeReason, polite: link.polite, signalingState: pc.signalingState,
       iceConnectionState: pc.iceConnectionState, iceGatheringState: pc.iceGatheringState,
       connectionState: pc.connectionState,
     }, link.counts);
@@ -385,13 +436,14 @@ export class Ferry extends EventTarget {
 
   // RTCStatsReport of the connection carrying that member's media, or undefined.
   async getStats(userId) {
-    const link = this._links.get(userId);
+    const link = this._links.get(userId) || (this._members.has(userId) ? this._relay : null);
     return link ? link.pc.getStats() : undefined;
   }
 
   async leaveRoom() {
     if (!this._roomId) throw new FerryError('not_in_room', 'not in a room');
     this._closeLinks();
+    this._closeRelay();
     this._roomId = undefined;
     this._members.clear();
     await this._request('leaveRoom', {});
@@ -400,6 +452,7 @@ export class Ferry extends EventTarget {
   close() {
     clearInterval(this._pingTimer);
     this._closeLinks();
+    this._closeRelay();
     this._roomId = undefined;
     if (this._ws) this._ws.close(1000);
   }
@@ -420,6 +473,7 @@ export class Ferry extends EventTarget {
   _link(userId) {
     let link = this._links.get(userId);
     if (!link) {
+      if (this._mode === 'relay') return null;
       link = new Link(this, userId);
       this._links.set(userId, link);
       for (const [type, stream] of this._published) link.addStream(type, stream);
@@ -445,6 +499,107 @@ export class Ferry extends EventTarget {
 
   _closeLinks() {
     for (const userId of [...this._links.keys()]) this._dropLink(userId);
+  }
+
+  // --- P2P or relay ---
+
+  // Why this room's media must go through the relay, or null when P2P is fine.
+  _relayReason() {
+    const w = this._welcome;
+    if (this._roomMode === 'relay') return 'room_mode';
+    if (w.grants.relayOnly) return 'policy';
+    if (w.p2pMaxPeers === 0) return 'policy';
+    if (this._members.size + 1 > w.p2pMaxPeers) return 'room_size';
+    return this._p2pFailed;
+  }
+
+  _evaluateMode() {
+    if (!this._roomId) return;
+    const reason = this._relayReason();
+    if (reason && this._mode !== 'relay') {
+      this._switchToRelay(reason);
+    } else if (!reason && this._mode === 'relay') {
+      if (!this._backTimer) {
+        this._backTimer = setTimeout(() => {
+          this._backTimer = null;
+          if (this._mode === 'relay' && !this._relayReason()) this._switchToP2P('room_shrunk');
+        }, BACK_TO_P2P_MS);
+      }
+    } else if (!reason) {
+      for (const userId of this._members.keys()) this._link(userId);
+    }
+  }
+
+  _switchToRelay(reason) {
+    clearTimeout(this._backTimer);
+    this._backTimer = null;
+    this._mode = 'relay';
+    this._modeReason = reason;
+    this._closeLinks();
+    this._relay = new Link(this, SERVER);
+    for (const [type, stream] of this._published) this._relay.addStream(type, stream);
+    this._send('reportMode', { mode: 'relay', reason });
+    for (const userId of this._members.keys()) this._presence({ type: 'mode', userId, mode: 'relay', reason });
+  }
+
+  _switchToP2P(reason) {
+    this._mode = 'p2p';
+    this._modeReason = reason;
+    this._closeRelay();
+    this._send('reportMode', { mode: 'p2p', reason });
+    for (const userId of this._members.keys()) {
+      this._link(userId);
+      this._presence({ type: 'mode', userId, mode: 'p2p', reason });
+    }
+  }
+
+  _resetRelay() {
+    if (!this._relay) return;
+    this._relay.close();
+    this._send('bye', { to: SERVER, reason: 'reset' });
+    this._relay = new Link(this, SERVER);
+    for (const [type, stream] of this._published) this._relay.addStream(type, stream);
+  }
+
+  _closeRelay() {
+    clearTimeout(this._backTimer);
+    this._backTimer = null;
+    if (this._relay) {
+      this._relay.close();
+      this._relay = null;
+    }
+    for (const [userId, streams] of this._relayStreams) {
+      for (const [type, stream] of streams) this._presence({ type: 'unsubscribed', userId, streamType: type, stream });
+    }
+    this._relayStreams.clear();
+    this._mode = 'p2p';
+  }
+
+  // A direct connection never came up: tell the peer, and take this room through the relay.
+  _p2pFailure(userId, reason) {
+    if (this._mode === 'relay') return;
+    this._p2pFailed = reason;
+    this._send('bye', { to: userId, reason: 'relay:' + reason });
+    this._evaluateMode();
+  }
+
+  // A stream relayed by the server: its id is `<userId>~<cam|screen>`.
+  _onRelayStream(stream) {
+    const cut = stream.id.lastIndexOf('~');
+    if (cut < 0) return;
+    const userId = stream.id.slice(0, cut);
+    const type = stream.id.slice(cut + 1);
+    let streams = this._relayStreams.get(userId);
+    if (!streams) this._relayStreams.set(userId, (streams = new Map()));
+    if (streams.get(type) === stream) return;
+    streams.set(type, stream);
+    stream.addEventListener('removetrack', () => {
+      if (stream.getTracks().length === 0 && streams.get(type) === stream) {
+        streams.delete(type);
+        this._presence({ type: 'unsubscribed', userId, streamType: type, stream });
+      }
+    });
+    this._presence({ type: 'subscribed', userId, streamType: type, stream, mode: 'relay' });
   }
 
   _presence(detail) {
@@ -495,25 +650,56 @@ export class Ferry extends EventTarget {
         if (msg.roomId !== this._roomId) return;
         if (msg.event === 'join') {
           this._members.set(msg.userId, msg.identity);
-          this._link(msg.userId);
           this._presence({ type: 'join', userId: msg.userId, identity: msg.identity });
+          const before = this._mode;
+          this._evaluateMode();
+          // Already relayed: the newcomer's media comes through the relay too.
+          if (before === 'relay' && this._mode === 'relay') {
+            this._presence({ type: 'mode', userId: msg.userId, mode: 'relay', reason: this._modeReason });
+          }
         } else if (msg.event === 'leave') {
           this._dropLink(msg.userId);
           this._members.delete(msg.userId);
+          const relayed = this._relayStreams.get(msg.userId);
+          if (relayed) {
+            this._relayStreams.delete(msg.userId);
+            for (const [type, stream] of relayed) this._presence({ type: 'unsubscribed', userId: msg.userId, streamType: type, stream });
+          }
           this._presence({ type: 'leave', userId: msg.userId, reason: msg.reason });
+          this._evaluateMode();
         }
         return;
       case 'offer':
-      case 'answer':
+      case 'answer': {
         if (!this._roomId) return;
-        this._link(msg.from).handleDescription(msg.type, msg.sdp, msg.meta);
+        if (msg.from === SERVER) {
+          if (this._relay) this._relay.handleDescription(msg.type, msg.sdp, msg.meta);
+          return;
+        }
+        // A peer going back to P2P before us (its timer ran first): follow if nothing holds us.
+        if (this._mode === 'relay' && msg.type === 'offer' && !this._relayReason()) this._switchToP2P('room_shrunk');
+        const link = this._link(msg.from);
+        if (link) link.handleDescription(msg.type, msg.sdp, msg.meta);
         return;
+      }
       case 'candidate': {
-        const link = this._links.get(msg.from);
+        const link = msg.from === SERVER ? this._relay : this._links.get(msg.from);
         if (link) link.handleCandidate(msg.candidate);
         return;
       }
       case 'bye':
+        if (msg.from === SERVER) {
+          console.warn('ferry: the relay closed our connection:', msg.reason);
+          return;
+        }
+        if (typeof msg.reason === 'string' && msg.reason.startsWith('relay:')) {
+          // The direct path to that member failed on its side: the room goes through the relay.
+          if (this._mode !== 'relay') {
+            this._p2pFailed = msg.reason.slice('relay:'.length) || 'p2p_failed';
+            this._evaluateMode();
+          }
+          return;
+        }
         // The peer tore its side down but stays in the room: start afresh.
         if (this._links.has(msg.from) && this._members.has(msg.from)) {
           this._dropLink(msg.from);
@@ -537,6 +723,7 @@ export class Ferry extends EventTarget {
     }
     this._pending.clear();
     this._closeLinks();
+    this._closeRelay();
     this._roomId = undefined;
     this._ws = null;
     this.dispatchEvent(new CustomEvent('disconnected', { detail: { code: ev.code, reason: ev.reason } }));

@@ -36,6 +36,8 @@ pub struct SessionHandle {
 struct Member {
     user_id: String,
     identity: String,
+    /// How this member's media travels, as its client last reported.
+    relayed: bool,
 }
 
 struct Room {
@@ -43,6 +45,18 @@ struct Room {
     mode: RoomMode,
     members: Vec<Member>,
     empty_since: Option<Instant>,
+}
+
+impl Room {
+    /// Pairs of members by how their media travels: `(p2p, relay)`. A pair is relayed when either
+    /// side is.
+    fn pairs(&self) -> (i64, i64) {
+        let n = self.members.len() as i64;
+        let relayed = self.members.iter().filter(|m| m.relayed).count() as i64;
+        let direct = n - relayed;
+        let p2p = direct * (direct - 1) / 2;
+        (p2p, n * (n - 1) / 2 - p2p)
+    }
 }
 
 /// Result of a successful join.
@@ -310,10 +324,13 @@ impl Hub {
                     identity: m.identity.clone(),
                 })
                 .collect();
+            let before = room.pairs();
             room.members.push(Member {
                 user_id: user_id.to_string(),
                 identity: identity.to_string(),
+                relayed: false,
             });
+            self.adjust_pairs(before, room.pairs());
             room.empty_since = None;
             let others: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
             (
@@ -344,11 +361,13 @@ impl Hub {
             let Some(mut room) = self.rooms.get_mut(room_id) else {
                 return;
             };
-            let before = room.members.len();
+            let count = room.members.len();
+            let before = room.pairs();
             room.members.retain(|m| m.user_id != user_id);
-            if room.members.len() == before {
+            if room.members.len() == count {
                 return;
             }
+            self.adjust_pairs(before, room.pairs());
             if room.members.is_empty() {
                 room.empty_since = Some(Instant::now());
             }
@@ -363,6 +382,31 @@ impl Hub {
         .into();
         for other in others {
             self.deliver(&other, &event);
+        }
+    }
+
+    fn adjust_pairs(&self, before: (i64, i64), after: (i64, i64)) {
+        self.metrics.pairs_p2p.add(after.0 - before.0);
+        self.metrics.pairs_relay.add(after.1 - before.1);
+    }
+
+    /// A client reports how its media travels now (`relayed`) and why. Counts pairs by mode and
+    /// fallbacks to the relay by reason.
+    pub fn set_mode(&self, user_id: &str, room_id: &str, relayed: bool, reason: &str) {
+        let Some(mut room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        let before = room.pairs();
+        let Some(m) = room.members.iter_mut().find(|m| m.user_id == user_id) else {
+            return;
+        };
+        if m.relayed == relayed {
+            return;
+        }
+        m.relayed = relayed;
+        self.adjust_pairs(before, room.pairs());
+        if relayed {
+            self.metrics.fallbacks.with_label_values(&[reason]).inc();
         }
     }
 
@@ -425,6 +469,12 @@ impl Hub {
     }
 }
 
+impl crate::media::ClientSink for Hub {
+    fn send_to(&self, user_id: &str, message: Value) {
+        self.send_event(user_id, message.to_string().into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,11 +532,5 @@ mod tests {
         assert!(h.try_connect().is_none());
         drop(a);
         assert!(h.try_connect().is_some());
-    }
-}
-
-impl crate::media::ClientSink for Hub {
-    fn send_to(&self, user_id: &str, message: Value) {
-        self.send_event(user_id, message.to_string().into());
     }
 }

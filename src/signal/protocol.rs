@@ -121,6 +121,7 @@ pub enum RequestType {
     Answer,
     Candidate,
     Bye,
+    ReportMode,
 }
 
 impl RequestType {
@@ -135,6 +136,7 @@ impl RequestType {
             "answer" => RequestType::Answer,
             "candidate" => RequestType::Candidate,
             "bye" => RequestType::Bye,
+            "reportMode" => RequestType::ReportMode,
             _ => return None,
         })
     }
@@ -150,6 +152,7 @@ impl RequestType {
             RequestType::Answer => "answer",
             RequestType::Candidate => "candidate",
             RequestType::Bye => "bye",
+            RequestType::ReportMode => "reportMode",
         }
     }
 }
@@ -221,6 +224,32 @@ pub struct Bye {
     pub to: String,
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// The reasons a client may give for its media mode; anything else is refused.
+pub const MODE_REASONS: [&str; 8] = [
+    "room_mode",
+    "policy",
+    "room_size",
+    "p2p_timeout",
+    "ice_failed",
+    "p2p_failed",
+    "room_shrunk",
+    "reset",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportMode {
+    pub mode: MediaMode,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaMode {
+    P2p,
+    Relay,
 }
 
 /// A member as presented to others.

@@ -18,8 +18,8 @@ use crate::auth::{Grants, TokenError};
 use crate::media::{Command, SERVER_ID};
 use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
 use crate::signal::protocol::{
-    self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, PROTOCOL_VERSION,
-    RequestType, Sdp, SignalError, close, fields,
+    self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, MODE_REASONS, MediaMode,
+    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SignalError, close, fields,
 };
 
 /// A send that does not complete within this time means the client stopped reading.
@@ -454,12 +454,37 @@ impl Session {
             RequestType::Bye => {
                 let req: Bye = fields(ty, obj)?;
                 let room = self.require_room()?;
+                if req.to == SERVER_ID {
+                    self.to_media(Command::Leave {
+                        user_id: auth.user_id.clone(),
+                    })?;
+                    return Ok(json!({}));
+                }
                 let mut ev = serde_json::Map::new();
                 ev.insert("type".into(), "bye".into());
                 if let Some(r) = req.reason {
                     ev.insert("reason".into(), r.into());
                 }
                 hub.relay(&auth.user_id, room, &req.to, ev)?;
+                Ok(json!({}))
+            }
+            RequestType::ReportMode => {
+                let req: ReportMode = fields(ty, obj)?;
+                let room = self.require_room()?;
+                if !MODE_REASONS.contains(&req.reason.as_str()) {
+                    return Err(SignalError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "unknown reason {:?}; one of {}",
+                            req.reason,
+                            MODE_REASONS.join(", ")
+                        ),
+                    )
+                    .into());
+                }
+                let relayed = req.mode == MediaMode::Relay;
+                hub.set_mode(&auth.user_id, room, relayed, &req.reason);
+                info!(relayed, reason = %req.reason, "media mode reported");
                 Ok(json!({}))
             }
             RequestType::Hello | RequestType::Ping => unreachable!("handled above"),
