@@ -708,3 +708,171 @@ async fn relay_room_carries_media_through_ferry() {
     assert_eq!(events[0]["mode"], "relay", "{events}");
     assert_eq!(events[0]["reason"], "room_mode", "{events}");
 }
+
+/// Open a page for `name` in its own browser, ready to use the SDK.
+async fn member_page(server: &TestServer, name: &str) -> (Browser, Page) {
+    let mut br = Browser::launch().await;
+    br.grant_media(&format!("http://{}", server.addr)).await;
+    let page = br.open(name, &format!("http://{}/", server.addr)).await;
+    enter_lobby(&mut br, &page).await;
+    (br, page)
+}
+
+/// The direct path between two members really fails (inside the test's namespace, iptables drops
+/// every loopback packet except those to or from Ferry's ports): the SDK falls back to the relay
+/// after p2p_timeout, both decode video through Ferry, and the server counts the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_direct_path_falls_back_to_the_relay() {
+    match in_loopback_netns("failed_direct_path_falls_back_to_the_relay") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    if std::process::Command::new("iptables")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "iptables missing in CI");
+        eprintln!("SKIPPED failed_direct_path_falls_back_to_the_relay: iptables is not installed");
+        return;
+    }
+    let s = spawn(test_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let media = s.media_addr.port().to_string();
+    let tcp = format!("{},{},{}", s.addr.port(), ba.port, bb.port);
+    iptables(&[
+        "-A", "INPUT", "-i", "lo", "-p", "udp", "--dport", &media, "-j", "ACCEPT",
+    ]);
+    iptables(&[
+        "-A", "INPUT", "-i", "lo", "-p", "udp", "--sport", &media, "-j", "ACCEPT",
+    ]);
+    iptables(&[
+        "-A",
+        "INPUT",
+        "-i",
+        "lo",
+        "-p",
+        "tcp",
+        "-m",
+        "multiport",
+        "--ports",
+        &tcp,
+        "-j",
+        "ACCEPT",
+    ]);
+    iptables(&["-A", "INPUT", "-i", "lo", "-j", "DROP"]);
+
+    let ra = ba.eval(&a, &sdk_member(None, "{}")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
+    let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
+    for (br, page, v) in [(&mut ba, &a, &va), (&mut bb, &b, &vb)] {
+        let mode = br
+            .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return { reason: m.reason, ms: performance.now() - m.at }; })()")
+            .await;
+        eprintln!(
+            "[{}] fell back ({}); first relayed frame seen {:.0} ms after the fallback decision; {v}",
+            page.name,
+            mode["reason"],
+            mode["ms"].as_f64().unwrap()
+        );
+        assert!(
+            ["p2p_timeout", "ice_failed"].contains(&mode["reason"].as_str().unwrap()),
+            "{mode}"
+        );
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let out_video = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"out\",kind=\"video\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(out_video > 0.0, "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
+    let fallbacks: f64 = ["p2p_timeout", "ice_failed"]
+        .iter()
+        .filter_map(|r| metric(&m, &format!("ferry_fallbacks_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(fallbacks, 2.0, "{m}");
+    iptables(&["-F", "INPUT"]);
+}
+
+/// Three members: the room outgrows p2p_max_peers (2), everyone goes through the relay and
+/// decodes the other two; when one leaves, the other two return to P2P and media keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_relay_then_back_to_p2p() {
+    match in_loopback_netns("three_members_relay_then_back_to_p2p") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let s = spawn(test_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (mut bc, c) = member_page(&s, "carol").await;
+    let ra = ba.eval(&a, &sdk_member(None, "{}")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
+    let a_id = ra["userId"].as_str().unwrap().to_string();
+    let b_id = rb["userId"].as_str().unwrap().to_string();
+    // Two members: P2P.
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "p2p", 0), &b_id).await;
+    let rc = bc.eval(&c, &sdk_member(Some(&room), "{}")).await;
+    let c_id = rc["userId"].as_str().unwrap().to_string();
+    let grew = Instant::now();
+    for (br, page, others) in [
+        (&mut ba, &a, [&b_id, &c_id]),
+        (&mut bb, &b, [&a_id, &c_id]),
+        (&mut bc, &c, [&a_id, &b_id]),
+    ] {
+        for other in others {
+            wait_or_explain(br, page, &decoded_via(other, "relay", 0), other).await;
+        }
+    }
+    eprintln!(
+        "three members decode each other through the relay {} ms after the third joined",
+        grew.elapsed().as_millis()
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(3.0), "{m}");
+    assert!(
+        metric(&m, "ferry_fallbacks_total{reason=\"room_size\"}").unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+
+    // Carol leaves: back to P2P for alice and bob, after the anti-flap delay.
+    bc.eval(&c, "window.demo.ferry.leaveRoom().then(() => true)")
+        .await;
+    let shrank = Instant::now();
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "p2p", 0), &b_id).await;
+    let v = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "p2p", 0), &a_id).await;
+    // And it keeps flowing directly.
+    let f = v["frames"].as_u64().unwrap() as u32;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "p2p", f + 20), &a_id).await;
+    eprintln!(
+        "back to P2P and decoding {} ms after the room shrank",
+        shrank.elapsed().as_millis()
+    );
+    let modes = ba
+        .eval(
+            &a,
+            "window.events.filter((e) => e.type === 'mode').map((e) => e.mode + ':' + e.reason)",
+        )
+        .await;
+    assert!(
+        modes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "p2p:room_shrunk"),
+        "{modes}"
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
+}

@@ -74,6 +74,10 @@ pub fn in_loopback_netns(test_name: &str) -> Place {
         eprintln!("SKIPPED {test_name}: {why}. Run .ci/run (as root) to install and run it.");
         return Place::Skipped;
     }
+    // One browser test at a time: each starts several Chromium processes, and the machine has
+    // two cores.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().expect("test binary path");
     let out = Command::new("unshare")
         .args([
