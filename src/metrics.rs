@@ -14,7 +14,9 @@ pub struct Metrics {
     pub signal_errors: IntCounterVec,
     pub stun_bindings: IntCounter,
     pub media_dropped: IntCounterVec,
-    pub keyframe_requests: IntCounter,
+    /// `ferry_keyframe_requests_total{reason}`: new_subscriber | subscriber (a relayed PLI/FIR).
+    pub keyframe_requests_new_subscriber: IntCounter,
+    pub keyframe_requests_relayed: IntCounter,
     /// `ferry_pairs{mode}`: pairs of room members by how their media travels.
     pub pairs_p2p: IntGauge,
     pub pairs_relay: IntGauge,
@@ -86,11 +88,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        let keyframe_requests = IntCounter::new(
-            "ferry_keyframe_requests_total",
-            "Keyframe requests (PLI) sent to publishers.",
+        let keyframe_requests = IntCounterVec::new(
+            Opts::new(
+                "ferry_keyframe_requests_total",
+                "Keyframe requests (PLI) sent to publishers: reason new_subscriber, or subscriber (a subscriber's PLI/FIR relayed upstream, throttled).",
+            ),
+            &["reason"],
         )
         .expect("valid metric");
+        let keyframe_requests_new_subscriber = keyframe_requests.with_label_values(&["new_subscriber"]);
+        let keyframe_requests_relayed = keyframe_requests.with_label_values(&["subscriber"]);
         let relay_connections = IntGauge::new(
             "ferry_relay_connections",
             "Client connections to the relay (server-side peer connections).",
@@ -128,7 +135,7 @@ impl Metrics {
             Box::new(signal_errors.clone()),
             Box::new(stun_bindings.clone()),
             Box::new(media_dropped.clone()),
-            Box::new(keyframe_requests.clone()),
+            Box::new(keyframe_requests),
             Box::new(pairs),
             Box::new(fallbacks.clone()),
             Box::new(relay_connections.clone()),
@@ -152,7 +159,8 @@ impl Metrics {
             signal_errors,
             stun_bindings,
             media_dropped,
-            keyframe_requests,
+            keyframe_requests_new_subscriber,
+            keyframe_requests_relayed,
             pairs_p2p,
             pairs_relay,
             fallbacks,

@@ -692,6 +692,11 @@ async fn relay_room_carries_media_through_ferry() {
     )
     .unwrap_or(0.0);
     eprintln!("server: {in_video} video packets in, {out_video} out");
+    eprintln!(
+        "keyframe requests: {:?} for new subscribers, {:?} relayed from subscribers",
+        metric(&m, "ferry_keyframe_requests_total{reason=\"new_subscriber\"}"),
+        metric(&m, "ferry_keyframe_requests_total{reason=\"subscriber\"}")
+    );
     assert!(in_video > 50.0 && out_video > 50.0, "{m}");
     assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");

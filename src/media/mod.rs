@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rtc::interceptor::Registry;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
@@ -119,7 +120,15 @@ struct Peer {
     negotiation_needed: bool,
     /// Keyframe requests to send to this publisher at these times (a new subscriber joined).
     pli_at: Vec<Instant>,
+    /// Our outgoing track id -> the (publisher, publisher track) it carries, to send a
+    /// subscriber's keyframe requests upstream.
+    relayed_tracks: HashMap<String, (PeerKey, String)>,
+    /// When each of this publisher's tracks last got a keyframe request (throttle).
+    last_pli: HashMap<String, Instant>,
 }
+
+/// Keyframe requests from one subscriber reach the publisher at most this often per track.
+const PLI_THROTTLE: Duration = Duration::from_millis(500);
 
 pub struct MediaCore {
     socket: Arc<UdpSocket>,
@@ -229,7 +238,7 @@ impl MediaCore {
             if p.pli_at.iter().any(|t| *t <= now) {
                 p.pli_at.retain(|t| *t > now);
                 request_keyframes(p, now);
-                self.metrics.keyframe_requests.inc();
+                self.metrics.keyframe_requests_new_subscriber.inc();
                 self.dirty.insert(k);
             }
         }
@@ -311,8 +320,17 @@ impl MediaCore {
             let Some(TaggedRTCMessage { message, .. }) = p.pc.poll_read() else {
                 break;
             };
-            if let RTCMessage::RtpPacket(track_id, packet) = message {
-                self.forward(key, &track_id, packet, now);
+            match message {
+                RTCMessage::RtpPacket(track_id, packet) => self.forward(key, &track_id, packet, now),
+                RTCMessage::RtcpPacket(track_id, packets) => {
+                    let wants_keyframe = packets.iter().any(|p| {
+                        p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+                    });
+                    if wants_keyframe {
+                        self.relay_keyframe_request(key, &track_id, now);
+                    }
+                }
+                _ => {}
             }
         }
         // Transmits out.
@@ -371,6 +389,36 @@ impl MediaCore {
             }
             self.dirty.insert(r.to);
         }
+    }
+
+    /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
+    fn relay_keyframe_request(&mut self, sub: PeerKey, track_id: &str, now: Instant) {
+        let Some((publisher, ptrack)) = self
+            .peers
+            .get(&sub)
+            .and_then(|s| s.relayed_tracks.get(track_id))
+            .cloned()
+        else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&publisher) else { return };
+        if p.last_pli.get(&ptrack).is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE) {
+            return;
+        }
+        p.last_pli.insert(ptrack.clone(), now);
+        let Some(t) = p.published.get(&ptrack) else { return };
+        let (rid, ssrc) = (t.receiver_id, t.ssrc);
+        if let Some(mut r) = p.pc.rtp_receiver(rid) {
+            let _ = r.write_rtcp(
+                now,
+                vec![Box::new(PictureLossIndication {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                })],
+            );
+            self.metrics.keyframe_requests_relayed.inc();
+        }
+        self.dirty.insert(publisher);
     }
 
     fn handle_event(&mut self, key: PeerKey, ev: RTCPeerConnectionEvent, _now: Instant) {
@@ -453,9 +501,12 @@ impl MediaCore {
             return;
         }
         let ssrc: u32 = rand::random();
+        let out_track_id = format!("{stream_id}~{}", random_token(6));
+        s.relayed_tracks
+            .insert(out_track_id.clone(), (publisher, track_id.to_string()));
         let out_track = MediaStreamTrack::new(
             stream_id.clone(),
-            format!("{stream_id}~{}", random_token(6)),
+            out_track_id,
             format!("{publisher_user} {ty}"),
             kind,
             vec![RTCRtpEncodingParameters {
@@ -695,7 +746,8 @@ impl MediaCore {
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let registry = Registry::new().with(Slot::from(14_000), MarkKeyframeRequests::default());
+        let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting_engine)
@@ -731,6 +783,8 @@ impl MediaCore {
                 stream_meta: BTreeMap::new(),
                 negotiation_needed: false,
                 pli_at: Vec::new(),
+                relayed_tracks: HashMap::new(),
+                last_pli: HashMap::new(),
             },
         );
         self.by_user.insert(user_id.to_string(), key);
@@ -785,4 +839,60 @@ fn request_keyframes(p: &mut Peer, now: Instant) {
             );
         }
     }
+}
+
+/// Lets a subscriber's keyframe requests (PLI, FIR) through to the application, which sends them
+/// to the publisher; every other inbound RTCP stays with rtc's interceptors.
+#[derive(Default)]
+struct MarkKeyframeRequests {
+    read: std::collections::VecDeque<TaggedPacket>,
+    write: std::collections::VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for MarkKeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet
+            && packets.iter().any(|p| {
+                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+            })
+        {
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        None
+    }
+}
+
+impl Interceptor for MarkKeyframeRequests {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
