@@ -96,7 +96,8 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        let keyframe_requests_new_subscriber = keyframe_requests.with_label_values(&["new_subscriber"]);
+        let keyframe_requests_new_subscriber =
+            keyframe_requests.with_label_values(&["new_subscriber"]);
         let keyframe_requests_relayed = keyframe_requests.with_label_values(&["subscriber"]);
         let relay_connections = IntGauge::new(
             "ferry_relay_connections",

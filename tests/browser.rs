@@ -694,7 +694,10 @@ async fn relay_room_carries_media_through_ferry() {
     eprintln!("server: {in_video} video packets in, {out_video} out");
     eprintln!(
         "keyframe requests: {:?} for new subscribers, {:?} relayed from subscribers",
-        metric(&m, "ferry_keyframe_requests_total{reason=\"new_subscriber\"}"),
+        metric(
+            &m,
+            "ferry_keyframe_requests_total{reason=\"new_subscriber\"}"
+        ),
         metric(&m, "ferry_keyframe_requests_total{reason=\"subscriber\"}")
     );
     assert!(in_video > 50.0 && out_video > 50.0, "{m}");

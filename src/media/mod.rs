@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
@@ -37,6 +36,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -321,10 +321,13 @@ impl MediaCore {
                 break;
             };
             match message {
-                RTCMessage::RtpPacket(track_id, packet) => self.forward(key, &track_id, packet, now),
+                RTCMessage::RtpPacket(track_id, packet) => {
+                    self.forward(key, &track_id, packet, now)
+                }
                 RTCMessage::RtcpPacket(track_id, packets) => {
                     let wants_keyframe = packets.iter().any(|p| {
-                        p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+                        p.as_any().is::<PictureLossIndication>()
+                            || p.as_any().is::<FullIntraRequest>()
                     });
                     if wants_keyframe {
                         self.relay_keyframe_request(key, &track_id, now);
@@ -401,12 +404,19 @@ impl MediaCore {
         else {
             return;
         };
-        let Some(p) = self.peers.get_mut(&publisher) else { return };
-        if p.last_pli.get(&ptrack).is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE) {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        if p.last_pli
+            .get(&ptrack)
+            .is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE)
+        {
             return;
         }
         p.last_pli.insert(ptrack.clone(), now);
-        let Some(t) = p.published.get(&ptrack) else { return };
+        let Some(t) = p.published.get(&ptrack) else {
+            return;
+        };
         let (rid, ssrc) = (t.receiver_id, t.ssrc);
         if let Some(mut r) = p.pc.rtp_receiver(rid) {
             let _ = r.write_rtcp(
@@ -746,7 +756,7 @@ impl MediaCore {
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = Registry::new().with(Slot::from(14_000), MarkKeyframeRequests::default());
+        let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -841,15 +851,35 @@ fn request_keyframes(p: &mut Peer, now: Instant) {
     }
 }
 
-/// Lets a subscriber's keyframe requests (PLI, FIR) through to the application, which sends them
-/// to the publisher; every other inbound RTCP stays with rtc's interceptors.
-#[derive(Default)]
-struct MarkKeyframeRequests {
+/// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`) when `wanted`
+/// says so; everything passes on to rtc's own interceptors either way. The relay uses it for
+/// subscribers' keyframe requests ([`DeliverRtcp::keyframe_requests`]).
+pub struct DeliverRtcp {
+    wanted: fn(&[Box<dyn rtc::rtcp::Packet>]) -> bool,
     read: std::collections::VecDeque<TaggedPacket>,
     write: std::collections::VecDeque<TaggedPacket>,
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for MarkKeyframeRequests {
+impl DeliverRtcp {
+    pub fn new(wanted: fn(&[Box<dyn rtc::rtcp::Packet>]) -> bool) -> Self {
+        DeliverRtcp {
+            wanted,
+            read: Default::default(),
+            write: Default::default(),
+        }
+    }
+
+    /// PLI and FIR only.
+    pub fn keyframe_requests() -> Self {
+        DeliverRtcp::new(|packets| {
+            packets.iter().any(|p| {
+                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+            })
+        })
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcp {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -858,9 +888,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MarkKeyframeRequests {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &msg.message.packet
-            && packets.iter().any(|p| {
-                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
-            })
+            && (self.wanted)(packets)
         {
             msg.message.add(Attribute::DeliverToApplication);
         }
@@ -890,7 +918,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for MarkKeyframeRequests {
     }
 }
 
-impl Interceptor for MarkKeyframeRequests {
+impl Interceptor for DeliverRtcp {
     fn bind_local_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}

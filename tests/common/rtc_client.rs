@@ -1,0 +1,277 @@
+//! A real WebRTC peer for in-process media tests: webrtc-rs `rtc` (sans-I/O) with its own UDP
+//! socket on 127.0.0.1, signaling through Ferry's WebSocket protocol to the relay ("server").
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use ferry::media::DeliverRtcp;
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_VP8, MediaEngine};
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp_transceiver::RTCRtpSenderId;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::json;
+use tokio::net::UdpSocket;
+
+use super::Client;
+
+pub fn vp8() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// A member of a relayed room with a connection to Ferry's relay.
+pub struct MediaClient {
+    pub ws: Client,
+    pub pc: RTCPeerConnection,
+    socket: UdpSocket,
+    local: SocketAddr,
+    pub connected: bool,
+    /// RTP received, in arrival order: (track id, packet).
+    pub received: Vec<(String, rtc::rtp::Packet)>,
+    /// Stream ids of the tracks the server opened to us.
+    pub tracks: HashMap<String, Vec<String>>,
+    /// Tracks the server closed.
+    pub closed_tracks: Vec<String>,
+    /// Keyframe requests (PLI/FIR) received from the server.
+    pub keyframe_requests: usize,
+    pub sender: Option<(RTCRtpSenderId, u32)>,
+    /// Drop every n-th incoming RTP datagram before decryption (induced loss), 0 = none.
+    pub drop_every: usize,
+    rtp_seen: usize,
+    pub dropped: usize,
+    pending_answer: Option<String>,
+    /// The server's offers, in order.
+    pub server_offers: Vec<String>,
+}
+
+impl MediaClient {
+    /// `ws` must be in the room already. Publishes one VP8 track when `publish` is set, else
+    /// opens with a data channel only.
+    pub async fn connect(mut ws: Client, publish: bool) -> MediaClient {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let mut media_engine = MediaEngine::default();
+        media_engine
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: vp8(),
+                    payload_type: 96,
+                },
+                RtpCodecKind::Video,
+            )
+            .unwrap();
+        let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
+        let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media_engine)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())
+            .unwrap();
+        let mut sender = None;
+        if publish {
+            let ssrc: u32 = 0x0bad_cafe;
+            let track = MediaStreamTrack::new(
+                "pub-stream".into(),
+                "pub-video".into(),
+                "synthetic".into(),
+                RtpCodecKind::Video,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: vp8(),
+                    ..Default::default()
+                }],
+            );
+            sender = Some((pc.add_track(track).unwrap(), ssrc));
+        } else {
+            pc.create_data_channel("ferry", None).unwrap();
+        }
+        let cand = CandidateHostConfig {
+            base_config: CandidateConfig {
+                network: "udp".to_owned(),
+                address: local.ip().to_string(),
+                port: local.port(),
+                component: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .new_candidate_host()
+        .unwrap();
+        pc.add_local_candidate(RTCIceCandidate::from(&cand).to_json().unwrap())
+            .unwrap();
+        let offer = pc.create_offer(None).unwrap();
+        pc.set_local_description(Instant::now(), offer).unwrap();
+        let sdp = pc.local_description().unwrap().sdp;
+        ws.request(
+            "offer",
+            json!({"to": "server", "sdp": sdp, "meta": {"streams": {"pub-stream": "cam"}}}),
+        )
+        .await
+        .expect("relay offer accepted");
+        MediaClient {
+            ws,
+            pc,
+            socket,
+            local,
+            connected: false,
+            received: Vec::new(),
+            tracks: HashMap::new(),
+            closed_tracks: Vec::new(),
+            keyframe_requests: 0,
+            sender,
+            drop_every: 0,
+            rtp_seen: 0,
+            dropped: 0,
+            pending_answer: None,
+            server_offers: Vec::new(),
+        }
+    }
+
+    /// Send one RTP packet on our published track.
+    pub fn send(&mut self, seq: u16, payload: Bytes) {
+        let (sid, ssrc) = self.sender.expect("a publisher");
+        let packet = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                marker: true,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 3000,
+                ssrc,
+                ..Default::default()
+            },
+            payload,
+        };
+        let mut s = self.pc.rtp_sender(sid).expect("sender");
+        s.write_rtp(Instant::now(), packet).expect("write_rtp");
+    }
+
+    /// Run the connection (socket, signaling, timers) for `dur`.
+    pub async fn pump(&mut self, dur: Duration) {
+        let end = tokio::time::Instant::now() + dur;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            self.drain().await;
+            let next = self
+                .pc
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or(end)
+                .min(end);
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = r.unwrap();
+                    if (128..192).contains(&buf[0]) && buf.get(1).is_some_and(|pt| !(192..224).contains(pt)) {
+                        self.rtp_seen += 1;
+                        if self.drop_every > 0 && self.rtp_seen.is_multiple_of(self.drop_every) {
+                            self.dropped += 1;
+                            continue;
+                        }
+                    }
+                    let _ = self.pc.handle_read(TaggedBytesMut {
+                        now: Instant::now(),
+                        transport: TransportContext {
+                            local_addr: self.local,
+                            peer_addr: from,
+                            ecn: None,
+                            transport_protocol: TransportProtocol::UDP,
+                        },
+                        message: BytesMut::from(&buf[..n]),
+                    });
+                }
+                m = tokio::time::timeout_at(next, self.ws.recv()) => {
+                    if let Ok(Some(m)) = m {
+                        self.on_signal(m);
+                    }
+                }
+            }
+            let _ = self.pc.handle_timeout(Instant::now());
+            if tokio::time::Instant::now() >= end {
+                self.drain().await;
+                return;
+            }
+        }
+    }
+
+    fn on_signal(&mut self, m: serde_json::Value) {
+        if m["from"] != "server" {
+            return;
+        }
+        let sdp = m["sdp"].as_str().unwrap_or_default().to_string();
+        match m["type"].as_str() {
+            Some("answer") => {
+                let d = RTCSessionDescription::answer(sdp).unwrap();
+                self.pc.set_remote_description(Instant::now(), d).unwrap();
+            }
+            Some("offer") => {
+                self.server_offers.push(sdp.clone());
+                let d = RTCSessionDescription::offer(sdp).unwrap();
+                self.pc.set_remote_description(Instant::now(), d).unwrap();
+                let a = self.pc.create_answer(None).unwrap();
+                self.pc.set_local_description(Instant::now(), a).unwrap();
+                let sdp = self.pc.local_description().unwrap().sdp;
+                // Sent without waiting for the response; it is skipped when read.
+                let msg =
+                    json!({"id": "auto-answer", "type": "answer", "to": "server", "sdp": sdp});
+                self.pending_answer = Some(msg.to_string());
+            }
+            _ => {}
+        }
+    }
+
+    async fn drain(&mut self) {
+        if let Some(text) = self.pending_answer.take() {
+            self.ws.send_raw(&text).await;
+        }
+        while let Some(ev) = self.pc.poll_event() {
+            match ev {
+                RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
+                    self.connected = s == RTCPeerConnectionState::Connected;
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                    self.tracks
+                        .insert(init.track_id.clone(), init.stream_ids.clone());
+                }
+                RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(id)) => {
+                    self.closed_tracks.push(id);
+                }
+                _ => {}
+            }
+        }
+        while let Some(TaggedRTCMessage { message, .. }) = self.pc.poll_read() {
+            match message {
+                RTCMessage::RtpPacket(track, p) => self.received.push((track, p)),
+                RTCMessage::RtcpPacket(_, _) => self.keyframe_requests += 1,
+                _ => {}
+            }
+        }
+        while let Some(t) = self.pc.poll_write() {
+            let _ = self.socket.send_to(&t.message, t.transport.peer_addr).await;
+        }
+    }
+}

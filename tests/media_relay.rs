@@ -1,0 +1,187 @@
+//! The relay with real WebRTC peers (webrtc-rs `rtc`) and no browser: payloads, SSRC rewrite,
+//! sequence numbers, keyframe requests, NACK repair, and a publisher leaving.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::rtc_client::MediaClient;
+use common::*;
+use serde_json::json;
+
+const SLICE: Duration = Duration::from_millis(5);
+
+fn payload(i: u16) -> Bytes {
+    Bytes::from(format!("ferry-payload-{i:06}-").repeat(24))
+}
+
+/// A relayed room with a publisher and a subscriber, both connected to the relay.
+async fn relayed_pair(s: &TestServer) -> (MediaClient, MediaClient) {
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut publ = MediaClient::connect(a, true).await;
+    let mut sub = MediaClient::connect(b, false).await;
+    for _ in 0..1000 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+        if publ.connected && sub.connected {
+            return (publ, sub);
+        }
+    }
+    panic!("relay connections did not come up");
+}
+
+/// Send `n` packets starting at `first`, pumping both sides, then let them settle.
+async fn stream(publ: &mut MediaClient, sub: &mut MediaClient, first: u16, n: u16) {
+    for i in first..first + n {
+        publ.send(i, payload(i));
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+    }
+    for _ in 0..100 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+    }
+}
+
+/// The payload indices the subscriber received, checked packet by packet: intact payload, one
+/// SSRC that is not the publisher's, sequence number in step with the payload.
+fn check_received(sub: &MediaClient, publisher_ssrc: u32) -> Vec<u16> {
+    assert!(!sub.received.is_empty(), "nothing relayed");
+    let ssrc = sub.received[0].1.header.ssrc;
+    assert_ne!(ssrc, publisher_ssrc, "SSRC rewritten per subscriber");
+    let mut indices = Vec::new();
+    let first = &sub.received[0].1;
+    let first_idx: u16 = std::str::from_utf8(&first.payload[14..20])
+        .unwrap()
+        .parse()
+        .unwrap();
+    let seq_offset = first.header.sequence_number.wrapping_sub(first_idx);
+    for (_, p) in &sub.received {
+        assert_eq!(p.header.ssrc, ssrc, "one SSRC per relayed track");
+        let idx: u16 = std::str::from_utf8(&p.payload[14..20])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(p.payload, payload(idx), "payload intact");
+        assert_eq!(
+            p.header.sequence_number,
+            idx.wrapping_add(seq_offset),
+            "sequence numbers follow the publisher's without gaps"
+        );
+        indices.push(idx);
+    }
+    indices.sort_unstable();
+    indices.dedup();
+    indices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_payloads_arrive_intact_with_rewritten_ssrc() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 300).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    // Everything from the first relayed packet on arrived, none missing.
+    let (lo, hi) = (got[0], *got.last().unwrap());
+    assert_eq!(hi, 299);
+    assert_eq!(got.len(), usize::from(hi - lo + 1), "no gaps: {got:?}");
+    assert!(got.len() > 200, "relayed {} of 300", got.len());
+    // The subscriber joined mid-stream: the publisher was asked for a keyframe.
+    assert!(
+        publ.keyframe_requests >= 1,
+        "no keyframe request reached the publisher"
+    );
+    assert!(
+        sub.tracks
+            .values()
+            .any(|ids| ids.iter().any(|i| i.ends_with("~cam"))),
+        "{:?}",
+        sub.tracks
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(
+        metric(
+            &m,
+            "ferry_media_packets_total{direction=\"out\",kind=\"video\"}"
+        )
+        .unwrap()
+            >= got.len() as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_on_the_subscriber_leg_is_repaired_by_nack() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    // Let the route come up, then drop every 7th packet on the way into the subscriber.
+    stream(&mut publ, &mut sub, 0, 50).await;
+    let before = sub.received.len();
+    sub.drop_every = 7;
+    stream(&mut publ, &mut sub, 50, 300).await;
+    assert!(sub.dropped >= 30, "induced loss: {} dropped", sub.dropped);
+    // A loss is detected when a later packet arrives: end with a few that are not dropped.
+    sub.drop_every = 0;
+    stream(&mut publ, &mut sub, 350, 5).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    let missing: Vec<u16> = (50..350)
+        .filter(|i| got.binary_search(i).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} dropped, {} packets received after the loss started, still missing {missing:?}",
+        sub.dropped,
+        sub.received.len() - before
+    );
+}
+
+/// The direction the server's latest offer gives its video section ("sendonly" while it relays a
+/// track to us).
+fn video_direction(sub: &MediaClient) -> String {
+    let sdp = sub.server_offers.last().expect("a server offer");
+    let video = sdp.split("m=video").nth(1).expect("a video section");
+    let video = video.split("\r\nm=").next().unwrap();
+    ["sendonly", "sendrecv", "recvonly", "inactive"]
+        .iter()
+        .find(|d| video.contains(&format!("a={d}")))
+        .map(|d| d.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_leaving_removes_its_track() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 100).await;
+    assert!(!sub.received.is_empty());
+    let dir = video_direction(&sub);
+    assert!(dir == "sendonly" || dir == "sendrecv", "video {dir}");
+    let offers = sub.server_offers.len();
+    publ.ws.request("leaveRoom", json!({})).await.unwrap();
+    for _ in 0..400 {
+        sub.pump(SLICE).await;
+        if sub.server_offers.len() > offers {
+            break;
+        }
+    }
+    assert!(
+        sub.server_offers.len() > offers,
+        "no renegotiation after the publisher left"
+    );
+    // The server no longer sends that track: the video section is not sending any more.
+    let dir = video_direction(&sub);
+    assert!(dir == "recvonly" || dir == "inactive", "video still {dir}");
+    assert!(
+        !sub.server_offers.last().unwrap().contains("a=msid:"),
+        "a relayed stream is still announced"
+    );
+    assert_eq!(s.hub.metrics.relay_connections.get(), 1);
+}
