@@ -25,6 +25,9 @@ pub struct Metrics {
     /// `ferry_media_packets_total{direction,kind}`, labels resolved once: [in, out] x [audio, video].
     pub rtp_in: [IntCounter; 2],
     pub rtp_out: [IntCounter; 2],
+    /// `ferry_media_bytes_total{direction,kind}` (RTP payload bytes), resolved the same way.
+    pub bytes_in: [IntCounter; 2],
+    pub bytes_out: [IntCounter; 2],
 }
 
 impl Metrics {
@@ -120,6 +123,22 @@ impl Metrics {
             media_packets.with_label_values(&["out", "audio"]),
             media_packets.with_label_values(&["out", "video"]),
         ];
+        let media_bytes = IntCounterVec::new(
+            Opts::new(
+                "ferry_media_bytes_total",
+                "RTP payload bytes through the relay, by direction and kind.",
+            ),
+            &["direction", "kind"],
+        )
+        .expect("valid metric");
+        let bytes_in = [
+            media_bytes.with_label_values(&["in", "audio"]),
+            media_bytes.with_label_values(&["in", "video"]),
+        ];
+        let bytes_out = [
+            media_bytes.with_label_values(&["out", "audio"]),
+            media_bytes.with_label_values(&["out", "video"]),
+        ];
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -141,6 +160,7 @@ impl Metrics {
             Box::new(fallbacks.clone()),
             Box::new(relay_connections.clone()),
             Box::new(media_packets),
+            Box::new(media_bytes),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric registered once");
@@ -168,6 +188,8 @@ impl Metrics {
             relay_connections,
             rtp_in,
             rtp_out,
+            bytes_in,
+            bytes_out,
         }
     }
 

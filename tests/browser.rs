@@ -701,6 +701,35 @@ async fn relay_room_carries_media_through_ferry() {
         metric(&m, "ferry_keyframe_requests_total{reason=\"subscriber\"}")
     );
     assert!(in_video > 50.0 && out_video > 50.0, "{m}");
+    // Opus is relayed too: alice receives bob's audio.
+    let audio = ba
+        .eval(
+            &a,
+            &format!(
+                "(async () => {{ const r = await window.demo.ferry.getStats({b_id:?}); let n = 0; \
+                 r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'audio') n += x.packetsReceived || 0; }}); return n; }})()"
+            ),
+        )
+        .await;
+    assert!(audio.as_f64().unwrap() > 0.0, "no relayed audio at alice");
+    assert!(
+        metric(
+            &m,
+            "ferry_media_packets_total{direction=\"out\",kind=\"audio\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "ferry_media_bytes_total{direction=\"out\",kind=\"video\"}"
+        )
+        .unwrap_or(0.0)
+            > 50_000.0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");

@@ -141,8 +141,8 @@ pub struct MediaCore {
     by_user: HashMap<String, PeerKey>,
     by_ufrag: HashMap<String, PeerKey>,
     by_addr: HashMap<SocketAddr, PeerKey>,
-    /// (publisher, track id) -> subscribers.
-    routes: HashMap<(PeerKey, String), Vec<Route>>,
+    /// publisher -> its track id -> subscribers (nested so the packet path looks up by `&str`).
+    routes: HashMap<PeerKey, HashMap<String, Vec<Route>>>,
     dirty: HashSet<PeerKey>,
 }
 
@@ -189,7 +189,7 @@ impl MediaCore {
         loop {
             // Timers are due whatever woke us: a busy socket must not starve them.
             self.handle_timeouts(Instant::now());
-            self.flush().await;
+            self.flush();
             let deadline = self.next_deadline();
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
             tokio::select! {
@@ -200,7 +200,7 @@ impl MediaCore {
                     None => break,
                 },
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.handle_datagram(&buf[..n], from, Instant::now()).await,
+                    Ok((n, from)) => self.handle_datagram(&buf[..n], from, Instant::now()),
                     Err(e) => debug!(error = %e, "media port receive error"),
                 },
                 _ = sleep => {}
@@ -244,13 +244,15 @@ impl MediaCore {
         }
     }
 
-    async fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
+    fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
         let key = match net::classify(buf) {
             Kind::Stun => match stun::handle(buf, from) {
                 stun::StunAction::Reply(bytes) => {
                     self.metrics.stun_bindings.inc();
-                    let _ = self.socket.send_to(&bytes, from).await;
+                    if self.socket.try_send_to(&bytes, from).is_err() {
+                        drop(&self.metrics, "send_buffer_full");
+                    }
                     return;
                 }
                 stun::StunAction::Peer(ufrag) => match self.by_ufrag.get(&ufrag) {
@@ -293,16 +295,16 @@ impl MediaCore {
     }
 
     /// Drain every connection that may have output: transmits, events, received media.
-    async fn flush(&mut self) {
+    fn flush(&mut self) {
         while !self.dirty.is_empty() {
             let keys: Vec<PeerKey> = self.dirty.drain().collect();
             for k in keys {
-                self.drain_peer(k).await;
+                self.drain_peer(k);
             }
         }
     }
 
-    async fn drain_peer(&mut self, key: PeerKey) {
+    fn drain_peer(&mut self, key: PeerKey) {
         let now = Instant::now();
         // Events first: they may add tracks and routes.
         loop {
@@ -341,8 +343,16 @@ impl MediaCore {
             return;
         };
         while let Some(t) = p.pc.poll_write() {
-            if let Err(e) = self.socket.send_to(&t.message, t.transport.peer_addr).await {
-                debug!(error = %e, "media send failed");
+            // Never wait on the socket: a full send buffer drops this datagram (counted) rather
+            // than stalling every other peer.
+            match self.socket.try_send_to(&t.message, t.transport.peer_addr) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self
+                    .metrics
+                    .media_dropped
+                    .with_label_values(&["send_buffer_full"])
+                    .inc(),
+                Err(e) => debug!(error = %e, "media send failed"),
             }
         }
         if p.negotiation_needed
@@ -353,16 +363,29 @@ impl MediaCore {
         }
     }
 
-    fn forward(&mut self, from: PeerKey, track_id: &str, packet: rtc::rtp::Packet, now: Instant) {
+    fn forward(
+        &mut self,
+        from: PeerKey,
+        track_id: &str,
+        mut packet: rtc::rtp::Packet,
+        now: Instant,
+    ) {
         let kind = self
             .peers
             .get(&from)
             .and_then(|p| p.published.get(track_id))
             .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
+        let bytes = packet.payload.len() as u64;
         self.metrics.rtp_in[kind].inc();
-        let Some(routes) = self.routes.get(&(from, track_id.to_string())) else {
+        self.metrics.bytes_in[kind].inc_by(bytes);
+        let Some(routes) = self.routes.get(&from).and_then(|t| t.get(track_id)) else {
             return;
         };
+        // Extensions are stripped, not remapped (the subscriber negotiated its own IDs); done once
+        // so that the per-subscriber clone copies no extension list. The payload is shared.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
         for r in routes {
             let Some(sub) = self.peers.get_mut(&r.to) else {
                 continue;
@@ -370,12 +393,12 @@ impl MediaCore {
             let mut out = packet.clone();
             out.header.ssrc = r.ssrc;
             out.header.payload_type = r.payload_type;
-            out.header.extension = false;
-            out.header.extensions.clear();
-            out.header.extension_profile = 0;
             match sub.pc.rtp_sender(r.sender_id) {
                 Some(mut s) => match s.write_rtp(now, out) {
-                    Ok(()) => self.metrics.rtp_out[kind].inc(),
+                    Ok(()) => {
+                        self.metrics.rtp_out[kind].inc();
+                        self.metrics.bytes_out[kind].inc_by(bytes);
+                    }
                     Err(e) => {
                         debug!(error = %e, "write_rtp refused");
                         self.metrics
@@ -555,7 +578,9 @@ impl MediaCore {
         s.negotiation_needed = true;
         self.dirty.insert(sub);
         self.routes
-            .entry((publisher, track_id.to_string()))
+            .entry(publisher)
+            .or_default()
+            .entry(track_id.to_string())
             .or_default()
             .push(Route {
                 to: sub,
@@ -579,7 +604,11 @@ impl MediaCore {
         if let Some(p) = self.peers.get_mut(&publisher) {
             p.published.remove(track_id);
         }
-        let Some(routes) = self.routes.remove(&(publisher, track_id.to_string())) else {
+        let Some(routes) = self
+            .routes
+            .get_mut(&publisher)
+            .and_then(|t| t.remove(track_id))
+        else {
             return;
         };
         for r in routes {
@@ -817,8 +846,11 @@ impl MediaCore {
             self.unpublish(key, &t);
         }
         // Its copies of others' tracks.
-        for routes in self.routes.values_mut() {
-            routes.retain(|r| r.to != key);
+        self.routes.remove(&key);
+        for tracks in self.routes.values_mut() {
+            for routes in tracks.values_mut() {
+                routes.retain(|r| r.to != key);
+            }
         }
         if let Some(mut p) = self.peers.remove(&key) {
             let _ = p.pc.close();
