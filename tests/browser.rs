@@ -574,10 +574,15 @@ async fn turn_credentials_from_the_welcome_work_with_coturn() {
 /// Start a member on a page through the SDK directly: camera on, optional room creation with
 /// `create_opts`, join, publish. Returns `{ roomId, userId }`.
 fn sdk_member(room: Option<&str>, create_opts: &str) -> String {
+    sdk_member_with(room, create_opts, "{}")
+}
+
+/// [`sdk_member`] with SDK constructor options.
+fn sdk_member_with(room: Option<&str>, create_opts: &str, ferry_opts: &str) -> String {
     let room = room.map_or("null".to_string(), |r| format!("{r:?}"));
     format!(
         "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true, audio: true }}); \
-         const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; \
+         const f = new window.Ferry({ferry_opts}); window.demo.ferry = f; window.demo.local = s; \
          window.events = []; f.addEventListener('presence', (e) => window.events.push({{ type: e.detail.type, userId: e.detail.userId, mode: e.detail.mode, reason: e.detail.reason, at: performance.now() }})); \
          const w = await f.init(); \
          const roomId = {room} || (await f.createRoom({create_opts})).roomId; await f.joinRoom(roomId); \
@@ -912,4 +917,52 @@ async fn three_members_relay_then_back_to_p2p() {
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
+}
+
+/// VP9 and H264 go through the relay as Chromium negotiates them (the SDK's `videoCodec` option puts
+/// the codec first; the relay keeps each subscriber's payload type for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_carries_vp9_and_h264() {
+    match in_loopback_netns("relay_carries_vp9_and_h264") {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let s = spawn(test_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    for codec in ["VP9", "H264"] {
+        let opts = format!("{{ videoCodec: '{codec}' }}");
+        let ra = ba
+            .eval(&a, &sdk_member_with(None, "{ mode: 'relay' }", &opts))
+            .await;
+        let room = ra["roomId"].as_str().unwrap().to_string();
+        let rb = bb
+            .eval(&b, &sdk_member_with(Some(&room), "{}", &opts))
+            .await;
+        let (a_id, b_id) = (
+            ra["userId"].as_str().unwrap().to_string(),
+            rb["userId"].as_str().unwrap().to_string(),
+        );
+        for (br, page, remote) in [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)] {
+            wait_or_explain(br, page, &decoded_via(remote, "relay", 5), remote).await;
+            let mime = br
+                .eval(
+                    page,
+                    &format!(
+                        "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); const m = new Map(); r.forEach((x) => m.set(x.id, x)); \
+                         let mime = null; r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video' && x.framesDecoded > 0 && x.codecId) mime = m.get(x.codecId).mimeType; }}); return mime; }})()"
+                    ),
+                )
+                .await;
+            eprintln!(
+                "[{}] decodes {mime} from {remote} through the relay",
+                page.name
+            );
+            assert_eq!(mime, format!("video/{codec}"));
+        }
+        for (br, page) in [(&mut ba, &a), (&mut bb, &b)] {
+            br.eval(page, "(async () => { await window.demo.ferry.leaveRoom(); window.demo.ferry.close(); window.demo.local.getTracks().forEach((t) => t.stop()); return true; })()")
+                .await;
+        }
+    }
 }

@@ -263,12 +263,12 @@ class Link {
   addStream(type, stream) {
     this.removeStream(type);
     const canSubscribe = this.ferry._welcome.grants.subscribe;
+    const codec = this.ferry._videoCodec;
     const senders = stream.getTracks().map((track) => {
       const sender = this.pc.addTrack(track, stream);
-      if (!canSubscribe) {
-        const t = this.pc.getTransceivers().find((x) => x.sender === sender);
-        if (t) t.direction = 'sendonly';
-      }
+      const t = this.pc.getTransceivers().find((x) => x.sender === sender);
+      if (t && !canSubscribe) t.direction = 'sendonly';
+      if (t && codec && track.kind === 'video') preferCodec(t, codec);
       return sender;
     });
     this.senders.set(type, { stream, senders });
@@ -302,9 +302,11 @@ class Link {
 }
 
 export class Ferry extends EventTarget {
-  // opts: { token?, identity? (dev-mode display name), rtcConfig? (extra RTCConfiguration) }
+  // opts: { token?, identity? (dev-mode display name), rtcConfig? (extra RTCConfiguration),
+  //         videoCodec? ('VP8' | 'VP9' | 'H264' | 'AV1': preferred for video we send) }
   constructor(opts = {}) {
     super();
+    this._videoCodec = opts.videoCodec;
     this._token = opts.token;
     this._identity = opts.identity;
     this._rtcConfig = opts.rtcConfig || {};
@@ -728,6 +730,20 @@ export class Ferry extends EventTarget {
     this._ws = null;
     this.dispatchEvent(new CustomEvent('disconnected', { detail: { code: ev.code, reason: ev.reason } }));
   }
+}
+
+// Put `codec` (e.g. 'VP9') first in the transceiver's codec list; the rest keep their order.
+function preferCodec(transceiver, codec) {
+  if (!transceiver.setCodecPreferences || !globalThis.RTCRtpReceiver || !RTCRtpReceiver.getCapabilities) return;
+  const caps = RTCRtpReceiver.getCapabilities('video');
+  if (!caps) return;
+  const want = 'video/' + codec.toLowerCase();
+  const first = caps.codecs.filter((c) => c.mimeType.toLowerCase() === want);
+  if (!first.length) {
+    console.warn('ferry: this browser cannot send', codec);
+    return;
+  }
+  transceiver.setCodecPreferences(first.concat(caps.codecs.filter((c) => c.mimeType.toLowerCase() !== want)));
 }
 
 const CLOSE_CODES = {
