@@ -2,7 +2,8 @@
 //! process); labels are low-cardinality only, never a room or a user.
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,6 +29,8 @@ pub struct Metrics {
     /// `ferry_media_bytes_total{direction,kind}` (RTP payload bytes), resolved the same way.
     pub bytes_in: [IntCounter; 2],
     pub bytes_out: [IntCounter; 2],
+    pub peer_connections: IntGaugeVec,
+    pub forward_latency: Histogram,
 }
 
 impl Metrics {
@@ -139,6 +142,25 @@ impl Metrics {
             media_bytes.with_label_values(&["out", "audio"]),
             media_bytes.with_label_values(&["out", "video"]),
         ];
+        let peer_connections = IntGaugeVec::new(
+            Opts::new(
+                "ferry_peer_connections",
+                "Relay (server-side) peer connections by state: new, connecting, connected, disconnected, failed.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let forward_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "ferry_forward_latency_seconds",
+                "Time inside the relay from a publisher's datagram arriving to its packet being handed to every subscriber's connection.",
+            )
+            .buckets(vec![
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+                0.01, 0.025,
+            ]),
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -161,6 +183,8 @@ impl Metrics {
             Box::new(relay_connections.clone()),
             Box::new(media_packets),
             Box::new(media_bytes),
+            Box::new(peer_connections.clone()),
+            Box::new(forward_latency.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric registered once");
@@ -190,6 +214,8 @@ impl Metrics {
             rtp_out,
             bytes_in,
             bytes_out,
+            peer_connections,
+            forward_latency,
         }
     }
 

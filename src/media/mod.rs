@@ -123,6 +123,8 @@ struct Peer {
     /// Our outgoing track id -> the (publisher, publisher track) it carries, to send a
     /// subscriber's keyframe requests upstream.
     relayed_tracks: HashMap<String, (PeerKey, String)>,
+    /// Connection state, as its metric label.
+    state: String,
     /// When each of this publisher's tracks last got a keyframe request (throttle).
     last_pli: HashMap<String, Instant>,
 }
@@ -144,6 +146,8 @@ pub struct MediaCore {
     /// publisher -> its track id -> subscribers (nested so the packet path looks up by `&str`).
     routes: HashMap<PeerKey, HashMap<String, Vec<Route>>>,
     dirty: HashSet<PeerKey>,
+    /// When the datagram being processed arrived (forwarding latency is measured from here).
+    rx_at: Instant,
 }
 
 const MAX_DATAGRAM: usize = 2048;
@@ -178,6 +182,7 @@ impl MediaCore {
             by_addr: HashMap::new(),
             routes: HashMap::new(),
             dirty: HashSet::new(),
+            rx_at: Instant::now(),
         })
     }
 
@@ -245,6 +250,7 @@ impl MediaCore {
     }
 
     fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
+        self.rx_at = now;
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
         let key = match net::classify(buf) {
             Kind::Stun => match stun::handle(buf, from) {
@@ -415,6 +421,9 @@ impl MediaCore {
             }
             self.dirty.insert(r.to);
         }
+        self.metrics
+            .forward_latency
+            .observe(self.rx_at.elapsed().as_secs_f64());
     }
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
@@ -502,9 +511,20 @@ impl MediaCore {
                 self.unpublish(key, &track_id);
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
-                if let Some(p) = self.peers.get(&key) {
-                    info!(user = %p.user_id, %state, "relay connection state");
-                }
+                let Some(p) = self.peers.get_mut(&key) else {
+                    return;
+                };
+                info!(user = %p.user_id, %state, "relay connection state");
+                let label = state.to_string();
+                self.metrics
+                    .peer_connections
+                    .with_label_values(&[&p.state])
+                    .dec();
+                self.metrics
+                    .peer_connections
+                    .with_label_values(&[&label])
+                    .inc();
+                p.state = label;
                 if state == RTCPeerConnectionState::Failed {
                     self.metrics
                         .media_dropped
@@ -824,11 +844,16 @@ impl MediaCore {
                 pli_at: Vec::new(),
                 relayed_tracks: HashMap::new(),
                 last_pli: HashMap::new(),
+                state: "new".to_string(),
             },
         );
         self.by_user.insert(user_id.to_string(), key);
         self.by_ufrag.insert(ufrag, key);
         self.metrics.relay_connections.inc();
+        self.metrics
+            .peer_connections
+            .with_label_values(&["new"])
+            .inc();
         info!(user = %user_id, room = %room_id, "relay connection created");
         Ok(key)
     }
@@ -856,6 +881,10 @@ impl MediaCore {
             let _ = p.pc.close();
             self.by_ufrag.remove(&p.ufrag);
             self.metrics.relay_connections.dec();
+            self.metrics
+                .peer_connections
+                .with_label_values(&[&p.state])
+                .dec();
             info!(user = %user_id, "relay connection closed");
         }
         self.by_addr.retain(|_, k| *k != key);
