@@ -211,3 +211,48 @@ fn token_command_without_a_secret_says_what_to_set() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FERRY_API_SECRET"), "{err}");
 }
+
+/// A member whose token says relayOnly is announced as such, so the others relay too.
+#[tokio::test]
+async fn relay_only_members_are_announced() {
+    let s = spawn(secured_config()).await;
+    let mut a = Client::connect_query(
+        s.addr,
+        &format!("?token={}", token("alice", Grants::default())),
+    )
+    .await;
+    a.request("hello", json!({})).await.unwrap();
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let relay = Grants {
+        relay_only: true,
+        ..Grants::default()
+    };
+    let mut b = Client::connect_query(s.addr, &format!("?token={}", token("bob", relay))).await;
+    let w = b.request("hello", json!({})).await.unwrap();
+    assert_eq!(w["grants"]["relayOnly"], true);
+    let j = b
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    assert!(
+        j["members"][0].get("relayOnly").is_none(),
+        "alice is not relay-only"
+    );
+    let ev = a.event().await;
+    assert_eq!(ev["event"], "join");
+    assert_eq!(ev["relayOnly"], true);
+    let mut c = Client::connect_query(
+        s.addr,
+        &format!("?token={}", token("carol", Grants::default())),
+    )
+    .await;
+    c.request("hello", json!({})).await.unwrap();
+    let j = c
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    assert_eq!(j["members"][1]["relayOnly"], true, "{j}");
+}

@@ -326,6 +326,7 @@ export class Ferry extends EventTarget {
     this._p2pFailed = null; // why direct connections failed in this room, if they did
     this._relay = null; // Link to the server while in relay mode
     this._relayStreams = new Map(); // userId -> Map('cam' | 'screen' -> MediaStream)
+    this._relayOnlyMembers = new Set(); // members whose token says relayOnly
     this._backTimer = null;
   }
 
@@ -379,7 +380,11 @@ export class Ferry extends EventTarget {
     this._roomId = res.roomId;
     this._roomMode = res.mode;
     this._p2pFailed = null;
-    for (const m of res.members) this._members.set(m.userId, m.identity);
+    this._relayOnlyMembers.clear();
+    for (const m of res.members) {
+      this._members.set(m.userId, m.identity);
+      if (m.relayOnly) this._relayOnlyMembers.add(m.userId);
+    }
     this._evaluateMode();
     return { roomId: res.roomId, members: res.members.map((m) => m.userId), maxPeers: res.maxPeers, mode: res.mode };
   }
@@ -509,7 +514,7 @@ export class Ferry extends EventTarget {
   _relayReason() {
     const w = this._welcome;
     if (this._roomMode === 'relay') return 'room_mode';
-    if (w.grants.relayOnly) return 'policy';
+    if (w.grants.relayOnly || this._relayOnlyMembers.size > 0) return 'policy';
     if (w.p2pMaxPeers === 0) return 'policy';
     if (this._members.size + 1 > w.p2pMaxPeers) return 'room_size';
     return this._p2pFailed;
@@ -652,6 +657,7 @@ export class Ferry extends EventTarget {
         if (msg.roomId !== this._roomId) return;
         if (msg.event === 'join') {
           this._members.set(msg.userId, msg.identity);
+          if (msg.relayOnly) this._relayOnlyMembers.add(msg.userId);
           this._presence({ type: 'join', userId: msg.userId, identity: msg.identity });
           const before = this._mode;
           this._evaluateMode();
@@ -662,6 +668,7 @@ export class Ferry extends EventTarget {
         } else if (msg.event === 'leave') {
           this._dropLink(msg.userId);
           this._members.delete(msg.userId);
+          this._relayOnlyMembers.delete(msg.userId);
           const relayed = this._relayStreams.get(msg.userId);
           if (relayed) {
             this._relayStreams.delete(msg.userId);

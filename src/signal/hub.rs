@@ -36,6 +36,7 @@ pub struct SessionHandle {
 struct Member {
     user_id: String,
     identity: String,
+    relay_only: bool,
     /// How this member's media travels, as its client last reported.
     relayed: bool,
 }
@@ -322,12 +323,14 @@ impl Hub {
                 .map(|m| MemberInfo {
                     user_id: m.user_id.clone(),
                     identity: m.identity.clone(),
+                    relay_only: m.relay_only,
                 })
                 .collect();
             let before = room.pairs();
             room.members.push(Member {
                 user_id: user_id.to_string(),
                 identity: identity.to_string(),
+                relay_only: grants.relay_only,
                 relayed: false,
             });
             self.adjust_pairs(before, room.pairs());
@@ -343,12 +346,14 @@ impl Hub {
             )
         };
         self.metrics.room_members.inc();
-        let event: Utf8Bytes = json!({
+        let mut event = json!({
             "type": "presence", "event": "join", "roomId": room_id,
             "userId": user_id, "identity": identity,
-        })
-        .to_string()
-        .into();
+        });
+        if grants.relay_only {
+            event["relayOnly"] = Value::Bool(true);
+        }
+        let event: Utf8Bytes = event.to_string().into();
         for other in others {
             self.deliver(&other, &event);
         }

@@ -258,6 +258,9 @@ pub enum MediaMode {
 pub struct MemberInfo {
     pub user_id: String,
     pub identity: String,
+    /// The member's token says its media always goes through the relay.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relay_only: bool,
 }
 
 /// Deserialize a request's fields (the whole object, `id` and `type` removed) into `T`,
