@@ -328,6 +328,21 @@ async fn frames(br: &mut Browser, page: &Page, remote: &str) -> f64 {
     r["frames"].as_f64().unwrap_or(0.0)
 }
 
+/// Whether a program a test needs is installed; in CI a missing one is a failure, elsewhere the
+/// test says it is skipped and why.
+fn tool_available(program: &str, version_flag: &str, test: &str) -> bool {
+    if std::process::Command::new(program)
+        .arg(version_flag)
+        .output()
+        .is_ok()
+    {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{program} missing in CI");
+    eprintln!("SKIPPED {test}: {program} is not installed (.ci/run installs it)");
+    false
+}
+
 fn iptables(args: &[&str]) {
     let st = std::process::Command::new("iptables")
         .args(args)
@@ -345,13 +360,7 @@ async fn ice_restart_heals_a_broken_path() {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
-    if std::process::Command::new("iptables")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "iptables missing in CI");
-        eprintln!("SKIPPED ice_restart_heals_a_broken_path: iptables is not installed");
+    if !tool_available("iptables", "-V", "ice_restart_heals_a_broken_path") {
         return;
     }
     let Call {
@@ -503,15 +512,11 @@ async fn turn_credentials_from_the_welcome_work_with_coturn() {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
-    if std::process::Command::new("turnserver")
-        .arg("-h")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "coturn missing in CI");
-        eprintln!(
-            "SKIPPED turn_credentials_from_the_welcome_work_with_coturn: coturn is not installed"
-        );
+    if !tool_available(
+        "turnserver",
+        "-h",
+        "turn_credentials_from_the_welcome_work_with_coturn",
+    ) {
         return;
     }
     let secret = "shared-turn-secret-for-tests";
@@ -769,13 +774,11 @@ async fn failed_direct_path_falls_back_to_the_relay() {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
-    if std::process::Command::new("iptables")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "iptables missing in CI");
-        eprintln!("SKIPPED failed_direct_path_falls_back_to_the_relay: iptables is not installed");
+    if !tool_available(
+        "iptables",
+        "-V",
+        "failed_direct_path_falls_back_to_the_relay",
+    ) {
         return;
     }
     let s = spawn(test_config()).await;

@@ -450,14 +450,7 @@ impl MediaCore {
             return;
         };
         let (rid, ssrc) = (t.receiver_id, t.ssrc);
-        if let Some(mut r) = p.pc.rtp_receiver(rid) {
-            let _ = r.write_rtcp(
-                now,
-                vec![Box::new(PictureLossIndication {
-                    sender_ssrc: 0,
-                    media_ssrc: ssrc,
-                })],
-            );
+        if send_pli(&mut p.pc, rid, ssrc, now) {
             self.metrics.keyframe_requests_relayed.inc();
         }
         self.dirty.insert(publisher);
@@ -900,16 +893,25 @@ fn request_keyframes(p: &mut Peer, now: Instant) {
         .map(|t| (t.receiver_id, t.ssrc))
         .collect();
     for (rid, ssrc) in targets {
-        if let Some(mut r) = p.pc.rtp_receiver(rid) {
-            let _ = r.write_rtcp(
-                now,
-                vec![Box::new(PictureLossIndication {
-                    sender_ssrc: 0,
-                    media_ssrc: ssrc,
-                })],
-            );
-        }
+        send_pli(&mut p.pc, rid, ssrc, now);
     }
+}
+
+/// Ask a publisher for a keyframe on one of its tracks. False when the receiver is gone.
+fn send_pli(
+    pc: &mut RTCPeerConnection,
+    receiver: rtc::rtp_transceiver::RTCRtpReceiverId,
+    media_ssrc: u32,
+    now: Instant,
+) -> bool {
+    let Some(mut r) = pc.rtp_receiver(receiver) else {
+        return false;
+    };
+    let pli = PictureLossIndication {
+        sender_ssrc: 0,
+        media_ssrc,
+    };
+    r.write_rtcp(now, vec![Box::new(pli)]).is_ok()
 }
 
 /// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`) when `wanted`
