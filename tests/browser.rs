@@ -445,6 +445,16 @@ async fn ice_restart_heals_a_broken_path() {
     );
 }
 
+/// A child process stopped (by its PID) when the test lets go of it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A TURN server that checks credentials with a shared secret (Debian coturn), on loopback.
 struct Coturn {
     child: std::process::Child,
@@ -653,11 +663,14 @@ async fn relay_room_carries_media_through_ferry() {
         .with_test_writer()
         .try_init();
     let s = spawn(test_config()).await;
+    // Debugging aid: FERRY_PCAP=/tmp/relay.pcap captures the namespace's UDP (needs tcpdump).
     let _pcap = std::env::var("FERRY_PCAP").ok().map(|f| {
-        std::process::Command::new("tcpdump")
-            .args(["-i", "lo", "-U", "-w", &f, "udp"])
-            .spawn()
-            .unwrap()
+        KillOnDrop(
+            std::process::Command::new("tcpdump")
+                .args(["-i", "lo", "-U", "-w", &f, "udp"])
+                .spawn()
+                .expect("start tcpdump"),
+        )
     });
     let base = format!("http://{}/", s.addr);
     let origin = format!("http://{}", s.addr);
