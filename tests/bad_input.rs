@@ -29,16 +29,7 @@ async fn refused(c: &mut Client, text: &str) -> (Value, String, String) {
 #[tokio::test]
 async fn malformed_messages_get_errors_and_the_connection_survives() {
     let s = spawn(test_config()).await;
-    let mut a = Client::joined_hello(s.addr, "a").await;
-    let mut b = Client::joined_hello(s.addr, "b").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    a.event().await;
+    let (mut a, mut b, _) = two_in_a_room(s.addr, "a", "b").await;
 
     let cases: &[(&str, &str, &str)] = &[
         ("{not json", "bad_request", "malformed JSON"),
@@ -232,16 +223,7 @@ async fn dead_sockets_are_detected_and_leave_their_room() {
     cfg.ping_interval = Duration::from_millis(100);
     cfg.ping_timeout = Duration::from_millis(400);
     let s = spawn(cfg).await;
-    let mut a = Client::joined_hello(s.addr, "a").await;
-    let mut b = Client::joined_hello(s.addr, "b").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    a.event().await;
+    let (mut a, b, _) = two_in_a_room(s.addr, "a", "b").await;
     // b goes silent: it never reads again, so it never answers the server's pings. a keeps
     // reading (and so answering pings) while it waits for the leave.
     let ev = a.event_where(|e| e["event"] == "leave").await;

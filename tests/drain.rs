@@ -14,16 +14,7 @@ async fn drain_waits_for_clients_to_leave() {
     cfg.drain_timeout = Duration::from_secs(60);
     let s = spawn(cfg).await;
     assert_eq!(http_get(s.addr, "/readyz").await.0, 200);
-    let mut a = Client::joined_hello(s.addr, "a").await;
-    let mut b = Client::joined_hello(s.addr, "b").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    a.event().await;
+    let (mut a, mut b, _) = two_in_a_room(s.addr, "a", "b").await;
 
     s.shutdown.shutdown();
     let ev = a.event().await;

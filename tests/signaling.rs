@@ -100,16 +100,7 @@ async fn rooms_presence_and_leave() {
 #[tokio::test]
 async fn offer_answer_candidate_bye_are_relayed_with_the_true_sender() {
     let s = spawn(test_config()).await;
-    let mut a = Client::joined_hello(s.addr, "alice").await;
-    let mut b = Client::joined_hello(s.addr, "bob").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    a.event().await; // b's join
+    let (mut a, mut b, _) = two_in_a_room(s.addr, "alice", "bob").await;
 
     let sdp = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=sendrecv\r\n";
     a.request(

@@ -265,3 +265,19 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         })
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// Two dev-mode clients in a new room; `a`'s event about `b` joining is already consumed.
+pub async fn two_in_a_room(addr: SocketAddr, a: &str, b: &str) -> (Client, Client, String) {
+    let mut a = Client::joined_hello(addr, a).await;
+    let mut b = Client::joined_hello(addr, b).await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let ev = a.event().await;
+    assert_eq!(ev["event"], "join");
+    (a, b, room)
+}
