@@ -51,7 +51,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+
+mod munger;
 use crate::net::{self, Kind, stun};
+pub use munger::Munger;
 
 /// The `to`/`from` id that names the server in signaling.
 pub const SERVER_ID: &str = "server";
@@ -102,6 +105,7 @@ struct Route {
     sender_id: RTCRtpSenderId,
     ssrc: u32,
     payload_type: u8,
+    munger: Munger,
 }
 
 struct Peer {
@@ -384,7 +388,7 @@ impl MediaCore {
         let bytes = packet.payload.len() as u64;
         self.metrics.rtp_in[kind].inc();
         self.metrics.bytes_in[kind].inc_by(bytes);
-        let Some(routes) = self.routes.get(&from).and_then(|t| t.get(track_id)) else {
+        let Some(routes) = self.routes.get_mut(&from).and_then(|t| t.get_mut(track_id)) else {
             return;
         };
         // Extensions are stripped, not remapped (the subscriber negotiated its own IDs); done once
@@ -397,8 +401,15 @@ impl MediaCore {
                 continue;
             };
             let mut out = packet.clone();
+            let (seq, ts) = r.munger.map(
+                packet.header.ssrc,
+                packet.header.sequence_number,
+                packet.header.timestamp,
+            );
             out.header.ssrc = r.ssrc;
             out.header.payload_type = r.payload_type;
+            out.header.sequence_number = seq;
+            out.header.timestamp = ts;
             match sub.pc.rtp_sender(r.sender_id) {
                 Some(mut s) => match s.write_rtp(now, out) {
                     Ok(()) => {
@@ -407,17 +418,20 @@ impl MediaCore {
                     }
                     Err(e) => {
                         debug!(error = %e, "write_rtp refused");
+                        r.munger.dropped(packet.header.sequence_number);
                         self.metrics
                             .media_dropped
                             .with_label_values(&["sender_refused"])
                             .inc();
                     }
                 },
-                None => self
-                    .metrics
-                    .media_dropped
-                    .with_label_values(&["no_sender"])
-                    .inc(),
+                None => {
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["no_sender"])
+                        .inc();
+                }
             }
             self.dirty.insert(r.to);
         }
@@ -600,6 +614,7 @@ impl MediaCore {
                 sender_id,
                 ssrc,
                 payload_type,
+                munger: Munger::default(),
             });
         // A new subscriber needs a keyframe: ask now and again shortly (its DTLS may still be
         // coming up).

@@ -1,0 +1,154 @@
+//! Per-subscriber rewrite of sequence numbers and timestamps, so that what one subscriber receives
+//! on one of its tracks is a single contiguous stream:
+//! - a packet the relay itself drops leaves no hole (the next one takes its number);
+//! - when the publisher's stream restarts with a new SSRC, numbering continues where it left off.
+//!
+//! Losses upstream (the publisher's packets that never arrived) stay holes: the subscriber NACKs
+//! them and the relay answers from its buffer.
+
+fn newer(a: u16, b: u16) -> bool {
+    a != b && a.wrapping_sub(b) < 0x8000
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Munger {
+    started: bool,
+    in_ssrc: u32,
+    seq_offset: u16,
+    ts_offset: u32,
+    /// The offset before the last change, and the first input sequence number the new one
+    /// applies to: a late (reordered) packet from before the change keeps its old number.
+    previous: Option<(u16, u16)>,
+    highest_in: u16,
+    last_out_seq: u16,
+    last_out_ts: u32,
+}
+
+impl Munger {
+    /// The (sequence number, timestamp) to send for an incoming packet.
+    pub fn map(&mut self, ssrc: u32, seq: u16, ts: u32) -> (u16, u32) {
+        if !self.started {
+            self.started = true;
+            self.in_ssrc = ssrc;
+            self.highest_in = seq;
+            self.last_out_seq = seq;
+            self.last_out_ts = ts;
+            return (seq, ts);
+        }
+        if ssrc != self.in_ssrc {
+            // The publisher restarted: continue right after the last number we sent.
+            self.in_ssrc = ssrc;
+            self.previous = None;
+            self.seq_offset = seq.wrapping_sub(self.last_out_seq.wrapping_add(1));
+            self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(1));
+            self.highest_in = seq.wrapping_sub(1);
+        }
+        let offset = match self.previous {
+            Some((old, from)) if newer(from, seq) => old,
+            _ => self.seq_offset,
+        };
+        let out_seq = seq.wrapping_sub(offset);
+        let out_ts = ts.wrapping_sub(self.ts_offset);
+        if newer(seq, self.highest_in) {
+            self.highest_in = seq;
+            self.last_out_seq = out_seq;
+            self.last_out_ts = out_ts;
+        }
+        (out_seq, out_ts)
+    }
+
+    /// The packet that came in with `seq` was not sent after all: if it was the newest, the next
+    /// packet takes its number.
+    pub fn dropped(&mut self, seq: u16) {
+        if seq != self.highest_in {
+            return;
+        }
+        self.previous = Some((self.seq_offset, seq.wrapping_add(1)));
+        self.seq_offset = self.seq_offset.wrapping_add(1);
+        self.last_out_seq = self.last_out_seq.wrapping_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    enum Step {
+        /// (ssrc, seq in, expected seq out)
+        Send(u32, u16, u16),
+        /// the relay drops the packet with this input seq after mapping it
+        Drop(u16),
+    }
+    use Step::*;
+
+    fn run(steps: &[Step]) {
+        let mut m = Munger::default();
+        for (i, s) in steps.iter().enumerate() {
+            match *s {
+                Send(ssrc, seq, want) => {
+                    let (got, _) = m.map(ssrc, seq, u32::from(seq) * 3000);
+                    assert_eq!(got, want, "step {i}: seq in {seq}");
+                }
+                Drop(seq) => m.dropped(seq),
+            }
+        }
+    }
+
+    #[test]
+    fn passes_through_in_order_and_upstream_losses() {
+        run(&[
+            Send(1, 100, 100),
+            Send(1, 101, 101),
+            Send(1, 103, 103),
+            Send(1, 102, 102),
+        ]);
+    }
+
+    #[test]
+    fn a_relay_side_drop_leaves_no_hole() {
+        run(&[
+            Send(1, 10, 10),
+            Send(1, 11, 11),
+            Drop(11),
+            Send(1, 12, 11),
+            Send(1, 13, 12),
+        ]);
+    }
+
+    #[test]
+    fn late_packets_from_before_a_drop_keep_their_number() {
+        run(&[
+            Send(1, 10, 10),
+            Send(1, 12, 12), // 11 late
+            Drop(12),
+            Send(1, 11, 11), // late, from before the change
+            Send(1, 13, 12),
+        ]);
+    }
+
+    #[test]
+    fn wraps_around() {
+        run(&[
+            Send(1, 65534, 65534),
+            Send(1, 65535, 65535),
+            Drop(65535),
+            Send(1, 0, 65535),
+            Send(1, 1, 0),
+        ]);
+    }
+
+    #[test]
+    fn a_publisher_restart_continues_the_numbering() {
+        run(&[
+            Send(1, 500, 500),
+            Send(1, 501, 501),
+            Send(2, 9000, 502),
+            Send(2, 9001, 503),
+            Send(2, 9003, 505),
+        ]);
+        let mut m = Munger::default();
+        m.map(1, 500, 1000);
+        let (_, ts) = m.map(2, 7, 77_000);
+        assert_eq!(ts, 1001, "timestamps continue too");
+    }
+}
