@@ -659,7 +659,7 @@ async fn relay_room_carries_media_through_ferry() {
         Place::Done | Place::Skipped => return,
     }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("FERRY_LOG").unwrap_or_else(|_| "ferry=info".into()))
+        .with_env_filter(std::env::var("FERRY_LOG").unwrap_or_else(|_| "ferry=warn".into()))
         .with_test_writer()
         .try_init();
     let s = spawn(test_config()).await;

@@ -476,6 +476,12 @@ impl MediaCore {
                 let Some(p) = self.peers.get_mut(&key) else {
                     return;
                 };
+                // rtc reports a track again after each renegotiation; it is routed already (keep
+                // its SSRC current for keyframe requests).
+                if let Some(t) = p.published.get_mut(&init.track_id) {
+                    t.ssrc = init.ssrc;
+                    return;
+                }
                 let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
                     return;
                 };
