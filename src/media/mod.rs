@@ -150,6 +150,9 @@ pub struct MediaCore {
     /// publisher -> its track id -> subscribers (nested so the packet path looks up by `&str`).
     routes: HashMap<PeerKey, HashMap<String, Vec<Route>>>,
     dirty: HashSet<PeerKey>,
+    /// Every peer's next timer, ordered, and the entry each peer has in it.
+    timers: std::collections::BTreeSet<(Instant, PeerKey)>,
+    deadlines: HashMap<PeerKey, Instant>,
     /// When the datagram being processed arrived (forwarding latency is measured from here).
     rx_at: Instant,
 }
@@ -186,6 +189,8 @@ impl MediaCore {
             by_addr: HashMap::new(),
             routes: HashMap::new(),
             dirty: HashSet::new(),
+            timers: Default::default(),
+            deadlines: HashMap::new(),
             rx_at: Instant::now(),
         })
     }
@@ -220,36 +225,53 @@ impl MediaCore {
         }
     }
 
-    fn next_deadline(&mut self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(1);
-        let mut d = far;
-        for p in self.peers.values_mut() {
-            if let Some(t) = p.pc.poll_timeout() {
-                d = d.min(t);
-            }
-            if let Some(t) = p.pli_at.iter().min() {
-                d = d.min(*t);
-            }
-        }
-        d
+    /// The earliest timer of any peer (or a second from now).
+    fn next_deadline(&self) -> Instant {
+        self.timers
+            .first()
+            .map(|(t, _)| *t)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1))
     }
 
+    /// Re-read one peer's next timer after it was driven (only peers that did something change).
+    fn refresh_timer(&mut self, key: PeerKey) {
+        if let Some(old) = self.deadlines.remove(&key) {
+            self.timers.remove(&(old, key));
+        }
+        let Some(p) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let next = match (p.pc.poll_timeout(), p.pli_at.iter().min().copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(t) = next {
+            self.deadlines.insert(key, t);
+            self.timers.insert((t, key));
+        }
+    }
+
+    /// Fire the timers that are due (only those peers: no scan of every peer).
     fn handle_timeouts(&mut self, now: Instant) {
-        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-        for k in keys {
+        while let Some(&(t, k)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.deadlines.remove(&k);
             let Some(p) = self.peers.get_mut(&k) else {
                 continue;
             };
             if p.pc.poll_timeout().is_some_and(|t| t <= now) {
                 let _ = p.pc.handle_timeout(now);
-                self.dirty.insert(k);
             }
             if p.pli_at.iter().any(|t| *t <= now) {
                 p.pli_at.retain(|t| *t > now);
                 request_keyframes(p, now);
                 self.metrics.keyframe_requests_new_subscriber.inc();
-                self.dirty.insert(k);
             }
+            // Draining it re-reads its next timer.
+            self.dirty.insert(k);
         }
     }
 
@@ -371,6 +393,7 @@ impl MediaCore {
         {
             self.negotiate(key);
         }
+        self.refresh_timer(key);
     }
 
     fn forward(
@@ -626,6 +649,7 @@ impl MediaCore {
         // coming up).
         if let Some(p) = self.peers.get_mut(&publisher) {
             let now = Instant::now();
+            self.dirty.insert(publisher);
             p.pli_at.extend([
                 now,
                 now + Duration::from_millis(500),
@@ -903,6 +927,9 @@ impl MediaCore {
         }
         self.by_addr.retain(|_, k| *k != key);
         self.dirty.remove(&key);
+        if let Some(t) = self.deadlines.remove(&key) {
+            self.timers.remove(&(t, key));
+        }
     }
 }
 
