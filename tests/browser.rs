@@ -180,9 +180,8 @@ async fn start_call() -> Call {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_call_each_other_p2p() {
-    match in_loopback_netns("two_browsers_call_each_other_p2p") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
+    if !runs_here("two_browsers_call_each_other_p2p", &[]) {
+        return;
     }
     let Call {
         server: s,
@@ -328,6 +327,17 @@ async fn frames(br: &mut Browser, page: &Page, remote: &str) -> f64 {
     r["frames"].as_f64().unwrap_or(0.0)
 }
 
+/// Prepare a browser test: true when this process should run its body (inside the loopback-only
+/// namespace, with the programs it needs), false when the outer run is done or it was skipped.
+fn runs_here(test: &str, tools: &[(&str, &str)]) -> bool {
+    match in_loopback_netns(test) {
+        Place::Inside => tools
+            .iter()
+            .all(|(program, flag)| tool_available(program, flag, test)),
+        Place::Done | Place::Skipped => false,
+    }
+}
+
 /// Whether a program a test needs is installed; in CI a missing one is a failure, elsewhere the
 /// test says it is skipped and why.
 fn tool_available(program: &str, version_flag: &str, test: &str) -> bool {
@@ -356,11 +366,7 @@ fn iptables(args: &[&str]) {
 /// iptables drops every loopback packet except signaling and DevTools.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_restart_heals_a_broken_path() {
-    match in_loopback_netns("ice_restart_heals_a_broken_path") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
-    }
-    if !tool_available("iptables", "-V", "ice_restart_heals_a_broken_path") {
+    if !runs_here("ice_restart_heals_a_broken_path", &[("iptables", "-V")]) {
         return;
     }
     let Call {
@@ -457,7 +463,7 @@ impl Drop for KillOnDrop {
 
 /// A TURN server that checks credentials with a shared secret (Debian coturn), on loopback.
 struct Coturn {
-    child: std::process::Child,
+    _child: KillOnDrop,
     port: u16,
 }
 
@@ -486,7 +492,10 @@ impl Coturn {
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok()?;
-        let mut coturn = Coturn { child, port };
+        let coturn = Coturn {
+            _child: KillOnDrop(child),
+            port,
+        };
         // Up when it answers a STUN binding request.
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let req = [
@@ -502,15 +511,7 @@ impl Coturn {
                 return Some(coturn);
             }
         }
-        let _ = coturn.child.kill();
         panic!("coturn did not come up on port {}", coturn.port);
-    }
-}
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -518,14 +519,9 @@ impl Drop for Coturn {
 /// restricted to relay candidates call each other through coturn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turn_credentials_from_the_welcome_work_with_coturn() {
-    match in_loopback_netns("turn_credentials_from_the_welcome_work_with_coturn") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
-    }
-    if !tool_available(
-        "turnserver",
-        "-h",
+    if !runs_here(
         "turn_credentials_from_the_welcome_work_with_coturn",
+        &[("turnserver", "-h")],
     ) {
         return;
     }
@@ -538,16 +534,8 @@ async fn turn_credentials_from_the_welcome_work_with_coturn() {
         ttl: Duration::from_secs(600),
     }];
     let s = spawn(cfg).await;
-    let base = format!("http://{}/", s.addr);
-    let origin = format!("http://{}", s.addr);
-    let mut ba = Browser::launch().await;
-    let mut bb = Browser::launch().await;
-    ba.grant_media(&origin).await;
-    bb.grant_media(&origin).await;
-    let a = ba.open("alice", &base).await;
-    let b = bb.open("bob", &base).await;
-    enter_lobby(&mut ba, &a).await;
-    enter_lobby(&mut bb, &b).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
     let start = |room: &str| {
         format!(
             "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true }}); \
@@ -654,9 +642,8 @@ async fn wait_or_explain(br: &mut Browser, page: &Page, expr: &str, remote: &str
 /// A room created with `mode: 'relay'`: two browsers decode each other's video through Ferry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_room_carries_media_through_ferry() {
-    match in_loopback_netns("relay_room_carries_media_through_ferry") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
+    if !runs_here("relay_room_carries_media_through_ferry", &[]) {
+        return;
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("FERRY_LOG").unwrap_or_else(|_| "ferry=warn".into()))
@@ -672,16 +659,8 @@ async fn relay_room_carries_media_through_ferry() {
                 .expect("start tcpdump"),
         )
     });
-    let base = format!("http://{}/", s.addr);
-    let origin = format!("http://{}", s.addr);
-    let mut ba = Browser::launch().await;
-    let mut bb = Browser::launch().await;
-    ba.grant_media(&origin).await;
-    bb.grant_media(&origin).await;
-    let a = ba.open("alice", &base).await;
-    let b = bb.open("bob", &base).await;
-    enter_lobby(&mut ba, &a).await;
-    enter_lobby(&mut bb, &b).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
     let ra = ba.eval(&a, &sdk_member(None, "{ mode: 'relay' }")).await;
     let room = ra["roomId"].as_str().unwrap().to_string();
     let started = Instant::now();
@@ -783,14 +762,9 @@ async fn member_page(server: &TestServer, name: &str) -> (Browser, Page) {
 /// after p2p_timeout, both decode video through Ferry, and the server counts the fallback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_direct_path_falls_back_to_the_relay() {
-    match in_loopback_netns("failed_direct_path_falls_back_to_the_relay") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
-    }
-    if !tool_available(
-        "iptables",
-        "-V",
+    if !runs_here(
         "failed_direct_path_falls_back_to_the_relay",
+        &[("iptables", "-V")],
     ) {
         return;
     }
@@ -865,9 +839,8 @@ async fn failed_direct_path_falls_back_to_the_relay() {
 /// decodes the other two; when one leaves, the other two return to P2P and media keeps flowing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_relay_then_back_to_p2p() {
-    match in_loopback_netns("three_members_relay_then_back_to_p2p") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
+    if !runs_here("three_members_relay_then_back_to_p2p", &[]) {
+        return;
     }
     let s = spawn(test_config()).await;
     let (mut ba, a) = member_page(&s, "alice").await;
@@ -939,9 +912,8 @@ async fn three_members_relay_then_back_to_p2p() {
 /// the codec first; the relay keeps each subscriber's payload type for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_carries_vp9_and_h264() {
-    match in_loopback_netns("relay_carries_vp9_and_h264") {
-        Place::Inside => {}
-        Place::Done | Place::Skipped => return,
+    if !runs_here("relay_carries_vp9_and_h264", &[]) {
+        return;
     }
     let s = spawn(test_config()).await;
     let (mut ba, a) = member_page(&s, "alice").await;
