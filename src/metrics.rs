@@ -31,6 +31,14 @@ pub struct Metrics {
     pub bytes_out: [IntCounter; 2],
     pub peer_connections: IntGaugeVec,
     pub forward_latency: Histogram,
+    /// `ferry_nacks_total{direction}`: NACK feedback received from subscribers / sent to publishers.
+    pub nacks_received: IntCounter,
+    pub nacks_sent: IntCounter,
+    /// `ferry_retransmits_total`: RTP packets resent to subscribers from the retransmission buffer.
+    pub retransmits: IntCounter,
+    /// `ferry_connection_failures_total{stage}`: relay connections that failed, at ICE or at DTLS.
+    pub failures_ice: IntCounter,
+    pub failures_dtls: IntCounter,
 }
 
 impl Metrics {
@@ -161,6 +169,31 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let nacks = IntCounterVec::new(
+            Opts::new(
+                "ferry_nacks_total",
+                "RTCP NACK feedback messages: direction received (from subscribers, answered from the retransmission buffer) or sent (to publishers, for losses on their leg).",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let nacks_received = nacks.with_label_values(&["received"]);
+        let nacks_sent = nacks.with_label_values(&["sent"]);
+        let retransmits = IntCounter::new(
+            "ferry_retransmits_total",
+            "RTP packets resent to subscribers from the relay's retransmission buffer (answers to their NACKs).",
+        )
+        .expect("valid metric");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "ferry_connection_failures_total",
+                "Relay peer connections that failed, by stage: ice (no connectivity) or dtls (connected, handshake failed).",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let failures_ice = failures.with_label_values(&["ice"]);
+        let failures_dtls = failures.with_label_values(&["dtls"]);
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -186,6 +219,9 @@ impl Metrics {
             Box::new(peer_connections.clone()),
             Box::new(forward_latency.clone()),
             Box::new(build_info),
+            Box::new(nacks),
+            Box::new(retransmits.clone()),
+            Box::new(failures),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -216,6 +252,11 @@ impl Metrics {
             bytes_out,
             peer_connections,
             forward_latency,
+            nacks_received,
+            nacks_sent,
+            retransmits,
+            failures_ice,
+            failures_dtls,
         }
     }
 

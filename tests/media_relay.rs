@@ -156,6 +156,44 @@ async fn loss_on_the_subscriber_leg_is_repaired_by_nack() {
         sub.dropped,
         sub.received.len() - before
     );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let nacks = metric(&m, "ferry_nacks_total{direction=\"received\"}").unwrap_or(0.0);
+    let resent = metric(&m, "ferry_retransmits_total").unwrap_or(0.0);
+    assert!(nacks >= 1.0, "subscriber NACKs counted: {nacks}");
+    assert!(
+        resent >= 30.0,
+        "{} lost at the subscriber, {resent} retransmitted",
+        sub.dropped
+    );
+}
+
+#[tokio::test]
+async fn loss_on_the_publisher_leg_is_nacked_upstream() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 50).await;
+    // Every 5th datagram the publisher sends is lost on its way to the relay.
+    publ.drop_sent_every = 5;
+    stream(&mut publ, &mut sub, 50, 300).await;
+    publ.drop_sent_every = 0;
+    stream(&mut publ, &mut sub, 350, 5).await;
+    assert!(
+        publ.dropped_sent >= 50,
+        "induced uplink loss: {}",
+        publ.dropped_sent
+    );
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    let missing: Vec<u16> = (50..350)
+        .filter(|i| got.binary_search(i).is_err())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lost on the publisher leg, still missing at the subscriber: {missing:?}",
+        publ.dropped_sent
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let sent = metric(&m, "ferry_nacks_total{direction=\"sent\"}").unwrap_or(0.0);
+    assert!(sent >= 1.0, "NACKs sent to the publisher: {sent}");
 }
 
 /// The direction the server's latest offer gives its video section ("sendonly" while it relays a

@@ -131,6 +131,8 @@ struct Peer {
     state: String,
     /// When each of this publisher's tracks last got a keyframe request (throttle).
     last_pli: HashMap<String, Instant>,
+    /// ICE failed (so a failed connection failed at ICE, not at DTLS).
+    ice_failed: bool,
 }
 
 /// Keyframe requests from one subscriber reach the publisher at most this often per track.
@@ -566,6 +568,18 @@ impl MediaCore {
                         .media_dropped
                         .with_label_values(&["connection_failed"])
                         .inc();
+                    if p.ice_failed {
+                        self.metrics.failures_ice.inc();
+                    } else {
+                        self.metrics.failures_dtls.inc();
+                    }
+                }
+            }
+            RTCPeerConnectionEvent::OnIceConnectionStateChangeEvent(state) => {
+                if let Some(p) = self.peers.get_mut(&key) {
+                    debug!(user = %p.user_id, %state, "relay ICE state");
+                    p.ice_failed =
+                        state == rtc::peer_connection::state::RTCIceConnectionState::Failed;
                 }
             }
             _ => {}
@@ -843,7 +857,18 @@ impl MediaCore {
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
+        let registry = Registry::new()
+            .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
+            .with(
+                Slot::from(3_500),
+                CountFeedback {
+                    nacks_received: self.metrics.nacks_received.clone(),
+                    nacks_sent: self.metrics.nacks_sent.clone(),
+                    retransmits: self.metrics.retransmits.clone(),
+                    read: Default::default(),
+                    write: Default::default(),
+                },
+            );
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -883,6 +908,7 @@ impl MediaCore {
                 relayed_tracks: HashMap::new(),
                 last_pli: HashMap::new(),
                 state: "new".to_string(),
+                ice_failed: false,
             },
         );
         self.by_user.insert(user_id.to_string(), key);
@@ -960,6 +986,77 @@ fn send_pli(
         media_ssrc,
     };
     r.write_rtcp(now, vec![Box::new(pli)]).is_ok()
+}
+
+/// Counts NACKs and retransmissions for the metrics. It sits between the pacer (3_000) and rtc's
+/// NACK responder (4_000): on the write walk it sees the responder's retransmissions (tagged
+/// `Attribute::Retransmission`) and the NACK generator's requests to the publisher; on the read
+/// walk, subscribers' NACKs before the responder acts on them. Counter clones are lock-free.
+struct CountFeedback {
+    nacks_received: prometheus::IntCounter,
+    nacks_sent: prometheus::IntCounter,
+    retransmits: prometheus::IntCounter,
+    read: std::collections::VecDeque<TaggedPacket>,
+    write: std::collections::VecDeque<TaggedPacket>,
+}
+
+fn count_nacks(packets: &[Box<dyn rtc::rtcp::Packet>]) -> u64 {
+    packets
+        .iter()
+        .filter(|p| {
+            p.as_any()
+                .is::<rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack>()
+        })
+        .count() as u64
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for CountFeedback {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            self.nacks_received.inc_by(count_nacks(packets));
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        match &msg.message.packet {
+            Packet::Rtp(_) if msg.message.has(&Attribute::Retransmission) => self.retransmits.inc(),
+            Packet::Rtcp(packets) => self.nacks_sent.inc_by(count_nacks(packets)),
+            _ => {}
+        }
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        None
+    }
+}
+
+impl Interceptor for CountFeedback {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 /// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`) when `wanted`

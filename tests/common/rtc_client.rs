@@ -60,6 +60,10 @@ pub struct MediaClient {
     pub drop_every: usize,
     rtp_seen: usize,
     pub dropped: usize,
+    /// Drop every n-th outgoing RTP datagram after encryption (loss on our uplink), 0 = none.
+    pub drop_sent_every: usize,
+    rtp_sent: usize,
+    pub dropped_sent: usize,
     pending_answer: Option<String>,
     /// The server's offers, in order.
     pub server_offers: Vec<String>,
@@ -145,6 +149,9 @@ impl MediaClient {
             keyframe_requests: 0,
             sender,
             drop_every: 0,
+            drop_sent_every: 0,
+            rtp_sent: 0,
+            dropped_sent: 0,
             rtp_seen: 0,
             dropped: 0,
             pending_answer: None,
@@ -271,6 +278,14 @@ impl MediaClient {
             }
         }
         while let Some(t) = self.pc.poll_write() {
+            let b = &t.message;
+            if b.len() > 1 && (128..192).contains(&b[0]) && !(192..224).contains(&b[1]) {
+                self.rtp_sent += 1;
+                if self.drop_sent_every > 0 && self.rtp_sent.is_multiple_of(self.drop_sent_every) {
+                    self.dropped_sent += 1;
+                    continue;
+                }
+            }
             let _ = self.socket.send_to(&t.message, t.transport.peer_addr).await;
         }
     }
