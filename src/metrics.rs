@@ -1,13 +1,57 @@
 //! Prometheus metrics. One registry per server instance (so tests can run several servers in one
-//! process); labels are low-cardinality only, never a room or a user.
+//! process); labels are low-cardinality only, never a room or a user. The catalogue, with when each
+//! metric moves, is docs/metrics.md.
+//!
+//! Every label value the code can produce is created at start (zero), so that dashboards and alert
+//! rules find a series before the first event: a rate over a missing series is "no data", not 0.
+
+use crate::signal::protocol::{ErrorCode, MODE_REASONS};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
+/// `ferry_signal_messages_total{type}`: the request types, then `unknown` (a type Ferry does not
+/// know) and `invalid` (not a request at all).
+pub const MESSAGE_TYPES: [&str; 12] = [
+    "hello",
+    "ping",
+    "createRoom",
+    "joinRoom",
+    "leaveRoom",
+    "offer",
+    "answer",
+    "candidate",
+    "bye",
+    "reportMode",
+    "unknown",
+    "invalid",
+];
+
+/// `ferry_signal_errors_total{code}` beyond the protocol's error codes: a connection refused for
+/// `max_connections`.
+pub const EXTRA_ERROR_CODES: [&str; 1] = ["too_many_connections"];
+
+/// `ferry_media_dropped_total{reason}`: every reason the media path drops for.
+pub const DROP_REASONS: [&str; 8] = [
+    "malformed",
+    "unexpected_stun",
+    "unknown_peer",
+    "undecryptable",
+    "sender_refused",
+    "no_sender",
+    "send_buffer_full",
+    "connection_failed",
+];
+
+/// `ferry_peer_connections{state}`: the states a relay connection is counted in.
+pub const PEER_STATES: [&str; 5] = ["new", "connecting", "connected", "disconnected", "failed"];
+
 pub struct Metrics {
     pub registry: Registry,
+    /// `ferry_ready`: 1 while accepting new sessions, 0 once a drain started (as `/readyz`).
+    pub ready: IntGauge,
     pub ws_connections: IntGauge,
     pub rooms: IntGauge,
     pub room_members: IntGauge,
@@ -194,6 +238,31 @@ impl Metrics {
         .expect("valid metric");
         let failures_ice = failures.with_label_values(&["ice"]);
         let failures_dtls = failures.with_label_values(&["dtls"]);
+        for t in MESSAGE_TYPES {
+            signal_messages.with_label_values(&[t]);
+        }
+        for code in ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .chain(EXTRA_ERROR_CODES)
+        {
+            signal_errors.with_label_values(&[code]);
+        }
+        for r in DROP_REASONS {
+            media_dropped.with_label_values(&[r]);
+        }
+        for r in MODE_REASONS {
+            fallbacks.with_label_values(&[r]);
+        }
+        for st in PEER_STATES {
+            peer_connections.with_label_values(&[st]);
+        }
+        let ready = IntGauge::new(
+            "ferry_ready",
+            "1 while the server accepts new sessions, 0 once it is draining (as /readyz answers).",
+        )
+        .expect("valid metric");
+        ready.set(1);
         let build_info = IntGaugeVec::new(
             Opts::new("ferry_build_info", "Build information; always 1."),
             &["version"],
@@ -222,6 +291,7 @@ impl Metrics {
             Box::new(nacks),
             Box::new(retransmits.clone()),
             Box::new(failures),
+            Box::new(ready.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -233,6 +303,7 @@ impl Metrics {
             .expect("process collector registered once");
         Metrics {
             registry,
+            ready,
             ws_connections,
             rooms,
             room_members,
@@ -273,5 +344,42 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::protocol::RequestType;
+
+    #[test]
+    fn message_type_labels_are_request_types() {
+        for t in &MESSAGE_TYPES[..MESSAGE_TYPES.len() - 2] {
+            assert_eq!(RequestType::parse(t).map(|r| r.as_str()), Some(*t));
+        }
+    }
+
+    #[test]
+    fn known_label_values_exist_from_the_start() {
+        let m = Metrics::new();
+        let text = m.render();
+        for r in DROP_REASONS {
+            let line = format!("ferry_media_dropped_total{{reason=\"{r}\"}} 0\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        for c in ErrorCode::ALL {
+            let line = format!("ferry_signal_errors_total{{code=\"{}\"}} 0\n", c.as_str());
+            assert!(text.contains(&line), "{line}");
+        }
+        for r in MODE_REASONS {
+            let line = format!("ferry_fallbacks_total{{reason=\"{r}\"}} 0\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        for st in PEER_STATES {
+            let line = format!("ferry_peer_connections{{state=\"{st}\"}} 0\n");
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains("ferry_signal_messages_total{type=\"invalid\"} 0\n"));
+        assert!(text.contains("ferry_ready 1\n"));
     }
 }

@@ -155,6 +155,7 @@ impl Server {
         let sessions = hub.connection_count();
         info!(sessions, drain_timeout = ?cfg.drain_timeout, "draining");
         hub.start_drain();
+        hub.metrics.ready.set(0);
         let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
         while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
