@@ -27,6 +27,9 @@ async fn relayed_pair(s: &TestServer) -> (MediaClient, MediaClient) {
     b.request("joinRoom", json!({"roomId": room}))
         .await
         .unwrap();
+    b.request("subscribe", json!({"userId": a.user_id}))
+        .await
+        .unwrap();
     let mut publ = MediaClient::connect(a, true).await;
     let mut sub = MediaClient::connect(b, false).await;
     for _ in 0..1000 {

@@ -11,9 +11,8 @@
 //! when tracks come or go the server offers. The server is the impolite side: an offer from the
 //! client that crosses one of ours is ignored and the client rolls back (perfect negotiation).
 //!
-//! Scope of this first version (see docs/status.md): routing, header rewrite, keyframe requests to
-//! a publisher when a subscriber is added; RTCP feedback relay, NACK buffers and sequence rewriting
-//! across publisher restarts are not done yet.
+//! Subscriptions are explicit (`subscribe` / `unsubscribe`, per publisher and source): a relayed
+//! member receives what it asked for, so that only the pairs that need the relay use it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -76,7 +75,25 @@ pub enum Command {
         user_id: String,
         candidate: Value,
     },
-    /// The client left its room or disconnected: drop its connection and its tracks.
+    /// Receive `publisher`'s tracks (of one source, or all) through the relay, now and later.
+    Subscribe {
+        user_id: String,
+        room_id: String,
+        publisher: String,
+        stream_type: Option<String>,
+    },
+    Unsubscribe {
+        user_id: String,
+        publisher: String,
+        stream_type: Option<String>,
+    },
+    /// The client closed its relay connection (`bye` to the server): drop the connection and its
+    /// tracks; its subscriptions stay (it may open a fresh connection).
+    Close {
+        user_id: String,
+    },
+    /// The client left its room or disconnected: drop its connection, its tracks and every
+    /// subscription from or to it.
     Leave {
         user_id: String,
     },
@@ -85,6 +102,8 @@ pub enum Command {
 /// Where the media task sends messages for clients (the signaling hub).
 pub trait ClientSink: Send + Sync + 'static {
     fn send_to(&self, user_id: &str, message: Value);
+    /// To every member of a room but `except`.
+    fn send_to_room(&self, room_id: &str, except: &str, message: Value);
 }
 
 type PeerKey = u64;
@@ -95,18 +114,82 @@ struct Published {
     codec: RTCRtpCodec,
     ssrc: u32,
     receiver_id: rtc::rtp_transceiver::RTCRtpReceiverId,
+    /// 'cam' | 'screen'.
+    ty: String,
     /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
     stream_id: String,
 }
 
-/// One subscriber's copy of a published track.
+/// What one subscriber receives of one publisher: keyed by the publisher's user id (not its
+/// connection), source and kind, so that a publisher that republishes or reconnects within
+/// [`REPUBLISH_GRACE`] continues on the same subscriber track, SSRC and sequence numbering.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FeedKey {
+    publisher: String,
+    ty: String,
+    kind: RtpCodecKind,
+    /// Tells apart two live tracks of the same source and kind (rare).
+    n: u8,
+}
+
+/// A subscriber's outgoing track for one [`FeedKey`].
+struct Feed {
+    sender_id: RTCRtpSenderId,
+    stream_id: String,
+    mime: String,
+    /// The publisher's track it carries now.
+    bound: Option<(PeerKey, String)>,
+    /// Its route while no publisher track is bound, and when it is dropped if none comes back.
+    parked: Option<(Route, Instant)>,
+}
+
+/// One subscriber's copy of a published track (the per-packet state of the forwarder).
 struct Route {
     to: PeerKey,
     sender_id: RTCRtpSenderId,
     ssrc: u32,
     payload_type: u8,
     munger: Munger,
+    /// Publisher's header-extension id -> this subscriber's id for the same URI (0: not sent).
+    ext_map: Box<[u8; 256]>,
+    clock_rate: u32,
+    last_sent: Option<Instant>,
 }
+
+/// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
+/// source to come back (republish, reconnect), before removing it.
+pub const REPUBLISH_GRACE: Duration = Duration::from_secs(3);
+
+/// Header extensions forwarded end to end (their IDs remapped per subscriber). The others belong
+/// to one leg and are not forwarded: transport-cc and abs-send-time (the relay's own congestion
+/// feedback), mid / rid / repaired-rid (each connection's own BUNDLE demux).
+pub const FORWARDED_EXTENSIONS: [(&str, RtpCodecKind); 7] = [
+    (
+        "urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+        RtpCodecKind::Audio,
+    ),
+    ("urn:3gpp:video-orientation", RtpCodecKind::Video),
+    (
+        "http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time",
+        RtpCodecKind::Audio,
+    ),
+    (
+        "http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time",
+        RtpCodecKind::Video,
+    ),
+    (
+        "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay",
+        RtpCodecKind::Video,
+    ),
+    (
+        "http://www.webrtc.org/experiments/rtp-hdrext/video-content-type",
+        RtpCodecKind::Video,
+    ),
+    (
+        "http://www.webrtc.org/experiments/rtp-hdrext/color-space",
+        RtpCodecKind::Video,
+    ),
+];
 
 struct Peer {
     user_id: String,
@@ -117,22 +200,31 @@ struct Peer {
     stream_types: HashMap<String, String>,
     /// Track id (in this connection) -> what it publishes.
     published: HashMap<String, Published>,
-    /// (publisher key, publisher track id) -> our sender for it.
-    senders: HashMap<(PeerKey, String), (RTCRtpSenderId, String)>,
+    /// What it receives through the relay.
+    feeds: HashMap<FeedKey, Feed>,
     /// Stream id -> (publisher userId, type), for the client to map streams to members.
     stream_meta: BTreeMap<String, Value>,
     negotiation_needed: bool,
     /// Keyframe requests to send to this publisher at these times (a new subscriber joined).
     pli_at: Vec<Instant>,
-    /// Our outgoing track id -> the (publisher, publisher track) it carries, to send a
-    /// subscriber's keyframe requests upstream.
-    relayed_tracks: HashMap<String, (PeerKey, String)>,
+    /// Our outgoing track id -> the feed it carries, to send a subscriber's keyframe requests
+    /// upstream.
+    relayed_tracks: HashMap<String, FeedKey>,
     /// Connection state, as its metric label.
     state: String,
     /// When each of this publisher's tracks last got a keyframe request (throttle).
     last_pli: HashMap<String, Instant>,
     /// ICE failed (so a failed connection failed at ICE, not at DTLS).
     ice_failed: bool,
+}
+
+impl Peer {
+    fn next_parked_deadline(&self) -> Option<Instant> {
+        self.feeds
+            .values()
+            .filter_map(|f| f.parked.as_ref().map(|(_, t)| *t))
+            .min()
+    }
 }
 
 /// Keyframe requests from one subscriber reach the publisher at most this often per track.
@@ -149,6 +241,9 @@ pub struct MediaCore {
     by_user: HashMap<String, PeerKey>,
     by_ufrag: HashMap<String, PeerKey>,
     by_addr: HashMap<SocketAddr, PeerKey>,
+    /// Subscriber user id -> (publisher user id, source or every source) it wants through the
+    /// relay. Kept while the subscriber is in the room, across its relay connections.
+    interests: HashMap<String, HashSet<(String, Option<String>)>>,
     /// publisher -> its track id -> subscribers (nested so the packet path looks up by `&str`).
     routes: HashMap<PeerKey, HashMap<String, Vec<Route>>>,
     dirty: HashSet<PeerKey>,
@@ -189,6 +284,7 @@ impl MediaCore {
             by_user: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            interests: HashMap::new(),
             routes: HashMap::new(),
             dirty: HashSet::new(),
             timers: Default::default(),
@@ -243,10 +339,14 @@ impl MediaCore {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
-        let next = match (p.pc.poll_timeout(), p.pli_at.iter().min().copied()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [
+            p.pc.poll_timeout(),
+            p.pli_at.iter().min().copied(),
+            p.next_parked_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         if let Some(t) = next {
             self.deadlines.insert(key, t);
             self.timers.insert((t, key));
@@ -271,6 +371,17 @@ impl MediaCore {
                 p.pli_at.retain(|t| *t > now);
                 request_keyframes(p, now);
                 self.metrics.keyframe_requests_new_subscriber.inc();
+            }
+            if p.next_parked_deadline().is_some_and(|t| t <= now) {
+                let expired: Vec<FeedKey> = p
+                    .feeds
+                    .iter()
+                    .filter(|(_, f)| f.parked.as_ref().is_some_and(|(_, t)| *t <= now))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for f in expired {
+                    self.drop_feed(k, &f);
+                }
             }
             // Draining it re-reads its next timer.
             self.dirty.insert(k);
@@ -416,10 +527,11 @@ impl MediaCore {
         let Some(routes) = self.routes.get_mut(&from).and_then(|t| t.get_mut(track_id)) else {
             return;
         };
-        // Extensions are stripped, not remapped (the subscriber negotiated its own IDs); done once
-        // so that the per-subscriber clone copies no extension list. The payload is shared.
+        // The publisher's extensions are taken out once (the per-subscriber clone then copies no
+        // extension list) and each subscriber gets those it negotiated, under its own IDs. The
+        // payload is shared.
+        let extensions = std::mem::take(&mut packet.header.extensions);
         packet.header.extension = false;
-        packet.header.extensions.clear();
         packet.header.extension_profile = 0;
         for r in routes {
             let Some(sub) = self.peers.get_mut(&r.to) else {
@@ -435,9 +547,11 @@ impl MediaCore {
             out.header.payload_type = r.payload_type;
             out.header.sequence_number = seq;
             out.header.timestamp = ts;
+            remap_extensions(&extensions, &r.ext_map, &mut out.header);
             match sub.pc.rtp_sender(r.sender_id) {
                 Some(mut s) => match s.write_rtp(now, out) {
                     Ok(()) => {
+                        r.last_sent = Some(now);
                         self.metrics.rtp_out[kind].inc();
                         self.metrics.bytes_out[kind].inc_by(bytes);
                     }
@@ -467,12 +581,10 @@ impl MediaCore {
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
     fn relay_keyframe_request(&mut self, sub: PeerKey, track_id: &str, now: Instant) {
-        let Some((publisher, ptrack)) = self
-            .peers
-            .get(&sub)
-            .and_then(|s| s.relayed_tracks.get(track_id))
-            .cloned()
-        else {
+        let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
+            let feed = s.relayed_tracks.get(track_id)?;
+            s.feeds.get(feed)?.bound.clone()
+        }) else {
             return;
         };
         let Some(p) = self.peers.get_mut(&publisher) else {
@@ -505,6 +617,7 @@ impl MediaCore {
                 // its SSRC current for keyframe requests).
                 if let Some(t) = p.published.get_mut(&init.track_id) {
                     t.ssrc = init.ssrc;
+                    self.refresh_ext_maps(key);
                     return;
                 }
                 let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
@@ -531,22 +644,31 @@ impl MediaCore {
                         codec,
                         ssrc: init.ssrc,
                         receiver_id: init.receiver_id,
+                        ty: ty.clone(),
                         stream_id,
                     },
                 );
-                let room = p.room_id.clone();
+                let (room, user) = (p.room_id.clone(), p.user_id.clone());
+                self.sink.send_to_room(
+                    &room,
+                    &user,
+                    json!({"type": "track", "event": "published", "userId": user,
+                           "streamType": ty, "kind": kind_name(kind)}),
+                );
                 let subs: Vec<PeerKey> = self
                     .peers
                     .iter()
-                    .filter(|(k, q)| **k != key && q.room_id == room)
+                    .filter(|(k, q)| {
+                        **k != key && q.room_id == room && self.wants(&q.user_id, &user, &ty)
+                    })
                     .map(|(k, _)| *k)
                     .collect();
                 for s in subs {
-                    self.subscribe(s, key, &init.track_id);
+                    self.attach(s, key, &init.track_id);
                 }
             }
             RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
-                self.unpublish(key, &track_id);
+                self.unpublish(key, &track_id, Instant::now());
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 let Some(p) = self.peers.get_mut(&key) else {
@@ -586,83 +708,153 @@ impl MediaCore {
         }
     }
 
-    /// Give subscriber `sub` a copy of `publisher`'s track.
-    fn subscribe(&mut self, sub: PeerKey, publisher: PeerKey, track_id: &str) {
+    /// Whether `sub` asked for `publisher`'s `ty` source.
+    fn wants(&self, sub: &str, publisher: &str, ty: &str) -> bool {
+        self.interests.get(sub).is_some_and(|i| {
+            i.contains(&(publisher.to_string(), None))
+                || i.contains(&(publisher.to_string(), Some(ty.to_string())))
+        })
+    }
+
+    /// Give subscriber `sub` a copy of `publisher`'s track: on the feed this source had if it is
+    /// waiting for a republished track, else on a new one.
+    fn attach(&mut self, sub: PeerKey, publisher: PeerKey, track_id: &str) {
         let Some(pubp) = self.peers.get(&publisher) else {
             return;
         };
         let Some(t) = pubp.published.get(track_id) else {
             return;
         };
-        let (kind, codec, stream_id) = (t.kind, t.codec.clone(), t.stream_id.clone());
+        let (kind, codec, stream_id, ty) = (
+            t.kind,
+            t.codec.clone(),
+            t.stream_id.clone(),
+            t.ty.clone(),
+        );
         let publisher_user = pubp.user_id.clone();
-        let ty = stream_id.rsplit('~').next().unwrap_or("cam").to_string();
+        let bound = Some((publisher, track_id.to_string()));
         let Some(s) = self.peers.get_mut(&sub) else {
             return;
         };
-        if s.senders.contains_key(&(publisher, track_id.to_string())) {
+        if s.feeds.values().any(|f| f.bound == bound) {
             return;
         }
-        let ssrc: u32 = rand::random();
-        let out_track_id = format!("{stream_id}~{}", random_token(6));
-        s.relayed_tracks
-            .insert(out_track_id.clone(), (publisher, track_id.to_string()));
-        let out_track = MediaStreamTrack::new(
-            stream_id.clone(),
-            out_track_id,
-            format!("{publisher_user} {ty}"),
+        let base = FeedKey {
+            publisher: publisher_user.clone(),
+            ty: ty.clone(),
             kind,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
-                codec: codec.clone(),
-                ..Default::default()
-            }],
-        );
-        let sender_id = match s.pc.add_track(out_track) {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
-                return;
-            }
+            n: 0,
         };
-        let payload_type =
-            s.pc.rtp_sender(sender_id)
-                .and_then(|mut snd| {
-                    snd.get_parameters()
-                        .rtp_parameters
-                        .codecs
-                        .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type))
-                        .map(|c| c.payload_type)
-                })
-                .unwrap_or(0);
-        s.senders.insert(
-            (publisher, track_id.to_string()),
-            (sender_id, stream_id.clone()),
-        );
-        s.stream_meta
-            .insert(stream_id, json!({ "userId": publisher_user, "type": ty }));
-        s.negotiation_needed = true;
-        self.dirty.insert(sub);
-        self.routes
-            .entry(publisher)
-            .or_default()
-            .entry(track_id.to_string())
-            .or_default()
-            .push(Route {
-                to: sub,
-                sender_id,
-                ssrc,
-                payload_type,
-                munger: Munger::default(),
+        let now = Instant::now();
+        // A feed of this source waiting for its publisher to come back, with the same codec.
+        let waiting = s
+            .feeds
+            .iter()
+            .find(|(k, f)| {
+                k.publisher == base.publisher
+                    && k.ty == base.ty
+                    && k.kind == base.kind
+                    && f.parked.is_some()
+                    && f.mime.eq_ignore_ascii_case(&codec.mime_type)
+            })
+            .map(|(k, _)| k.clone());
+        if let Some(fk) = waiting {
+            let f = s.feeds.get_mut(&fk).expect("feed found above");
+            let (mut route, _) = f.parked.take().expect("a parked route");
+            f.bound = bound;
+            // The new track's numbering continues the old one's; its timestamps advance by the
+            // time the subscriber saw nothing.
+            let gap = route.last_sent.map_or(0, |t| {
+                let secs = now.saturating_duration_since(t).as_secs_f64();
+                (secs * f64::from(route.clock_rate)) as u32
             });
+            route.munger.restart(gap);
+            info!(user = %s.user_id, publisher = %publisher_user, %ty, "relayed track continues on a republished track");
+            self.routes
+                .entry(publisher)
+                .or_default()
+                .entry(track_id.to_string())
+                .or_default()
+                .push(route);
+            self.refresh_ext_maps(sub);
+        } else {
+            let mut key = base;
+            // A feed key whose feed is still in use by another live track of this source and
+            // kind, or waiting with another codec: take the next number.
+            while s.feeds.contains_key(&key) {
+                key.n += 1;
+            }
+            let ssrc: u32 = rand::random();
+            let out_track_id = format!("{stream_id}~{}", random_token(6));
+            let out_track = MediaStreamTrack::new(
+                stream_id.clone(),
+                out_track_id.clone(),
+                format!("{publisher_user} {ty}"),
+                kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: codec.clone(),
+                    ..Default::default()
+                }],
+            );
+            let sender_id = match s.pc.add_track(out_track) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
+                    return;
+                }
+            };
+            let payload_type =
+                s.pc.rtp_sender(sender_id)
+                    .and_then(|mut snd| {
+                        snd.get_parameters()
+                            .rtp_parameters
+                            .codecs
+                            .iter()
+                            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type))
+                            .map(|c| c.payload_type)
+                    })
+                    .unwrap_or(0);
+            s.relayed_tracks.insert(out_track_id, key.clone());
+            s.feeds.insert(
+                key,
+                Feed {
+                    sender_id,
+                    stream_id: stream_id.clone(),
+                    mime: codec.mime_type.clone(),
+                    bound,
+                    parked: None,
+                },
+            );
+            s.stream_meta.insert(
+                stream_id,
+                json!({ "userId": publisher_user, "type": ty }),
+            );
+            s.negotiation_needed = true;
+            self.dirty.insert(sub);
+            self.routes
+                .entry(publisher)
+                .or_default()
+                .entry(track_id.to_string())
+                .or_default()
+                .push(Route {
+                    to: sub,
+                    sender_id,
+                    ssrc,
+                    payload_type,
+                    munger: Munger::default(),
+                    ext_map: Box::new([0; 256]),
+                    clock_rate: codec.clock_rate.max(1),
+                    last_sent: None,
+                });
+            self.refresh_ext_maps(sub);
+        }
         // A new subscriber needs a keyframe: ask now and again shortly (its DTLS may still be
         // coming up).
         if let Some(p) = self.peers.get_mut(&publisher) {
-            let now = Instant::now();
             self.dirty.insert(publisher);
             p.pli_at.extend([
                 now,
@@ -672,10 +864,22 @@ impl MediaCore {
         }
     }
 
-    fn unpublish(&mut self, publisher: PeerKey, track_id: &str) {
-        if let Some(p) = self.peers.get_mut(&publisher) {
-            p.published.remove(track_id);
-        }
+    /// A publisher's track went: its subscribers' feeds wait [`REPUBLISH_GRACE`] for the same
+    /// source to come back before their tracks are removed.
+    fn unpublish(&mut self, publisher: PeerKey, track_id: &str, now: Instant) {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        let Some(t) = p.published.remove(track_id) else {
+            return;
+        };
+        let (room, user) = (p.room_id.clone(), p.user_id.clone());
+        self.sink.send_to_room(
+            &room,
+            &user,
+            json!({"type": "track", "event": "unpublished", "userId": user,
+                   "streamType": t.ty, "kind": kind_name(t.kind)}),
+        );
         let Some(routes) = self
             .routes
             .get_mut(&publisher)
@@ -683,17 +887,119 @@ impl MediaCore {
         else {
             return;
         };
+        let bound = Some((publisher, track_id.to_string()));
         for r in routes {
-            if let Some(s) = self.peers.get_mut(&r.to) {
-                if let Some((_, stream_id)) = s.senders.remove(&(publisher, track_id.to_string()))
-                    && !s.senders.values().any(|(_, sid)| *sid == stream_id)
-                {
-                    s.stream_meta.remove(&stream_id);
-                }
-                let _ = s.pc.remove_track(r.sender_id);
-                s.negotiation_needed = true;
-                self.dirty.insert(r.to);
+            let to = r.to;
+            let Some(s) = self.peers.get_mut(&to) else {
+                continue;
+            };
+            if let Some(f) = s.feeds.values_mut().find(|f| f.bound == bound) {
+                f.bound = None;
+                f.parked = Some((r, now + REPUBLISH_GRACE));
             }
+            self.refresh_timer(to);
+        }
+    }
+
+    /// Remove one of `sub`'s feeds: its route, its track (renegotiated).
+    fn drop_feed(&mut self, sub: PeerKey, key: &FeedKey) {
+        let Some(s) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        let Some(f) = s.feeds.remove(key) else {
+            return;
+        };
+        if let Some((publisher, track)) = &f.bound
+            && let Some(rs) = self
+                .routes
+                .get_mut(publisher)
+                .and_then(|t| t.get_mut(track))
+        {
+            rs.retain(|r| r.to != sub);
+        }
+        s.relayed_tracks.retain(|_, k| k != key);
+        if !s.feeds.values().any(|g| g.stream_id == f.stream_id) {
+            s.stream_meta.remove(&f.stream_id);
+        }
+        let _ = s.pc.remove_track(f.sender_id);
+        s.negotiation_needed = true;
+        self.dirty.insert(sub);
+    }
+
+    /// Recompute the header-extension maps of every route from or to `key` (after a
+    /// negotiation: IDs are known, and stay as they are, once negotiated).
+    fn refresh_ext_maps(&mut self, key: PeerKey) {
+        let mut receivers: HashMap<(PeerKey, String), Vec<(String, u16)>> = HashMap::new();
+        let mut todo = Vec::new();
+        for (publisher, tracks) in &self.routes {
+            for (track, routes) in tracks {
+                for (i, r) in routes.iter().enumerate() {
+                    if *publisher == key || r.to == key {
+                        todo.push((*publisher, track.clone(), i));
+                    }
+                }
+            }
+        }
+        for (publisher, track, i) in todo {
+            let pub_exts = receivers
+                .entry((publisher, track.clone()))
+                .or_insert_with(|| {
+                    let Some(p) = self.peers.get_mut(&publisher) else {
+                        return Vec::new();
+                    };
+                    let Some(t) = p.published.get(&track) else {
+                        return Vec::new();
+                    };
+                    let kind = t.kind;
+                    p.pc.rtp_receiver(t.receiver_id)
+                        .map(|mut r| {
+                            r.get_parameters()
+                                .rtp_parameters
+                                .header_extensions
+                                .iter()
+                                .filter(|h| {
+                                    FORWARDED_EXTENSIONS
+                                        .iter()
+                                        .any(|(u, k)| *u == h.uri && *k == kind)
+                                })
+                                .map(|h| (h.uri.clone(), h.id))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .clone();
+            let Some(r) = self
+                .routes
+                .get_mut(&publisher)
+                .and_then(|t| t.get_mut(&track))
+                .and_then(|rs| rs.get_mut(i))
+            else {
+                continue;
+            };
+            let Some(s) = self.peers.get_mut(&r.to) else {
+                continue;
+            };
+            let sub_exts: Vec<(String, u16)> = s
+                .pc
+                .rtp_sender(r.sender_id)
+                .map(|mut snd| {
+                    snd.get_parameters()
+                        .rtp_parameters
+                        .header_extensions
+                        .iter()
+                        .map(|h| (h.uri.clone(), h.id))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut map = [0u8; 256];
+            for (uri, id) in &pub_exts {
+                if let Some((_, sid)) = sub_exts.iter().find(|(u, _)| u == uri)
+                    && let (Ok(from), Ok(to)) = (u8::try_from(*id), u8::try_from(*sid))
+                {
+                    map[usize::from(from)] = to;
+                }
+            }
+            *r.ext_map = map;
         }
     }
 
@@ -741,6 +1047,7 @@ impl MediaCore {
                     warn!(user = %user_id, error = %e, "client answer refused");
                 }
                 self.dirty.insert(k);
+                self.refresh_ext_maps(k);
             }
             Command::Candidate { user_id, candidate } => {
                 let Some(&k) = self.by_user.get(&user_id) else {
@@ -754,7 +1061,109 @@ impl MediaCore {
                 }
                 self.dirty.insert(k);
             }
-            Command::Leave { user_id } => self.remove_peer(&user_id),
+            Command::Subscribe {
+                user_id,
+                room_id,
+                publisher,
+                stream_type,
+            } => self.subscribe(user_id, room_id, publisher, stream_type),
+            Command::Unsubscribe {
+                user_id,
+                publisher,
+                stream_type,
+            } => self.unsubscribe(&user_id, &publisher, stream_type.as_deref()),
+            Command::Close { user_id } => self.remove_peer(&user_id, now),
+            Command::Leave { user_id } => {
+                self.remove_peer(&user_id, now);
+                self.interests.remove(&user_id);
+                for i in self.interests.values_mut() {
+                    i.retain(|(p, _)| *p != user_id);
+                }
+                // Feeds of this member at the others go at once: it is not coming back.
+                let gone: Vec<(PeerKey, FeedKey)> = self
+                    .peers
+                    .iter()
+                    .flat_map(|(k, p)| {
+                        p.feeds
+                            .keys()
+                            .filter(|f| f.publisher == user_id)
+                            .map(move |f| (*k, f.clone()))
+                    })
+                    .collect();
+                for (k, f) in gone {
+                    self.drop_feed(k, &f);
+                }
+            }
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        user_id: String,
+        room_id: String,
+        publisher: String,
+        stream_type: Option<String>,
+    ) {
+        debug!(user = %user_id, %publisher, ?stream_type, "subscribe");
+        self.interests
+            .entry(user_id.clone())
+            .or_default()
+            .insert((publisher.clone(), stream_type));
+        let Some(&sub) = self.by_user.get(&user_id) else {
+            // Attached when its relay connection comes.
+            return;
+        };
+        if self.peers.get(&sub).is_none_or(|p| p.room_id != room_id) {
+            return;
+        }
+        let Some(&publ) = self.by_user.get(&publisher) else {
+            return;
+        };
+        let tracks: Vec<String> = match self.peers.get(&publ) {
+            Some(p) if p.room_id == room_id => p
+                .published
+                .iter()
+                .filter(|(_, t)| self.wants(&user_id, &publisher, &t.ty))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            _ => return,
+        };
+        for t in tracks {
+            self.attach(sub, publ, &t);
+        }
+    }
+
+    fn unsubscribe(&mut self, user_id: &str, publisher: &str, stream_type: Option<&str>) {
+        debug!(user = %user_id, %publisher, ?stream_type, "unsubscribe");
+        if let Some(i) = self.interests.get_mut(user_id) {
+            match stream_type {
+                None => i.retain(|(p, _)| p != publisher),
+                Some(ty) => {
+                    i.remove(&(publisher.to_string(), Some(ty.to_string())));
+                    // "Everything but this source" remains.
+                    if i.remove(&(publisher.to_string(), None)) {
+                        let other = if ty == "cam" { "screen" } else { "cam" };
+                        i.insert((publisher.to_string(), Some(other.to_string())));
+                    }
+                }
+            }
+        }
+        let Some(&sub) = self.by_user.get(user_id) else {
+            return;
+        };
+        let gone: Vec<FeedKey> = self
+            .peers
+            .get(&sub)
+            .map(|p| {
+                p.feeds
+                    .keys()
+                    .filter(|f| f.publisher == publisher && !self.wants(user_id, publisher, &f.ty))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in gone {
+            self.drop_feed(sub, &f);
         }
     }
 
@@ -770,7 +1179,7 @@ impl MediaCore {
         if let Some(&k) = self.by_user.get(&user_id)
             && self.peers.get(&k).is_some_and(|p| p.room_id != room_id)
         {
-            self.remove_peer(&user_id);
+            self.remove_peer(&user_id, now);
         }
         let key = match self.by_user.get(&user_id) {
             Some(&k) => k,
@@ -823,16 +1232,22 @@ impl MediaCore {
             json!({ "type": "answer", "from": SERVER_ID, "sdp": sdp, "meta": meta }),
         );
         self.dirty.insert(key);
+        self.refresh_ext_maps(key);
         if fresh {
-            // A new member of the relay receives everything already published in its room.
+            // A new relay connection receives what its client subscribed to.
             let existing: Vec<(PeerKey, String)> = self
                 .peers
                 .iter()
                 .filter(|(k, q)| **k != key && q.room_id == room_id)
-                .flat_map(|(k, q)| q.published.keys().map(move |t| (*k, t.clone())))
+                .flat_map(|(k, q)| {
+                    q.published
+                        .iter()
+                        .filter(|(_, t)| self.wants(&user_id, &q.user_id, &t.ty))
+                        .map(move |(t, _)| (*k, t.clone()))
+                })
                 .collect();
             for (publisher, track) in existing {
-                self.subscribe(key, publisher, &track);
+                self.attach(key, publisher, &track);
             }
         }
     }
@@ -857,6 +1272,15 @@ impl MediaCore {
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
+        for (uri, kind) in FORWARDED_EXTENSIONS {
+            media_engine.register_header_extension(
+                rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+                    uri: uri.to_string(),
+                },
+                kind,
+                None,
+            )?;
+        }
         let registry = Registry::new()
             .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
             .with(
@@ -901,7 +1325,7 @@ impl MediaCore {
                 ufrag: ufrag.clone(),
                 stream_types: HashMap::new(),
                 published: HashMap::new(),
-                senders: HashMap::new(),
+                feeds: HashMap::new(),
                 stream_meta: BTreeMap::new(),
                 negotiation_needed: false,
                 pli_at: Vec::new(),
@@ -922,7 +1346,7 @@ impl MediaCore {
         Ok(key)
     }
 
-    fn remove_peer(&mut self, user_id: &str) {
+    fn remove_peer(&mut self, user_id: &str, now: Instant) {
         let Some(key) = self.by_user.remove(user_id) else {
             return;
         };
@@ -932,7 +1356,7 @@ impl MediaCore {
             .map(|p| p.published.keys().cloned().collect())
             .unwrap_or_default();
         for t in tracks {
-            self.unpublish(key, &t);
+            self.unpublish(key, &t, now);
         }
         // Its copies of others' tracks.
         self.routes.remove(&key);
@@ -956,6 +1380,44 @@ impl MediaCore {
         if let Some(t) = self.deadlines.remove(&key) {
             self.timers.remove(&(t, key));
         }
+    }
+}
+
+fn kind_name(kind: RtpCodecKind) -> &'static str {
+    if kind == RtpCodecKind::Video {
+        "video"
+    } else {
+        "audio"
+    }
+}
+
+/// Give `out` the extensions of `from` this subscriber negotiated, under its IDs (`map`).
+fn remap_extensions(
+    from: &[rtc::rtp::header::Extension],
+    map: &[u8; 256],
+    out: &mut rtc::rtp::header::Header,
+) {
+    out.extensions.clear();
+    for e in from {
+        let id = map[usize::from(e.id)];
+        if id != 0 {
+            out.extensions.push(rtc::rtp::header::Extension {
+                id,
+                payload: e.payload.clone(),
+            });
+        }
+    }
+    if out.extensions.is_empty() {
+        out.extension = false;
+        out.extension_profile = 0;
+    } else {
+        out.extension = true;
+        // One-byte headers (RFC 8285) carry IDs 1-14 and up to 16 bytes each.
+        let one_byte = out
+            .extensions
+            .iter()
+            .all(|e| e.id <= 14 && !e.payload.is_empty() && e.payload.len() <= 16);
+        out.extension_profile = if one_byte { 0xBEDE } else { 0x1000 };
     }
 }
 

@@ -22,6 +22,9 @@ pub struct Munger {
     highest_in: u16,
     last_out_seq: u16,
     last_out_ts: u32,
+    /// The next packet starts a new input stream (a republished track), whatever its SSRC; the
+    /// timestamp advances by this many ticks.
+    restart: Option<u32>,
 }
 
 impl Munger {
@@ -35,12 +38,13 @@ impl Munger {
             self.last_out_ts = ts;
             return (seq, ts);
         }
-        if ssrc != self.in_ssrc {
+        if ssrc != self.in_ssrc || self.restart.is_some() {
             // The publisher restarted: continue right after the last number we sent.
+            let gap = self.restart.take().unwrap_or(0).max(1);
             self.in_ssrc = ssrc;
             self.previous = None;
             self.seq_offset = seq.wrapping_sub(self.last_out_seq.wrapping_add(1));
-            self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(1));
+            self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(gap));
             self.highest_in = seq.wrapping_sub(1);
         }
         let offset = match self.previous {
@@ -55,6 +59,14 @@ impl Munger {
             self.last_out_ts = out_ts;
         }
         (out_seq, out_ts)
+    }
+
+    /// The next packet comes from a new input stream (the publisher republished this source):
+    /// numbering continues right after the last packet sent, and timestamps `gap_ticks` later.
+    pub fn restart(&mut self, gap_ticks: u32) {
+        if self.started {
+            self.restart = Some(gap_ticks);
+        }
     }
 
     /// The packet that came in with `seq` was not sent after all: if it was the newest, the next
@@ -135,6 +147,17 @@ mod tests {
             Send(1, 0, 65535),
             Send(1, 1, 0),
         ]);
+    }
+
+    #[test]
+    fn a_republished_track_with_the_same_ssrc_continues_too() {
+        let mut m = Munger::default();
+        assert_eq!(m.map(7, 100, 1_000), (100, 1_000));
+        assert_eq!(m.map(7, 101, 4_000), (101, 4_000));
+        // Same SSRC, new sequence space (a new track): 0.5 s of silence at 90 kHz.
+        m.restart(45_000);
+        assert_eq!(m.map(7, 30_000, 777), (102, 4_000 + 45_000));
+        assert_eq!(m.map(7, 30_001, 3_777), (103, 4_000 + 45_000 + 3_000));
     }
 
     #[test]

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Grants, Verifier};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use tracing::info;
+
 use crate::signal::protocol::{CreateRoom, ErrorCode, MemberInfo, RoomMode, SignalError};
 
 /// Capacity of each session's outbound queue.
@@ -37,8 +39,8 @@ struct Member {
     user_id: String,
     identity: String,
     relay_only: bool,
-    /// How this member's media travels, as its client last reported.
-    relayed: bool,
+    /// The members this member's client reported it exchanges media with through the relay.
+    relay_with: std::collections::HashSet<String>,
 }
 
 struct Room {
@@ -49,14 +51,44 @@ struct Room {
 }
 
 impl Room {
+    /// Whether the pair (a, b) is relayed: either side reported so.
+    fn pair_relayed(&self, a: &str, b: &str) -> bool {
+        self.members.iter().any(|m| {
+            (m.user_id == a && m.relay_with.contains(b))
+                || (m.user_id == b && m.relay_with.contains(a))
+        })
+    }
+
     /// Pairs of members by how their media travels: `(p2p, relay)`. A pair is relayed when either
-    /// side is.
+    /// side says so. O(members²), on the control path only (rooms are small).
     fn pairs(&self) -> (i64, i64) {
         let n = self.members.len() as i64;
-        let relayed = self.members.iter().filter(|m| m.relayed).count() as i64;
-        let direct = n - relayed;
-        let p2p = direct * (direct - 1) / 2;
-        (p2p, n * (n - 1) / 2 - p2p)
+        let mut relayed = 0;
+        for (i, a) in self.members.iter().enumerate() {
+            for b in &self.members[i + 1..] {
+                if a.relay_with.contains(&b.user_id) || b.relay_with.contains(&a.user_id) {
+                    relayed += 1;
+                }
+            }
+        }
+        (n * (n - 1) / 2 - relayed, relayed)
+    }
+
+    /// Each pair with its mode, for debugging: `[(a, b, "p2p" | "relay")]`.
+    fn pair_modes(&self) -> Vec<(String, String, &'static str)> {
+        let mut out = Vec::new();
+        for (i, a) in self.members.iter().enumerate() {
+            for b in &self.members[i + 1..] {
+                let relayed =
+                    a.relay_with.contains(&b.user_id) || b.relay_with.contains(&a.user_id);
+                out.push((
+                    a.user_id.clone(),
+                    b.user_id.clone(),
+                    if relayed { "relay" } else { "p2p" },
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -331,7 +363,7 @@ impl Hub {
                 user_id: user_id.to_string(),
                 identity: identity.to_string(),
                 relay_only: grants.relay_only,
-                relayed: false,
+                relay_with: Default::default(),
             });
             self.adjust_pairs(before, room.pairs());
             room.empty_since = None;
@@ -372,6 +404,9 @@ impl Hub {
             if room.members.len() == count {
                 return;
             }
+            for m in room.members.iter_mut() {
+                m.relay_with.remove(user_id);
+            }
             self.adjust_pairs(before, room.pairs());
             if room.members.is_empty() {
                 room.empty_since = Some(Instant::now());
@@ -395,24 +430,83 @@ impl Hub {
         self.metrics.pairs_relay.add(after.1 - before.1);
     }
 
-    /// A client reports how its media travels now (`relayed`) and why. Counts pairs by mode and
-    /// fallbacks to the relay by reason.
-    pub fn set_mode(&self, user_id: &str, room_id: &str, relayed: bool, reason: &str) {
+    /// A client reports how its media with `peer` (every other member when `None`) travels now
+    /// (`relayed`) and why. Counts pairs by mode, and pairs that moved to the relay by reason.
+    pub fn set_mode(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        peer: Option<&str>,
+        relayed: bool,
+        reason: &str,
+    ) -> Result<(), SignalError> {
         let Some(mut room) = self.rooms.get_mut(room_id) else {
-            return;
+            return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room"));
+        };
+        let targets: Vec<String> = match peer {
+            Some(p) if p == user_id => {
+                return Err(SignalError::new(
+                    ErrorCode::BadRequest,
+                    "a pair needs another member",
+                ));
+            }
+            Some(p) if !room.members.iter().any(|m| m.user_id == p) => {
+                return Err(SignalError::new(
+                    ErrorCode::TargetNotFound,
+                    format!("{p:?} is not a member of your room"),
+                ));
+            }
+            Some(p) => vec![p.to_string()],
+            None => room
+                .members
+                .iter()
+                .filter(|m| m.user_id != user_id)
+                .map(|m| m.user_id.clone())
+                .collect(),
         };
         let before = room.pairs();
-        let Some(m) = room.members.iter_mut().find(|m| m.user_id == user_id) else {
-            return;
-        };
-        if m.relayed == relayed {
-            return;
+        for t in targets {
+            let was = room.pair_relayed(user_id, &t);
+            let Some(m) = room.members.iter_mut().find(|m| m.user_id == user_id) else {
+                return Ok(());
+            };
+            if relayed {
+                m.relay_with.insert(t.clone());
+            } else {
+                m.relay_with.remove(&t);
+            }
+            if relayed && !was {
+                self.metrics.fallbacks.with_label_values(&[reason]).inc();
+                info!(room = %room_id, a = %user_id, b = %t, %reason, "pair moved to the relay");
+            } else if !relayed && was && !room.pair_relayed(user_id, &t) {
+                info!(room = %room_id, a = %user_id, b = %t, %reason, "pair back to P2P");
+            }
         }
-        m.relayed = relayed;
         self.adjust_pairs(before, room.pairs());
-        if relayed {
-            self.metrics.fallbacks.with_label_values(&[reason]).inc();
-        }
+        Ok(())
+    }
+
+    /// Whether `user_id` is a member of `room_id`.
+    pub fn is_member(&self, room_id: &str, user_id: &str) -> bool {
+        self.rooms
+            .get(room_id)
+            .is_some_and(|r| r.members.iter().any(|m| m.user_id == user_id))
+    }
+
+    /// Every pair of a room with its mode (`p2p` | `relay`), for debugging.
+    pub fn room_pairs(&self, room_id: &str) -> Vec<(String, String, &'static str)> {
+        self.rooms
+            .get(room_id)
+            .map(|r| r.pair_modes())
+            .unwrap_or_default()
+    }
+
+    /// The members of a room (user ids).
+    pub fn room_members(&self, room_id: &str) -> Vec<String> {
+        self.rooms
+            .get(room_id)
+            .map(|r| r.members.iter().map(|m| m.user_id.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Relay a P2P signaling message from `from` to `to`, both in `room_id`. `event` is the
@@ -477,6 +571,15 @@ impl Hub {
 impl crate::media::ClientSink for Hub {
     fn send_to(&self, user_id: &str, message: Value) {
         self.send_event(user_id, message.to_string().into());
+    }
+
+    fn send_to_room(&self, room_id: &str, except: &str, message: Value) {
+        let text: Utf8Bytes = message.to_string().into();
+        for m in self.room_members(room_id) {
+            if m != except {
+                self.send_event(&m, text.clone());
+            }
+        }
     }
 }
 

@@ -122,6 +122,8 @@ pub enum RequestType {
     Candidate,
     Bye,
     ReportMode,
+    Subscribe,
+    Unsubscribe,
 }
 
 impl RequestType {
@@ -137,6 +139,8 @@ impl RequestType {
             "candidate" => RequestType::Candidate,
             "bye" => RequestType::Bye,
             "reportMode" => RequestType::ReportMode,
+            "subscribe" => RequestType::Subscribe,
+            "unsubscribe" => RequestType::Unsubscribe,
             _ => return None,
         })
     }
@@ -153,6 +157,8 @@ impl RequestType {
             RequestType::Candidate => "candidate",
             RequestType::Bye => "bye",
             RequestType::ReportMode => "reportMode",
+            RequestType::Subscribe => "subscribe",
+            RequestType::Unsubscribe => "unsubscribe",
         }
     }
 }
@@ -243,6 +249,34 @@ pub const MODE_REASONS: [&str; 8] = [
 pub struct ReportMode {
     pub mode: MediaMode,
     pub reason: String,
+    /// The member this pair is with; absent: every other member of the room.
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// `subscribe` / `unsubscribe`: a member's tracks at the relay, all of them or one source.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subscription {
+    pub user_id: String,
+    #[serde(default)]
+    pub stream_type: Option<StreamType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamType {
+    Cam,
+    Screen,
+}
+
+impl StreamType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamType::Cam => "cam",
+            StreamType::Screen => "screen",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -19,7 +19,7 @@ use crate::media::{Command, SERVER_ID};
 use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
 use crate::signal::protocol::{
     self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, MODE_REASONS, MediaMode,
-    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SignalError, close, fields,
+    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SignalError, Subscription, close, fields,
 };
 
 /// A send that does not complete within this time means the client stopped reading.
@@ -455,7 +455,7 @@ impl Session {
                 let req: Bye = fields(ty, obj)?;
                 let room = self.require_room()?;
                 if req.to == SERVER_ID {
-                    self.to_media(Command::Leave {
+                    self.to_media(Command::Close {
                         user_id: auth.user_id.clone(),
                     })?;
                     return Ok(json!({}));
@@ -483,8 +483,58 @@ impl Session {
                     .into());
                 }
                 let relayed = req.mode == MediaMode::Relay;
-                hub.set_mode(&auth.user_id, room, relayed, &req.reason);
-                info!(relayed, reason = %req.reason, "media mode reported");
+                hub.set_mode(
+                    &auth.user_id,
+                    room,
+                    req.user_id.as_deref(),
+                    relayed,
+                    &req.reason,
+                )?;
+                debug!(relayed, reason = %req.reason, peer = ?req.user_id, "media mode reported");
+                Ok(json!({}))
+            }
+            RequestType::Subscribe | RequestType::Unsubscribe => {
+                let req: Subscription = fields(ty, obj)?;
+                let room = self.require_room()?.to_string();
+                let subscribe = ty == RequestType::Subscribe;
+                if subscribe && !auth.grants.subscribe {
+                    return Err(SignalError::new(
+                        ErrorCode::Forbidden,
+                        "this token does not allow subscribing",
+                    )
+                    .into());
+                }
+                if req.user_id == auth.user_id {
+                    return Err(SignalError::new(
+                        ErrorCode::BadRequest,
+                        "you cannot subscribe to yourself",
+                    )
+                    .into());
+                }
+                // Unsubscribing from a member who already left is not an error (it is done).
+                if subscribe && !hub.is_member(&room, &req.user_id) {
+                    return Err(SignalError::new(
+                        ErrorCode::TargetNotFound,
+                        format!("{:?} is not a member of your room", req.user_id),
+                    )
+                    .into());
+                }
+                let stream_type = req.stream_type.map(|t| t.as_str().to_string());
+                let cmd = if subscribe {
+                    Command::Subscribe {
+                        user_id: auth.user_id.clone(),
+                        room_id: room,
+                        publisher: req.user_id,
+                        stream_type,
+                    }
+                } else {
+                    Command::Unsubscribe {
+                        user_id: auth.user_id.clone(),
+                        publisher: req.user_id,
+                        stream_type,
+                    }
+                };
+                self.to_media(cmd)?;
                 Ok(json!({}))
             }
             RequestType::Hello | RequestType::Ping => unreachable!("handled above"),

@@ -61,7 +61,9 @@ pub struct MediaClient {
     rtp_seen: usize,
     pub dropped: usize,
     /// Drop every n-th outgoing RTP datagram after encryption (loss on our uplink), 0 = none.
+    /// Only first transmissions: retransmissions (a sequence number seen before) pass.
     pub drop_sent_every: usize,
+    sent_seqs: std::collections::HashSet<u16>,
     rtp_sent: usize,
     pub dropped_sent: usize,
     pending_answer: Option<String>,
@@ -151,6 +153,7 @@ impl MediaClient {
             drop_every: 0,
             drop_sent_every: 0,
             rtp_sent: 0,
+            sent_seqs: Default::default(),
             dropped_sent: 0,
             rtp_seen: 0,
             dropped: 0,
@@ -279,7 +282,11 @@ impl MediaClient {
         }
         while let Some(t) = self.pc.poll_write() {
             let b = &t.message;
-            if b.len() > 1 && (128..192).contains(&b[0]) && !(192..224).contains(&b[1]) {
+            if b.len() > 12
+                && (128..192).contains(&b[0])
+                && !(192..224).contains(&b[1])
+                && self.sent_seqs.insert(u16::from_be_bytes([b[2], b[3]]))
+            {
                 self.rtp_sent += 1;
                 if self.drop_sent_every > 0 && self.rtp_sent.is_multiple_of(self.drop_sent_every) {
                     self.dropped_sent += 1;
