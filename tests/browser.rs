@@ -735,9 +735,10 @@ async fn relay_room_carries_media_through_ferry() {
     assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
+    // One pair moved to the relay (both sides report it; the pair counts once).
     assert_eq!(
         metric(&m, "ferry_fallbacks_total{reason=\"room_mode\"}"),
-        Some(2.0),
+        Some(1.0),
         "{m}"
     );
     // The presence events told the app about the mode.
@@ -831,7 +832,7 @@ async fn failed_direct_path_falls_back_to_the_relay() {
         .iter()
         .filter_map(|r| metric(&m, &format!("ferry_fallbacks_total{{reason=\"{r}\"}}")))
         .sum();
-    assert_eq!(fallbacks, 2.0, "{m}");
+    assert_eq!(fallbacks, 1.0, "one pair fell back: {m}");
     iptables(&["-F", "INPUT"]);
 }
 

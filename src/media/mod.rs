@@ -725,12 +725,8 @@ impl MediaCore {
         let Some(t) = pubp.published.get(track_id) else {
             return;
         };
-        let (kind, codec, stream_id, ty) = (
-            t.kind,
-            t.codec.clone(),
-            t.stream_id.clone(),
-            t.ty.clone(),
-        );
+        let (kind, codec, stream_id, ty) =
+            (t.kind, t.codec.clone(), t.stream_id.clone(), t.ty.clone());
         let publisher_user = pubp.user_id.clone();
         let bound = Some((publisher, track_id.to_string()));
         let Some(s) = self.peers.get_mut(&sub) else {
@@ -829,10 +825,8 @@ impl MediaCore {
                     parked: None,
                 },
             );
-            s.stream_meta.insert(
-                stream_id,
-                json!({ "userId": publisher_user, "type": ty }),
-            );
+            s.stream_meta
+                .insert(stream_id, json!({ "userId": publisher_user, "type": ty }));
             s.negotiation_needed = true;
             self.dirty.insert(sub);
             self.routes
@@ -979,18 +973,17 @@ impl MediaCore {
             let Some(s) = self.peers.get_mut(&r.to) else {
                 continue;
             };
-            let sub_exts: Vec<(String, u16)> = s
-                .pc
-                .rtp_sender(r.sender_id)
-                .map(|mut snd| {
-                    snd.get_parameters()
-                        .rtp_parameters
-                        .header_extensions
-                        .iter()
-                        .map(|h| (h.uri.clone(), h.id))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let sub_exts: Vec<(String, u16)> =
+                s.pc.rtp_sender(r.sender_id)
+                    .map(|mut snd| {
+                        snd.get_parameters()
+                            .rtp_parameters
+                            .header_extensions
+                            .iter()
+                            .map(|h| (h.uri.clone(), h.id))
+                            .collect()
+                    })
+                    .unwrap_or_default();
             let mut map = [0u8; 256];
             for (uri, id) in &pub_exts {
                 if let Some((_, sid)) = sub_exts.iter().find(|(u, _)| u == uri)
@@ -1398,6 +1391,8 @@ fn remap_extensions(
     out: &mut rtc::rtp::header::Header,
 ) {
     out.extensions.clear();
+    // The publisher's padding belongs to its own extension block.
+    out.extensions_padding = 0;
     for e in from {
         let id = map[usize::from(e.id)];
         if id != 0 {

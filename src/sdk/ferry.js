@@ -320,14 +320,13 @@ export class Ferry extends EventTarget {
     this._links = new Map(); // userId -> Link
     this._published = new Map(); // 'cam' | 'screen' -> MediaStream, sent to every member
     this._pingTimer = null;
-    this._mode = 'p2p'; // how media travels in the current room: 'p2p' (mesh) or 'relay'
-    this._modeReason = null;
+    this._pairs = new Map(); // userId -> { mode: 'p2p' | 'relay', reason }: how media with that member travels
     this._roomMode = 'auto';
-    this._p2pFailed = null; // why direct connections failed in this room, if they did
-    this._relay = null; // Link to the server while in relay mode
+    this._p2pFailed = new Map(); // userId -> why the direct connection with that member failed
+    this._relay = null; // Link to the server while any pair goes through the relay
     this._relayStreams = new Map(); // userId -> Map('cam' | 'screen' -> MediaStream)
     this._relayOnlyMembers = new Set(); // members whose token says relayOnly
-    this._backTimer = null;
+    this._backTimers = new Map(); // userId -> timer before that pair returns to P2P
   }
 
   // Connect and say hello. Resolves { userId, identity, iceServers, p2pMaxPeers, p2pTimeoutMs, grants }.
@@ -379,7 +378,8 @@ export class Ferry extends EventTarget {
     const res = await this._request('joinRoom', { roomId });
     this._roomId = res.roomId;
     this._roomMode = res.mode;
-    this._p2pFailed = null;
+    this._p2pFailed.clear();
+    this._pairs.clear();
     this._relayOnlyMembers.clear();
     for (const m of res.members) {
       this._members.set(m.userId, m.identity);
@@ -407,8 +407,8 @@ export class Ferry extends EventTarget {
   // Send `stream` to one member only.
   async publishP2P(userId, type, stream) {
     this._checkPublish(stream, type);
-    if (this._mode === 'relay' && this._members.has(userId)) {
-      throw new FerryError('unsupported', 'publishP2P needs a direct connection; this room goes through the relay');
+    if (this.getMode(userId) === 'relay') {
+      throw new FerryError('unsupported', 'publishP2P needs a direct connection; media with this member goes through the relay');
     }
     const link = this._links.get(userId);
     if (!link) throw new FerryError('target_not_found', `${userId} is not a member of your room`);
@@ -426,16 +426,18 @@ export class Ferry extends EventTarget {
   // 'p2p' | 'relay' | undefined: how media with that member travels.
   getMode(userId) {
     if (!this._members.has(userId)) return undefined;
-    return this._mode;
+    const pair = this._pairs.get(userId);
+    return pair ? pair.mode : 'p2p';
   }
 
   // Debugging aid: the state of the connection to that member, or undefined.
   getLinkInfo(userId) {
-    const link = this._links.get(userId) || (this._members.has(userId) ? this._relay : null);
+    const link = this._links.get(userId) || (this.getMode(userId) === 'relay' ? this._relay : null);
     if (!link) return undefined;
     const pc = link.pc;
+    const pair = this._pairs.get(userId);
     return Object.assign({
-      mode: link.isRelay ? 'relay' : 'p2p', reason: this._modeReason, polite: link.polite, signalingState: pc.signalingState,
+      mode: link.isRelay ? 'relay' : 'p2p', reason: pair ? pair.reason : null, polite: link.polite, signalingState: pc.signalingState,
       iceConnectionState: pc.iceConnectionState, iceGatheringState: pc.iceGatheringState,
       connectionState: pc.connectionState,
     }, link.counts);
@@ -443,7 +445,7 @@ export class Ferry extends EventTarget {
 
   // RTCStatsReport of the connection carrying that member's media, or undefined.
   async getStats(userId) {
-    const link = this._links.get(userId) || (this._members.has(userId) ? this._relay : null);
+    const link = this._links.get(userId) || (this.getMode(userId) === 'relay' ? this._relay : null);
     return link ? link.pc.getStats() : undefined;
   }
 
@@ -453,6 +455,7 @@ export class Ferry extends EventTarget {
     this._closeRelay();
     this._roomId = undefined;
     this._members.clear();
+    this._pairs.clear();
     await this._request('leaveRoom', {});
   }
 
@@ -480,7 +483,7 @@ export class Ferry extends EventTarget {
   _link(userId) {
     let link = this._links.get(userId);
     if (!link) {
-      if (this._mode === 'relay') return null;
+      if (this.getMode(userId) === 'relay') return null;
       link = new Link(this, userId);
       this._links.set(userId, link);
       for (const [type, stream] of this._published) link.addStream(type, stream);
@@ -508,56 +511,74 @@ export class Ferry extends EventTarget {
     for (const userId of [...this._links.keys()]) this._dropLink(userId);
   }
 
-  // --- P2P or relay ---
+  // --- P2P or relay, per pair ---
 
-  // Why this room's media must go through the relay, or null when P2P is fine.
-  _relayReason() {
+  // Why every pair of this room must go through the relay, or null.
+  _roomRelayReason() {
     const w = this._welcome;
     if (this._roomMode === 'relay') return 'room_mode';
-    if (w.grants.relayOnly || this._relayOnlyMembers.size > 0) return 'policy';
-    if (w.p2pMaxPeers === 0) return 'policy';
+    if (w.grants.relayOnly || w.p2pMaxPeers === 0) return 'policy';
     if (this._members.size + 1 > w.p2pMaxPeers) return 'room_size';
-    return this._p2pFailed;
+    return null;
+  }
+
+  // Why media with that member must go through the relay, or null when P2P is fine.
+  _relayReason(userId) {
+    return this._roomRelayReason()
+      || (this._relayOnlyMembers.has(userId) ? 'policy' : null)
+      || this._p2pFailed.get(userId)
+      || null;
   }
 
   _evaluateMode() {
     if (!this._roomId) return;
-    const reason = this._relayReason();
-    if (reason && this._mode !== 'relay') {
-      this._switchToRelay(reason);
-    } else if (!reason && this._mode === 'relay') {
-      if (!this._backTimer) {
-        this._backTimer = setTimeout(() => {
-          this._backTimer = null;
-          if (this._mode === 'relay' && !this._relayReason()) this._switchToP2P('room_shrunk');
-        }, BACK_TO_P2P_MS);
-      }
-    } else if (!reason) {
-      for (const userId of this._members.keys()) this._link(userId);
-    }
-  }
-
-  _switchToRelay(reason) {
-    clearTimeout(this._backTimer);
-    this._backTimer = null;
-    this._mode = 'relay';
-    this._modeReason = reason;
-    this._closeLinks();
-    this._relay = new Link(this, SERVER);
-    for (const [type, stream] of this._published) this._relay.addStream(type, stream);
-    this._send('reportMode', { mode: 'relay', reason });
-    for (const userId of this._members.keys()) this._presence({ type: 'mode', userId, mode: 'relay', reason });
-  }
-
-  _switchToP2P(reason) {
-    this._mode = 'p2p';
-    this._modeReason = reason;
-    this._closeRelay();
-    this._send('reportMode', { mode: 'p2p', reason });
     for (const userId of this._members.keys()) {
-      this._link(userId);
-      this._presence({ type: 'mode', userId, mode: 'p2p', reason });
+      const reason = this._relayReason(userId);
+      const relayed = this.getMode(userId) === 'relay';
+      if (reason && !relayed) {
+        this._pairToRelay(userId, reason);
+      } else if (!reason && relayed) {
+        // Back to P2P only after a quiet while, and only if nothing asks for the relay again.
+        if (!this._backTimers.has(userId)) {
+          this._backTimers.set(userId, setTimeout(() => {
+            this._backTimers.delete(userId);
+            if (this.getMode(userId) === 'relay' && !this._relayReason(userId)) this._pairToP2P(userId, 'room_shrunk');
+          }, BACK_TO_P2P_MS));
+        }
+      } else if (!reason) {
+        clearTimeout(this._backTimers.get(userId));
+        this._backTimers.delete(userId);
+        this._link(userId);
+      } else {
+        clearTimeout(this._backTimers.get(userId));
+        this._backTimers.delete(userId);
+      }
     }
+  }
+
+  _pairToRelay(userId, reason) {
+    clearTimeout(this._backTimers.get(userId));
+    this._backTimers.delete(userId);
+    this._pairs.set(userId, { mode: 'relay', reason });
+    this._dropLink(userId);
+    if (!this._relay) {
+      this._relay = new Link(this, SERVER);
+      for (const [type, stream] of this._published) this._relay.addStream(type, stream);
+    }
+    if (this._welcome.grants.subscribe) this._send('subscribe', { userId });
+    this._send('reportMode', { mode: 'relay', reason, userId });
+    this._presence({ type: 'mode', userId, mode: 'relay', reason });
+  }
+
+  _pairToP2P(userId, reason) {
+    this._pairs.set(userId, { mode: 'p2p', reason });
+    this._send('unsubscribe', { userId });
+    this._dropRelayStreams(userId);
+    this._send('reportMode', { mode: 'p2p', reason, userId });
+    // The relay connection goes when no pair needs it any more.
+    if (![...this._pairs.values()].some((p) => p.mode === 'relay')) this._closeRelay();
+    this._link(userId);
+    this._presence({ type: 'mode', userId, mode: 'p2p', reason });
   }
 
   _resetRelay() {
@@ -568,24 +589,29 @@ export class Ferry extends EventTarget {
     for (const [type, stream] of this._published) this._relay.addStream(type, stream);
   }
 
-  _closeRelay() {
-    clearTimeout(this._backTimer);
-    this._backTimer = null;
-    if (this._relay) {
-      this._relay.close();
-      this._relay = null;
-    }
-    for (const [userId, streams] of this._relayStreams) {
-      for (const [type, stream] of streams) this._presence({ type: 'unsubscribed', userId, streamType: type, stream });
-    }
-    this._relayStreams.clear();
-    this._mode = 'p2p';
+  _dropRelayStreams(userId) {
+    const streams = this._relayStreams.get(userId);
+    if (!streams) return;
+    this._relayStreams.delete(userId);
+    for (const [type, stream] of streams) this._presence({ type: 'unsubscribed', userId, streamType: type, stream });
   }
 
-  // A direct connection never came up: tell the peer, and take this room through the relay.
+  _closeRelay() {
+    for (const t of this._backTimers.values()) clearTimeout(t);
+    this._backTimers.clear();
+    if (this._relay) {
+      this._relay.close();
+      if (this._ws && this._ws.readyState === WebSocket.OPEN && this._roomId) this._send('bye', { to: SERVER, reason: 'done' });
+      this._relay = null;
+    }
+    for (const userId of [...this._relayStreams.keys()]) this._dropRelayStreams(userId);
+  }
+
+  // The direct connection with that member never came up: tell the peer, and take this pair
+  // through the relay.
   _p2pFailure(userId, reason) {
-    if (this._mode === 'relay') return;
-    this._p2pFailed = reason;
+    if (this.getMode(userId) === 'relay') return;
+    this._p2pFailed.set(userId, reason);
     this._send('bye', { to: userId, reason: 'relay:' + reason });
     this._evaluateMode();
   }
@@ -659,23 +685,21 @@ export class Ferry extends EventTarget {
           this._members.set(msg.userId, msg.identity);
           if (msg.relayOnly) this._relayOnlyMembers.add(msg.userId);
           this._presence({ type: 'join', userId: msg.userId, identity: msg.identity });
-          const before = this._mode;
           this._evaluateMode();
-          // Already relayed: the newcomer's media comes through the relay too.
-          if (before === 'relay' && this._mode === 'relay') {
-            this._presence({ type: 'mode', userId: msg.userId, mode: 'relay', reason: this._modeReason });
-          }
         } else if (msg.event === 'leave') {
           this._dropLink(msg.userId);
           this._members.delete(msg.userId);
           this._relayOnlyMembers.delete(msg.userId);
-          const relayed = this._relayStreams.get(msg.userId);
-          if (relayed) {
-            this._relayStreams.delete(msg.userId);
-            for (const [type, stream] of relayed) this._presence({ type: 'unsubscribed', userId: msg.userId, streamType: type, stream });
-          }
+          this._p2pFailed.delete(msg.userId);
+          this._pairs.delete(msg.userId);
+          clearTimeout(this._backTimers.get(msg.userId));
+          this._backTimers.delete(msg.userId);
+          this._dropRelayStreams(msg.userId);
           this._presence({ type: 'leave', userId: msg.userId, reason: msg.reason });
           this._evaluateMode();
+          if (this._relay && ![...this._pairs.values()].some((p) => p.mode === 'relay') && !this._backTimers.size) {
+            this._closeRelay();
+          }
         }
         return;
       case 'offer':
@@ -686,7 +710,11 @@ export class Ferry extends EventTarget {
           return;
         }
         // A peer going back to P2P before us (its timer ran first): follow if nothing holds us.
-        if (this._mode === 'relay' && msg.type === 'offer' && !this._relayReason()) this._switchToP2P('room_shrunk');
+        if (this.getMode(msg.from) === 'relay' && msg.type === 'offer' && !this._relayReason(msg.from)) {
+          clearTimeout(this._backTimers.get(msg.from));
+          this._backTimers.delete(msg.from);
+          this._pairToP2P(msg.from, 'room_shrunk');
+        }
         const link = this._link(msg.from);
         if (link) link.handleDescription(msg.type, msg.sdp, msg.meta);
         return;
@@ -702,9 +730,9 @@ export class Ferry extends EventTarget {
           return;
         }
         if (typeof msg.reason === 'string' && msg.reason.startsWith('relay:')) {
-          // The direct path to that member failed on its side: the room goes through the relay.
-          if (this._mode !== 'relay') {
-            this._p2pFailed = msg.reason.slice('relay:'.length) || 'p2p_failed';
+          // The direct path to that member failed on its side: this pair goes through the relay.
+          if (this.getMode(msg.from) !== 'relay' && this._members.has(msg.from)) {
+            this._p2pFailed.set(msg.from, msg.reason.slice('relay:'.length) || 'p2p_failed');
             this._evaluateMode();
           }
           return;
