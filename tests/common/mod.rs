@@ -169,6 +169,11 @@ impl Client {
         }
     }
 
+    /// An event kept while waiting for a response, if any (without waiting).
+    pub fn queued(&mut self) -> Option<Value> {
+        self.events.pop_front()
+    }
+
     /// The next message that is not a response.
     pub async fn event(&mut self) -> Value {
         if let Some(e) = self.events.pop_front() {
