@@ -233,3 +233,117 @@ async fn dead_sockets_are_detected_and_leave_their_room() {
     assert_eq!(s.hub.metrics.room_members.get(), 1);
     drop(b);
 }
+
+/// `subscribe`, `unsubscribe` and per-pair `reportMode` with wrong targets or fields: a clear
+/// error each, nothing changes, and the pair counts stay right.
+#[tokio::test]
+async fn bad_subscriptions_and_pair_reports() {
+    let s = spawn(test_config()).await;
+    let (mut a, b, _) = two_in_a_room(s.addr, "a", "b").await;
+    let me = a.user_id.clone();
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!({"type": "subscribe"}), "bad_request", "userId"),
+        (
+            json!({"type": "subscribe", "userId": me}),
+            "bad_request",
+            "yourself",
+        ),
+        (
+            json!({"type": "subscribe", "userId": "u-nobody"}),
+            "target_not_found",
+            "u-nobody",
+        ),
+        (
+            json!({"type": "subscribe", "userId": b.user_id, "streamType": "mic"}),
+            "bad_request",
+            "streamType",
+        ),
+        (
+            json!({"type": "subscribe", "userId": b.user_id, "kind": "video"}),
+            "bad_request",
+            "unknown field",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "relay", "reason": "room_size", "userId": "u-nobody"}),
+            "target_not_found",
+            "u-nobody",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "relay", "reason": "room_size", "userId": me}),
+            "bad_request",
+            "another member",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "sideways", "reason": "room_size"}),
+            "bad_request",
+            "mode",
+        ),
+    ];
+    for (i, (mut req, code, needle)) in cases.into_iter().enumerate() {
+        req["id"] = json!(100 + i);
+        let text = req.to_string();
+        let (_, c, msg) = refused(&mut a, &text).await;
+        assert_eq!(c, code, "for {text}: {msg}");
+        assert!(
+            msg.contains(needle),
+            "for {text}: message {msg:?} lacks {needle:?}"
+        );
+    }
+    // Unsubscribing from someone who is not (or no longer) there is done already: not an error.
+    a.request("unsubscribe", json!({"userId": "u-gone"}))
+        .await
+        .unwrap();
+    // None of that moved a pair; a valid report does, once per pair.
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
+    a.request(
+        "reportMode",
+        json!({"mode": "relay", "reason": "ice_failed", "userId": b.user_id}),
+    )
+    .await
+    .unwrap();
+    let mut b = b;
+    b.request(
+        "reportMode",
+        json!({"mode": "relay", "reason": "p2p_failed", "userId": a.user_id}),
+    )
+    .await
+    .unwrap();
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "ferry_fallbacks_total{reason=\"ice_failed\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ferry_fallbacks_total{reason=\"p2p_failed\"}").unwrap_or(0.0),
+        0.0,
+        "the pair was relayed already: {m}"
+    );
+    // Both sides back to P2P: the pair is direct again.
+    for (c, other) in [(&mut a, b.user_id.clone())] {
+        c.request(
+            "reportMode",
+            json!({"mode": "p2p", "reason": "room_shrunk", "userId": other}),
+        )
+        .await
+        .unwrap();
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_pairs{mode=\"relay\"}"),
+        Some(1.0),
+        "b still relays: {m}"
+    );
+    b.request(
+        "reportMode",
+        json!({"mode": "p2p", "reason": "room_shrunk"}),
+    )
+    .await
+    .unwrap();
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(1.0), "{m}");
+}

@@ -241,3 +241,210 @@ async fn a_publisher_leaving_removes_its_track() {
     );
     assert_eq!(s.hub.metrics.relay_connections.get(), 1);
 }
+
+/// A relay room with a publisher and a member that has not subscribed yet, both connected.
+async fn unsubscribed_pair(s: &TestServer, extensions: bool) -> (MediaClient, MediaClient) {
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut publ = MediaClient::connect_with(a, true, 0x0bad_cafe, extensions).await;
+    let mut sub = MediaClient::connect_with(b, false, 1, extensions).await;
+    for _ in 0..1000 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+        if publ.connected && sub.connected {
+            return (publ, sub);
+        }
+    }
+    panic!("relay connections did not come up");
+}
+
+fn index_of(p: &rtc::rtp::Packet) -> u16 {
+    std::str::from_utf8(&p.payload[14..20])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_explicit_and_can_be_undone() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = unsubscribed_pair(&s, false).await;
+    stream(&mut publ, &mut sub, 0, 40).await;
+    assert!(sub.received.is_empty(), "relayed before any subscribe");
+    assert!(sub.tracks.is_empty());
+
+    let publisher = publ.ws.user_id.clone();
+    sub.ws
+        .request(
+            "subscribe",
+            json!({"userId": publisher, "streamType": "cam"}),
+        )
+        .await
+        .unwrap();
+    stream(&mut publ, &mut sub, 40, 100).await;
+    let got = check_received(&sub, 0x0bad_cafe);
+    assert!(
+        (60..140).all(|i| got.binary_search(&i).is_ok()),
+        "after subscribe: {got:?}"
+    );
+    // Only the camera was asked for: a 'screen' unsubscribe changes nothing.
+    sub.ws
+        .request(
+            "unsubscribe",
+            json!({"userId": publisher, "streamType": "screen"}),
+        )
+        .await
+        .unwrap();
+    stream(&mut publ, &mut sub, 140, 20).await;
+    assert!(check_received(&sub, 0x0bad_cafe).contains(&159));
+
+    let offers = sub.server_offers.len();
+    sub.ws
+        .request("unsubscribe", json!({"userId": publisher}))
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        sub.pump(SLICE).await;
+        if sub.server_offers.len() > offers {
+            break;
+        }
+    }
+    assert!(sub.server_offers.len() > offers, "no renegotiation");
+    let dir = video_direction(&sub);
+    assert!(dir == "recvonly" || dir == "inactive", "video still {dir}");
+    let before = sub.received.len();
+    stream(&mut publ, &mut sub, 160, 40).await;
+    assert_eq!(
+        sub.received.len(),
+        before,
+        "still relayed after unsubscribe"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republished_track_continues_on_the_same_subscriber_track() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 100).await;
+    let tracks_before = sub.tracks.len();
+    // The publisher drops its relay connection and publishes again on a fresh one: new SSRC,
+    // new sequence numbers.
+    let mut ws = publ.into_ws();
+    ws.request("bye", json!({"to": "server"})).await.unwrap();
+    let mut publ = MediaClient::connect_with(ws, true, 0x5eed_f00d, false).await;
+    for _ in 0..1000 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+        if publ.connected {
+            break;
+        }
+    }
+    assert!(publ.connected, "second relay connection");
+    for i in 100..300u16 {
+        publ.send(40_000 + i, payload(i));
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+    }
+    for _ in 0..100 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+    }
+    assert_eq!(
+        sub.tracks.len(),
+        tracks_before,
+        "the subscriber got a new track instead of the old one continuing"
+    );
+    let ssrc = sub.received[0].1.header.ssrc;
+    let mut by_seq: Vec<(u16, u16)> = sub
+        .received
+        .iter()
+        .map(|(_, p)| {
+            assert_eq!(p.header.ssrc, ssrc, "one SSRC across the republish");
+            assert_eq!(p.payload, payload(index_of(p)), "payload intact");
+            (p.header.sequence_number, index_of(p))
+        })
+        .collect();
+    by_seq.sort_unstable();
+    by_seq.dedup();
+    assert!(
+        by_seq.iter().any(|(_, i)| *i >= 290),
+        "the republished track is not relayed"
+    );
+    for w in by_seq.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "sequence numbers contiguous across the republish: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+        assert!(w[1].1 > w[0].1, "payload order {:?} then {:?}", w[0], w[1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_extensions_are_remapped_to_the_subscribers_ids() {
+    use common::rtc_client::{TEST_EXTENSIONS, extmap_id};
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = unsubscribed_pair(&s, true).await;
+    sub.ws
+        .request("subscribe", json!({"userId": publ.ws.user_id}))
+        .await
+        .unwrap();
+    let pub_sdp = publ.pc.local_description().unwrap().sdp;
+    let pub_ids: Vec<u8> = TEST_EXTENSIONS
+        .iter()
+        .map(|u| extmap_id(&pub_sdp, u).expect("negotiated on the publisher leg"))
+        .collect();
+    let twcc = extmap_id(
+        &pub_sdp,
+        "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+    );
+    let capture = Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    let orientation = Bytes::from_static(&[0x03]);
+    publ.send_extensions = vec![
+        (pub_ids[0], capture.clone()),
+        (pub_ids[1], orientation.clone()),
+    ];
+    // transport-cc belongs to the publisher's leg: never forwarded.
+    if let Some(id) = twcc {
+        publ.send_extensions.push((id, Bytes::from_static(&[0, 7])));
+    }
+    stream(&mut publ, &mut sub, 0, 120).await;
+    let sub_sdp = sub.server_offers.last().expect("a server offer").clone();
+    let sub_ids: Vec<u8> = TEST_EXTENSIONS
+        .iter()
+        .map(|u| extmap_id(&sub_sdp, u).expect("offered to the subscriber"))
+        .collect();
+    assert_ne!(
+        pub_ids, sub_ids,
+        "the legs' IDs must differ for this test to mean anything"
+    );
+    let got = check_received(&sub, 0x0bad_cafe);
+    assert!(got.len() > 60, "{got:?}");
+    for (_, p) in &sub.received {
+        let mut exts: Vec<(u8, Bytes)> = p
+            .header
+            .extensions
+            .iter()
+            .map(|e| (e.id, e.payload.clone()))
+            .collect();
+        exts.sort();
+        let mut want = vec![
+            (sub_ids[0], capture.clone()),
+            (sub_ids[1], orientation.clone()),
+        ];
+        want.sort();
+        assert_eq!(
+            exts, want,
+            "extensions under the subscriber's IDs, nothing else"
+        );
+    }
+}

@@ -69,12 +69,40 @@ pub struct MediaClient {
     pending_answer: Option<String>,
     /// The server's offers, in order.
     pub server_offers: Vec<String>,
+    /// Header extensions sent on every packet: (negotiated id on our leg, payload).
+    pub send_extensions: Vec<(u8, Bytes)>,
+}
+
+/// Extensions the test peers register when asked to (before rtc's defaults, so that their IDs
+/// differ from the relay's): abs-capture-time and video-orientation, both forwarded by Ferry.
+pub const TEST_EXTENSIONS: [&str; 2] = [
+    "http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time",
+    "urn:3gpp:video-orientation",
+];
+
+/// The id an SDP gives `uri` in `a=extmap`, if any.
+pub fn extmap_id(sdp: &str, uri: &str) -> Option<u8> {
+    sdp.lines()
+        .filter_map(|l| l.strip_prefix("a=extmap:"))
+        .find(|l| l.split_whitespace().nth(1) == Some(uri))
+        .and_then(|l| l.split(['/', ' ']).next()?.parse().ok())
 }
 
 impl MediaClient {
     /// `ws` must be in the room already. Publishes one VP8 track when `publish` is set, else
     /// opens with a data channel only.
-    pub async fn connect(mut ws: Client, publish: bool) -> MediaClient {
+    pub async fn connect(ws: Client, publish: bool) -> MediaClient {
+        MediaClient::connect_with(ws, publish, 0x0bad_cafe, false).await
+    }
+
+    /// As [`MediaClient::connect`], publishing with `ssrc`, and registering [`TEST_EXTENSIONS`]
+    /// when `extensions` is set.
+    pub async fn connect_with(
+        mut ws: Client,
+        publish: bool,
+        ssrc: u32,
+        extensions: bool,
+    ) -> MediaClient {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
         let mut media_engine = MediaEngine::default();
@@ -87,6 +115,19 @@ impl MediaClient {
                 RtpCodecKind::Video,
             )
             .unwrap();
+        if extensions {
+            for uri in TEST_EXTENSIONS {
+                media_engine
+                    .register_header_extension(
+                        rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+                            uri: uri.to_string(),
+                        },
+                        RtpCodecKind::Video,
+                        None,
+                    )
+                    .unwrap();
+            }
+        }
         let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
         let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
         let mut pc = RTCPeerConnectionBuilder::new()
@@ -97,7 +138,6 @@ impl MediaClient {
             .unwrap();
         let mut sender = None;
         if publish {
-            let ssrc: u32 = 0x0bad_cafe;
             let track = MediaStreamTrack::new(
                 "pub-stream".into(),
                 "pub-video".into(),
@@ -159,6 +199,7 @@ impl MediaClient {
             dropped: 0,
             pending_answer: None,
             server_offers: Vec::new(),
+            send_extensions: Vec::new(),
         }
     }
 
@@ -173,6 +214,20 @@ impl MediaClient {
                 sequence_number: seq,
                 timestamp: u32::from(seq) * 3000,
                 ssrc,
+                extension: !self.send_extensions.is_empty(),
+                extension_profile: if self.send_extensions.is_empty() {
+                    0
+                } else {
+                    0xBEDE
+                },
+                extensions: self
+                    .send_extensions
+                    .iter()
+                    .map(|(id, payload)| rtc::rtp::header::Extension {
+                        id: *id,
+                        payload: payload.clone(),
+                    })
+                    .collect(),
                 ..Default::default()
             },
             payload,
@@ -185,6 +240,9 @@ impl MediaClient {
     pub async fn pump(&mut self, dur: Duration) {
         let end = tokio::time::Instant::now() + dur;
         let mut buf = vec![0u8; 2048];
+        while let Some(m) = self.ws.queued() {
+            self.on_signal(m);
+        }
         loop {
             self.drain().await;
             let next = self
@@ -226,6 +284,11 @@ impl MediaClient {
                 return;
             }
         }
+    }
+
+    /// Hand back the signaling client (after a `bye` to the server, to connect afresh).
+    pub fn into_ws(self) -> Client {
+        self.ws
     }
 
     fn on_signal(&mut self, m: serde_json::Value) {
