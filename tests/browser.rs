@@ -955,3 +955,96 @@ async fn relay_carries_vp9_and_h264() {
         }
     }
 }
+
+/// Modes are per pair: in a room of three that may mesh (p2p_max_peers 3), carol's token says
+/// relayOnly. Her pairs go through the relay; alice and bob stay directly connected, each
+/// receiving carol through Ferry and the other peer-to-peer at the same time. The relay carries
+/// only what was subscribed: alice's media reaches carol, never bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_are_per_pair() {
+    if !runs_here("modes_are_per_pair", &[]) {
+        return;
+    }
+    let mut cfg = secured_config();
+    cfg.p2p_max_peers = 3;
+    let s = spawn(cfg).await;
+    let token = |name: &str, relay_only: bool| {
+        ferry::auth::mint(
+            KEY,
+            SECRET,
+            name,
+            Duration::from_secs(600),
+            ferry::auth::Grants {
+                relay_only,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (mut bc, c) = member_page(&s, "carol").await;
+    let opts = |t: String| format!("{{ token: {t:?} }}");
+    let ra = ba
+        .eval(
+            &a,
+            &sdk_member_with(None, "{}", &opts(token("alice", false))),
+        )
+        .await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb
+        .eval(
+            &b,
+            &sdk_member_with(Some(&room), "{}", &opts(token("bob", false))),
+        )
+        .await;
+    let rc = bc
+        .eval(
+            &c,
+            &sdk_member_with(Some(&room), "{}", &opts(token("carol", true))),
+        )
+        .await;
+    let id = |r: &Value| r["userId"].as_str().unwrap().to_string();
+    let (a_id, b_id, c_id) = (id(&ra), id(&rb), id(&rc));
+    for (br, page, p2p, relay) in [(&mut ba, &a, &b_id, &c_id), (&mut bb, &b, &a_id, &c_id)] {
+        wait_or_explain(br, page, &decoded_via(p2p, "p2p", 5), p2p).await;
+        wait_or_explain(br, page, &decoded_via(relay, "relay", 5), relay).await;
+    }
+    for other in [&a_id, &b_id] {
+        wait_or_explain(&mut bc, &c, &decoded_via(other, "relay", 5), other).await;
+    }
+    // Still mixed once everything flows: alice-bob never went through the relay.
+    let modes = ba
+        .eval(
+            &a,
+            &format!(
+                "window.events.filter((e) => e.type === 'mode' && e.userId === {b_id:?}).length"
+            ),
+        )
+        .await;
+    assert_eq!(modes, 0, "alice-bob changed mode");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, "ferry_fallbacks_total{reason=\"policy\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    let out_video = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"out\",kind=\"video\"}",
+    )
+    .unwrap();
+    let in_video = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"in\",kind=\"video\"}",
+    )
+    .unwrap();
+    eprintln!("relay: {in_video} video packets in, {out_video} out");
+    assert!(out_video > 0.0, "{m}");
+    // Each publisher's packets go to its subscribers only: alice's and bob's to carol, carol's
+    // to both, so out/in = (a + b + 2c) / (a + b + c), well under 2 while alice and bob send
+    // (with every relayed member subscribed to the whole room it would be exactly 2).
+    assert!(out_video < 1.8 * in_video, "{in_video} in, {out_video} out");
+}
