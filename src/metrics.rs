@@ -14,7 +14,8 @@ use prometheus::{
 
 /// `ferry_signal_messages_total{type}`: the request types, then `unknown` (a type Ferry does not
 /// know) and `invalid` (not a request at all).
-pub const MESSAGE_TYPES: [&str; 12] = [
+/// A new request type belongs here too (a unit test checks that these parse).
+pub const MESSAGE_TYPES: [&str; 14] = [
     "hello",
     "ping",
     "createRoom",
@@ -25,6 +26,8 @@ pub const MESSAGE_TYPES: [&str; 12] = [
     "candidate",
     "bye",
     "reportMode",
+    "subscribe",
+    "unsubscribe",
     "unknown",
     "invalid",
 ];
@@ -297,9 +300,7 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(process::ProcessCollector::new()))
             .expect("process collector registered once");
         Metrics {
             registry,
@@ -338,6 +339,180 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` at each scrape. Ferry's own rather
+/// than the prometheus crate's, whose `process_cpu_seconds_total` counts whole seconds only (a
+/// lightly loaded server shows 0 % CPU, then a jump); this one has the kernel's clock-tick
+/// resolution (10 ms).
+#[cfg(target_os = "linux")]
+mod process {
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use prometheus::{Counter, IntGauge};
+
+    pub struct ProcessCollector {
+        descs: Vec<Desc>,
+        cpu: Counter,
+        open_fds: IntGauge,
+        max_fds: IntGauge,
+        virtual_bytes: IntGauge,
+        resident_bytes: IntGauge,
+        start_time: IntGauge,
+        threads: IntGauge,
+        clock_ticks: f64,
+        page_size: i64,
+    }
+
+    /// A value from the process's ELF auxiliary vector (what `sysconf` reads too).
+    fn auxv(key: u64) -> Option<u64> {
+        let bytes = std::fs::read("/proc/self/auxv").ok()?;
+        const W: usize = std::mem::size_of::<usize>();
+        bytes.chunks_exact(2 * W).find_map(|pair| {
+            let k = usize::from_ne_bytes(pair[..W].try_into().ok()?) as u64;
+            let v = usize::from_ne_bytes(pair[W..].try_into().ok()?) as u64;
+            (k == key).then_some(v)
+        })
+    }
+
+    const AT_PAGESZ: u64 = 6;
+    const AT_CLKTCK: u64 = 17;
+
+    /// The fields of `/proc/self/stat` after the command name: `fields[0]` is field 3 (state).
+    fn stat_fields() -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let after = &stat[stat.rfind(')')? + 1..];
+        Some(
+            after
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect(),
+        )
+    }
+
+    /// Field `n` of `/proc/self/stat`, numbered as in proc(5).
+    fn field(fields: &[u64], n: usize) -> Option<u64> {
+        fields.get(n - 3).copied()
+    }
+
+    fn boot_time() -> Option<u64> {
+        std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn max_open_files() -> Option<i64> {
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|soft| soft.parse().ok())
+    }
+
+    impl ProcessCollector {
+        pub fn new() -> ProcessCollector {
+            let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+            let cpu = Counter::new(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+            )
+            .expect("valid metric");
+            let open_fds = gauge("process_open_fds", "Number of open file descriptors.");
+            let max_fds = gauge(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+            );
+            let virtual_bytes = gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+            );
+            let resident_bytes = gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            );
+            let start_time = gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+            );
+            let threads = gauge("process_threads", "Number of OS threads in the process.");
+            let clock_ticks = auxv(AT_CLKTCK).filter(|t| *t > 0).unwrap_or(100) as f64;
+            let page_size = auxv(AT_PAGESZ).filter(|p| *p > 0).unwrap_or(4096) as i64;
+            if let (Some(boot), Some(start)) =
+                (boot_time(), stat_fields().and_then(|f| field(&f, 22)))
+            {
+                start_time.set((boot as f64 + start as f64 / clock_ticks) as i64);
+            }
+            let descs = [
+                cpu.desc(),
+                open_fds.desc(),
+                max_fds.desc(),
+                virtual_bytes.desc(),
+                resident_bytes.desc(),
+                start_time.desc(),
+                threads.desc(),
+            ]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+            ProcessCollector {
+                descs,
+                cpu,
+                open_fds,
+                max_fds,
+                virtual_bytes,
+                resident_bytes,
+                start_time,
+                threads,
+                clock_ticks,
+                page_size,
+            }
+        }
+    }
+
+    impl Collector for ProcessCollector {
+        fn desc(&self) -> Vec<&Desc> {
+            self.descs.iter().collect()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+                // The directory handle being read is one of them.
+                self.open_fds.set(dir.count() as i64 - 1);
+            }
+            if let Some(max) = max_open_files() {
+                self.max_fds.set(max);
+            }
+            if let Some(f) = stat_fields() {
+                let ticks = field(&f, 14).unwrap_or(0) + field(&f, 15).unwrap_or(0);
+                let total = ticks as f64 / self.clock_ticks;
+                // Concurrent scrapes: never move the counter backwards.
+                let past = self.cpu.get();
+                if total > past {
+                    self.cpu.inc_by(total - past);
+                }
+                self.threads.set(field(&f, 20).unwrap_or(0) as i64);
+                self.virtual_bytes.set(field(&f, 23).unwrap_or(0) as i64);
+                self.resident_bytes
+                    .set(field(&f, 24).unwrap_or(0) as i64 * self.page_size);
+            }
+            [
+                self.cpu.collect(),
+                self.open_fds.collect(),
+                self.max_fds.collect(),
+                self.virtual_bytes.collect(),
+                self.resident_bytes.collect(),
+                self.start_time.collect(),
+                self.threads.collect(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect()
+        }
     }
 }
 
@@ -381,5 +556,41 @@ mod tests {
         }
         assert!(text.contains("ferry_signal_messages_total{type=\"invalid\"} 0\n"));
         assert!(text.contains("ferry_ready 1\n"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_this_process() {
+        let m = Metrics::new();
+        // Burn some CPU so that the counter is above zero at clock-tick resolution.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let text = m.render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .parse()
+                .unwrap()
+        };
+        let cpu = value("process_cpu_seconds_total");
+        assert!(cpu >= 0.04, "CPU seconds at tick resolution: {cpu}");
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+        assert!(value("process_threads") >= 1.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
     }
 }
