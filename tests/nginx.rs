@@ -77,13 +77,14 @@ http {{
 
 /// The real `ferry` binary (JSON logs into `dir/ferry.log`) with nginx in front of it.
 struct Stack {
-    dir: TempDir,
     ferry: std::process::Child,
     ferry_addr: SocketAddr,
     metrics_addr: SocketAddr,
     /// Where clients connect: nginx.
     lb: SocketAddr,
+    // Fields drop in order: nginx goes before its directory (ferry goes first, in `drop`).
     _nginx: ChildGuard,
+    dir: TempDir,
 }
 
 impl Stack {
@@ -131,12 +132,12 @@ impl Stack {
             .spawn()
             .expect("start nginx");
         let mut s = Stack {
-            dir,
             ferry,
             ferry_addr,
             metrics_addr,
             lb,
             _nginx: ChildGuard(nginx),
+            dir,
         };
         assert!(
             wait_for_listener(s.ferry_addr).await,

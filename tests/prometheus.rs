@@ -369,8 +369,9 @@ fn sample_values(data: &Value) -> Vec<f64> {
 
 struct Prometheus {
     addr: SocketAddr,
-    dir: TempDir,
+    // Fields drop in order: the process goes before its directory.
     _child: ChildGuard,
+    dir: TempDir,
 }
 
 impl Prometheus {
@@ -400,8 +401,8 @@ impl Prometheus {
             .expect("start prometheus");
         let p = Prometheus {
             addr,
-            dir,
             _child: ChildGuard(child),
+            dir,
         };
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok()
