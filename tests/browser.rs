@@ -349,7 +349,11 @@ fn tool_available(program: &str, version_flag: &str, test: &str) -> bool {
         return true;
     }
     assert!(std::env::var_os("CI").is_none(), "{program} missing in CI");
-    eprintln!("SKIPPED {test}: {program} is not installed (.ci/run installs it)");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {test}: {program} is not installed (.ci/run installs it)"
+    );
     false
 }
 

@@ -122,7 +122,10 @@ async fn a_real_stun_client_learns_its_address() {
             std::env::var_os("CI").is_none(),
             "turnutils_stunclient (Debian coturn) missing in CI"
         );
-        eprintln!(
+        // Past the test harness's capture, so that .ci/run's summary counts the skip.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
             "SKIPPED a_real_stun_client_learns_its_address: turnutils_stunclient (apt-get install coturn) is not installed"
         );
         return;
