@@ -26,6 +26,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print an access token signed with the configured API key and secret.
     Token(TokenArgs),
+    /// Load a running Ferry with publishers and subscribers (real WebRTC peers on this machine)
+    /// and report throughput, loss, latency and the server's CPU and memory per packet/subscriber.
+    Loadgen(ferry::loadgen::LoadgenArgs),
 }
 
 #[derive(Args)]
@@ -60,7 +63,33 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Token(t)) => token(t),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Loadgen(args)) => loadgen(args),
         None => serve(cli.serve),
+    }
+}
+
+fn loadgen(args: ferry::loadgen::LoadgenArgs) -> ExitCode {
+    let json = args.json;
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry loadgen: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ferry::loadgen::run(args)) {
+        Ok(report) => {
+            if json {
+                println!("{report:#}");
+            } else {
+                ferry::loadgen::print_human(&report);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry loadgen: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

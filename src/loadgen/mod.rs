@@ -1,0 +1,633 @@
+//! `ferry loadgen`: publishers and subscribers against a running Ferry, through the real signaling
+//! and real ICE/DTLS/SRTP (webrtc-rs `rtc` peers, one UDP socket each, on this machine).
+//!
+//! Every payload starts with its send time and a per-stream counter, so subscribers measure loss
+//! and latency (publishers and subscribers share this process's clock). At the end it reads the
+//! server's own `/metrics` (deltas over the measured window) for CPU per forwarded packet, memory
+//! per subscriber and the forwarding latency inside the server.
+
+mod peer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use peer::{Peer, Signaling, Source};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    /// Each room: `publishers` publish, `subscribers` receive every publisher.
+    Broadcast,
+    /// Each room: `publishers` members each publish and receive every other member (N x N);
+    /// `subscribers` extra members only receive.
+    Meeting,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    /// Ferry's HTTP address (signaling at /ws, metrics at /metrics).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Where the server's Prometheus metrics are, when not `<url>/metrics`.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    #[arg(long, value_enum, default_value = "broadcast")]
+    pub shape: Shape,
+    #[arg(long, default_value_t = 1)]
+    pub rooms: u32,
+    /// Publishing members per room.
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
+    /// Receiving-only members per room.
+    #[arg(long, default_value_t = 10)]
+    pub subscribers: u32,
+    /// Measured time, after everyone joined and a 2 s warm-up.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Video bitrate per publisher, kbit/s.
+    #[arg(long, default_value_t = 2500)]
+    pub video_kbps: u64,
+    /// Video RTP payload size, bytes.
+    #[arg(long, default_value_t = 1200)]
+    pub packet_bytes: usize,
+    #[arg(long, default_value_t = 30)]
+    pub fps: u32,
+    /// Publish video only (no 50 packets/s Opus-like audio).
+    #[arg(long)]
+    pub no_audio: bool,
+    /// Check the whole payload of one received packet in this many (the rest are only counted).
+    #[arg(long, default_value_t = 16)]
+    pub verify_every: u64,
+    /// Clients joining per second.
+    #[arg(long, default_value_t = 100)]
+    pub join_rate: u32,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Mint tokens with this API key and secret when the server requires them.
+    #[arg(long, env = "FERRY_API_KEY")]
+    pub api_key: Option<String>,
+    #[arg(long, env = "FERRY_API_SECRET", hide_env_values = true)]
+    pub api_secret: Option<String>,
+}
+
+/// Counters every client bumps.
+pub struct Shared {
+    epoch: Instant,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub malformed: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub measuring: AtomicBool,
+    pub verify_every: u64,
+    /// Latency histogram: bucket i counts [2^i, 2^(i+1)) µs.
+    latency: [AtomicU64; 32],
+    latency_max: AtomicU64,
+}
+
+impl Shared {
+    fn new(verify_every: u64) -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            keyframe_requests: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+            verify_every: verify_every.max(1),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_max: AtomicU64::new(0),
+        }
+    }
+
+    pub fn since_epoch(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.epoch)
+    }
+
+    pub fn record_latency(&self, us: u64) {
+        let i = (64 - us.max(1).leading_zeros() as usize - 1).min(31);
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_max.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile of the latency histogram, µs (upper bound of its bucket).
+    fn latency_quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(1u64 << (i + 1));
+            }
+        }
+        None
+    }
+}
+
+/// Loss accounting for one received stream: unique counters seen within a sliding window.
+#[derive(Default)]
+pub struct StreamLoss {
+    first: Option<u32>,
+    highest: u32,
+    /// Bit i: counter `highest - i` was seen.
+    window: u128,
+    pub unique: u64,
+}
+
+impl StreamLoss {
+    pub fn saw(&mut self, c: u32) {
+        let Some(_) = self.first else {
+            self.first = Some(c);
+            self.highest = c;
+            self.window = 1;
+            self.unique = 1;
+            return;
+        };
+        if c > self.highest {
+            let shift = c - self.highest;
+            self.window = if shift >= 128 {
+                0
+            } else {
+                self.window << shift
+            };
+            self.window |= 1;
+            self.highest = c;
+            self.unique += 1;
+        } else {
+            let back = self.highest - c;
+            if back < 128 && self.window & (1 << back) == 0 {
+                self.window |= 1 << back;
+                self.unique += 1;
+            }
+        }
+    }
+
+    pub fn expected(&self) -> u64 {
+        self.first.map_or(0, |f| u64::from(self.highest - f) + 1)
+    }
+}
+
+struct ServerSample {
+    cpu: f64,
+    rss: f64,
+    out_packets: f64,
+    latency_buckets: Vec<(f64, f64)>,
+}
+
+async fn http_get(url: &str) -> Result<String, String> {
+    // A minimal HTTP/1.0 GET on loopback: the metrics text, no client library needed.
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = body.split_once("\r\n\r\n").unwrap_or(("", ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "{url}: {}",
+            head.lines().next().unwrap_or("no answer")
+        ));
+    }
+    Ok(body.to_string())
+}
+
+fn sample(text: &str) -> ServerSample {
+    let mut s = ServerSample {
+        cpu: 0.0,
+        rss: 0.0,
+        out_packets: 0.0,
+        latency_buckets: Vec::new(),
+    };
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        if name == "process_cpu_seconds_total" {
+            s.cpu = v;
+        } else if name == "process_resident_memory_bytes" {
+            s.rss = v;
+        } else if name.starts_with("ferry_media_packets_total{") && name.contains("\"out\"") {
+            s.out_packets += v;
+        } else if let Some(le) = name
+            .strip_prefix("ferry_forward_latency_seconds_bucket{le=\"")
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            s.latency_buckets.push((le, v));
+        }
+    }
+    s
+}
+
+/// The `q` quantile of a cumulative histogram delta (upper bound of its bucket), seconds.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, v)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, v)| *v);
+            (*le, v - b)
+        })
+        .collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    deltas
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
+}
+
+fn ws_url(args: &LoadgenArgs, identity: &str) -> String {
+    let base = args
+        .url
+        .trim_end_matches('/')
+        .replacen("http://", "ws://", 1)
+        .replacen("https://", "wss://", 1);
+    let mut url = format!("{base}/ws");
+    if let (Some(k), Some(s)) = (&args.api_key, &args.api_secret)
+        && let Ok(t) = crate::auth::mint(
+            k,
+            s,
+            identity,
+            Duration::from_secs(3600),
+            crate::auth::Grants::default(),
+        )
+    {
+        url.push_str("?token=");
+        url.push_str(&t);
+    }
+    url
+}
+
+struct ClientResult {
+    publisher: bool,
+    join_ms: Option<f64>,
+    loss: Vec<StreamLoss>,
+    error: Option<String>,
+}
+
+/// Run the load and print the report. Returns an error when the load could not be set up.
+pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
+    if args.packet_bytes < peer::STAMP || args.packet_bytes > 1400 {
+        return Err("--packet-bytes must be between 16 and 1400".into());
+    }
+    if args.fps == 0 || args.fps > 120 {
+        return Err("--fps must be between 1 and 120".into());
+    }
+    let metrics_url = args
+        .metrics_url
+        .clone()
+        .unwrap_or_else(|| format!("{}/metrics", args.url.trim_end_matches('/')));
+    // Fail early, with a clear message, when the server is not there.
+    http_get(&metrics_url).await?;
+    let shared = Arc::new(Shared::new(args.verify_every));
+    let source = Source {
+        video_bps: args.video_kbps * 1000,
+        packet_bytes: args.packet_bytes,
+        fps: args.fps,
+        audio: !args.no_audio,
+    };
+    let started = Instant::now();
+    let stop_at = Arc::new(std::sync::Mutex::new(None::<tokio::time::Instant>));
+    let mut tasks = Vec::new();
+    let mut stream_index = 0u32;
+    let pace = Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1)));
+    let clients_total = args.rooms * (args.publishers + args.subscribers);
+    eprintln!(
+        "loadgen: {} room(s) of {} publisher(s) and {} subscriber(s) ({:?}), {} kbit/s video{} per publisher",
+        args.rooms,
+        args.publishers,
+        args.subscribers,
+        args.shape,
+        args.video_kbps,
+        if args.no_audio { "" } else { " + audio" }
+    );
+    for r in 0..args.rooms {
+        let mut control = Signaling::connect(&ws_url(&args, &format!("lg-control-{r}"))).await?;
+        let room = control
+            .request(
+                "createRoom",
+                json!({"mode": "relay", "maxPeers": args.publishers + args.subscribers + 1}),
+            )
+            .await?["roomId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        // Publishers first, so that everyone knows whom to subscribe to.
+        let mut publisher_ids = Vec::new();
+        let mut members = Vec::new();
+        for i in 0..args.publishers {
+            let mut sig = Signaling::connect(&ws_url(&args, &format!("lg-pub-{r}-{i}"))).await?;
+            sig.request("joinRoom", json!({"roomId": room})).await?;
+            publisher_ids.push(sig.user_id.clone());
+            members.push((sig, Some(stream_index)));
+            stream_index += 1;
+            tokio::time::sleep(pace).await;
+        }
+        for i in 0..args.subscribers {
+            let mut sig = Signaling::connect(&ws_url(&args, &format!("lg-sub-{r}-{i}"))).await?;
+            sig.request("joinRoom", json!({"roomId": room})).await?;
+            members.push((sig, None));
+            tokio::time::sleep(pace).await;
+        }
+        for (sig, publishing) in members {
+            let subs: Vec<String> = match (publishing, args.shape) {
+                (Some(_), Shape::Broadcast) => Vec::new(),
+                _ => publisher_ids
+                    .iter()
+                    .filter(|id| **id != sig.user_id)
+                    .cloned()
+                    .collect(),
+            };
+            let shared = shared.clone();
+            let stop_at = stop_at.clone();
+            tasks.push(tokio::spawn(async move {
+                client(sig, publishing.map(|s| (source, s)), subs, shared, stop_at).await
+            }));
+        }
+        drop(control);
+    }
+    // Wait until every receiving client sees media (or 30 s), showing progress.
+    let joined_deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let received = shared.received.load(Ordering::Relaxed);
+        let sent = shared.sent.load(Ordering::Relaxed);
+        eprintln!(
+            "loadgen: joining: {clients_total} clients, {sent} packets sent, {received} received ({} /s)",
+            (received - last) * 2
+        );
+        last = received;
+        if received > 0 && Instant::now() > started + Duration::from_secs(2) && received > sent {
+            break;
+        }
+        if Instant::now() > joined_deadline {
+            eprintln!("loadgen: not every client receives yet after 30 s; measuring anyway");
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = sample(&http_get(&metrics_url).await?);
+    let (sent0, recv0) = (
+        shared.sent.load(Ordering::Relaxed),
+        shared.received.load(Ordering::Relaxed),
+    );
+    shared.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let end = tokio::time::Instant::now() + args.duration;
+    *stop_at.lock().expect("lock") = Some(end + Duration::from_millis(500));
+    let mut last = recv0;
+    while tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1).min(end - tokio::time::Instant::now())).await;
+        let r = shared.received.load(Ordering::Relaxed);
+        eprintln!(
+            "loadgen: {:>4.0} s  {} packets/s received, latency p50 {} µs p99 {} µs",
+            t0.elapsed().as_secs_f64(),
+            r - last,
+            shared.latency_quantile(0.5).unwrap_or(0),
+            shared.latency_quantile(0.99).unwrap_or(0),
+        );
+        last = r;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let after = sample(&http_get(&metrics_url).await?);
+    shared.measuring.store(false, Ordering::Relaxed);
+    let (sent1, recv1) = (
+        shared.sent.load(Ordering::Relaxed),
+        shared.received.load(Ordering::Relaxed),
+    );
+    let mut joins = Vec::new();
+    let (mut expected, mut unique) = (0u64, 0u64);
+    let mut errors = Vec::new();
+    let mut receivers = 0u64;
+    for t in tasks {
+        match t.await {
+            Ok(r) => {
+                if let Some(e) = r.error {
+                    errors.push(e);
+                }
+                if let Some(j) = r.join_ms {
+                    joins.push(j);
+                }
+                if !r.loss.is_empty() || !r.publisher {
+                    receivers += u64::from(!r.loss.is_empty());
+                }
+                for l in r.loss {
+                    expected += l.expected();
+                    unique += l.unique;
+                }
+            }
+            Err(e) => errors.push(format!("client task: {e}")),
+        }
+    }
+    joins.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], q: f64| -> Option<f64> {
+        (!v.is_empty()).then(|| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1])
+    };
+    let forwarded = after.out_packets - before.out_packets;
+    let cpu = after.cpu - before.cpu;
+    let subscribers_total = u64::from(args.rooms * args.subscribers)
+        + if args.shape == Shape::Meeting {
+            u64::from(args.rooms * args.publishers)
+        } else {
+            0
+        };
+    let loss = if expected > 0 {
+        100.0 * (1.0 - unique as f64 / expected as f64)
+    } else {
+        100.0
+    };
+    let report = json!({
+        "shape": format!("{:?}", args.shape).to_lowercase(),
+        "rooms": args.rooms, "publishers_per_room": args.publishers, "subscribers_per_room": args.subscribers,
+        "video_kbps": args.video_kbps, "audio": !args.no_audio,
+        "seconds": elapsed,
+        "packets_sent_per_s": (sent1 - sent0) as f64 / elapsed,
+        "packets_received_per_s": (recv1 - recv0) as f64 / elapsed,
+        "server_forwarded_per_s": forwarded / elapsed,
+        "loss_percent": loss,
+        "receiving_clients": receivers,
+        "latency_us": {
+            "p50": shared.latency_quantile(0.5), "p99": shared.latency_quantile(0.99),
+            "max": shared.latency_max.load(Ordering::Relaxed),
+        },
+        "server_forward_latency_s": {
+            "p50": histogram_quantile(&before.latency_buckets, &after.latency_buckets, 0.5),
+            "p99": histogram_quantile(&before.latency_buckets, &after.latency_buckets, 0.99),
+        },
+        "server_cpu_seconds": cpu,
+        "server_cpu_us_per_forwarded_packet": if forwarded > 0.0 { Some(cpu * 1e6 / forwarded) } else { None },
+        "server_rss_bytes": after.rss,
+        "server_rss_bytes_per_subscriber": if subscribers_total > 0 { Some(after.rss / subscribers_total as f64) } else { None },
+        "join_ms": { "p50": pct(&joins, 0.5), "p99": pct(&joins, 0.99), "n": joins.len() },
+        "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
+        "keyframe_requests": shared.keyframe_requests.load(Ordering::Relaxed),
+        "errors": errors,
+    });
+    Ok(report)
+}
+
+/// Print a report for people.
+pub fn print_human(r: &Value) {
+    let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    println!(
+        "ferry loadgen: {} x ({} -> {}) {} for {:.0} s",
+        r["rooms"],
+        r["publishers_per_room"],
+        r["subscribers_per_room"],
+        r["shape"].as_str().unwrap_or(""),
+        r["seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  forwarded by the server: {} packets/s; received by subscribers: {} packets/s",
+        f(&r["server_forwarded_per_s"]),
+        f(&r["packets_received_per_s"])
+    );
+    println!("  loss: {}%", f(&r["loss_percent"]));
+    println!(
+        "  latency publisher -> subscriber (µs, bucket upper bounds): p50 {} p99 {} max {}",
+        r["latency_us"]["p50"], r["latency_us"]["p99"], r["latency_us"]["max"]
+    );
+    println!(
+        "  inside the server (s, bucket upper bounds): p50 {} p99 {}",
+        r["server_forward_latency_s"]["p50"], r["server_forward_latency_s"]["p99"]
+    );
+    println!(
+        "  server CPU: {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB per subscriber",
+        f(&r["server_cpu_us_per_forwarded_packet"]
+            .as_f64()
+            .map_or(Value::Null, |x| json!(x))),
+        f(&r["server_cpu_seconds"]),
+        f(&json!(r["server_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6)),
+        f(&json!(
+            r["server_rss_bytes_per_subscriber"].as_f64().unwrap_or(0.0) / 1e3
+        ))
+    );
+    println!(
+        "  join -> first media (ms): p50 {} p99 {} (n = {})",
+        f(&r["join_ms"]["p50"]),
+        f(&r["join_ms"]["p99"]),
+        r["join_ms"]["n"]
+    );
+    if r["corrupt_payloads"].as_u64().unwrap_or(0) > 0 {
+        println!("  CORRUPT payloads: {}", r["corrupt_payloads"]);
+    }
+    for e in r["errors"].as_array().into_iter().flatten() {
+        println!("  error: {e}");
+    }
+}
+
+async fn client(
+    mut sig: Signaling,
+    publishing: Option<(Source, u32)>,
+    subscribe_to: Vec<String>,
+    shared: Arc<Shared>,
+    stop_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+) -> ClientResult {
+    let joined = Instant::now();
+    let mut result = ClientResult {
+        publisher: publishing.is_some(),
+        join_ms: None,
+        loss: Vec::new(),
+        error: None,
+    };
+    for id in &subscribe_to {
+        if let Err(e) = sig.request("subscribe", json!({"userId": id})).await {
+            result.error = Some(e);
+            return result;
+        }
+    }
+    let mut p = match Peer::connect(sig, publishing, shared.clone()).await {
+        Ok(p) => p,
+        Err(e) => {
+            result.error = Some(e);
+            return result;
+        }
+    };
+    let src = publishing.map(|(s, _)| s);
+    let frame_every = src.map_or(Duration::from_secs(3600), |s| {
+        Duration::from_secs_f64(1.0 / f64::from(s.fps))
+    });
+    let frame_bytes = src.map_or(0, |s| (s.video_bps / 8 / u64::from(s.fps)) as usize);
+    let audio_every = Duration::from_millis(20);
+    let mut next_frame = tokio::time::Instant::now();
+    let mut next_audio = tokio::time::Instant::now();
+    loop {
+        let stop = *stop_at.lock().expect("lock");
+        let now = tokio::time::Instant::now();
+        if stop.is_some_and(|s| now >= s) {
+            break;
+        }
+        if let Some(s) = src
+            && p.connected
+        {
+            if now >= next_frame {
+                p.send_frame(true, frame_bytes, s.packet_bytes, Instant::now());
+                next_frame += frame_every;
+                if next_frame < now {
+                    next_frame = now + frame_every;
+                }
+            }
+            if s.audio && now >= next_audio {
+                p.send_frame(false, 100, s.packet_bytes, Instant::now());
+                next_audio += audio_every;
+                if next_audio < now {
+                    next_audio = now + audio_every;
+                }
+            }
+        }
+        let mut until = now + Duration::from_millis(50);
+        if src.is_some() && p.connected {
+            until = until.min(next_frame).min(if src.is_some_and(|s| s.audio) {
+                next_audio
+            } else {
+                until
+            });
+        }
+        if let Some(s) = stop {
+            until = until.min(s);
+        }
+        p.pump(until).await;
+    }
+    result.join_ms = p
+        .first_media_at
+        .map(|t| t.saturating_duration_since(joined).as_secs_f64() * 1000.0);
+    result.loss = std::mem::take(&mut p.loss).into_values().collect();
+    result
+}
