@@ -339,12 +339,13 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     );
     for r in 0..args.rooms {
         let mut control = Signaling::connect(&ws_url(&args, &format!("lg-control-{r}"))).await?;
+        let want = args.publishers + args.subscribers;
         let room = control
-            .request(
-                "createRoom",
-                json!({"mode": "relay", "maxPeers": args.publishers + args.subscribers + 1}),
-            )
-            .await?["roomId"]
+            .request("createRoom", json!({"mode": "relay", "maxPeers": want.max(2)}))
+            .await
+            .map_err(|e| {
+                format!("{e}: rooms of {want} need the server's max_room_peers (--max-room-peers) at least that high")
+            })?["roomId"]
             .as_str()
             .unwrap_or_default()
             .to_string();
@@ -468,6 +469,12 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         } else {
             0
         };
+    let expected_receivers = u64::from(args.rooms)
+        * match args.shape {
+            Shape::Broadcast => u64::from(args.subscribers),
+            Shape::Meeting => u64::from(args.subscribers + args.publishers),
+        }
+        * u64::from(args.publishers > 0);
     let loss = if expected > 0 {
         100.0 * (1.0 - unique as f64 / expected as f64)
     } else {
@@ -483,6 +490,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "server_forwarded_per_s": forwarded / elapsed,
         "loss_percent": loss,
         "receiving_clients": receivers,
+        "clients_without_media": expected_receivers.saturating_sub(receivers),
         "latency_us": {
             "p50": shared.latency_quantile(0.5), "p99": shared.latency_quantile(0.99),
             "max": shared.latency_max.load(Ordering::Relaxed),
@@ -519,7 +527,12 @@ pub fn print_human(r: &Value) {
         f(&r["server_forwarded_per_s"]),
         f(&r["packets_received_per_s"])
     );
-    println!("  loss: {}%", f(&r["loss_percent"]));
+    println!(
+        "  loss: {}% (receiving clients: {}, without any media: {})",
+        f(&r["loss_percent"]),
+        r["receiving_clients"],
+        r["clients_without_media"]
+    );
     println!(
         "  latency publisher -> subscriber (µs, bucket upper bounds): p50 {} p99 {} max {}",
         r["latency_us"]["p50"], r["latency_us"]["p99"], r["latency_us"]["max"]

@@ -1,0 +1,108 @@
+//! `ferry loadgen` against a real in-process server: a small broadcast and a small meeting, and the
+//! report says what happened (media received intact, the server's own counters read).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry::loadgen::{LoadgenArgs, Shape, run};
+
+fn args(s: &TestServer, shape: Shape, publishers: u32, subscribers: u32) -> LoadgenArgs {
+    LoadgenArgs {
+        url: format!("http://{}", s.addr),
+        metrics_url: None,
+        shape,
+        rooms: 1,
+        publishers,
+        subscribers,
+        duration: Duration::from_secs(3),
+        video_kbps: 500,
+        packet_bytes: 1000,
+        fps: 15,
+        no_audio: false,
+        verify_every: 1,
+        join_rate: 50,
+        json: true,
+        api_key: None,
+        api_secret: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reports_forwarded_media() {
+    let s = spawn(test_config()).await;
+    let r = run(args(&s, Shape::Broadcast, 1, 3))
+        .await
+        .expect("loadgen runs");
+    eprintln!("{r:#}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["receiving_clients"], 3, "{r}");
+    assert_eq!(r["clients_without_media"], 0, "{r}");
+    assert_eq!(r["corrupt_payloads"], 0, "{r}");
+    // Every packet a publisher sends reaches each of the 3 subscribers, through the server.
+    let sent = r["packets_sent_per_s"].as_f64().unwrap();
+    let received = r["packets_received_per_s"].as_f64().unwrap();
+    let forwarded = r["server_forwarded_per_s"].as_f64().unwrap();
+    assert!(sent > 10.0, "{r}");
+    assert!(received > 2.0 * sent && received < 4.0 * sent, "{r}");
+    assert!(forwarded > 2.0 * sent && forwarded < 4.0 * sent, "{r}");
+    assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
+    assert!(
+        r["server_cpu_us_per_forwarded_packet"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(
+        r["server_rss_bytes_per_subscriber"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(r["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["join_ms"]["n"], 3, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meeting_members_receive_each_other() {
+    let s = spawn(test_config()).await;
+    let r = run(args(&s, Shape::Meeting, 3, 0))
+        .await
+        .expect("loadgen runs");
+    eprintln!("{r:#}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["receiving_clients"], 3, "{r}");
+    assert_eq!(r["corrupt_payloads"], 0, "{r}");
+    // Each member's packets go to the two others.
+    let sent = r["packets_sent_per_s"].as_f64().unwrap();
+    let received = r["packets_received_per_s"].as_f64().unwrap();
+    assert!(received > 1.5 * sent && received < 2.5 * sent, "{r}");
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_there_is_a_clear_error() {
+    let port = free_port();
+    let s_url = format!("http://127.0.0.1:{port}");
+    let mut a = args_for_url(&s_url);
+    a.duration = Duration::from_secs(1);
+    let e = run(a).await.expect_err("no server");
+    assert!(e.contains(&s_url), "{e}");
+}
+
+fn args_for_url(url: &str) -> LoadgenArgs {
+    LoadgenArgs {
+        url: url.to_string(),
+        metrics_url: None,
+        shape: Shape::Broadcast,
+        rooms: 1,
+        publishers: 1,
+        subscribers: 1,
+        duration: Duration::from_secs(1),
+        video_kbps: 100,
+        packet_bytes: 1000,
+        fps: 10,
+        no_audio: true,
+        verify_every: 1,
+        join_rate: 50,
+        json: true,
+        api_key: None,
+        api_secret: None,
+    }
+}
