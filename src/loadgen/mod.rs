@@ -313,8 +313,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         .metrics_url
         .clone()
         .unwrap_or_else(|| format!("{}/metrics", args.url.trim_end_matches('/')));
-    // Fail early, with a clear message, when the server is not there.
-    http_get(&metrics_url).await?;
+    // Fail early, with a clear message, when the server is not there; its memory before we join.
+    let baseline = sample(&http_get(&metrics_url).await?);
     let shared = Arc::new(Shared::new(args.verify_every));
     let source = Source {
         video_bps: args.video_kbps * 1000,
@@ -502,7 +502,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_forwarded_packet": if forwarded > 0.0 { Some(cpu * 1e6 / forwarded) } else { None },
         "server_rss_bytes": after.rss,
-        "server_rss_bytes_per_subscriber": if subscribers_total > 0 { Some(after.rss / subscribers_total as f64) } else { None },
+        "server_rss_bytes_before": baseline.rss,
+        "server_rss_bytes_per_subscriber": if subscribers_total > 0 { Some((after.rss - baseline.rss).max(0.0) / subscribers_total as f64) } else { None },
         "join_ms": { "p50": pct(&joins, 0.5), "p99": pct(&joins, 0.99), "n": joins.len() },
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
         "keyframe_requests": shared.keyframe_requests.load(Ordering::Relaxed),
@@ -542,7 +543,7 @@ pub fn print_human(r: &Value) {
         r["server_forward_latency_s"]["p50"], r["server_forward_latency_s"]["p99"]
     );
     println!(
-        "  server CPU: {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB per subscriber",
+        "  server CPU: {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB more per subscriber",
         f(&r["server_cpu_us_per_forwarded_packet"]
             .as_f64()
             .map_or(Value::Null, |x| json!(x))),
