@@ -52,7 +52,7 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let media = UdpSocket::bind(config.media_listen).await.map_err(|e| {
+        let media = bind_media(config.media_listen).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("cannot bind the media port {}: {e}", config.media_listen),
@@ -182,4 +182,21 @@ impl Server {
         info!("stopped");
         res
     }
+}
+
+/// Socket buffers asked for on the media port. One video packet fanned out to 100 subscribers is
+/// ~120 kB of sends in one go; the kernel's default (~200 kB) would drop a frame's worth, and with
+/// it the DTLS handshakes of members who are joining. The kernel caps the request at
+/// `net.core.wmem_max` / `rmem_max`.
+const MEDIA_SOCKET_BUFFER: usize = 8 << 20;
+
+fn bind_media(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer is not a reason to refuse to start.
+    let _ = socket.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
+    let _ = socket.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }

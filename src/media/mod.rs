@@ -216,6 +216,8 @@ struct Peer {
     last_pli: HashMap<String, Instant>,
     /// ICE failed (so a failed connection failed at ICE, not at DTLS).
     ice_failed: bool,
+    /// The connection is up (DTLS done): relayed packets skip `write_rtp`'s checks.
+    connected: bool,
 }
 
 impl Peer {
@@ -548,23 +550,39 @@ impl MediaCore {
             out.header.sequence_number = seq;
             out.header.timestamp = ts;
             remap_extensions(&extensions, &r.ext_map, &mut out.header);
-            match sub.pc.rtp_sender(r.sender_id) {
-                Some(mut s) => match s.write_rtp(now, out) {
-                    Ok(()) => {
-                        r.last_sent = Some(now);
-                        self.metrics.rtp_out[kind].inc();
-                        self.metrics.bytes_out[kind].inc_by(bytes);
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "write_rtp refused");
-                        r.munger.dropped(packet.header.sequence_number);
-                        self.metrics
-                            .media_dropped
-                            .with_label_values(&["sender_refused"])
-                            .inc();
-                    }
-                },
-                None => {
+            // Once the subscriber's connection is up, the packet goes straight into its pipeline:
+            // `RTCRtpSender::write_rtp` would rebuild the sender's parameters (allocating) per
+            // packet only to check what the route already guarantees (our SSRC, a payload type
+            // and extension IDs taken from this sender's negotiated parameters). Before that,
+            // the checked path.
+            let written = if sub.connected {
+                sub.pc
+                    .handle_write(TaggedRTCMessage {
+                        now,
+                        message: RTCMessage::RtpPacket(String::new(), out),
+                    })
+                    .map(Some)
+            } else {
+                sub.pc
+                    .rtp_sender(r.sender_id)
+                    .map(|mut s| s.write_rtp(now, out))
+                    .transpose()
+            };
+            match written {
+                Ok(Some(())) => {
+                    r.last_sent = Some(now);
+                    self.metrics.rtp_out[kind].inc();
+                    self.metrics.bytes_out[kind].inc_by(bytes);
+                }
+                Err(e) => {
+                    debug!(error = %e, "write_rtp refused");
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["sender_refused"])
+                        .inc();
+                }
+                Ok(None) => {
                     r.munger.dropped(packet.header.sequence_number);
                     self.metrics
                         .media_dropped
@@ -676,6 +694,7 @@ impl MediaCore {
                 };
                 info!(user = %p.user_id, %state, "relay connection state");
                 let label = state.to_string();
+                p.connected = state == RTCPeerConnectionState::Connected;
                 self.metrics
                     .peer_connections
                     .with_label_values(&[&p.state])
@@ -973,17 +992,34 @@ impl MediaCore {
             let Some(s) = self.peers.get_mut(&r.to) else {
                 continue;
             };
-            let sub_exts: Vec<(String, u16)> =
+            let mime = s
+                .feeds
+                .values()
+                .find(|f| f.sender_id == r.sender_id)
+                .map(|f| f.mime.clone())
+                .unwrap_or_default();
+            let (sub_exts, payload_type): (Vec<(String, u16)>, Option<u8>) =
                 s.pc.rtp_sender(r.sender_id)
                     .map(|mut snd| {
-                        snd.get_parameters()
-                            .rtp_parameters
-                            .header_extensions
-                            .iter()
-                            .map(|h| (h.uri.clone(), h.id))
-                            .collect()
+                        let params = &snd.get_parameters().rtp_parameters;
+                        (
+                            params
+                                .header_extensions
+                                .iter()
+                                .map(|h| (h.uri.clone(), h.id))
+                                .collect(),
+                            params
+                                .codecs
+                                .iter()
+                                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
+                                .map(|c| c.payload_type),
+                        )
                     })
                     .unwrap_or_default();
+            // The payload type as negotiated (the subscriber may number the codec its own way).
+            if let Some(pt) = payload_type {
+                r.payload_type = pt;
+            }
             let mut map = [0u8; 256];
             for (uri, id) in &pub_exts {
                 if let Some((_, sid)) = sub_exts.iter().find(|(u, _)| u == uri)
@@ -1326,6 +1362,7 @@ impl MediaCore {
                 last_pli: HashMap::new(),
                 state: "new".to_string(),
                 ice_failed: false,
+                connected: false,
             },
         );
         self.by_user.insert(user_id.to_string(), key);
