@@ -254,6 +254,7 @@ pub struct MediaCore {
     deadlines: HashMap<PeerKey, Instant>,
     /// When the datagram being processed arrived (forwarding latency is measured from here).
     rx_at: Instant,
+    scratch_keys: Vec<PeerKey>,
 }
 
 const MAX_DATAGRAM: usize = 2048;
@@ -292,6 +293,7 @@ impl MediaCore {
             timers: Default::default(),
             deadlines: HashMap::new(),
             rx_at: Instant::now(),
+            scratch_keys: Vec::new(),
         })
     }
 
@@ -443,12 +445,15 @@ impl MediaCore {
 
     /// Drain every connection that may have output: transmits, events, received media.
     fn flush(&mut self) {
+        // The key list is reused: no allocation per datagram.
+        let mut keys = std::mem::take(&mut self.scratch_keys);
         while !self.dirty.is_empty() {
-            let keys: Vec<PeerKey> = self.dirty.drain().collect();
-            for k in keys {
+            keys.extend(self.dirty.drain());
+            for k in keys.drain(..) {
                 self.drain_peer(k);
             }
         }
+        self.scratch_keys = keys;
     }
 
     fn drain_peer(&mut self, key: PeerKey) {
