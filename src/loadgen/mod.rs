@@ -639,18 +639,16 @@ async fn client(
         }
         p.pump(until).await;
     }
-    if !result.publisher || !subscribe_to.is_empty() {
-        if p.first_media_at.is_none() {
-            result.error = Some(format!(
-                "{}: no media received (relay connection {})",
-                p.sig.user_id,
-                if p.connected {
-                    "connected"
-                } else {
-                    "never connected"
-                }
-            ));
-        }
+    if (!result.publisher || !subscribe_to.is_empty()) && p.first_media_at.is_none() {
+        result.error = Some(format!(
+            "{}: no media received (relay connection {})",
+            p.sig.user_id,
+            if p.connected {
+                "connected"
+            } else {
+                "never connected"
+            }
+        ));
     }
     result.join_ms = p
         .first_media_at
