@@ -43,6 +43,11 @@ struct Member {
     relay_with: std::collections::HashSet<String>,
 }
 
+/// Whether media between two members goes through the relay: either side reported so.
+fn relayed(a: &Member, b: &Member) -> bool {
+    a.relay_with.contains(&b.user_id) || b.relay_with.contains(&a.user_id)
+}
+
 struct Room {
     max_peers: u32,
     mode: RoomMode,
@@ -53,42 +58,26 @@ struct Room {
 impl Room {
     /// Whether the pair (a, b) is relayed: either side reported so.
     fn pair_relayed(&self, a: &str, b: &str) -> bool {
-        self.members.iter().any(|m| {
-            (m.user_id == a && m.relay_with.contains(b))
-                || (m.user_id == b && m.relay_with.contains(a))
-        })
+        let find = |id: &str| self.members.iter().find(|m| m.user_id == id);
+        match (find(a), find(b)) {
+            (Some(a), Some(b)) => relayed(a, b),
+            _ => false,
+        }
     }
 
     /// Pairs of members by how their media travels: `(p2p, relay)`. A pair is relayed when either
     /// side says so. O(members²), on the control path only (rooms are small).
     fn pairs(&self) -> (i64, i64) {
         let n = self.members.len() as i64;
-        let mut relayed = 0;
+        let mut through_relay = 0;
         for (i, a) in self.members.iter().enumerate() {
             for b in &self.members[i + 1..] {
-                if a.relay_with.contains(&b.user_id) || b.relay_with.contains(&a.user_id) {
-                    relayed += 1;
+                if relayed(a, b) {
+                    through_relay += 1;
                 }
             }
         }
-        (n * (n - 1) / 2 - relayed, relayed)
-    }
-
-    /// Each pair with its mode, for debugging: `[(a, b, "p2p" | "relay")]`.
-    fn pair_modes(&self) -> Vec<(String, String, &'static str)> {
-        let mut out = Vec::new();
-        for (i, a) in self.members.iter().enumerate() {
-            for b in &self.members[i + 1..] {
-                let relayed =
-                    a.relay_with.contains(&b.user_id) || b.relay_with.contains(&a.user_id);
-                out.push((
-                    a.user_id.clone(),
-                    b.user_id.clone(),
-                    if relayed { "relay" } else { "p2p" },
-                ));
-            }
-        }
-        out
+        (n * (n - 1) / 2 - through_relay, through_relay)
     }
 }
 
@@ -493,14 +482,6 @@ impl Hub {
             .is_some_and(|r| r.members.iter().any(|m| m.user_id == user_id))
     }
 
-    /// Every pair of a room with its mode (`p2p` | `relay`), for debugging.
-    pub fn room_pairs(&self, room_id: &str) -> Vec<(String, String, &'static str)> {
-        self.rooms
-            .get(room_id)
-            .map(|r| r.pair_modes())
-            .unwrap_or_default()
-    }
-
     /// The members of a room (user ids).
     pub fn room_members(&self, room_id: &str) -> Vec<String> {
         self.rooms
@@ -524,11 +505,7 @@ impl Hub {
                 "cannot signal yourself",
             ));
         }
-        let present = self
-            .rooms
-            .get(room_id)
-            .is_some_and(|r| r.members.iter().any(|m| m.user_id == to));
-        if !present {
+        if !self.is_member(room_id, to) {
             return Err(SignalError::new(
                 ErrorCode::TargetNotFound,
                 format!("{to:?} is not a member of your room"),
