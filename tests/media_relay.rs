@@ -16,30 +16,9 @@ fn payload(i: u16) -> Bytes {
     Bytes::from(format!("ferry-payload-{i:06}-").repeat(24))
 }
 
-/// A relayed room with a publisher and a subscriber, both connected to the relay.
+/// A relayed room with a publisher and a subscriber of its tracks, both connected to the relay.
 async fn relayed_pair(s: &TestServer) -> (MediaClient, MediaClient) {
-    let mut a = Client::joined_hello(s.addr, "publisher").await;
-    let room = a.create_room(json!({"mode": "relay"})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    let mut b = Client::joined_hello(s.addr, "subscriber").await;
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("subscribe", json!({"userId": a.user_id}))
-        .await
-        .unwrap();
-    let mut publ = MediaClient::connect(a, true).await;
-    let mut sub = MediaClient::connect(b, false).await;
-    for _ in 0..1000 {
-        publ.pump(SLICE).await;
-        sub.pump(SLICE).await;
-        if publ.connected && sub.connected {
-            return (publ, sub);
-        }
-    }
-    panic!("relay connections did not come up");
+    relay_room(s, true, false).await
 }
 
 /// Send `n` packets starting at `first`, pumping both sides, then let them settle.
@@ -244,6 +223,16 @@ async fn a_publisher_leaving_removes_its_track() {
 
 /// A relay room with a publisher and a member that has not subscribed yet, both connected.
 async fn unsubscribed_pair(s: &TestServer, extensions: bool) -> (MediaClient, MediaClient) {
+    relay_room(s, false, extensions).await
+}
+
+/// A relay room with a publisher and a second member (subscribed to the publisher before
+/// connecting when `subscribed`), both connected to the relay.
+async fn relay_room(
+    s: &TestServer,
+    subscribed: bool,
+    extensions: bool,
+) -> (MediaClient, MediaClient) {
     let mut a = Client::joined_hello(s.addr, "publisher").await;
     let room = a.create_room(json!({"mode": "relay"})).await;
     a.request("joinRoom", json!({"roomId": room}))
@@ -253,6 +242,11 @@ async fn unsubscribed_pair(s: &TestServer, extensions: bool) -> (MediaClient, Me
     b.request("joinRoom", json!({"roomId": room}))
         .await
         .unwrap();
+    if subscribed {
+        b.request("subscribe", json!({"userId": a.user_id}))
+            .await
+            .unwrap();
+    }
     let mut publ = MediaClient::connect_with(a, true, 0x0bad_cafe, extensions).await;
     let mut sub = MediaClient::connect_with(b, false, 1, extensions).await;
     for _ in 0..1000 {

@@ -20,7 +20,6 @@ use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -68,15 +67,7 @@ impl Signaling {
     }
 
     pub async fn request(&mut self, ty: &str, fields: Value) -> Result<Value, String> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut m = fields.as_object().cloned().unwrap_or_default();
-        m.insert("id".into(), json!(id));
-        m.insert("type".into(), json!(ty));
-        self.ws
-            .send(Message::text(Value::Object(m).to_string()))
-            .await
-            .map_err(|e| format!("{ty}: {e}"))?;
+        let id = self.send(ty, fields).await?;
         loop {
             let v = tokio::time::timeout(Duration::from_secs(20), self.recv())
                 .await
@@ -102,16 +93,18 @@ impl Signaling {
         }
     }
 
-    async fn send(&mut self, ty: &str, fields: Value) {
+    /// Send a request without waiting for its response (read and dropped later); its id.
+    async fn send(&mut self, ty: &str, fields: Value) -> Result<u64, String> {
         let id = self.next_id;
         self.next_id += 1;
         let mut m = fields.as_object().cloned().unwrap_or_default();
-        m.insert("id".into(), json!(format!("auto-{id}")));
+        m.insert("id".into(), json!(id));
         m.insert("type".into(), json!(ty));
-        let _ = self
-            .ws
+        self.ws
             .send(Message::text(Value::Object(m).to_string()))
-            .await;
+            .await
+            .map_err(|e| format!("{ty}: {e}"))?;
+        Ok(id)
     }
 }
 
@@ -245,19 +238,7 @@ impl Peer {
         } else {
             pc.create_data_channel("ferry", None).map_err(e)?;
         }
-        let cand = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: local.ip().to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()
-        .map_err(e)?;
-        pc.add_local_candidate(RTCIceCandidate::from(&cand).to_json().map_err(e)?)
+        pc.add_local_candidate(crate::net::host_candidate(local).map_err(e)?)
             .map_err(e)?;
         let offer = pc.create_offer(None).map_err(e)?;
         pc.set_local_description(Instant::now(), offer).map_err(e)?;
@@ -408,7 +389,7 @@ impl Peer {
 
     async fn drain(&mut self) {
         for (ty, fields) in std::mem::take(&mut self.pending) {
-            self.sig.send(&ty, fields).await;
+            let _ = self.sig.send(&ty, fields).await;
         }
         while let Some(ev) = self.pc.poll_event() {
             match ev {

@@ -32,9 +32,7 @@ use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{
-    CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
-};
+use rtc::peer_connection::transport::{RTCDtlsRole, RTCIceCandidateInit};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::RTCRtpSenderId;
@@ -218,14 +216,19 @@ struct Peer {
     ice_failed: bool,
     /// The connection is up (DTLS done): relayed packets skip `write_rtp`'s checks.
     connected: bool,
+    /// The earliest time a parked feed expires: kept here because the timer is re-read after
+    /// every packet, and a scan of every feed there would be per-packet work.
+    parked_deadline: Option<Instant>,
 }
 
 impl Peer {
-    fn next_parked_deadline(&self) -> Option<Instant> {
-        self.feeds
+    /// Re-read [`Peer::parked_deadline`] after a feed was parked, resumed or dropped.
+    fn update_parked_deadline(&mut self) {
+        self.parked_deadline = self
+            .feeds
             .values()
             .filter_map(|f| f.parked.as_ref().map(|(_, t)| *t))
-            .min()
+            .min();
     }
 }
 
@@ -346,7 +349,7 @@ impl MediaCore {
         let next = [
             p.pc.poll_timeout(),
             p.pli_at.iter().min().copied(),
-            p.next_parked_deadline(),
+            p.parked_deadline,
         ]
         .into_iter()
         .flatten()
@@ -376,7 +379,7 @@ impl MediaCore {
                 request_keyframes(p, now);
                 self.metrics.keyframe_requests_new_subscriber.inc();
             }
-            if p.next_parked_deadline().is_some_and(|t| t <= now) {
+            if p.parked_deadline.is_some_and(|t| t <= now) {
                 let expired: Vec<FeedKey> = p
                     .feeds
                     .iter()
@@ -782,6 +785,7 @@ impl MediaCore {
             let f = s.feeds.get_mut(&fk).expect("feed found above");
             let (mut route, _) = f.parked.take().expect("a parked route");
             f.bound = bound;
+            s.update_parked_deadline();
             // The new track's numbering continues the old one's; its timestamps advance by the
             // time the subscriber saw nothing.
             let gap = route.last_sent.map_or(0, |t| {
@@ -914,6 +918,7 @@ impl MediaCore {
             if let Some(f) = s.feeds.values_mut().find(|f| f.bound == bound) {
                 f.bound = None;
                 f.parked = Some((r, now + REPUBLISH_GRACE));
+                s.update_parked_deadline();
             }
             self.refresh_timer(to);
         }
@@ -927,6 +932,7 @@ impl MediaCore {
         let Some(f) = s.feeds.remove(key) else {
             return;
         };
+        s.update_parked_deadline();
         if let Some((publisher, track)) = &f.bound
             && let Some(rs) = self
                 .routes
@@ -1317,16 +1323,7 @@ impl MediaCore {
         }
         let registry = Registry::new()
             .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
-            .with(
-                Slot::from(3_500),
-                CountFeedback {
-                    nacks_received: self.metrics.nacks_received.clone(),
-                    nacks_sent: self.metrics.nacks_sent.clone(),
-                    retransmits: self.metrics.retransmits.clone(),
-                    read: Default::default(),
-                    write: Default::default(),
-                },
-            );
+            .with(Slot::from(3_500), count_feedback(&self.metrics));
         let registry = register_default_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -1335,18 +1332,7 @@ impl MediaCore {
             .with_interceptor_registry(registry)
             .build(now)?;
         for addr in &self.advertised {
-            let cand = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: addr.ip().to_string(),
-                    port: addr.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()?;
-            pc.add_local_candidate(RTCIceCandidate::from(&cand).to_json()?)?;
+            pc.add_local_candidate(net::host_candidate(*addr)?)?;
         }
         let key = self.next_key;
         self.next_key += 1;
@@ -1368,6 +1354,7 @@ impl MediaCore {
                 state: "new".to_string(),
                 ice_failed: false,
                 connected: false,
+                parked_deadline: None,
             },
         );
         self.by_user.insert(user_id.to_string(), key);
@@ -1487,18 +1474,83 @@ fn send_pli(
     r.write_rtcp(now, vec![Box::new(pli)]).is_ok()
 }
 
-/// Counts NACKs and retransmissions for the metrics. It sits between the pacer (3_000) and rtc's
-/// NACK responder (4_000): on the write walk it sees the responder's retransmissions (tagged
-/// `Attribute::Retransmission`) and the NACK generator's requests to the publisher; on the read
-/// walk, subscribers' NACKs before the responder acts on them. Counter clones are lock-free.
-struct CountFeedback {
-    nacks_received: prometheus::IntCounter,
-    nacks_sent: prometheus::IntCounter,
-    retransmits: prometheus::IntCounter,
+/// A pass-through interceptor that sees every packet on its way: `on_read` may mark an inbound one
+/// (e.g. for delivery to the application), `on_write` looks at an outbound one. Everything goes on
+/// unchanged otherwise, in order.
+pub struct Tap<R, W> {
+    on_read: R,
+    on_write: W,
     read: std::collections::VecDeque<TaggedPacket>,
     write: std::collections::VecDeque<TaggedPacket>,
 }
 
+impl<R, W> Tap<R, W>
+where
+    R: FnMut(&mut TaggedPacket) + Send + Sync,
+    W: FnMut(&TaggedPacket) + Send + Sync,
+{
+    pub fn new(on_read: R, on_write: W) -> Self {
+        Tap {
+            on_read,
+            on_write,
+            read: Default::default(),
+            write: Default::default(),
+        }
+    }
+}
+
+impl<R, W> Protocol<TaggedPacket, TaggedPacket, ()> for Tap<R, W>
+where
+    R: FnMut(&mut TaggedPacket) + Send + Sync,
+    W: FnMut(&TaggedPacket) + Send + Sync,
+{
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        (self.on_read)(&mut msg);
+        self.read.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        (self.on_write)(&msg);
+        self.write.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write.pop_front()
+    }
+
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        None
+    }
+}
+
+impl<R, W> Interceptor for Tap<R, W>
+where
+    R: FnMut(&mut TaggedPacket) + Send + Sync,
+    W: FnMut(&TaggedPacket) + Send + Sync,
+{
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// NACK messages in a compound RTCP packet.
 fn count_nacks(packets: &[Box<dyn rtc::rtcp::Packet>]) -> u64 {
     packets
         .iter()
@@ -1509,125 +1561,46 @@ fn count_nacks(packets: &[Box<dyn rtc::rtcp::Packet>]) -> u64 {
         .count() as u64
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for CountFeedback {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet {
-            self.nacks_received.inc_by(count_nacks(packets));
-        }
-        self.read.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        match &msg.message.packet {
-            Packet::Rtp(_) if msg.message.has(&Attribute::Retransmission) => self.retransmits.inc(),
-            Packet::Rtcp(packets) => self.nacks_sent.inc_by(count_nacks(packets)),
+/// Counts NACKs and retransmissions for the metrics. It sits between the pacer (3_000) and rtc's
+/// NACK responder (4_000): on the write walk it sees the responder's retransmissions (tagged
+/// `Attribute::Retransmission`) and the NACK generator's requests to the publisher; on the read
+/// walk, subscribers' NACKs before the responder acts on them. Counter clones are lock-free.
+fn count_feedback(metrics: &Metrics) -> impl Interceptor + use<> {
+    let received = metrics.nacks_received.clone();
+    let (sent, retransmits) = (metrics.nacks_sent.clone(), metrics.retransmits.clone());
+    Tap::new(
+        move |msg: &mut TaggedPacket| {
+            if let Packet::Rtcp(packets) = &msg.message.packet {
+                received.inc_by(count_nacks(packets));
+            }
+        },
+        move |msg: &TaggedPacket| match &msg.message.packet {
+            Packet::Rtp(_) if msg.message.has(&Attribute::Retransmission) => retransmits.inc(),
+            Packet::Rtcp(packets) => sent.inc_by(count_nacks(packets)),
             _ => {}
-        }
-        self.write.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write.pop_front()
-    }
-
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    fn poll_timeout(&mut self) -> Option<Self::Time> {
-        None
-    }
+        },
+    )
 }
 
-impl Interceptor for CountFeedback {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
-}
-
-/// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`) when `wanted`
-/// says so; everything passes on to rtc's own interceptors either way. The relay uses it for
-/// subscribers' keyframe requests ([`DeliverRtcp::keyframe_requests`]).
-pub struct DeliverRtcp {
-    wanted: fn(&[Box<dyn rtc::rtcp::Packet>]) -> bool,
-    read: std::collections::VecDeque<TaggedPacket>,
-    write: std::collections::VecDeque<TaggedPacket>,
-}
+/// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`); everything passes
+/// on to rtc's own interceptors either way. The relay uses it for subscribers' keyframe requests.
+pub struct DeliverRtcp;
 
 impl DeliverRtcp {
-    pub fn new(wanted: fn(&[Box<dyn rtc::rtcp::Packet>]) -> bool) -> Self {
-        DeliverRtcp {
-            wanted,
-            read: Default::default(),
-            write: Default::default(),
-        }
-    }
-
     /// PLI and FIR only.
-    pub fn keyframe_requests() -> Self {
-        DeliverRtcp::new(|packets| {
-            packets.iter().any(|p| {
-                p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
-            })
-        })
+    pub fn keyframe_requests() -> impl Interceptor {
+        Tap::new(
+            |msg: &mut TaggedPacket| {
+                if let Packet::Rtcp(packets) = &msg.message.packet
+                    && packets.iter().any(|p| {
+                        p.as_any().is::<PictureLossIndication>()
+                            || p.as_any().is::<FullIntraRequest>()
+                    })
+                {
+                    msg.message.add(Attribute::DeliverToApplication);
+                }
+            },
+            |_: &TaggedPacket| {},
+        )
     }
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverRtcp {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &msg.message.packet
-            && (self.wanted)(packets)
-        {
-            msg.message.add(Attribute::DeliverToApplication);
-        }
-        self.read.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.write.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write.pop_front()
-    }
-
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    fn poll_timeout(&mut self) -> Option<Self::Time> {
-        None
-    }
-}
-
-impl Interceptor for DeliverRtcp {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }

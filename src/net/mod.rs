@@ -55,6 +55,26 @@ pub fn advertised(bound: SocketAddr, announce: &[std::net::IpAddr]) -> Vec<Socke
         .collect()
 }
 
+/// A UDP host candidate for `addr`, as a peer connection's local candidate (the relay's advertised
+/// addresses; the load generator's and the tests' own sockets).
+pub fn host_candidate(
+    addr: SocketAddr,
+) -> rtc::shared::error::Result<rtc::peer_connection::transport::RTCIceCandidateInit> {
+    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+    let cand = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()?;
+    RTCIceCandidate::from(&cand).to_json()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -576,9 +576,13 @@ export class Ferry extends EventTarget {
     this._dropRelayStreams(userId);
     this._send('reportMode', { mode: 'p2p', reason, userId });
     // The relay connection goes when no pair needs it any more.
-    if (![...this._pairs.values()].some((p) => p.mode === 'relay')) this._closeRelay();
+    if (!this._anyPairRelayed()) this._closeRelay();
     this._link(userId);
     this._presence({ type: 'mode', userId, mode: 'p2p', reason });
+  }
+
+  _anyPairRelayed() {
+    return [...this._pairs.values()].some((p) => p.mode === 'relay');
   }
 
   _resetRelay() {
@@ -697,7 +701,7 @@ export class Ferry extends EventTarget {
           this._dropRelayStreams(msg.userId);
           this._presence({ type: 'leave', userId: msg.userId, reason: msg.reason });
           this._evaluateMode();
-          if (this._relay && ![...this._pairs.values()].some((p) => p.mode === 'relay') && !this._backTimers.size) {
+          if (this._relay && !this._anyPairRelayed() && !this._backTimers.size) {
             this._closeRelay();
           }
         }

@@ -239,8 +239,15 @@ pub fn response_result(m: Value) -> Result<Value, Refusal> {
 
 /// A minimal HTTP/1.1 GET over a raw socket: `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    raw_get(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn raw_get(addr: SocketAddr, req: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("http connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
@@ -364,26 +371,11 @@ pub async fn wait_for_listener(addr: SocketAddr) -> bool {
 /// A GET in HTTP/1.0 (so the answer is never chunked): `(status, body)`. For servers other than
 /// Ferry (Prometheus's API).
 pub async fn http10_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("http connect");
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .expect("http response in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
+    raw_get(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await
 }
 
 /// Percent-encode a URL query value.

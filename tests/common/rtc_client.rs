@@ -16,7 +16,6 @@ use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
-use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -156,19 +155,7 @@ impl MediaClient {
         } else {
             pc.create_data_channel("ferry", None).unwrap();
         }
-        let cand = CandidateHostConfig {
-            base_config: CandidateConfig {
-                network: "udp".to_owned(),
-                address: local.ip().to_string(),
-                port: local.port(),
-                component: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-        .new_candidate_host()
-        .unwrap();
-        pc.add_local_candidate(RTCIceCandidate::from(&cand).to_json().unwrap())
+        pc.add_local_candidate(ferry::net::host_candidate(local).unwrap())
             .unwrap();
         let offer = pc.create_offer(None).unwrap();
         pc.set_local_description(Instant::now(), offer).unwrap();
