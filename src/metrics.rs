@@ -208,11 +208,11 @@ impl Metrics {
         let forward_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "ferry_forward_latency_seconds",
-                "Time inside the relay from a publisher's datagram arriving to its packet being handed to every subscriber's connection.",
+                "Time inside the relay from a publisher's datagram being read from the socket to every copy of it being handed to the kernel.",
             )
             .buckets(vec![
                 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
-                0.01, 0.025,
+                0.01, 0.025, 0.05, 0.1,
             ]),
         )
         .expect("valid metric");

@@ -50,6 +50,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 mod munger;
+use crate::net::udp::{MediaSocket, RX_BATCH, RxBatch, TxBatch};
 use crate::net::{self, Kind, stun};
 pub use munger::Munger;
 
@@ -236,7 +237,12 @@ impl Peer {
 const PLI_THROTTLE: Duration = Duration::from_millis(500);
 
 pub struct MediaCore {
-    socket: Arc<UdpSocket>,
+    socket: MediaSocket,
+    /// Datagrams produced by the current drain, sent in one batch at its end.
+    tx: TxBatch,
+    /// Receive times of the packets forwarded in the current drain (latency is observed once
+    /// they are handed to the kernel).
+    forwarded_rx: Vec<Instant>,
     local_addr: SocketAddr,
     advertised: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -260,7 +266,10 @@ pub struct MediaCore {
     scratch_keys: Vec<PeerKey>,
 }
 
-const MAX_DATAGRAM: usize = 2048;
+/// Received datagrams handled before what they produced is sent. Larger batches give longer GSO
+/// runs per subscriber; smaller ones send the first copies sooner. Measured with `ferry loadgen`,
+/// 1 -> 100 (server CPU per forwarded packet): 1: 12.5 us, 4: 8.7 us, 8: 7.7 us, 32: 7.4 us.
+const FLUSH_EVERY: usize = 8;
 
 fn random_token(len: usize) -> String {
     use rand::Rng;
@@ -280,7 +289,9 @@ impl MediaCore {
     ) -> std::io::Result<MediaCore> {
         let local_addr = socket.local_addr()?;
         Ok(MediaCore {
-            socket,
+            socket: MediaSocket::new(socket)?,
+            tx: TxBatch::default(),
+            forwarded_rx: Vec::new(),
             local_addr,
             advertised,
             metrics,
@@ -303,8 +314,12 @@ impl MediaCore {
     /// Run until `shutdown`: datagrams, commands and timers in; transmits and events out.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         info!(addr = %self.local_addr, "media port (UDP) listening: STUN and relay");
-        let socket = self.socket.clone();
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let socket = self.socket.socket.clone();
+        let mut rx = RxBatch::new(&self.socket);
+        info!(
+            gso_segments = self.socket.max_gso_segments(),
+            "media port batching: up to {RX_BATCH} receive buffers per syscall"
+        );
         loop {
             // Timers are due whatever woke us: a busy socket must not starve them.
             self.handle_timeouts(Instant::now());
@@ -318,8 +333,16 @@ impl MediaCore {
                     Some(c) => self.handle_command(c, Instant::now()),
                     None => break,
                 },
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.handle_datagram(&buf[..n], from, Instant::now()),
+                r = socket.readable() => match r.and_then(|()| self.socket.try_recv(&mut rx)) {
+                    Ok(_) => {
+                        let now = Instant::now();
+                        for (i, (datagram, from)) in rx.datagrams().enumerate() {
+                            self.handle_datagram(datagram, from, now);
+                            if (i + 1) % FLUSH_EVERY == 0 {
+                                self.flush();
+                            }
+                        }
+                    }
                     Err(e) => debug!(error = %e, "media port receive error"),
                 },
                 _ = sleep => {}
@@ -402,7 +425,7 @@ impl MediaCore {
             Kind::Stun => match stun::handle(buf, from) {
                 stun::StunAction::Reply(bytes) => {
                     self.metrics.stun_bindings.inc();
-                    if self.socket.try_send_to(&bytes, from).is_err() {
+                    if self.socket.try_send_one(from, &bytes).is_err() {
                         drop(&self.metrics, "send_buffer_full");
                     }
                     return;
@@ -457,6 +480,32 @@ impl MediaCore {
             }
         }
         self.scratch_keys = keys;
+        self.send_batch();
+    }
+
+    /// Hand this drain's datagrams to the kernel. Never waits on the socket: what a full send
+    /// buffer does not take is dropped (counted) rather than stalling every other peer.
+    fn send_batch(&mut self) {
+        if !self.tx.is_empty() {
+            let out = self.socket.send(&mut self.tx);
+            if out.would_block > 0 {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["send_buffer_full"])
+                    .inc_by(out.would_block as u64);
+            }
+            if let Some(e) = out.last_error {
+                debug!(error = %e, datagrams = out.failed, "media send failed");
+            }
+        }
+        if !self.forwarded_rx.is_empty() {
+            let sent = Instant::now();
+            for rx_at in self.forwarded_rx.drain(..) {
+                self.metrics
+                    .forward_latency
+                    .observe(sent.saturating_duration_since(rx_at).as_secs_f64());
+            }
+        }
     }
 
     fn drain_peer(&mut self, key: PeerKey) {
@@ -497,18 +546,9 @@ impl MediaCore {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
+        // Queued, sent with everything else of this drain at its end (see `send_batch`).
         while let Some(t) = p.pc.poll_write() {
-            // Never wait on the socket: a full send buffer drops this datagram (counted) rather
-            // than stalling every other peer.
-            match self.socket.try_send_to(&t.message, t.transport.peer_addr) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self
-                    .metrics
-                    .media_dropped
-                    .with_label_values(&["send_buffer_full"])
-                    .inc(),
-                Err(e) => debug!(error = %e, "media send failed"),
-            }
+            self.tx.push(t.transport.peer_addr, &t.message);
         }
         if p.negotiation_needed
             && p.pc.pending_local_description().is_none()
@@ -600,9 +640,7 @@ impl MediaCore {
             }
             self.dirty.insert(r.to);
         }
-        self.metrics
-            .forward_latency
-            .observe(self.rx_at.elapsed().as_secs_f64());
+        self.forwarded_rx.push(self.rx_at);
     }
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.

@@ -3,6 +3,7 @@
 //! owned by the media task ([`crate::media::MediaCore`]).
 
 pub mod stun;
+pub mod udp;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,296 @@
+//! Batched UDP I/O for the media port, on `quinn-udp`: up to [`RX_BATCH`] receive buffers filled
+//! by one `recvmmsg`, each of which may hold a GRO chain of datagrams from one sender; and sends
+//! queued during a drain of the core, then handed to the kernel grouped per destination with
+//! UDP GSO (one `sendmsg` carries a run of same-size datagrams to one address).
+//!
+//! Both buffers are allocated once and reused: nothing here allocates per datagram.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// Receive buffers per `recvmmsg`.
+pub const RX_BATCH: usize = 32;
+/// The largest datagram the media port handles (larger ones are truncated by the kernel and then
+/// refused by the parsers).
+pub const MAX_DATAGRAM: usize = 2048;
+/// The most one GSO send may carry (the kernel's limit is 64 KiB of UDP payload).
+const MAX_GSO_BYTES: usize = 60_000;
+
+/// The kernel side of the media port: the socket and what `quinn-udp` learnt about it (GSO and
+/// GRO support, which it turns off by itself if the device refuses them).
+pub struct MediaSocket {
+    pub socket: std::sync::Arc<UdpSocket>,
+    state: UdpSocketState,
+}
+
+impl MediaSocket {
+    pub fn new(socket: std::sync::Arc<UdpSocket>) -> io::Result<MediaSocket> {
+        let state = UdpSocketState::new((&*socket).into())?;
+        Ok(MediaSocket { socket, state })
+    }
+
+    /// Datagrams one GSO send may carry here (1 when the kernel or device has no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// One `recvmmsg` into `rx`, without waiting: the number of buffers filled (0 when nothing is
+    /// queued).
+    pub fn try_recv(&self, rx: &mut RxBatch) -> io::Result<usize> {
+        let mut bufs = rx.bufs.iter_mut();
+        let mut slices: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
+            IoSliceMut::new(bufs.next().expect("RX_BATCH buffers").as_mut())
+        });
+        let r = self.socket.try_io(Interest::READABLE, || {
+            self.state
+                .recv((&*self.socket).into(), &mut slices, &mut rx.meta)
+        });
+        match r {
+            Ok(n) => {
+                rx.filled = n;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                rx.filled = 0;
+                Ok(0)
+            }
+            Err(e) => {
+                rx.filled = 0;
+                Err(e)
+            }
+        }
+    }
+
+    /// One datagram now, outside any batch (STUN answers to strangers).
+    pub fn try_send_one(&self, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents: bytes,
+            segment_size: None,
+            src_ip: None,
+        };
+        self.state.try_send((&*self.socket).into(), &transmit)
+    }
+
+    /// Hand every queued datagram to the kernel, runs of same-size datagrams to one destination
+    /// as one GSO send, and empty the queue. Never waits: what the socket buffer cannot take is
+    /// dropped and reported.
+    pub fn send(&self, tx: &mut TxBatch) -> SendOutcome {
+        let mut out = SendOutcome::default();
+        let max_segments = self.max_gso_segments().max(1);
+        let mut i = 0;
+        while i < tx.items.len() {
+            let (to, start, len) = tx.items[i];
+            let mut end = start + len;
+            let mut j = i + 1;
+            while j < tx.items.len() && j - i < max_segments {
+                let (next_to, next_start, next_len) = tx.items[j];
+                if next_to != to || next_start != end || next_len > len {
+                    break;
+                }
+                if end - start + next_len > MAX_GSO_BYTES {
+                    break;
+                }
+                end += next_len;
+                j += 1;
+                // Only the last segment of a GSO send may be shorter.
+                if next_len < len {
+                    break;
+                }
+            }
+            let count = j - i;
+            let transmit = Transmit {
+                destination: to,
+                ecn: None,
+                contents: &tx.data[start..end],
+                segment_size: (count > 1).then_some(len),
+                src_ip: None,
+            };
+            // Straight to the non-blocking socket, not through tokio's readiness: a send is
+            // tried whenever there is something to send, and a full buffer answers WouldBlock.
+            let r = self.state.try_send((&*self.socket).into(), &transmit);
+            out.syscalls += 1;
+            match r {
+                Ok(()) => out.sent += count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += count,
+                Err(e) => {
+                    out.failed += count;
+                    out.last_error = Some(e);
+                }
+            }
+            i = j;
+        }
+        tx.clear();
+        out
+    }
+}
+
+/// What one [`MediaSocket::send`] did.
+#[derive(Debug, Default)]
+pub struct SendOutcome {
+    pub sent: usize,
+    pub syscalls: usize,
+    /// Datagrams the full send buffer did not take.
+    pub would_block: usize,
+    /// Datagrams refused for another reason (`last_error` tells one).
+    pub failed: usize,
+    pub last_error: Option<io::Error>,
+}
+
+/// Reused receive buffers (each big enough for a GRO chain) and what the last receive put there.
+pub struct RxBatch {
+    bufs: Vec<Box<[u8]>>,
+    meta: [RecvMeta; RX_BATCH],
+    filled: usize,
+}
+
+impl RxBatch {
+    pub fn new(socket: &MediaSocket) -> RxBatch {
+        let size = MAX_DATAGRAM * socket.state.gro_segments().max(1);
+        RxBatch {
+            bufs: (0..RX_BATCH)
+                .map(|_| vec![0u8; size].into_boxed_slice())
+                .collect(),
+            meta: [RecvMeta::default(); RX_BATCH],
+            filled: 0,
+        }
+    }
+
+    /// The datagrams of the last receive, GRO chains split back into their datagrams.
+    pub fn datagrams(&self) -> impl Iterator<Item = (&[u8], SocketAddr)> + '_ {
+        self.meta[..self.filled]
+            .iter()
+            .zip(self.bufs.iter())
+            .flat_map(|(m, buf)| {
+                let stride = m.stride.max(1);
+                // An empty datagram is a datagram too (it is counted as malformed).
+                let count = m.len.div_ceil(stride).max(1);
+                (0..count).map(move |i| {
+                    let start = (i * stride).min(m.len);
+                    (&buf[start..m.len.min(start + stride)], m.addr)
+                })
+            })
+    }
+}
+
+/// Datagrams waiting to be sent, copied into one reused buffer in the order they were queued.
+#[derive(Default)]
+pub struct TxBatch {
+    data: Vec<u8>,
+    items: Vec<(SocketAddr, usize, usize)>,
+}
+
+impl TxBatch {
+    pub fn push(&mut self, to: SocketAddr, bytes: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        self.items.push((to, start, bytes.len()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.items.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    async fn pair() -> (MediaSocket, UdpSocket) {
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        (MediaSocket::new(Arc::new(a)).unwrap(), b)
+    }
+
+    async fn recv_all(s: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..n {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), s.recv_from(&mut buf))
+                .await
+                .expect("datagram within 5 s")
+                .unwrap();
+            out.push(buf[..r.0].to_vec());
+        }
+        out
+    }
+
+    /// Datagrams keep their boundaries and order through GSO runs: same-size runs, a shorter last
+    /// segment, interleaved destinations.
+    #[tokio::test]
+    async fn batched_sends_keep_every_datagram_whole_and_in_order() {
+        let (m, b) = pair().await;
+        let (_, c) = pair().await;
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let mut tx = TxBatch::default();
+        let mut want_b = Vec::new();
+        for i in 0..10u8 {
+            let len = if i == 9 { 300 } else { 1200 };
+            let d = vec![i; len];
+            tx.push(to_b, &d);
+            want_b.push(d);
+        }
+        tx.push(to_c, b"for c");
+        for i in 20..23u8 {
+            let d = vec![i; 500];
+            tx.push(to_b, &d);
+            want_b.push(d);
+        }
+        let out = m.send(&mut tx);
+        assert_eq!(out.sent, 14, "{out:?}");
+        assert!(tx.is_empty());
+        if m.max_gso_segments() > 1 {
+            assert_eq!(out.syscalls, 3, "one GSO send per run: {out:?}");
+        }
+        assert_eq!(recv_all(&b, want_b.len()).await, want_b);
+        assert_eq!(recv_all(&c, 1).await, vec![b"for c".to_vec()]);
+    }
+
+    /// One receive takes many datagrams, each whole, with its sender.
+    #[tokio::test]
+    async fn batched_receive_splits_every_datagram() {
+        let (m, b) = pair().await;
+        let to = m.socket.local_addr().unwrap();
+        let mut want = Vec::new();
+        for i in 0..40u8 {
+            // The first half the same size (the kernel may coalesce them with GRO), then mixed.
+            let d = vec![
+                i;
+                if i < 20 {
+                    1000
+                } else {
+                    1000 + usize::from(i % 3)
+                }
+            ];
+            b.send_to(&d, to).await.unwrap();
+            want.push(d);
+        }
+        let mut rx = RxBatch::new(&m);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < want.len() && std::time::Instant::now() < deadline {
+            m.socket.readable().await.unwrap();
+            m.try_recv(&mut rx).unwrap();
+            for (d, from) in rx.datagrams() {
+                assert_eq!(from, b.local_addr().unwrap());
+                got.push(d.to_vec());
+            }
+        }
+        assert_eq!(got, want);
+    }
+}
