@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// UDP media port address (STUN, and the relay's media).
     #[arg(long, env = "FERRY_MEDIA_LISTEN")]
     pub media_listen: Option<String>,
+    /// Media shards: one thread, core and UDP port each (ports media_listen's port, +1, ...);
+    /// 0 = one per CPU.
+    #[arg(long, env = "FERRY_MEDIA_SHARDS")]
+    pub media_shards: Option<usize>,
     /// Public IP addresses to advertise for the media port, comma-separated (NAT, load balancer).
     #[arg(long, env = "FERRY_ANNOUNCE", value_delimiter = ',')]
     pub announce: Option<Vec<String>>,
@@ -128,6 +132,9 @@ pub struct TurnServer {
     pub ttl: Duration,
 }
 
+/// The most media shards (threads) a server runs.
+pub const MAX_MEDIA_SHARDS: usize = 256;
+
 /// The TOML file, with the same names as the flags (snake_case).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +142,7 @@ pub struct FileConfig {
     pub http_listen: Option<String>,
     pub metrics_listen: Option<String>,
     pub media_listen: Option<String>,
+    pub media_shards: Option<usize>,
     pub announce: Option<Vec<String>>,
     pub api_key: Option<String>,
     pub api_secret: Option<String>,
@@ -169,6 +177,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
     pub media_listen: SocketAddr,
+    /// Media shards (threads, each with its own UDP port: `media_listen`'s port + shard index).
+    pub media_shards: usize,
     /// Addresses advertised for the media port; empty = derived from `media_listen`.
     pub announce: Vec<IpAddr>,
     /// `(key, secret)`; `None` means dev mode (anonymous access).
@@ -196,6 +206,7 @@ impl Default for Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             metrics_listen: None,
             media_listen: SocketAddr::from(([127, 0, 0, 1], 3478)),
+            media_shards: 1,
             announce: Vec::new(),
             api: None,
             p2p_max_peers: 2,
@@ -373,6 +384,11 @@ impl Config {
             http_listen,
             metrics_listen,
             media_listen,
+            media_shards: match args.media_shards.or(file.media_shards) {
+                Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) => n,
+                None => d.media_shards,
+            },
             announce,
             api,
             p2p_max_peers: args
@@ -408,6 +424,20 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_MEDIA_SHARDS).contains(&self.media_shards) {
+            return Err(invalid(
+                "media_shards",
+                format!("must be between 0 (one per CPU) and {MAX_MEDIA_SHARDS}"),
+            ));
+        }
+        if self.media_listen.port() != 0
+            && usize::from(self.media_listen.port()) + self.media_shards - 1 > usize::from(u16::MAX)
+        {
+            return Err(invalid(
+                "media_shards",
+                "the shards' ports (media_listen's port + shard index) go past 65535",
+            ));
+        }
         if self.max_room_peers < 2 {
             return Err(invalid("max_room_peers", "must be at least 2"));
         }
@@ -552,6 +582,41 @@ mod tests {
         };
         let e = Config::merge(&args, FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("ping_timeout"), "{e}");
+    }
+
+    #[test]
+    fn media_shards() {
+        let merge = |shards: usize, listen: &str| {
+            let args = ServeArgs {
+                media_shards: Some(shards),
+                media_listen: Some(listen.into()),
+                ..Default::default()
+            };
+            Config::merge(&args, FileConfig::default())
+        };
+        assert_eq!(
+            Config::merge(&ServeArgs::default(), FileConfig::default())
+                .unwrap()
+                .media_shards,
+            1,
+            "one shard, one UDP port, unless asked"
+        );
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(merge(0, "0.0.0.0:3478").unwrap().media_shards, cpus);
+        assert_eq!(merge(4, "0.0.0.0:3478").unwrap().media_shards, 4);
+        let e = merge(1000, "0.0.0.0:3478").unwrap_err();
+        assert!(e.to_string().contains("media_shards"), "{e}");
+        let e = merge(4, "0.0.0.0:65534").unwrap_err();
+        assert!(e.to_string().contains("65535"), "{e}");
+        // Ephemeral ports: each shard gets its own.
+        assert_eq!(merge(4, "127.0.0.1:0").unwrap().media_shards, 4);
+        let file: FileConfig = toml::from_str("media_shards = 2").unwrap();
+        assert_eq!(
+            Config::merge(&ServeArgs::default(), file)
+                .unwrap()
+                .media_shards,
+            2
+        );
     }
 
     #[test]

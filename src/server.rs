@@ -21,10 +21,17 @@ use crate::signal::hub::Hub;
 pub struct Server {
     hub: Arc<Hub>,
     http: TcpListener,
-    media: Arc<UdpSocket>,
-    media_rx: tokio::sync::mpsc::Receiver<crate::media::Command>,
+    media: Vec<MediaShard>,
     metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
+    media_thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+/// One media shard before it runs: its UDP port, what it advertises, its command queue.
+struct MediaShard {
+    socket: std::net::UdpSocket,
+    addrs: Vec<SocketAddr>,
+    commands: tokio::sync::mpsc::Receiver<crate::media::Command>,
 }
 
 /// Starts the drain of a running [`Server`]; cheap to clone.
@@ -52,34 +59,62 @@ impl Server {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        let media = bind_media(config.media_listen).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot bind the media port {}: {e}", config.media_listen),
-            )
-        })?;
-        let media_addrs = crate::net::advertised(media.local_addr()?, &config.announce);
-        let (media_tx, media_rx) = tokio::sync::mpsc::channel(1024);
-        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs, media_tx);
+        // Shard i listens on the configured port + i (or an ephemeral port of its own for 0).
+        let mut media = Vec::new();
+        let mut senders = Vec::new();
+        for i in 0..config.media_shards {
+            let mut addr = config.media_listen;
+            if addr.port() != 0 {
+                addr.set_port(addr.port() + i as u16);
+            }
+            let socket = bind_media(addr).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot bind the media port {addr}: {e}"))
+            })?;
+            let addrs = crate::net::advertised(socket.local_addr()?, &config.announce);
+            let (tx, commands) = tokio::sync::mpsc::channel(1024);
+            senders.push(tx);
+            media.push(MediaShard {
+                socket,
+                addrs,
+                commands,
+            });
+        }
+        // Clients use shard 0's port for STUN; each relay connection gets its shard's candidates.
+        let media_addrs = media[0].addrs.clone();
+        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs, senders);
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Server {
             hub,
             http,
-            media: Arc::new(media),
-            media_rx,
+            media,
             metrics,
             shutdown_tx,
+            media_thread_start: None,
         })
+    }
+
+    /// Run `f` first on every media shard's thread (e.g. to mark it for a profiler or a
+    /// counting allocator).
+    pub fn on_media_thread_start(mut self, f: impl Fn() + Send + Sync + 'static) -> Server {
+        self.media_thread_start = Some(Arc::new(f));
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.http.local_addr().expect("bound socket has an address")
     }
 
+    /// Shard 0's media port (the STUN port clients are told about).
     pub fn media_addr(&self) -> SocketAddr {
+        self.media_addrs()[0]
+    }
+
+    /// Every shard's media port, by shard index.
+    pub fn media_addrs(&self) -> Vec<SocketAddr> {
         self.media
-            .local_addr()
-            .expect("bound socket has an address")
+            .iter()
+            .map(|m| m.socket.local_addr().expect("bound socket has an address"))
+            .collect()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -104,9 +139,9 @@ impl Server {
             hub,
             http: listener,
             media,
-            media_rx,
             metrics,
             shutdown_tx,
+            media_thread_start,
         } = self;
         let cfg = hub.config.clone();
         info!(addr = %listener.local_addr()?, "HTTP and WebSocket listening");
@@ -117,13 +152,10 @@ impl Server {
             );
         }
         tokio::spawn(hub.clone().reaper());
-        let core = crate::media::MediaCore::new(
-            media,
-            hub.media_addrs.clone(),
-            hub.metrics.clone(),
-            hub.clone(),
-        )?;
-        let media_task = tokio::spawn(core.run(media_rx, hub.shutdown.clone()));
+        let mut media_threads = Vec::new();
+        for (i, shard) in media.into_iter().enumerate() {
+            media_threads.push(start_shard(i, shard, &hub, media_thread_start.clone()).await?);
+        }
 
         let mut stop_rx = shutdown_tx.subscribe();
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
@@ -175,7 +207,9 @@ impl Server {
         }
         http_stop_tx.send_replace(true);
         let res = serve.await.map_err(std::io::Error::other)?;
-        media_task.await.map_err(std::io::Error::other)?;
+        for done in media_threads {
+            let _ = done.await;
+        }
         if let Some(t) = metrics_task {
             t.await.map_err(std::io::Error::other)??;
         }
@@ -190,7 +224,51 @@ impl Server {
 /// `net.core.wmem_max` / `rmem_max`.
 const MEDIA_SOCKET_BUFFER: usize = 8 << 20;
 
-fn bind_media(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// Start one media shard on a thread of its own (a single-threaded runtime: its socket, timers
+/// and core never leave it). Resolves once the core is ready; the receiver fires when it stopped.
+async fn start_shard(
+    index: usize,
+    shard: MediaShard,
+    hub: &Arc<Hub>,
+    on_start: Option<Arc<dyn Fn() + Send + Sync>>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (metrics, sink, shutdown) = (hub.metrics.clone(), hub.clone(), hub.shutdown.clone());
+    std::thread::Builder::new()
+        .name(format!("ferry-media-{index}"))
+        .spawn(move || {
+            if let Some(f) = on_start {
+                f();
+            }
+            let started = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|rt| {
+                    let core = rt.block_on(async {
+                        let socket = Arc::new(UdpSocket::from_std(shard.socket)?);
+                        crate::media::MediaCore::new(socket, shard.addrs, metrics, sink)
+                    })?;
+                    Ok((rt, core))
+                });
+            match started {
+                Ok((rt, core)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    rt.block_on(core.run(shard.commands, shutdown));
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+            let _ = done_tx.send(());
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| std::io::Error::other("media shard thread ended before starting"))??;
+    Ok(done_rx)
+}
+
+fn bind_media(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: a smaller buffer is not a reason to refuse to start.
@@ -198,5 +276,5 @@ fn bind_media(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let _ = socket.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }

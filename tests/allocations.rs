@@ -1,6 +1,6 @@
-//! Heap allocations per forwarded packet in the relay, counted by a global allocator on the server's
-//! own thread (the server runs on a single-threaded runtime of its own; the test's WebRTC peers run
-//! elsewhere and are not counted).
+//! Heap allocations per forwarded packet in the relay, counted by a global allocator on the
+//! server's media thread (the relay's core runs there alone; signaling and the test's WebRTC peers
+//! run elsewhere and are not counted).
 //!
 //! The performance milestone's target is zero in steady state. The relay's own routing code
 //! (munger, header rewrite, extension remap) allocates only for a non-empty extension list; the
@@ -62,23 +62,16 @@ static ALLOCATOR: Counting = Counting;
 
 const SLICE: Duration = Duration::from_millis(5);
 
-/// A server on a thread of its own, every allocation on it counted.
-fn server_thread() -> (std::net::SocketAddr, Arc<Hub>) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        ON_SERVER.with(|c| c.set(true));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let s = spawn(test_config()).await;
-            tx.send((s.addr, s.hub.clone())).unwrap();
-            // Runs until the test process ends.
-            let _ = s.task.await;
-        });
-    });
-    rx.recv().unwrap()
+/// A server whose media thread counts every allocation it makes.
+async fn server() -> (std::net::SocketAddr, Arc<Hub>) {
+    let server = ferry::server::Server::bind(test_config())
+        .await
+        .expect("bind")
+        .on_media_thread_start(|| ON_SERVER.with(|c| c.set(true)));
+    let (addr, hub) = (server.local_addr(), server.hub());
+    // Runs until the test process ends.
+    tokio::spawn(server.run());
+    (addr, hub)
 }
 
 fn payload(i: u16) -> Bytes {
@@ -156,7 +149,7 @@ async fn allocations_per_packet_in(addr: std::net::SocketAddr, hub: &Hub, n: usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocations_per_forwarded_packet() {
-    let (addr, hub) = server_thread();
+    let (addr, hub) = server().await;
     let one = allocations_per_packet_in(addr, &hub, 1).await;
     let four = allocations_per_packet_in(addr, &hub, 4).await;
     // allocations per packet in = per_in + per_copy * subscribers

@@ -442,3 +442,46 @@ async fn header_extensions_are_remapped_to_the_subscribers_ids() {
         );
     }
 }
+
+/// The server's media port in a relay connection's remote description (its host candidate).
+fn server_media_port(c: &MediaClient) -> u16 {
+    let sdp = &c.pc.remote_description().expect("answered").sdp;
+    let line = sdp
+        .lines()
+        .find(|l| l.starts_with("a=candidate"))
+        .unwrap_or_else(|| panic!("no candidate in {sdp}"));
+    line.split_whitespace().nth(5).unwrap().parse().unwrap()
+}
+
+/// With two media shards, rooms are spread over them (each shard a thread and a UDP port of its
+/// own) and each room's media flows through its shard, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_spread_over_media_shards() {
+    let mut cfg = test_config();
+    cfg.media_shards = 2;
+    let s = spawn(cfg).await;
+    let (mut p1, mut s1) = relayed_pair(&s).await;
+    let (mut p2, mut s2) = relayed_pair(&s).await;
+    let (port1, port2) = (server_media_port(&p1), server_media_port(&p2));
+    assert_eq!(port1, server_media_port(&s1), "a room stays on one shard");
+    assert_eq!(port2, server_media_port(&s2), "a room stays on one shard");
+    assert_ne!(port1, port2, "the second room went to the idle shard");
+    assert!(
+        [port1, port2].contains(&s.media_addr.port()),
+        "shard 0 is the advertised STUN port"
+    );
+    // Both shards report into the same metrics.
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_peer_connections{state=\"connected\"}"),
+        Some(4.0),
+        "{m}"
+    );
+    stream(&mut p1, &mut s1, 0, 200).await;
+    stream(&mut p2, &mut s2, 0, 200).await;
+    for (p, sub) in [(&p1, &s1), (&p2, &s2)] {
+        let got = check_received(sub, p.sender.unwrap().1);
+        assert_eq!(*got.last().unwrap(), 199);
+        assert!(got.len() > 120, "relayed {} of 200", got.len());
+    }
+}

@@ -243,6 +243,9 @@ pub struct MediaCore {
     /// Receive times of the packets forwarded in the current drain (latency is observed once
     /// they are handed to the kernel).
     forwarded_rx: Vec<Instant>,
+    /// Packet counters of the current drain, added to the shared metrics once at its end (the
+    /// shards would otherwise contend on the same atomics for every packet).
+    counts: PacketCounts,
     local_addr: SocketAddr,
     advertised: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -264,6 +267,33 @@ pub struct MediaCore {
     /// When the datagram being processed arrived (forwarding latency is measured from here).
     rx_at: Instant,
     scratch_keys: Vec<PeerKey>,
+}
+
+/// Per-kind (audio, video) packet and byte counts not yet added to the metrics.
+#[derive(Default)]
+struct PacketCounts {
+    rtp_in: [u64; 2],
+    bytes_in: [u64; 2],
+    rtp_out: [u64; 2],
+    bytes_out: [u64; 2],
+}
+
+impl PacketCounts {
+    fn publish(&mut self, m: &Metrics) {
+        for k in 0..2 {
+            for (n, c) in [
+                (self.rtp_in[k], &m.rtp_in[k]),
+                (self.bytes_in[k], &m.bytes_in[k]),
+                (self.rtp_out[k], &m.rtp_out[k]),
+                (self.bytes_out[k], &m.bytes_out[k]),
+            ] {
+                if n > 0 {
+                    c.inc_by(n);
+                }
+            }
+        }
+        *self = PacketCounts::default();
+    }
 }
 
 /// Received datagrams handled before what they produced is sent. Larger batches give longer GSO
@@ -292,6 +322,7 @@ impl MediaCore {
             socket: MediaSocket::new(socket)?,
             tx: TxBatch::default(),
             forwarded_rx: Vec::new(),
+            counts: PacketCounts::default(),
             local_addr,
             advertised,
             metrics,
@@ -498,6 +529,7 @@ impl MediaCore {
                 debug!(error = %e, datagrams = out.failed, "media send failed");
             }
         }
+        self.counts.publish(&self.metrics);
         if !self.forwarded_rx.is_empty() {
             let sent = Instant::now();
             for rx_at in self.forwarded_rx.drain(..) {
@@ -572,8 +604,8 @@ impl MediaCore {
             .and_then(|p| p.published.get(track_id))
             .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
         let bytes = packet.payload.len() as u64;
-        self.metrics.rtp_in[kind].inc();
-        self.metrics.bytes_in[kind].inc_by(bytes);
+        self.counts.rtp_in[kind] += 1;
+        self.counts.bytes_in[kind] += bytes;
         let Some(routes) = self.routes.get_mut(&from).and_then(|t| t.get_mut(track_id)) else {
             return;
         };
@@ -619,8 +651,8 @@ impl MediaCore {
             match written {
                 Ok(Some(())) => {
                     r.last_sent = Some(now);
-                    self.metrics.rtp_out[kind].inc();
-                    self.metrics.bytes_out[kind].inc_by(bytes);
+                    self.counts.rtp_out[kind] += 1;
+                    self.counts.bytes_out[kind] += bytes;
                 }
                 Err(e) => {
                     debug!(error = %e, "write_rtp refused");

@@ -49,6 +49,8 @@ fn relayed(a: &Member, b: &Member) -> bool {
 }
 
 struct Room {
+    /// The media shard whose core carries this room's relayed media.
+    shard: usize,
     max_peers: u32,
     mode: RoomMode,
     members: Vec<Member>,
@@ -94,8 +96,8 @@ pub struct Hub {
     pub verifier: Option<Verifier>,
     /// Where clients reach the media port (STUN now, media with the relay).
     pub media_addrs: Vec<std::net::SocketAddr>,
-    /// Commands to the media task (the relay).
-    pub media: mpsc::Sender<crate::media::Command>,
+    /// Commands to the media shards (the relay), by shard index; a room is pinned to one.
+    media: Vec<mpsc::Sender<crate::media::Command>>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -140,8 +142,9 @@ impl Hub {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         media_addrs: Vec<std::net::SocketAddr>,
-        media: mpsc::Sender<crate::media::Command>,
+        media: Vec<mpsc::Sender<crate::media::Command>>,
     ) -> Arc<Hub> {
+        assert!(!media.is_empty(), "at least one media shard");
         let verifier = config
             .api
             .as_ref()
@@ -264,7 +267,9 @@ impl Hub {
             (None, None) => None,
         };
         let mode = req.mode.unwrap_or_default();
+        let shard = self.quietest_shard();
         let room = || Room {
+            shard,
             max_peers,
             mode,
             members: Vec::new(),
@@ -301,6 +306,25 @@ impl Hub {
         };
         self.metrics.rooms.inc();
         Ok(json!({ "roomId": room_id, "maxPeers": max_peers, "mode": mode }))
+    }
+
+    /// The shard with the least rooms and members pinned to it (control path only).
+    fn quietest_shard(&self) -> usize {
+        let mut load = vec![0usize; self.media.len()];
+        for r in self.rooms.iter() {
+            load[r.shard] += 1 + r.members.len();
+        }
+        (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0)
+    }
+
+    /// The media shard a room is pinned to (0 for an unknown room).
+    pub fn room_shard(&self, room_id: &str) -> usize {
+        self.rooms.get(room_id).map_or(0, |r| r.shard)
+    }
+
+    /// The command queue of a media shard.
+    pub fn media(&self, shard: usize) -> &mpsc::Sender<crate::media::Command> {
+        &self.media[shard.min(self.media.len() - 1)]
     }
 
     /// Add a member; tells the others. The caller checked it is in no room.
@@ -569,7 +593,7 @@ mod tests {
             Arc::new(Config::default()),
             Arc::new(Metrics::new()),
             Vec::new(),
-            mpsc::channel(1).0,
+            vec![mpsc::channel(1).0],
         )
     }
 
@@ -611,7 +635,7 @@ mod tests {
             Arc::new(cfg),
             Arc::new(Metrics::new()),
             Vec::new(),
-            mpsc::channel(1).0,
+            vec![mpsc::channel(1).0],
         );
         let a = h.try_connect().unwrap();
         assert!(h.try_connect().is_none());

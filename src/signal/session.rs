@@ -84,6 +84,8 @@ struct Session {
     query_claims: Option<crate::auth::Claims>,
     auth: Option<Auth>,
     room: Option<String>,
+    /// The media shard of `room` (read when joining: the room keeps it while it exists).
+    shard: usize,
     rx: mpsc::Receiver<Utf8Bytes>,
     /// Held until `hello` registers the session.
     pending: Option<(mpsc::Sender<Utf8Bytes>, CancellationToken)>,
@@ -127,6 +129,7 @@ pub async fn run(
             query_claims,
             auth: None,
             room: None,
+            shard: 0,
             rx,
             pending: Some((tx, kick.clone())),
             kick,
@@ -224,7 +227,7 @@ impl Session {
                 _ => "closed",
             };
             self.hub.leave_room(&auth.user_id, &room, why);
-            let _ = self.hub.media.try_send(Command::Leave {
+            let _ = self.hub.media(self.shard).try_send(Command::Leave {
                 user_id: auth.user_id.clone(),
             });
         }
@@ -378,6 +381,7 @@ impl Session {
                 tracing::Span::current().record("room", req.room_id.as_str());
                 info!(room = %req.room_id, "joined room");
                 self.room = Some(req.room_id.clone());
+                self.shard = hub.room_shard(&req.room_id);
                 Ok(json!({
                     "roomId": req.room_id,
                     "members": joined.members,
@@ -391,7 +395,7 @@ impl Session {
                     return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room").into());
                 };
                 hub.leave_room(&auth.user_id, &room, "left");
-                let _ = hub.media.try_send(Command::Leave {
+                let _ = hub.media(self.shard).try_send(Command::Leave {
                     user_id: auth.user_id.clone(),
                 });
                 info!(%room, "left room");
@@ -543,7 +547,7 @@ impl Session {
 
     /// Hand a client's signaling for its relay connection to the media task.
     fn to_media(&self, cmd: Command) -> Result<(), SignalError> {
-        self.hub.media.try_send(cmd).map_err(|_| {
+        self.hub.media(self.shard).try_send(cmd).map_err(|_| {
             SignalError::new(
                 ErrorCode::MediaUnavailable,
                 "the media relay is overloaded or stopped: try again",
