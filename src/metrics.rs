@@ -631,5 +631,10 @@ mod tests {
             start <= now + 1.0 && start > now - 86_400.0,
             "{start} vs {now}"
         );
+        // Another process's figures (here our own PID) read the same /proc files.
+        let (cpu_by_pid, rss_by_pid) = process_usage(std::process::id()).expect("own /proc");
+        assert!(cpu_by_pid >= cpu, "{cpu_by_pid} vs {cpu}");
+        assert!(rss_by_pid > 1_000_000, "{rss_by_pid}");
+        assert!(process_usage(u32::MAX).is_none());
     }
 }
