@@ -414,6 +414,22 @@ mod process {
         Some((ticks as f64 / clock_ticks, rss_kb * 1024))
     }
 
+    /// CPU seconds all the machine's CPUs spent busy (not idle, not waiting for I/O) since boot.
+    pub fn machine_busy() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
+        let clock_ticks = auxv(AT_CLKTCK).filter(|t| *t > 0).unwrap_or(100) as f64;
+        Some(busy as f64 / clock_ticks)
+    }
+
     fn boot_time() -> Option<u64> {
         std::fs::read_to_string("/proc/stat")
             .ok()?
@@ -546,6 +562,18 @@ pub fn process_usage(_pid: u32) -> Option<(f64, u64)> {
     None
 }
 
+/// CPU seconds the whole machine (all CPUs) spent busy since boot, from `/proc/stat`: what else
+/// ran during a measurement.
+#[cfg(target_os = "linux")]
+pub fn machine_busy_seconds() -> Option<f64> {
+    process::machine_busy()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn machine_busy_seconds() -> Option<f64> {
+    None
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -636,5 +664,6 @@ mod tests {
         assert!(cpu_by_pid >= cpu, "{cpu_by_pid} vs {cpu}");
         assert!(rss_by_pid > 1_000_000, "{rss_by_pid}");
         assert!(process_usage(u32::MAX).is_none());
+        assert!(machine_busy_seconds().expect("/proc/stat") >= cpu_by_pid - 1.0);
     }
 }

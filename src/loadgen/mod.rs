@@ -235,6 +235,9 @@ struct ServerSample {
     metrics: Option<MetricsSample>,
     /// CPU seconds, RSS bytes.
     process: Option<(f64, u64)>,
+    /// This load generator's CPU seconds, and the whole machine's busy CPU seconds: what else ran.
+    own_cpu: Option<f64>,
+    machine_busy: Option<f64>,
 }
 
 /// Where the server's figures come from.
@@ -256,7 +259,12 @@ impl Probe {
             ),
             None => None,
         };
-        Ok(ServerSample { metrics, process })
+        Ok(ServerSample {
+            metrics,
+            process,
+            own_cpu: crate::metrics::process_usage(std::process::id()).map(|u| u.0),
+            machine_busy: crate::metrics::machine_busy_seconds(),
+        })
     }
 }
 
@@ -560,6 +568,9 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         .as_ref()
         .and_then(|p| p["cpu_seconds"].as_f64())
         .or(cpu);
+    let delta = |f: fn(&ServerSample) -> Option<f64>| Some(f(&after)? - f(&before)?);
+    let own_cpu = delta(|s| s.own_cpu);
+    let machine_busy = delta(|s| s.machine_busy);
     let report = json!({
         "target": format!("{:?}", args.target).to_lowercase(),
         "shape": format!("{:?}", args.shape).to_lowercase(),
@@ -584,6 +595,10 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "server_rss_bytes_before": rss.map(|r| r.0),
         "server_rss_bytes_per_subscriber": rss.and_then(|(r0, r1)| per_subscriber(r1 - r0)),
         "server_process": process,
+        // Where the machine's CPU went during the window: server, this load generator, the rest.
+        "loadgen_cpu_seconds": own_cpu,
+        "machine_busy_cpu_seconds": machine_busy,
+        "other_cpu_seconds": machine_busy.zip(own_cpu).zip(server_cpu).map(|((m, o), s)| m - o - s),
         "join_ms": { "p50": pct(&joins, 0.5), "p99": pct(&joins, 0.99), "n": joins.len() },
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
         "keyframe_requests": shared.keyframe_requests.load(Ordering::Relaxed),
@@ -647,6 +662,12 @@ pub fn print_human(r: &Value) {
     println!(
         "  server CPU per packet received by subscribers: {} µs",
         f(&r["server_cpu_us_per_received_packet"])
+    );
+    println!(
+        "  machine CPU in the window: {} s busy, of which this loadgen {} s and other processes {} s",
+        f(&r["machine_busy_cpu_seconds"]),
+        f(&r["loadgen_cpu_seconds"]),
+        f(&r["other_cpu_seconds"]),
     );
     println!(
         "  join -> first media (ms): p50 {} p99 {} (n = {})",
