@@ -14,6 +14,7 @@
 #          JANUS_EVENT_LOOPS=N   Janus's `event_loops` (default: Janus's own, a thread per handle)
 #          LOADGEN_ARGS="..."    more `ferry loadgen` options, for both servers
 #          NO_BUILD=1       use target/release/ferry as it is
+#          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
 # Output:  OUT/{ferry,janus}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md (the table),
 #          OUT/compare.dat, OUT/compare-{cpu,loss,latency}.png
 set -euo pipefail
@@ -27,8 +28,6 @@ VIDEO_KBPS=${VIDEO_KBPS:-2500}
 OUT=${OUT:-target/compare}
 read -r -a EXTRA <<<"${LOADGEN_ARGS:-}"
 
-[ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (network namespace)" >&2; exit 1; }
-
 need=()
 command -v janus >/dev/null 2>&1 || need+=(janus)
 command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
@@ -39,8 +38,13 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q && apt-get install -y -q "${need[@]}"
 fi
+mkdir -p "$OUT"
+
+measure() {
+[ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (network namespace)" >&2; exit 1; }
 [ -n "${NO_BUILD:-}" ] || cargo build --release --locked
 FERRY=$PWD/target/release/ferry
+echo "$(date -u +%Y-%m-%d), ferry $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes'), $(janus --version 2>/dev/null | head -1)" >"$OUT/measured"
 
 lib=
 for d in "/usr/lib/$(uname -m)-linux-gnu/janus" /usr/lib/janus /usr/local/lib/janus /opt/janus/lib/janus; do
@@ -114,8 +118,6 @@ EOF
 echo 'general: {
 }' >"$jd/janus.plugin.videoroom.jcfg"
 
-mkdir -p "$OUT"
-
 # Start a server in the namespace (its log in $2); its PID in $server.
 start() {
   local log=$1; shift
@@ -163,6 +165,8 @@ for n in "${SUBSCRIBERS[@]}"; do
   loadgen janus "ws://$SERVER_IP:8188" "$n"
   stop
 done
+}
+[ -n "${REPORT_ONLY:-}" ] || measure
 
 # The table (markdown) and the plots' data.
 q() { jq -r "$2 // \"?\"" "$OUT/$1.json"; }
@@ -170,11 +174,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "?" || b == "?" || b == 0) p
 fmt() { awk -v v="$1" -v s="${2:-1}" -v d="${3:-1}" 'BEGIN { if (v == "?") print "?"; else printf "%.*f", d, v / s }'; }
 dat=$OUT/compare.dat
 summary=$OUT/summary.md
-echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s" >"$dat"
+echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms" >"$dat"
 {
   echo "Ferry vs Janus, $PUBLISHERS publisher(s) -> N subscribers, ${VIDEO_KBPS} kbit/s video + audio, $DURATION measured per run"
-  echo "($(date -u +%Y-%m-%d), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'),"
-  echo "ferry $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(janus --version 2>/dev/null | head -1))"
+  echo "($(cat "$OUT/measured" 2>/dev/null || echo '?'); $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
   echo
   echo "| subscribers | received pkt/s Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -183,6 +186,7 @@ for n in "${SUBSCRIBERS[@]}"; do
   fc=$(q "ferry-$n" .server_process.cpu_us_per_received_packet); jc=$(q "janus-$n" .server_process.cpu_us_per_received_packet)
   fl=$(q "ferry-$n" .loss_percent); jl=$(q "janus-$n" .loss_percent)
   fp=$(q "ferry-$n" .latency_us.p99); jp=$(q "janus-$n" .latency_us.p99)
+  f5=$(q "ferry-$n" .latency_us.p50); j5=$(q "janus-$n" .latency_us.p50)
   fr=$(q "ferry-$n" .server_process.rss_bytes_per_subscriber); jr=$(q "janus-$n" .server_process.rss_bytes_per_subscriber)
   fx=$(q "ferry-$n" .packets_received_per_s); jx=$(q "janus-$n" .packets_received_per_s)
   fm=$(q "ferry-$n" .clients_without_media); jm=$(q "janus-$n" .clients_without_media)
@@ -191,18 +195,26 @@ for n in "${SUBSCRIBERS[@]}"; do
   fs=$(per_s "ferry-$n" .server_process.cpu_seconds); js=$(per_s "janus-$n" .server_process.cpu_seconds)
   fg=$(per_s "ferry-$n" .loadgen_cpu_seconds); jg=$(per_s "janus-$n" .loadgen_cpu_seconds)
   fo=$(per_s "ferry-$n" .other_cpu_seconds); jo=$(per_s "janus-$n" .other_cpu_seconds)
-  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo" >>"$dat"
+  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3)" >>"$dat"
   echo "| $n | $(fmt "$fx" 1 0) / $(fmt "$jx" 1 0) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
 done
 {
   echo
   echo "Command: ${SUBSCRIBER_COUNTS:+SUBSCRIBER_COUNTS=\"$SUBSCRIBER_COUNTS\" }DURATION=$DURATION PUBLISHERS=$PUBLISHERS VIDEO_KBPS=$VIDEO_KBPS${JANUS_EVENT_LOOPS:+ JANUS_EVENT_LOOPS=$JANUS_EVENT_LOOPS}${LOADGEN_ARGS:+ LOADGEN_ARGS=\"$LOADGEN_ARGS\"} benches/compare.sh ${SUBSCRIBERS[*]}"
-  echo "Latency: publisher -> subscriber through the server, upper bound of a power-of-two histogram bucket."
+  echo "Latency: publisher -> subscriber through the server, as measured by the loadgen (upper bound of a histogram bucket 1/8 of an octave wide)."
 } >>"$summary"
 cat "$summary"
 
+# plot NAME TITLE YLABEL "COLUMN LABEL" ... [-- GNUPLOT-SETTINGS]
 plot() {
-  local name=$1 title=$2 ylabel=$3 fcol=$4 jcol=$5 ymax=$6
+  local name=$1 title=$2 ylabel=$3 curves=() settings="set yrange [0:1<*]"
+  shift 3
+  while [ $# -gt 0 ]; do
+    if [ "$1" = -- ]; then settings=$2; break; fi
+    curves+=("\"$dat\" using 1:${1%% *} with linespoints lw 2 title \"${1#* }\"")
+    shift
+  done
+  local IFS=,
   gnuplot <<EOF
 set terminal pngcairo size 800,480 font ",11"
 set output "$OUT/compare-$name.png"
@@ -211,17 +223,17 @@ set title "$title"
 set xlabel "subscribers ($PUBLISHERS publisher, ${VIDEO_KBPS} kbit/s video + audio)"
 set ylabel "$ylabel"
 set xrange [0:*]
-set yrange [0:$ymax<*]
 set offsets 0, graph 0.05, 0, 0
+$settings
 set grid
-set key top left
-plot "$dat" using 1:$fcol with linespoints lw 2 pt 7 title "Ferry", \
-     "$dat" using 1:$jcol with linespoints lw 2 pt 5 title "Janus"
+set key below
+plot ${curves[*]}
 EOF
 }
-plot cpu "Server CPU per packet received by subscribers" "µs of CPU per packet" 2 3 1
-plot loss "Loss seen by subscribers" "loss %" 4 5 1
-plot latency "Latency publisher -> subscriber, p99" "ms (histogram bucket bound)" 6 7 1
+plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CPU per packet" "2 Ferry" "3 Janus"
+plot loss "Loss seen by subscribers" "loss %" "4 Ferry" "5 Janus"
+plot latency "Latency publisher -> subscriber (measured by the loadgen)" "ms" \
+  "14 Ferry p50" "15 Janus p50" "6 Ferry p99" "7 Janus p99" -- "set logscale y 2"
 echo "compare.sh: results in $OUT (summary.md, *.json, compare-*.png)"
 if [ -n "${PUBLISH:-}" ]; then
   mkdir -p docs/img

@@ -112,6 +112,28 @@ impl Default for LoadgenArgs {
     }
 }
 
+/// Latency buckets per power of two (a bucket's width is 1/8 of its octave: ~12 %).
+const LATENCY_STEPS: usize = 8;
+
+/// The latency bucket of `us` microseconds.
+fn latency_bucket(us: u64) -> usize {
+    let us = us.max(1);
+    let octave = 63 - us.leading_zeros() as usize;
+    // The 3 bits after the leading one.
+    let step = if octave >= 3 {
+        (us >> (octave - 3)) & 7
+    } else {
+        (us << (3 - octave)) & 7
+    } as usize;
+    (octave * LATENCY_STEPS + step).min(32 * LATENCY_STEPS - 1)
+}
+
+/// The upper bound of latency bucket `i`, µs.
+fn latency_bucket_bound(i: usize) -> u64 {
+    let (octave, step) = (i / LATENCY_STEPS, (i % LATENCY_STEPS) as u64);
+    ((9 + step) << octave) >> 3
+}
+
 /// Counters every client bumps.
 pub struct Shared {
     epoch: Instant,
@@ -124,8 +146,8 @@ pub struct Shared {
     pub receiving: AtomicU64,
     pub measuring: AtomicBool,
     pub verify_every: u64,
-    /// Latency histogram: bucket i counts [2^i, 2^(i+1)) µs.
-    latency: [AtomicU64; 32],
+    /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
+    latency: [AtomicU64; 32 * LATENCY_STEPS],
     latency_max: AtomicU64,
 }
 
@@ -151,8 +173,7 @@ impl Shared {
     }
 
     pub fn record_latency(&self, us: u64) {
-        let i = (64 - us.max(1).leading_zeros() as usize - 1).min(31);
-        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
         self.latency_max.fetch_max(us, Ordering::Relaxed);
     }
 
@@ -172,7 +193,7 @@ impl Shared {
         for (i, c) in counts.iter().enumerate() {
             seen += c;
             if seen >= want {
-                return Some(1u64 << (i + 1));
+                return Some(latency_bucket_bound(i));
             }
         }
         None
@@ -770,4 +791,33 @@ async fn client<S: Signal>(
         .map(|t| t.saturating_duration_since(joined).as_secs_f64() * 1000.0);
     result.loss = std::mem::take(&mut p.loss).into_values().collect();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_an_eighth_of_an_octave_wide() {
+        for us in (8..100_000u64).chain([1 << 20, 123_456_789]) {
+            let i = latency_bucket(us);
+            let (low, high) = (latency_bucket_bound(i - 1), latency_bucket_bound(i));
+            assert!(low <= us && us < high, "{us} in [{low}, {high})");
+            assert!((high - low) * 8 <= high, "{us}: [{low}, {high}) too wide");
+        }
+        assert_eq!(latency_bucket(0), latency_bucket(1));
+        assert_eq!(latency_bucket(u64::MAX), 32 * LATENCY_STEPS - 1);
+    }
+
+    #[test]
+    fn latency_quantiles_come_from_the_buckets() {
+        let s = Shared::new(1);
+        for us in 1..=1000 {
+            s.record_latency(us);
+        }
+        let p50 = s.latency_quantile(0.5).unwrap();
+        let p99 = s.latency_quantile(0.99).unwrap();
+        assert!((500..=576).contains(&p50), "{p50}");
+        assert!((990..=1088).contains(&p99), "{p99}");
+    }
 }
