@@ -70,6 +70,15 @@ fn main() -> ExitCode {
 
 fn loadgen(args: ferry::loadgen::LoadgenArgs) -> ExitCode {
     let json = args.json;
+    // Logs (e.g. FERRY_LOG=rtc_ice=debug) on standard error only when asked: the report is on
+    // standard output.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -379,9 +379,10 @@ mod process {
     const AT_PAGESZ: u64 = 6;
     const AT_CLKTCK: u64 = 17;
 
-    /// The fields of `/proc/self/stat` after the command name: `fields[0]` is field 3 (state).
-    fn stat_fields() -> Option<Vec<u64>> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    /// The fields of `/proc/<pid>/stat` (`pid` may be `self`) after the command name: `fields[0]`
+    /// is field 3 (state).
+    fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let after = &stat[stat.rfind(')')? + 1..];
         Some(
             after
@@ -394,6 +395,39 @@ mod process {
     /// Field `n` of `/proc/self/stat`, numbered as in proc(5).
     fn field(fields: &[u64], n: usize) -> Option<u64> {
         fields.get(n - 3).copied()
+    }
+
+    /// User + system CPU time of all the process's threads, in clock ticks.
+    fn cpu_ticks(fields: &[u64]) -> u64 {
+        field(fields, 14).unwrap_or(0) + field(fields, 15).unwrap_or(0)
+    }
+
+    /// CPU seconds and resident memory (`VmRSS`, bytes) of another process.
+    pub fn usage(pid: u32) -> Option<(f64, u64)> {
+        let ticks = cpu_ticks(&stat_fields(&pid.to_string())?);
+        let clock_ticks = auxv(AT_CLKTCK).filter(|t| *t > 0).unwrap_or(100) as f64;
+        let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+        Some((ticks as f64 / clock_ticks, rss_kb * 1024))
+    }
+
+    /// CPU seconds all the machine's CPUs spent busy (not idle, not waiting for I/O) since boot.
+    pub fn machine_busy() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is already in user).
+        let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
+        let clock_ticks = auxv(AT_CLKTCK).filter(|t| *t > 0).unwrap_or(100) as f64;
+        Some(busy as f64 / clock_ticks)
     }
 
     fn boot_time() -> Option<u64> {
@@ -442,7 +476,7 @@ mod process {
             let clock_ticks = auxv(AT_CLKTCK).filter(|t| *t > 0).unwrap_or(100) as f64;
             let page_size = auxv(AT_PAGESZ).filter(|p| *p > 0).unwrap_or(4096) as i64;
             if let (Some(boot), Some(start)) =
-                (boot_time(), stat_fields().and_then(|f| field(&f, 22)))
+                (boot_time(), stat_fields("self").and_then(|f| field(&f, 22)))
             {
                 start_time.set((boot as f64 + start as f64 / clock_ticks) as i64);
             }
@@ -487,9 +521,8 @@ mod process {
             if let Some(max) = max_open_files() {
                 self.max_fds.set(max);
             }
-            if let Some(f) = stat_fields() {
-                let ticks = field(&f, 14).unwrap_or(0) + field(&f, 15).unwrap_or(0);
-                let total = ticks as f64 / self.clock_ticks;
+            if let Some(f) = stat_fields("self") {
+                let total = cpu_ticks(&f) as f64 / self.clock_ticks;
                 // Concurrent scrapes: never move the counter backwards.
                 let past = self.cpu.get();
                 if total > past {
@@ -514,6 +547,31 @@ mod process {
             .collect()
         }
     }
+}
+
+/// CPU seconds (user + system, all threads) and resident memory (`VmRSS`, bytes) of process `pid`,
+/// read from `/proc`; `None` when it cannot be read. For `ferry loadgen --server-pid`, which
+/// measures servers that have no `/metrics` (Janus) the same way as Ferry.
+#[cfg(target_os = "linux")]
+pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    process::usage(pid)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn process_usage(_pid: u32) -> Option<(f64, u64)> {
+    None
+}
+
+/// CPU seconds the whole machine (all CPUs) spent busy since boot, from `/proc/stat`: what else
+/// ran during a measurement.
+#[cfg(target_os = "linux")]
+pub fn machine_busy_seconds() -> Option<f64> {
+    process::machine_busy()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn machine_busy_seconds() -> Option<f64> {
+    None
 }
 
 impl Default for Metrics {
@@ -601,5 +659,11 @@ mod tests {
             start <= now + 1.0 && start > now - 86_400.0,
             "{start} vs {now}"
         );
+        // Another process's figures (here our own PID) read the same /proc files.
+        let (cpu_by_pid, rss_by_pid) = process_usage(std::process::id()).expect("own /proc");
+        assert!(cpu_by_pid >= cpu, "{cpu_by_pid} vs {cpu}");
+        assert!(rss_by_pid > 1_000_000, "{rss_by_pid}");
+        assert!(process_usage(u32::MAX).is_none());
+        assert!(machine_busy_seconds().expect("/proc/stat") >= cpu_by_pid - 1.0);
     }
 }

@@ -10,22 +10,18 @@ use ferry::loadgen::{LoadgenArgs, Shape, run};
 
 fn args(s: &TestServer, shape: Shape, publishers: u32, subscribers: u32) -> LoadgenArgs {
     LoadgenArgs {
-        url: format!("http://{}", s.addr),
-        metrics_url: None,
+        url: Some(format!("http://{}", s.addr)),
         shape,
-        rooms: 1,
         publishers,
         subscribers,
         duration: Duration::from_secs(3),
         video_kbps: 500,
         packet_bytes: 1000,
         fps: 15,
-        no_audio: false,
         verify_every: 1,
         join_rate: 50,
         json: true,
-        api_key: None,
-        api_secret: None,
+        ..LoadgenArgs::default()
     }
 }
 
@@ -88,21 +84,14 @@ async fn a_server_that_is_not_there_is_a_clear_error() {
 
 fn args_for_url(url: &str) -> LoadgenArgs {
     LoadgenArgs {
-        url: url.to_string(),
-        metrics_url: None,
-        shape: Shape::Broadcast,
-        rooms: 1,
-        publishers: 1,
-        subscribers: 1,
+        url: Some(url.to_string()),
         duration: Duration::from_secs(1),
         video_kbps: 100,
         packet_bytes: 1000,
         fps: 10,
         no_audio: true,
         verify_every: 1,
-        join_rate: 50,
         json: true,
-        api_key: None,
-        api_secret: None,
+        ..LoadgenArgs::default()
     }
 }

@@ -1,21 +1,29 @@
-//! `ferry loadgen`: publishers and subscribers against a running Ferry, through the real signaling
-//! and real ICE/DTLS/SRTP (webrtc-rs `rtc` peers, one UDP socket each, on this machine).
+//! `ferry loadgen`: publishers and subscribers against a running Ferry (or, for comparisons, a
+//! Janus VideoRoom), through the real signaling and real ICE/DTLS/SRTP (webrtc-rs `rtc` peers, one
+//! UDP socket each, on this machine).
 //!
 //! Every payload starts with its send time and a per-stream counter, so subscribers measure loss
 //! and latency (publishers and subscribers share this process's clock). At the end it reads the
 //! server's own `/metrics` (deltas over the measured window) for CPU per forwarded packet, memory
-//! per subscriber and the forwarding latency inside the server.
+//! per subscriber and the forwarding latency inside the server; with `--server-pid`, the server
+//! process's CPU time and RSS from `/proc` (any server), per packet received by subscribers.
 
+mod ferry;
+mod janus;
 mod peer;
+mod ws;
 
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
-use peer::{Peer, Signaling, Source};
+use peer::{Peer, Source};
+use ws::Signal;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Shape {
@@ -26,14 +34,32 @@ pub enum Shape {
     Meeting,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// Ferry, through its signaling at `<url>/ws`.
+    Ferry,
+    /// A Janus VideoRoom, through Janus's WebSocket transport at `<url>`.
+    Janus,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct LoadgenArgs {
-    /// Ferry's HTTP address (signaling at /ws, metrics at /metrics).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
-    /// Where the server's Prometheus metrics are, when not `<url>/metrics`.
+    /// The server to load.
+    #[arg(long, value_enum, default_value = "ferry")]
+    pub target: Target,
+    /// The server's address: Ferry's HTTP address (signaling at /ws, metrics at /metrics;
+    /// default http://127.0.0.1:8080), or Janus's WebSocket transport (default ws://127.0.0.1:8188).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Where Ferry's Prometheus metrics are, when not `<url>/metrics`.
     #[arg(long)]
     pub metrics_url: Option<String>,
+    /// Also measure this process (the server's PID) from /proc: CPU time and RSS, for any target.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// The local address the clients' UDP sockets bind to (their ICE candidate).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub local_ip: IpAddr,
     #[arg(long, value_enum, default_value = "broadcast")]
     pub shape: Shape,
     #[arg(long, default_value_t = 1)]
@@ -74,6 +100,40 @@ pub struct LoadgenArgs {
     pub api_secret: Option<String>,
 }
 
+impl Default for LoadgenArgs {
+    /// The command line's defaults.
+    fn default() -> Self {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadgenArgs,
+        }
+        Cli::parse_from(["loadgen"]).args
+    }
+}
+
+/// Latency buckets per power of two (a bucket's width is 1/8 of its octave: ~12 %).
+const LATENCY_STEPS: usize = 8;
+
+/// The latency bucket of `us` microseconds.
+fn latency_bucket(us: u64) -> usize {
+    let us = us.max(1);
+    let octave = 63 - us.leading_zeros() as usize;
+    // The 3 bits after the leading one.
+    let step = if octave >= 3 {
+        (us >> (octave - 3)) & 7
+    } else {
+        (us << (3 - octave)) & 7
+    } as usize;
+    (octave * LATENCY_STEPS + step).min(32 * LATENCY_STEPS - 1)
+}
+
+/// The upper bound of latency bucket `i`, µs.
+fn latency_bucket_bound(i: usize) -> u64 {
+    let (octave, step) = (i / LATENCY_STEPS, (i % LATENCY_STEPS) as u64);
+    ((9 + step) << octave) >> 3
+}
+
 /// Counters every client bumps.
 pub struct Shared {
     epoch: Instant,
@@ -82,10 +142,12 @@ pub struct Shared {
     pub corrupt: AtomicU64,
     pub malformed: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    /// Clients that received media.
+    pub receiving: AtomicU64,
     pub measuring: AtomicBool,
     pub verify_every: u64,
-    /// Latency histogram: bucket i counts [2^i, 2^(i+1)) µs.
-    latency: [AtomicU64; 32],
+    /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
+    latency: [AtomicU64; 32 * LATENCY_STEPS],
     latency_max: AtomicU64,
 }
 
@@ -98,6 +160,7 @@ impl Shared {
             corrupt: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             keyframe_requests: AtomicU64::new(0),
+            receiving: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
             verify_every: verify_every.max(1),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -110,8 +173,7 @@ impl Shared {
     }
 
     pub fn record_latency(&self, us: u64) {
-        let i = (64 - us.max(1).leading_zeros() as usize - 1).min(31);
-        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
         self.latency_max.fetch_max(us, Ordering::Relaxed);
     }
 
@@ -131,7 +193,7 @@ impl Shared {
         for (i, c) in counts.iter().enumerate() {
             seen += c;
             if seen >= want {
-                return Some(1u64 << (i + 1));
+                return Some(latency_bucket_bound(i));
             }
         }
         None
@@ -181,11 +243,50 @@ impl StreamLoss {
     }
 }
 
-struct ServerSample {
+/// Ferry's own figures, from its `/metrics`.
+struct MetricsSample {
     cpu: f64,
     rss: f64,
     out_packets: f64,
     latency_buckets: Vec<(f64, f64)>,
+}
+
+/// The server at one moment: its metrics (Ferry) and its process as /proc sees it (`--server-pid`).
+struct ServerSample {
+    metrics: Option<MetricsSample>,
+    /// CPU seconds, RSS bytes.
+    process: Option<(f64, u64)>,
+    /// This load generator's CPU seconds, and the whole machine's busy CPU seconds: what else ran.
+    own_cpu: Option<f64>,
+    machine_busy: Option<f64>,
+}
+
+/// Where the server's figures come from.
+struct Probe {
+    metrics_url: Option<String>,
+    pid: Option<u32>,
+}
+
+impl Probe {
+    async fn sample(&self) -> Result<ServerSample, String> {
+        let metrics = match &self.metrics_url {
+            Some(url) => Some(parse_metrics(&http_get(url).await?)),
+            None => None,
+        };
+        let process = match self.pid {
+            Some(pid) => Some(
+                crate::metrics::process_usage(pid)
+                    .ok_or_else(|| format!("--server-pid {pid}: cannot read /proc/{pid}"))?,
+            ),
+            None => None,
+        };
+        Ok(ServerSample {
+            metrics,
+            process,
+            own_cpu: crate::metrics::process_usage(std::process::id()).map(|u| u.0),
+            machine_busy: crate::metrics::machine_busy_seconds(),
+        })
+    }
 }
 
 async fn http_get(url: &str) -> Result<String, String> {
@@ -215,8 +316,8 @@ async fn http_get(url: &str) -> Result<String, String> {
     Ok(body.to_string())
 }
 
-fn sample(text: &str) -> ServerSample {
-    let mut s = ServerSample {
+fn parse_metrics(text: &str) -> MetricsSample {
+    let mut s = MetricsSample {
         cpu: 0.0,
         rss: 0.0,
         out_packets: 0.0,
@@ -272,33 +373,35 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
         .map(|(le, _)| *le)
 }
 
-fn ws_url(args: &LoadgenArgs, identity: &str) -> String {
-    let base = args
-        .url
-        .trim_end_matches('/')
-        .replacen("http://", "ws://", 1)
-        .replacen("https://", "wss://", 1);
-    let mut url = format!("{base}/ws");
-    if let (Some(k), Some(s)) = (&args.api_key, &args.api_secret)
-        && let Ok(t) = crate::auth::mint(
-            k,
-            s,
-            identity,
-            Duration::from_secs(3600),
-            crate::auth::Grants::default(),
-        )
-    {
-        url.push_str("?token=");
-        url.push_str(&t);
-    }
-    url
-}
-
-struct ClientResult {
-    publisher: bool,
+pub struct ClientResult {
     join_ms: Option<f64>,
     loss: Vec<StreamLoss>,
     error: Option<String>,
+}
+
+/// What every client task shares.
+#[derive(Clone)]
+pub struct Ctx {
+    shared: Arc<Shared>,
+    /// When clients stop (set once the measured window is known).
+    stop_at: Arc<Mutex<Option<tokio::time::Instant>>>,
+    source: Source,
+    local_ip: IpAddr,
+    /// Between two joins.
+    pace: Duration,
+}
+
+impl Ctx {
+    /// Start a client on `sig`: publishing as stream `publishing` when given; `receives`: it
+    /// must get media (an error otherwise).
+    fn spawn<S: Signal>(
+        &self,
+        sig: S,
+        publishing: Option<u32>,
+        receives: bool,
+    ) -> JoinHandle<ClientResult> {
+        tokio::spawn(client(self.clone(), sig, publishing, receives))
+    }
 }
 
 /// Run the load and print the report. Returns an error when the load could not be set up.
@@ -309,27 +412,51 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     if args.fps == 0 || args.fps > 120 {
         return Err("--fps must be between 1 and 120".into());
     }
-    let metrics_url = args
-        .metrics_url
-        .clone()
-        .unwrap_or_else(|| format!("{}/metrics", args.url.trim_end_matches('/')));
-    // Fail early, with a clear message, when the server is not there; its memory before we join.
-    let baseline = sample(&http_get(&metrics_url).await?);
-    let shared = Arc::new(Shared::new(args.verify_every));
-    let source = Source {
-        video_bps: args.video_kbps * 1000,
-        packet_bytes: args.packet_bytes,
-        fps: args.fps,
-        audio: !args.no_audio,
+    let url = args.url.clone().unwrap_or_else(|| {
+        match args.target {
+            Target::Ferry => "http://127.0.0.1:8080",
+            Target::Janus => "ws://127.0.0.1:8188",
+        }
+        .to_string()
+    });
+    let probe = Probe {
+        metrics_url: (args.target == Target::Ferry).then(|| {
+            args.metrics_url
+                .clone()
+                .unwrap_or_else(|| format!("{}/metrics", url.trim_end_matches('/')))
+        }),
+        pid: args.server_pid,
     };
+    // Fail early, with a clear message, when the server is not there; its memory before we join.
+    let baseline = probe.sample().await?;
+    let shared = Arc::new(Shared::new(args.verify_every));
+    let ctx = Ctx {
+        shared: shared.clone(),
+        stop_at: Arc::new(Mutex::new(None)),
+        source: Source {
+            video_bps: args.video_kbps * 1000,
+            packet_bytes: args.packet_bytes,
+            fps: args.fps,
+            audio: !args.no_audio,
+        },
+        local_ip: args.local_ip,
+        pace: Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1))),
+    };
+    // Clients that must receive media: subscribers, and in a meeting publishers that have others
+    // to receive from.
+    let expected_receivers = u64::from(args.rooms)
+        * match args.shape {
+            Shape::Meeting if args.publishers > 1 => u64::from(args.subscribers + args.publishers),
+            _ => u64::from(args.subscribers),
+        }
+        * u64::from(args.publishers > 0);
     let started = Instant::now();
-    let stop_at = Arc::new(std::sync::Mutex::new(None::<tokio::time::Instant>));
     let mut tasks = Vec::new();
     let mut stream_index = 0u32;
-    let pace = Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1)));
     let clients_total = args.rooms * (args.publishers + args.subscribers);
     eprintln!(
-        "loadgen: {} room(s) of {} publisher(s) and {} subscriber(s) ({:?}), {} kbit/s video{} per publisher",
+        "loadgen: {:?} at {url}: {} room(s) of {} publisher(s) and {} subscriber(s) ({:?}), {} kbit/s video{} per publisher",
+        args.target,
         args.rooms,
         args.publishers,
         args.subscribers,
@@ -338,50 +465,10 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         if args.no_audio { "" } else { " + audio" }
     );
     for r in 0..args.rooms {
-        let mut control = Signaling::connect(&ws_url(&args, &format!("lg-control-{r}"))).await?;
-        let want = args.publishers + args.subscribers;
-        let room = control
-            .request("createRoom", json!({"mode": "relay", "maxPeers": want.max(2)}))
-            .await
-            .map_err(|e| {
-                format!("{e}: rooms of {want} need the server's max_room_peers (--max-room-peers) at least that high")
-            })?["roomId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        // Publishers first, so that everyone knows whom to subscribe to.
-        let mut publisher_ids = Vec::new();
-        let mut members = Vec::new();
-        for i in 0..args.publishers {
-            let mut sig = Signaling::connect(&ws_url(&args, &format!("lg-pub-{r}-{i}"))).await?;
-            sig.request("joinRoom", json!({"roomId": room})).await?;
-            publisher_ids.push(sig.user_id.clone());
-            members.push((sig, Some(stream_index)));
-            stream_index += 1;
-            tokio::time::sleep(pace).await;
-        }
-        for i in 0..args.subscribers {
-            let mut sig = Signaling::connect(&ws_url(&args, &format!("lg-sub-{r}-{i}"))).await?;
-            sig.request("joinRoom", json!({"roomId": room})).await?;
-            members.push((sig, None));
-            tokio::time::sleep(pace).await;
-        }
-        for (sig, publishing) in members {
-            let subs: Vec<String> = match (publishing, args.shape) {
-                (Some(_), Shape::Broadcast) => Vec::new(),
-                _ => publisher_ids
-                    .iter()
-                    .filter(|id| **id != sig.user_id)
-                    .cloned()
-                    .collect(),
-            };
-            let shared = shared.clone();
-            let stop_at = stop_at.clone();
-            tasks.push(tokio::spawn(async move {
-                client(sig, publishing.map(|s| (source, s)), subs, shared, stop_at).await
-            }));
-        }
-        drop(control);
+        tasks.extend(match args.target {
+            Target::Ferry => ferry::setup_room(&args, &url, &ctx, r, &mut stream_index).await?,
+            Target::Janus => janus::setup_room(&args, &url, &ctx, r, &mut stream_index).await?,
+        });
     }
     // Wait until every receiving client sees media (or 30 s), showing progress.
     let joined_deadline = Instant::now() + Duration::from_secs(30);
@@ -390,12 +477,13 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let received = shared.received.load(Ordering::Relaxed);
         let sent = shared.sent.load(Ordering::Relaxed);
+        let receiving = shared.receiving.load(Ordering::Relaxed);
         eprintln!(
-            "loadgen: joining: {clients_total} clients, {sent} packets sent, {received} received ({} /s)",
+            "loadgen: joining: {receiving} of {expected_receivers} receiving, {clients_total} clients, {sent} packets sent, {received} received ({} /s)",
             (received - last) * 2
         );
         last = received;
-        if received > 0 && Instant::now() > started + Duration::from_secs(2) && received > sent {
+        if receiving >= expected_receivers && Instant::now() > started + Duration::from_secs(2) {
             break;
         }
         if Instant::now() > joined_deadline {
@@ -404,7 +492,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = sample(&http_get(&metrics_url).await?);
+    let before = probe.sample().await?;
     let (sent0, recv0) = (
         shared.sent.load(Ordering::Relaxed),
         shared.received.load(Ordering::Relaxed),
@@ -412,7 +500,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     shared.measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     let end = tokio::time::Instant::now() + args.duration;
-    *stop_at.lock().expect("lock") = Some(end + Duration::from_millis(500));
+    *ctx.stop_at.lock().expect("lock") = Some(end + Duration::from_millis(500));
     let mut last = recv0;
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_secs(1).min(end - tokio::time::Instant::now())).await;
@@ -427,7 +515,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         last = r;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let after = sample(&http_get(&metrics_url).await?);
+    let after = probe.sample().await?;
     shared.measuring.store(false, Ordering::Relaxed);
     let (sent1, recv1) = (
         shared.sent.load(Ordering::Relaxed),
@@ -446,9 +534,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
                 if let Some(j) = r.join_ms {
                     joins.push(j);
                 }
-                if !r.loss.is_empty() || !r.publisher {
-                    receivers += u64::from(!r.loss.is_empty());
-                }
+                receivers += u64::from(!r.loss.is_empty());
                 for l in r.loss {
                     expected += l.expected();
                     unique += l.unique;
@@ -461,33 +547,60 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     let pct = |v: &[f64], q: f64| -> Option<f64> {
         (!v.is_empty()).then(|| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1])
     };
-    let forwarded = after.out_packets - before.out_packets;
-    let cpu = after.cpu - before.cpu;
     let subscribers_total = u64::from(args.rooms * args.subscribers)
         + if args.shape == Shape::Meeting {
             u64::from(args.rooms * args.publishers)
         } else {
             0
         };
-    let expected_receivers = u64::from(args.rooms)
-        * match args.shape {
-            Shape::Broadcast => u64::from(args.subscribers),
-            Shape::Meeting => u64::from(args.subscribers + args.publishers),
-        }
-        * u64::from(args.publishers > 0);
+    let per_subscriber =
+        |grown: f64| (subscribers_total > 0).then(|| grown.max(0.0) / subscribers_total as f64);
+    let received = (recv1 - recv0) as f64;
+    let per_received = |cpu: f64| (received > 0.0).then(|| cpu * 1e6 / received);
     let loss = if expected > 0 {
         100.0 * (1.0 - unique as f64 / expected as f64)
     } else {
         100.0
     };
+    // Ferry's own figures (null for Janus).
+    let m = [&baseline, &before, &after].map(|s| s.metrics.as_ref());
+    let (forwarded, cpu, rss, latency) = match m {
+        [Some(m0), Some(b), Some(a)] => (
+            Some(a.out_packets - b.out_packets),
+            Some(a.cpu - b.cpu),
+            Some((m0.rss, a.rss)),
+            [0.5, 0.99].map(|q| histogram_quantile(&b.latency_buckets, &a.latency_buckets, q)),
+        ),
+        _ => (None, None, None, [None, None]),
+    };
+    // The server process from /proc (any target).
+    let process = match [&baseline, &before, &after].map(|s| s.process) {
+        [Some(p0), Some(b), Some(a)] => Some(json!({
+            "pid": args.server_pid,
+            "cpu_seconds": a.0 - b.0,
+            "cpu_us_per_received_packet": per_received(a.0 - b.0),
+            "rss_bytes": a.1,
+            "rss_bytes_before": p0.1,
+            "rss_bytes_per_subscriber": per_subscriber(a.1 as f64 - p0.1 as f64),
+        })),
+        _ => None,
+    };
+    let server_cpu = process
+        .as_ref()
+        .and_then(|p| p["cpu_seconds"].as_f64())
+        .or(cpu);
+    let delta = |f: fn(&ServerSample) -> Option<f64>| Some(f(&after)? - f(&before)?);
+    let own_cpu = delta(|s| s.own_cpu);
+    let machine_busy = delta(|s| s.machine_busy);
     let report = json!({
+        "target": format!("{:?}", args.target).to_lowercase(),
         "shape": format!("{:?}", args.shape).to_lowercase(),
         "rooms": args.rooms, "publishers_per_room": args.publishers, "subscribers_per_room": args.subscribers,
         "video_kbps": args.video_kbps, "audio": !args.no_audio,
         "seconds": elapsed,
         "packets_sent_per_s": (sent1 - sent0) as f64 / elapsed,
-        "packets_received_per_s": (recv1 - recv0) as f64 / elapsed,
-        "server_forwarded_per_s": forwarded / elapsed,
+        "packets_received_per_s": received / elapsed,
+        "server_forwarded_per_s": forwarded.map(|f| f / elapsed),
         "loss_percent": loss,
         "receiving_clients": receivers,
         "clients_without_media": expected_receivers.saturating_sub(receivers),
@@ -495,15 +608,18 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
             "p50": shared.latency_quantile(0.5), "p99": shared.latency_quantile(0.99),
             "max": shared.latency_max.load(Ordering::Relaxed),
         },
-        "server_forward_latency_s": {
-            "p50": histogram_quantile(&before.latency_buckets, &after.latency_buckets, 0.5),
-            "p99": histogram_quantile(&before.latency_buckets, &after.latency_buckets, 0.99),
-        },
+        "server_forward_latency_s": { "p50": latency[0], "p99": latency[1] },
         "server_cpu_seconds": cpu,
-        "server_cpu_us_per_forwarded_packet": if forwarded > 0.0 { Some(cpu * 1e6 / forwarded) } else { None },
-        "server_rss_bytes": after.rss,
-        "server_rss_bytes_before": baseline.rss,
-        "server_rss_bytes_per_subscriber": if subscribers_total > 0 { Some((after.rss - baseline.rss).max(0.0) / subscribers_total as f64) } else { None },
+        "server_cpu_us_per_forwarded_packet": cpu.zip(forwarded).and_then(|(c, f)| (f > 0.0).then(|| c * 1e6 / f)),
+        "server_cpu_us_per_received_packet": server_cpu.and_then(per_received),
+        "server_rss_bytes": rss.map(|r| r.1),
+        "server_rss_bytes_before": rss.map(|r| r.0),
+        "server_rss_bytes_per_subscriber": rss.and_then(|(r0, r1)| per_subscriber(r1 - r0)),
+        "server_process": process,
+        // Where the machine's CPU went during the window: server, this load generator, the rest.
+        "loadgen_cpu_seconds": own_cpu,
+        "machine_busy_cpu_seconds": machine_busy,
+        "other_cpu_seconds": machine_busy.zip(own_cpu).zip(server_cpu).map(|((m, o), s)| m - o - s),
         "join_ms": { "p50": pct(&joins, 0.5), "p99": pct(&joins, 0.99), "n": joins.len() },
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
         "keyframe_requests": shared.keyframe_requests.load(Ordering::Relaxed),
@@ -515,8 +631,10 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
 /// Print a report for people.
 pub fn print_human(r: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    let mb = |v: &Value, unit: f64| f(&v.as_f64().map_or(Value::Null, |x| json!(x / unit)));
     println!(
-        "ferry loadgen: {} x ({} -> {}) {} for {:.0} s",
+        "ferry loadgen ({}): {} x ({} -> {}) {} for {:.0} s",
+        r["target"].as_str().unwrap_or(""),
         r["rooms"],
         r["publishers_per_room"],
         r["subscribers_per_room"],
@@ -538,20 +656,39 @@ pub fn print_human(r: &Value) {
         "  latency publisher -> subscriber (µs, bucket upper bounds): p50 {} p99 {} max {}",
         r["latency_us"]["p50"], r["latency_us"]["p99"], r["latency_us"]["max"]
     );
+    if r["server_cpu_seconds"].is_number() {
+        println!(
+            "  inside the server (s, bucket upper bounds): p50 {} p99 {}",
+            r["server_forward_latency_s"]["p50"], r["server_forward_latency_s"]["p99"]
+        );
+        println!(
+            "  server CPU (its metrics): {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB more per subscriber",
+            f(&r["server_cpu_us_per_forwarded_packet"]),
+            f(&r["server_cpu_seconds"]),
+            mb(&r["server_rss_bytes"], 1e6),
+            mb(&r["server_rss_bytes_per_subscriber"], 1e3),
+        );
+    }
+    let p = &r["server_process"];
+    if p.is_object() {
+        println!(
+            "  server process {} (/proc): {} s CPU, {} µs per packet received; RSS {} MB, {} kB more per subscriber",
+            p["pid"],
+            f(&p["cpu_seconds"]),
+            f(&p["cpu_us_per_received_packet"]),
+            mb(&p["rss_bytes"], 1e6),
+            mb(&p["rss_bytes_per_subscriber"], 1e3),
+        );
+    }
     println!(
-        "  inside the server (s, bucket upper bounds): p50 {} p99 {}",
-        r["server_forward_latency_s"]["p50"], r["server_forward_latency_s"]["p99"]
+        "  server CPU per packet received by subscribers: {} µs",
+        f(&r["server_cpu_us_per_received_packet"])
     );
     println!(
-        "  server CPU: {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB more per subscriber",
-        f(&r["server_cpu_us_per_forwarded_packet"]
-            .as_f64()
-            .map_or(Value::Null, |x| json!(x))),
-        f(&r["server_cpu_seconds"]),
-        f(&json!(r["server_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6)),
-        f(&json!(
-            r["server_rss_bytes_per_subscriber"].as_f64().unwrap_or(0.0) / 1e3
-        ))
+        "  machine CPU in the window: {} s busy, of which this loadgen {} s and other processes {} s",
+        f(&r["machine_busy_cpu_seconds"]),
+        f(&r["loadgen_cpu_seconds"]),
+        f(&r["other_cpu_seconds"]),
     );
     println!(
         "  join -> first media (ms): p50 {} p99 {} (n = {})",
@@ -567,34 +704,33 @@ pub fn print_human(r: &Value) {
     }
 }
 
-async fn client(
-    mut sig: Signaling,
-    publishing: Option<(Source, u32)>,
-    subscribe_to: Vec<String>,
-    shared: Arc<Shared>,
-    stop_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+/// One client: its peer connection, opened through `sig`, sending when it publishes and
+/// counting what it receives, until the run's stop time.
+async fn client<S: Signal>(
+    ctx: Ctx,
+    mut sig: S,
+    publishing: Option<u32>,
+    receives: bool,
 ) -> ClientResult {
     let joined = Instant::now();
     let mut result = ClientResult {
-        publisher: publishing.is_some(),
         join_ms: None,
         loss: Vec::new(),
         error: None,
     };
-    for id in &subscribe_to {
-        if let Err(e) = sig.request("subscribe", json!({"userId": id})).await {
-            result.error = Some(e);
-            return result;
-        }
-    }
-    let mut p = match Peer::connect(sig, publishing, shared.clone()).await {
+    let publish = publishing.map(|s| (ctx.source, s));
+    let mut p = match Peer::new(ctx.local_ip, publish, ctx.shared.clone()).await {
         Ok(p) => p,
         Err(e) => {
             result.error = Some(e);
             return result;
         }
     };
-    let src = publishing.map(|(s, _)| s);
+    if let Err(e) = sig.open(&mut p).await {
+        result.error = Some(format!("{}: {e}", sig.who()));
+        return result;
+    }
+    let src = publish.map(|(s, _)| s);
     let frame_every = src.map_or(Duration::from_secs(3600), |s| {
         Duration::from_secs_f64(1.0 / f64::from(s.fps))
     });
@@ -603,7 +739,7 @@ async fn client(
     let mut next_frame = tokio::time::Instant::now();
     let mut next_audio = tokio::time::Instant::now();
     loop {
-        let stop = *stop_at.lock().expect("lock");
+        let stop = *ctx.stop_at.lock().expect("lock");
         let now = tokio::time::Instant::now();
         if stop.is_some_and(|s| now >= s) {
             break;
@@ -637,12 +773,12 @@ async fn client(
         if let Some(s) = stop {
             until = until.min(s);
         }
-        p.pump(until).await;
+        p.pump(&mut sig, until).await;
     }
-    if (!result.publisher || !subscribe_to.is_empty()) && p.first_media_at.is_none() {
+    if receives && p.first_media_at.is_none() {
         result.error = Some(format!(
-            "{}: no media received (relay connection {})",
-            p.sig.user_id,
+            "{}: no media received (connection {})",
+            sig.who(),
             if p.connected {
                 "connected"
             } else {
@@ -655,4 +791,33 @@ async fn client(
         .map(|t| t.saturating_duration_since(joined).as_secs_f64() * 1000.0);
     result.loss = std::mem::take(&mut p.loss).into_values().collect();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_an_eighth_of_an_octave_wide() {
+        for us in (8..100_000u64).chain([1 << 20, 123_456_789]) {
+            let i = latency_bucket(us);
+            let (low, high) = (latency_bucket_bound(i - 1), latency_bucket_bound(i));
+            assert!(low <= us && us < high, "{us} in [{low}, {high})");
+            assert!((high - low) * 8 <= high, "{us}: [{low}, {high}) too wide");
+        }
+        assert_eq!(latency_bucket(0), latency_bucket(1));
+        assert_eq!(latency_bucket(u64::MAX), 32 * LATENCY_STEPS - 1);
+    }
+
+    #[test]
+    fn latency_quantiles_come_from_the_buckets() {
+        let s = Shared::new(1);
+        for us in 1..=1000 {
+            s.record_latency(us);
+        }
+        let p50 = s.latency_quantile(0.5).unwrap();
+        let p99 = s.latency_quantile(0.99).unwrap();
+        assert!((500..=576).contains(&p50), "{p50}");
+        assert!((990..=1088).contains(&p99), "{p99}");
+    }
 }

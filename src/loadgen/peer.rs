@@ -1,14 +1,14 @@
-//! One load-generator client: a WebSocket to Ferry's signaling and a webrtc-rs (`rtc`, sans-I/O)
-//! peer connection to the relay with its own UDP socket on the loopback address, driven here.
+//! One load-generator client's media side: a webrtc-rs (`rtc`, sans-I/O) peer connection to the
+//! server with its own UDP socket on a local address, driven here, whatever the server (the
+//! signaling is a [`Signal`]).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -20,6 +20,7 @@ use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -28,10 +29,9 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use serde_json::{Value, json};
 use tokio::net::UdpSocket;
-use tokio_tungstenite::tungstenite::Message;
 
+use super::ws::Signal;
 use super::{Shared, StreamLoss};
 use crate::media::DeliverRtcp;
 
@@ -39,73 +39,8 @@ use crate::media::DeliverRtcp;
 /// the stream's own packet counter (u32), the stream index (u32).
 pub const STAMP: usize = 16;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-pub struct Signaling {
-    ws: Ws,
-    next_id: u64,
-    pub user_id: String,
-    /// Events that arrived while waiting for a response.
-    queued: Vec<Value>,
-}
-
-impl Signaling {
-    pub async fn connect(url: &str) -> Result<Signaling, String> {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        let mut s = Signaling {
-            ws,
-            next_id: 1,
-            user_id: String::new(),
-            queued: Vec::new(),
-        };
-        let w = s.request("hello", json!({"protocol": 1})).await?;
-        s.user_id = w["userId"].as_str().unwrap_or_default().to_string();
-        Ok(s)
-    }
-
-    pub async fn request(&mut self, ty: &str, fields: Value) -> Result<Value, String> {
-        let id = self.send(ty, fields).await?;
-        loop {
-            let v = tokio::time::timeout(Duration::from_secs(20), self.recv())
-                .await
-                .map_err(|_| format!("{ty}: no answer within 20 s"))?
-                .ok_or_else(|| format!("{ty}: connection closed"))?;
-            if v["type"] == "response" && v["id"] == json!(id) {
-                if let Some(e) = v.get("error") {
-                    return Err(format!("{ty}: {} ({})", e["message"], e["code"]));
-                }
-                return Ok(v["result"].clone());
-            }
-            self.queued.push(v);
-        }
-    }
-
-    async fn recv(&mut self) -> Option<Value> {
-        loop {
-            match self.ws.next().await? {
-                Ok(Message::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => continue,
-            }
-        }
-    }
-
-    /// Send a request without waiting for its response (read and dropped later); its id.
-    async fn send(&mut self, ty: &str, fields: Value) -> Result<u64, String> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut m = fields.as_object().cloned().unwrap_or_default();
-        m.insert("id".into(), json!(id));
-        m.insert("type".into(), json!(ty));
-        self.ws
-            .send(Message::text(Value::Object(m).to_string()))
-            .await
-            .map_err(|e| format!("{ty}: {e}"))?;
-        Ok(id)
-    }
+fn err(e: rtc::shared::error::Error) -> String {
+    e.to_string()
 }
 
 pub fn vp8() -> RTCRtpCodec {
@@ -147,7 +82,6 @@ struct Outgoing {
 }
 
 pub struct Peer {
-    pub sig: Signaling,
     pc: RTCPeerConnection,
     socket: UdpSocket,
     local: SocketAddr,
@@ -156,7 +90,6 @@ pub struct Peer {
     audio: Option<Outgoing>,
     /// A keyframe was asked for: the next video frame is a large one.
     keyframe_wanted: bool,
-    pending: Vec<(String, Value)>,
     /// Per received stream (publisher's stream index): counters for loss.
     pub loss: HashMap<u32, StreamLoss>,
     pub first_media_at: Option<Instant>,
@@ -165,18 +98,17 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Join the relay: publish (video, and audio when asked) under stream indices `streams`, or
-    /// open with a data channel only.
-    pub async fn connect(
-        mut sig: Signaling,
+    /// A peer connection with a UDP socket on `local_ip`, publishing (video, and audio when asked)
+    /// as stream `publish.1`, or with no media of its own; not negotiated yet.
+    pub async fn new(
+        local_ip: IpAddr,
         publish: Option<(Source, u32)>,
         shared: Arc<Shared>,
     ) -> Result<Peer, String> {
-        let socket = UdpSocket::bind("127.0.0.1:0")
+        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
             .await
-            .map_err(|e| format!("UDP socket: {e}"))?;
+            .map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
-        let e = |e: rtc::shared::error::Error| e.to_string();
         let mut media_engine = MediaEngine::default();
         media_engine
             .register_codec(
@@ -186,7 +118,7 @@ impl Peer {
                 },
                 RtpCodecKind::Video,
             )
-            .map_err(e)?;
+            .map_err(err)?;
         media_engine
             .register_codec(
                 RTCRtpCodecParameters {
@@ -195,15 +127,15 @@ impl Peer {
                 },
                 RtpCodecKind::Audio,
             )
-            .map_err(e)?;
+            .map_err(err)?;
         let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
-        let registry = register_default_interceptors(registry, &mut media_engine).map_err(e)?;
+        let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .build(Instant::now())
-            .map_err(e)?;
+            .map_err(err)?;
         let (mut video, mut audio) = (None, None);
         if let Some((src, stream)) = publish {
             let mut track = |kind: RtpCodecKind, codec: RTCRtpCodec, id: &str| {
@@ -231,27 +163,14 @@ impl Peer {
                     clock_rate: codec.clock_rate,
                 })
             };
-            video = Some(track(RtpCodecKind::Video, vp8(), "video").map_err(e)?);
+            video = Some(track(RtpCodecKind::Video, vp8(), "video").map_err(err)?);
             if src.audio {
-                audio = Some(track(RtpCodecKind::Audio, opus(), "audio").map_err(e)?);
+                audio = Some(track(RtpCodecKind::Audio, opus(), "audio").map_err(err)?);
             }
-        } else {
-            pc.create_data_channel("ferry", None).map_err(e)?;
         }
-        pc.add_local_candidate(crate::net::host_candidate(local).map_err(e)?)
-            .map_err(e)?;
-        let offer = pc.create_offer(None).map_err(e)?;
-        pc.set_local_description(Instant::now(), offer).map_err(e)?;
-        let sdp = pc.local_description().map(|d| d.sdp).unwrap_or_default();
-        let streams = publish.map_or(json!({}), |(_, s)| json!({ format!("lg-{s}"): "cam" }));
-        sig.request(
-            "offer",
-            json!({"to": "server", "sdp": sdp, "meta": {"streams": streams}}),
-        )
-        .await?;
-        let queued = std::mem::take(&mut sig.queued);
-        let mut p = Peer {
-            sig,
+        pc.add_local_candidate(crate::net::host_candidate(local).map_err(err)?)
+            .map_err(err)?;
+        Ok(Peer {
             pc,
             socket,
             local,
@@ -259,16 +178,57 @@ impl Peer {
             video,
             audio,
             keyframe_wanted: true,
-            pending: Vec::new(),
             loss: HashMap::new(),
             first_media_at: None,
             shared,
             buf: vec![0u8; 2048],
-        };
-        for m in queued {
-            p.on_signal(m);
-        }
-        Ok(p)
+        })
+    }
+
+    /// Something to offer when there is no media to publish.
+    pub fn add_data_channel(&mut self) -> Result<(), String> {
+        self.pc
+            .create_data_channel("ferry", None)
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    /// Create the offer, set it as the local description; its SDP.
+    pub fn offer(&mut self) -> Result<String, String> {
+        let offer = self.pc.create_offer(None).map_err(err)?;
+        self.pc
+            .set_local_description(Instant::now(), offer)
+            .map_err(err)?;
+        Ok(self.local_sdp())
+    }
+
+    pub fn accept_answer(&mut self, sdp: String) -> Result<(), String> {
+        RTCSessionDescription::answer(sdp)
+            .and_then(|d| self.pc.set_remote_description(Instant::now(), d))
+            .map_err(err)
+    }
+
+    /// Take the server's offer and answer it; the answer's SDP.
+    pub fn answer(&mut self, offer: String) -> Result<String, String> {
+        let now = Instant::now();
+        RTCSessionDescription::offer(offer)
+            .and_then(|d| self.pc.set_remote_description(now, d))
+            .and_then(|_| self.pc.create_answer(None))
+            .and_then(|a| self.pc.set_local_description(now, a))
+            .map_err(err)?;
+        Ok(self.local_sdp())
+    }
+
+    fn local_sdp(&self) -> String {
+        self.pc
+            .local_description()
+            .map(|d| d.sdp)
+            .unwrap_or_default()
+    }
+
+    /// This peer's only ICE candidate (also in its SDP), for servers that want it trickled.
+    pub fn candidate(&self) -> Result<RTCIceCandidateInit, String> {
+        crate::net::host_candidate(self.local).map_err(err)
     }
 
     /// Send one video frame (`bytes` split into packets), or an audio packet.
@@ -319,9 +279,9 @@ impl Peer {
     }
 
     /// Run the connection until `until`: socket, signaling, timers.
-    pub async fn pump(&mut self, until: tokio::time::Instant) {
+    pub async fn pump<S: Signal>(&mut self, sig: &mut S, until: tokio::time::Instant) {
         loop {
-            self.drain().await;
+            self.drain(sig).await;
             let next = self
                 .pc
                 .poll_timeout()
@@ -343,9 +303,9 @@ impl Peer {
                         });
                     }
                 }
-                m = tokio::time::timeout_at(next, self.sig.recv()) => {
+                m = tokio::time::timeout_at(next, sig.ws().recv()) => {
                     if let Ok(Some(m)) = m {
-                        self.on_signal(m);
+                        sig.on_message(m, self);
                     }
                 }
             }
@@ -354,43 +314,14 @@ impl Peer {
                 let _ = self.pc.handle_timeout(now);
             }
             if tokio::time::Instant::now() >= until {
-                self.drain().await;
+                self.drain(sig).await;
                 return;
             }
         }
     }
 
-    fn on_signal(&mut self, m: Value) {
-        if m["from"] != "server" {
-            return;
-        }
-        let sdp = m["sdp"].as_str().unwrap_or_default().to_string();
-        let now = Instant::now();
-        match m["type"].as_str() {
-            Some("answer") => {
-                if let Ok(d) = RTCSessionDescription::answer(sdp) {
-                    let _ = self.pc.set_remote_description(now, d);
-                }
-            }
-            Some("offer") => {
-                let ok = RTCSessionDescription::offer(sdp)
-                    .and_then(|d| self.pc.set_remote_description(now, d))
-                    .and_then(|_| self.pc.create_answer(None))
-                    .and_then(|a| self.pc.set_local_description(now, a));
-                if ok.is_ok() {
-                    let sdp = self.pc.local_description().map(|d| d.sdp);
-                    self.pending
-                        .push(("answer".into(), json!({"to": "server", "sdp": sdp})));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    async fn drain(&mut self) {
-        for (ty, fields) in std::mem::take(&mut self.pending) {
-            let _ = self.sig.send(&ty, fields).await;
-        }
+    async fn drain<S: Signal>(&mut self, sig: &mut S) {
+        sig.ws().flush().await;
         while let Some(ev) = self.pc.poll_event() {
             match ev {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
@@ -424,7 +355,10 @@ impl Peer {
             self.shared.malformed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.first_media_at.get_or_insert(now);
+        if self.first_media_at.is_none() {
+            self.first_media_at = Some(now);
+            self.shared.receiving.fetch_add(1, Ordering::Relaxed);
+        }
         let sent_us = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
         let counter = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
         let stream = u32::from_be_bytes(payload[12..16].try_into().expect("4 bytes"));

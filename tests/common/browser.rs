@@ -5,7 +5,6 @@
 //! namespace could send media to a non-loopback address. The test therefore re-executes itself
 //! under `unshare --net` (only `lo`, brought up), and runs the server and the browser there.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -15,8 +14,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-const NETNS_ENV: &str = "FERRY_TEST_IN_NETNS";
 
 pub fn chromium_path() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("CHROMIUM") {
@@ -32,86 +29,15 @@ pub fn chromium_path() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
+pub use super::netns::Place;
 
-/// Where a browser test runs.
-pub enum Place {
-    /// We are inside the loopback-only namespace: run the test body.
-    Inside,
-    /// We re-ran ourselves in the namespace and it is done (the outcome was asserted).
-    Done,
-    /// The test cannot run on this machine; the reason was printed.
-    Skipped,
-}
-
-/// Make sure the calling test runs in a loopback-only network namespace. Outside one, re-run
-/// exactly this test (`test_name`) of this test binary under `unshare --net` and assert that it
-/// passed. Without Chromium or root, the test is skipped with a clear message, except in CI
-/// (`CI` set), where that is a failure.
+/// Make sure the calling test runs in a loopback-only network namespace (see
+/// [`super::netns::in_new_netns`]); it needs Chromium.
 pub fn in_loopback_netns(test_name: &str) -> Place {
-    if std::env::var(NETNS_ENV).as_deref() == Ok("1") {
-        return Place::Inside;
-    }
-    let missing = if chromium_path().is_none() {
-        Some("Chromium is not installed (apt-get install chromium)")
-    } else if !is_root() {
-        Some("creating a network namespace needs root (unshare --net)")
-    } else if Command::new("ip").arg("-V").output().is_err() {
-        Some("the `ip` command (iproute2) is missing")
-    } else {
-        None
-    };
-    if let Some(why) = missing {
-        if std::env::var_os("CI").is_some() {
-            panic!("browser test cannot run in CI: {why}");
-        }
-        // Past the test harness's capture, so that .ci/run's summary counts the skip.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "SKIPPED {test_name}: {why}. Run .ci/run (as root) to install and run it."
-        );
-        return Place::Skipped;
-    }
-    // One browser test at a time: each starts several Chromium processes, and the machine has
-    // two cores.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$0\" \"$@\"",
-        ])
-        .arg(exe)
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(NETNS_ENV, "1")
-        .output()
-        .expect("run unshare");
-    // Show what happened inside (written past the test harness's capture, so that CI logs carry
-    // the measured times), prefixed so that its result lines are not counted twice.
-    let mut err = std::io::stderr().lock();
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .chain(String::from_utf8_lossy(&out.stderr).lines())
-    {
-        let _ = writeln!(err, "  [netns] {line}");
-    }
-    drop(err);
-    assert!(
-        out.status.success(),
-        "{test_name} failed inside the loopback-only namespace"
-    );
-    Place::Done
+    let missing = chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)");
+    super::netns::in_new_netns(test_name, "", missing)
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod netns;
 pub mod rtc_client;
 
 use std::collections::VecDeque;

@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Ferry vs Janus on this machine, in one run, with the same load.
+#
+# For each subscriber count: a fresh Ferry (the release build), loaded by `ferry loadgen` for
+# DURATION, stopped; then a fresh Janus (Debian's `janus`, VideoRoom plugin) with the very same
+# load, stopped. Everything runs inside a network namespace this script creates (loopback and a
+# veth pair with both ends inside: Janus gathers no loopback candidates), so no packet leaves it.
+# Both servers are measured the same way, from /proc (`--server-pid`): CPU time per packet received
+# by the subscribers, RSS growth per subscriber; loss and latency come from the loadgen's payloads.
+#
+# Usage:   benches/compare.sh [SUBSCRIBERS ...]        (root; default 10 50 100)
+# Env:     DURATION=20s  PUBLISHERS=1  VIDEO_KBPS=2500  OUT=target/compare
+#          PUBLISH=1        also copy the plots to docs/img/compare-*.png
+#          JANUS_EVENT_LOOPS=N   Janus's `event_loops` (default: Janus's own, a thread per handle)
+#          LOADGEN_ARGS="..."    more `ferry loadgen` options, for both servers
+#          NO_BUILD=1       use target/release/ferry as it is
+#          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
+# Output:  OUT/{ferry,janus}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md (the table),
+#          OUT/compare.dat, OUT/compare-{cpu,loss,latency}.png
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUBSCRIBERS=("$@")
+[ ${#SUBSCRIBERS[@]} -gt 0 ] || read -r -a SUBSCRIBERS <<<"${SUBSCRIBER_COUNTS:-10 50 100}"
+DURATION=${DURATION:-20s}
+PUBLISHERS=${PUBLISHERS:-1}
+VIDEO_KBPS=${VIDEO_KBPS:-2500}
+OUT=${OUT:-target/compare}
+read -r -a EXTRA <<<"${LOADGEN_ARGS:-}"
+
+need=()
+command -v janus >/dev/null 2>&1 || need+=(janus)
+command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
+command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "compare.sh: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q && apt-get install -y -q "${need[@]}"
+fi
+mkdir -p "$OUT"
+
+measure() {
+[ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (network namespace)" >&2; exit 1; }
+[ -n "${NO_BUILD:-}" ] || cargo build --release --locked
+FERRY=$PWD/target/release/ferry
+echo "$(date -u +%Y-%m-%d), ferry $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes'), $(janus --version 2>/dev/null | head -1)" >"$OUT/measured"
+
+lib=
+for d in "/usr/lib/$(uname -m)-linux-gnu/janus" /usr/lib/janus /usr/local/lib/janus /opt/janus/lib/janus; do
+  [ -e "$d/plugins/libjanus_videoroom.so" ] && { lib=$d; break; }
+done
+[ -n "$lib" ] || { echo "compare.sh: Janus's modules not found" >&2; exit 1; }
+
+NS=ferry-compare-$$
+SERVER_IP=10.214.0.1
+CLIENT_IP=10.214.0.2
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The namespace: lo, and a veth pair with both ends inside. Janus's ICE uses one end (its packets
+# leave through that device and come back on the other with a source address local to the
+# namespace, hence accept_local); the loadgen's sockets use the other end's address.
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+ip -n "$NS" link add fc0 type veth peer name fc1
+ip -n "$NS" addr add "$SERVER_IP/24" dev fc0
+ip -n "$NS" addr add "$CLIENT_IP/24" dev fc1
+ip -n "$NS" link set fc0 up
+ip -n "$NS" link set fc1 up
+ip netns exec "$NS" sh -c 'echo 1 > /proc/sys/net/ipv4/conf/all/accept_local'
+
+# Janus's configuration: only the VideoRoom plugin and the WebSocket transport (their folders hold
+# links to just those), ICE on fc0 only, no STUN.
+jd=$tmp/janus
+mkdir -p "$jd/plugins" "$jd/transports" "$jd/none"
+ln -s "$lib/plugins/libjanus_videoroom.so" "$jd/plugins/"
+ln -s "$lib/transports/libjanus_websockets.so" "$jd/transports/"
+cat >"$jd/janus.jcfg" <<EOF
+general: {
+  configs_folder = "$jd"
+  plugins_folder = "$jd/plugins"
+  transports_folder = "$jd/transports"
+  events_folder = "$jd/none"
+  loggers_folder = "$jd/none"
+  interface = "$SERVER_IP"
+  debug_level = 4
+  ${JANUS_EVENT_LOOPS:+event_loops = $JANUS_EVENT_LOOPS}
+}
+media: {
+}
+nat: {
+  ice_enforce_list = "fc0"
+  ignore_mdns = true
+}
+EOF
+cat >"$jd/janus.transport.websockets.jcfg" <<EOF
+general: {
+  json = "compact"
+  ws = true
+  ws_port = 8188
+  ws_ip = "$SERVER_IP"
+  wss = false
+}
+admin: {
+  admin_ws = false
+  admin_wss = false
+}
+EOF
+echo 'general: {
+}' >"$jd/janus.plugin.videoroom.jcfg"
+
+# Start a server in the namespace (its log in $2); its PID in $server.
+start() {
+  local log=$1; shift
+  ip netns exec "$NS" "$@" >"$log" 2>&1 &
+  server=$!
+  pids+=("$server")
+}
+
+stop() {
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+}
+
+wait_listening() {
+  for _ in $(seq 100); do
+    ip netns exec "$NS" ss -Hltn "sport = :$1" | grep -q . && return 0
+    kill -0 "$server" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+# loadgen TARGET URL N: one run, its report in $OUT/TARGET-N.json.
+loadgen() {
+  local target=$1 url=$2 n=$3
+  echo "compare.sh: $target, $PUBLISHERS -> $n, $DURATION"
+  if ! ip netns exec "$NS" "$FERRY" loadgen --target "$target" --url "$url" \
+      --local-ip "$CLIENT_IP" --server-pid "$server" --publishers "$PUBLISHERS" \
+      --subscribers "$n" --video-kbps "$VIDEO_KBPS" --duration "$DURATION" --json "${EXTRA[@]}" \
+      >"$OUT/$target-$n.json" 2>"$OUT/$target-$n.loadgen.log"; then
+    echo "compare.sh: loadgen against $target failed:" >&2
+    tail -5 "$OUT/$target-$n.loadgen.log" >&2
+    echo null >"$OUT/$target-$n.json"
+  fi
+}
+
+for n in "${SUBSCRIBERS[@]}"; do
+  start "$OUT/ferry-$n.log" "$FERRY" --http-listen "$SERVER_IP:8080" \
+    --media-listen "$SERVER_IP:3478" --max-room-peers $((n + PUBLISHERS + 10))
+  wait_listening 8080 || { echo "compare.sh: Ferry did not start:" >&2; tail "$OUT/ferry-$n.log" >&2; exit 1; }
+  loadgen ferry "http://$SERVER_IP:8080" "$n"
+  stop
+  start "$OUT/janus-$n.log" janus -C "$jd/janus.jcfg" -F "$jd" --disable-colors
+  wait_listening 8188 || { echo "compare.sh: Janus did not start:" >&2; tail "$OUT/janus-$n.log" >&2; exit 1; }
+  loadgen janus "ws://$SERVER_IP:8188" "$n"
+  stop
+done
+}
+[ -n "${REPORT_ONLY:-}" ] || measure
+
+# The table (markdown) and the plots' data.
+q() { jq -r "$2 // \"?\"" "$OUT/$1.json"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "?" || b == "?" || b == 0) print "?"; else printf "%.2f", a / b }'; }
+fmt() { awk -v v="$1" -v s="${2:-1}" -v d="${3:-1}" 'BEGIN { if (v == "?") print "?"; else printf "%.*f", d, v / s }'; }
+dat=$OUT/compare.dat
+summary=$OUT/summary.md
+echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms" >"$dat"
+{
+  echo "Ferry vs Janus, $PUBLISHERS publisher(s) -> N subscribers, ${VIDEO_KBPS} kbit/s video + audio, $DURATION measured per run"
+  echo "($(cat "$OUT/measured" 2>/dev/null || echo '?'); $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
+  echo
+  echo "| subscribers | received pkt/s Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+} >"$summary"
+for n in "${SUBSCRIBERS[@]}"; do
+  fc=$(q "ferry-$n" .server_process.cpu_us_per_received_packet); jc=$(q "janus-$n" .server_process.cpu_us_per_received_packet)
+  fl=$(q "ferry-$n" .loss_percent); jl=$(q "janus-$n" .loss_percent)
+  fp=$(q "ferry-$n" .latency_us.p99); jp=$(q "janus-$n" .latency_us.p99)
+  f5=$(q "ferry-$n" .latency_us.p50); j5=$(q "janus-$n" .latency_us.p50)
+  fr=$(q "ferry-$n" .server_process.rss_bytes_per_subscriber); jr=$(q "janus-$n" .server_process.rss_bytes_per_subscriber)
+  fx=$(q "ferry-$n" .packets_received_per_s); jx=$(q "janus-$n" .packets_received_per_s)
+  fm=$(q "ferry-$n" .clients_without_media); jm=$(q "janus-$n" .clients_without_media)
+  # CPU seconds per second of the measured window: the server's, the loadgen's, everything else's.
+  per_s() { q "$1" ".seconds as \$t | ($2) as \$x | if \$t and \$x then \$x / \$t else null end"; }
+  fs=$(per_s "ferry-$n" .server_process.cpu_seconds); js=$(per_s "janus-$n" .server_process.cpu_seconds)
+  fg=$(per_s "ferry-$n" .loadgen_cpu_seconds); jg=$(per_s "janus-$n" .loadgen_cpu_seconds)
+  fo=$(per_s "ferry-$n" .other_cpu_seconds); jo=$(per_s "janus-$n" .other_cpu_seconds)
+  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3)" >>"$dat"
+  echo "| $n | $(fmt "$fx" 1 0) / $(fmt "$jx" 1 0) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
+done
+{
+  echo
+  echo "Command: ${SUBSCRIBER_COUNTS:+SUBSCRIBER_COUNTS=\"$SUBSCRIBER_COUNTS\" }DURATION=$DURATION PUBLISHERS=$PUBLISHERS VIDEO_KBPS=$VIDEO_KBPS${JANUS_EVENT_LOOPS:+ JANUS_EVENT_LOOPS=$JANUS_EVENT_LOOPS}${LOADGEN_ARGS:+ LOADGEN_ARGS=\"$LOADGEN_ARGS\"} benches/compare.sh ${SUBSCRIBERS[*]}"
+  echo "Latency: publisher -> subscriber through the server, as measured by the loadgen (upper bound of a histogram bucket 1/8 of an octave wide)."
+} >>"$summary"
+cat "$summary"
+
+# plot NAME TITLE YLABEL "COLUMN LABEL" ... [-- GNUPLOT-SETTINGS]
+plot() {
+  local name=$1 title=$2 ylabel=$3 curves=() settings="set yrange [0:1<*]"
+  shift 3
+  while [ $# -gt 0 ]; do
+    if [ "$1" = -- ]; then settings=$2; break; fi
+    curves+=("\"$dat\" using 1:${1%% *} with linespoints lw 2 title \"${1#* }\"")
+    shift
+  done
+  local IFS=,
+  gnuplot <<EOF
+set terminal pngcairo size 800,480 font ",11"
+set output "$OUT/compare-$name.png"
+set datafile missing "?"
+set title "$title"
+set xlabel "subscribers ($PUBLISHERS publisher, ${VIDEO_KBPS} kbit/s video + audio)"
+set ylabel "$ylabel"
+set xrange [0:*]
+set offsets 0, graph 0.05, 0, 0
+$settings
+set grid
+set key below
+plot ${curves[*]}
+EOF
+}
+plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CPU per packet" "2 Ferry" "3 Janus"
+plot loss "Loss seen by subscribers" "loss %" "4 Ferry" "5 Janus"
+plot latency "Latency publisher -> subscriber (measured by the loadgen)" "ms" \
+  "14 Ferry p50" "15 Janus p50" "6 Ferry p99" "7 Janus p99" -- "set logscale y 2"
+echo "compare.sh: results in $OUT (summary.md, *.json, compare-*.png)"
+if [ -n "${PUBLISH:-}" ]; then
+  mkdir -p docs/img
+  for p in cpu loss latency; do cp "$OUT/compare-$p.png" "docs/img/compare-$p.png"; done
+  echo "compare.sh: plots copied to docs/img/"
+fi
