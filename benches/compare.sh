@@ -213,7 +213,8 @@ plot() {
   shift 3
   while [ $# -gt 0 ]; do
     if [ "$1" = -- ]; then settings=$2; break; fi
-    curves+=("\"$dat\" using 1:${1%% *} with linespoints lw 2 title \"${1#* }\"")
+    # Ferry solid purple, Janus solid green; the third and fourth curves dashed.
+    curves+=("\"$dat\" using 1:${1%% *} with linespoints ls $((${#curves[@]} + 1)) title \"${1#* }\"")
     shift
   done
   local IFS=,
@@ -229,6 +230,10 @@ set offsets 0, graph 0.05, 0, 0
 $settings
 set grid
 set key below
+set style line 1 lc rgb "#7b2cbf" lw 2 pt 7
+set style line 2 lc rgb "#2a9d8f" lw 2 pt 5
+set style line 3 lc rgb "#7b2cbf" lw 2 pt 6 dt 2
+set style line 4 lc rgb "#2a9d8f" lw 2 pt 4 dt 2
 plot ${curves[*]}
 EOF
 }
