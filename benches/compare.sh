@@ -171,15 +171,16 @@ done
 # The table (markdown) and the plots' data.
 q() { jq -r "$2 // \"?\"" "$OUT/$1.json"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "?" || b == "?" || b == 0) print "?"; else printf "%.2f", a / b }'; }
+undelivered() { awk -v d="$1" 'BEGIN { if (d == "?") print "?"; else printf "%.2f", 100 - d }'; }
 fmt() { awk -v v="$1" -v s="${2:-1}" -v d="${3:-1}" 'BEGIN { if (v == "?") print "?"; else printf "%.*f", d, v / s }'; }
 dat=$OUT/compare.dat
 summary=$OUT/summary.md
-echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms" >"$dat"
+echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms ferry_undelivered janus_undelivered" >"$dat"
 {
   echo "Ferry vs Janus, $PUBLISHERS publisher(s) -> N subscribers, ${VIDEO_KBPS} kbit/s video + audio, $DURATION measured per run"
   echo "($(cat "$OUT/measured" 2>/dev/null || echo '?'); $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
   echo
-  echo "| subscribers | received pkt/s Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
+  echo "| subscribers | received pkt/s (delivered %) Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$summary"
 for n in "${SUBSCRIBERS[@]}"; do
@@ -189,14 +190,15 @@ for n in "${SUBSCRIBERS[@]}"; do
   f5=$(q "ferry-$n" .latency_us.p50); j5=$(q "janus-$n" .latency_us.p50)
   fr=$(q "ferry-$n" .server_process.rss_bytes_per_subscriber); jr=$(q "janus-$n" .server_process.rss_bytes_per_subscriber)
   fx=$(q "ferry-$n" .packets_received_per_s); jx=$(q "janus-$n" .packets_received_per_s)
+  fdl=$(q "ferry-$n" .delivered_percent); jdl=$(q "janus-$n" .delivered_percent)
   fm=$(q "ferry-$n" .clients_without_media); jm=$(q "janus-$n" .clients_without_media)
   # CPU seconds per second of the measured window: the server's, the loadgen's, everything else's.
   per_s() { q "$1" ".seconds as \$t | ($2) as \$x | if \$t and \$x then \$x / \$t else null end"; }
   fs=$(per_s "ferry-$n" .server_process.cpu_seconds); js=$(per_s "janus-$n" .server_process.cpu_seconds)
   fg=$(per_s "ferry-$n" .loadgen_cpu_seconds); jg=$(per_s "janus-$n" .loadgen_cpu_seconds)
   fo=$(per_s "ferry-$n" .other_cpu_seconds); jo=$(per_s "janus-$n" .other_cpu_seconds)
-  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3)" >>"$dat"
-  echo "| $n | $(fmt "$fx" 1 0) / $(fmt "$jx" 1 0) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
+  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3) $(undelivered "$fdl") $(undelivered "$jdl")" >>"$dat"
+  echo "| $n | $(fmt "$fx" 1 0) ($(fmt "$fdl" 1 0)) / $(fmt "$jx" 1 0) ($(fmt "$jdl" 1 0)) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
 done
 {
   echo
@@ -211,7 +213,8 @@ plot() {
   shift 3
   while [ $# -gt 0 ]; do
     if [ "$1" = -- ]; then settings=$2; break; fi
-    curves+=("\"$dat\" using 1:${1%% *} with linespoints lw 2 title \"${1#* }\"")
+    # Ferry solid purple, Janus solid green; the third and fourth curves dashed.
+    curves+=("\"$dat\" using 1:${1%% *} with linespoints ls $((${#curves[@]} + 1)) title \"${1#* }\"")
     shift
   done
   local IFS=,
@@ -227,11 +230,16 @@ set offsets 0, graph 0.05, 0, 0
 $settings
 set grid
 set key below
+set style line 1 lc rgb "#7b2cbf" lw 2 pt 7
+set style line 2 lc rgb "#2a9d8f" lw 2 pt 5
+set style line 3 lc rgb "#7b2cbf" lw 2 pt 6 dt 2
+set style line 4 lc rgb "#2a9d8f" lw 2 pt 4 dt 2
 plot ${curves[*]}
 EOF
 }
 plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CPU per packet" "2 Ferry" "3 Janus"
-plot loss "Loss seen by subscribers" "loss %" "4 Ferry" "5 Janus"
+plot loss "Loss seen by subscribers, and what did not arrive in the window (lost or queued)" "%" \
+  "4 Ferry loss" "5 Janus loss" "16 Ferry not delivered" "17 Janus not delivered"
 plot latency "Latency publisher -> subscriber (measured by the loadgen)" "ms" \
   "14 Ferry p50" "15 Janus p50" "6 Ferry p99" "7 Janus p99" -- "set logscale y 2"
 echo "compare.sh: results in $OUT (summary.md, *.json, compare-*.png)"

@@ -556,6 +556,11 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     let per_subscriber =
         |grown: f64| (subscribers_total > 0).then(|| grown.max(0.0) / subscribers_total as f64);
     let received = (recv1 - recv0) as f64;
+    // Receivers of each published packet.
+    let fanout = match args.shape {
+        Shape::Broadcast => args.subscribers,
+        Shape::Meeting => args.subscribers + args.publishers.saturating_sub(1),
+    };
     let per_received = |cpu: f64| (received > 0.0).then(|| cpu * 1e6 / received);
     let loss = if expected > 0 {
         100.0 * (1.0 - unique as f64 / expected as f64)
@@ -600,6 +605,10 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "seconds": elapsed,
         "packets_sent_per_s": (sent1 - sent0) as f64 / elapsed,
         "packets_received_per_s": received / elapsed,
+        // What the subscribers got of what they should have (every publisher's packets to every
+        // receiver in its room) over the window: below 100 when packets are lost, and also when
+        // they queue up somewhere (the loss figure only counts gaps).
+        "delivered_percent": (sent1 > sent0 && fanout > 0).then(|| 100.0 * received / ((sent1 - sent0) as f64 * fanout as f64)),
         "server_forwarded_per_s": forwarded.map(|f| f / elapsed),
         "loss_percent": loss,
         "receiving_clients": receivers,
@@ -647,8 +656,9 @@ pub fn print_human(r: &Value) {
         f(&r["packets_received_per_s"])
     );
     println!(
-        "  loss: {}% (receiving clients: {}, without any media: {})",
+        "  loss: {}%, delivered {}% (receiving clients: {}, without any media: {})",
         f(&r["loss_percent"]),
+        f(&r["delivered_percent"]),
         r["receiving_clients"],
         r["clients_without_media"]
     );
