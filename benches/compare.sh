@@ -14,6 +14,7 @@
 #          JANUS_EVENT_LOOPS=N   Janus's `event_loops` (default: Janus's own, a thread per handle)
 #          LOADGEN_ARGS="..."    more `ferry loadgen` options, for both servers
 #          NO_BUILD=1       use target/release/ferry as it is
+#          FERRY=PATH       this ferry binary instead (server and loadgen; implies NO_BUILD)
 #          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
 # Output:  OUT/{ferry,janus}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md (the table),
 #          OUT/compare.dat, OUT/compare-{cpu,loss,latency}.png
@@ -42,9 +43,14 @@ mkdir -p "$OUT"
 
 measure() {
 [ "$(id -u)" = 0 ] || { echo "compare.sh: needs root (network namespace)" >&2; exit 1; }
-[ -n "${NO_BUILD:-}" ] || cargo build --release --locked
-FERRY=$PWD/target/release/ferry
-echo "$(date -u +%Y-%m-%d), ferry $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes'), $(janus --version 2>/dev/null | head -1)" >"$OUT/measured"
+if [ -z "${FERRY:-}" ]; then
+  [ -n "${NO_BUILD:-}" ] || cargo build --release --locked
+  FERRY=$PWD/target/release/ferry
+  ferry_id="ferry $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' + local changes')"
+else
+  ferry_id="ferry $FERRY of $(date -u -r "$FERRY" '+%Y-%m-%d %H:%M')"
+fi
+echo "$(date -u +%Y-%m-%d), $ferry_id, $(janus --version 2>/dev/null | head -1)" >"$OUT/measured"
 
 lib=
 for d in "/usr/lib/$(uname -m)-linux-gnu/janus" /usr/lib/janus /usr/local/lib/janus /opt/janus/lib/janus; do
@@ -126,8 +132,14 @@ start() {
   pids+=("$server")
 }
 
+# Stop the server: SIGTERM, then SIGKILL after 10 s (Janus can hang in its shutdown).
 stop() {
   kill "$server" 2>/dev/null || true
+  for _ in $(seq 100); do
+    case $(ps -o stat= -p "$server" 2>/dev/null) in ''|Z*) break ;; esac
+    sleep 0.1
+  done
+  kill -KILL "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
 }
 
