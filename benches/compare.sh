@@ -271,7 +271,7 @@ set xrange [0:*]
 set offsets 0, graph 0.05, 0, 0
 $settings
 set grid
-set key below
+set key below maxcols 2
 plot ${curves[*]}
 EOF
 }
@@ -280,7 +280,7 @@ plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CP
 plot loss "Loss seen by subscribers (solid), and what did not arrive in the window: lost or queued (dashed)" "%" \
   "set yrange [0:1<*]" "4 5" "16 17 , not delivered"
 plot latency "Latency publisher -> subscriber, p50 (solid) and p99 (dashed), measured by the loadgen" "ms" \
-  "set logscale y 2" "14 15 p50" "6 7 p99"
+  "set logscale y 2" "14 15 , p50" "6 7 , p99"
 echo "compare.sh: results in $OUT (summary.md, *.json, compare-*.png)"
 if [ -n "${PUBLISH:-}" ]; then
   prefix=compare
