@@ -10,14 +10,16 @@
 #
 # Usage:   benches/compare.sh [SUBSCRIBERS ...]        (root; default 10 50 100)
 # Env:     DURATION=20s  PUBLISHERS=1  VIDEO_KBPS=2500  OUT=target/compare
-#          PUBLISH=1        also copy the plots to docs/img/compare-*.png
-#          JANUS_EVENT_LOOPS=N   Janus's `event_loops` (default: Janus's own, a thread per handle)
+#          PUBLISH=1        also copy the plots to docs/img/compare-*.png (PUBLISH=NAME: NAME-*.png)
+#          JANUS_EVENT_LOOPS="default 1 2"   Janus's `event_loops` settings to run, each a Janus
+#                           of its own after Ferry ("default": Janus's own, a thread per handle;
+#                           the default list is just that)
 #          LOADGEN_ARGS="..."    more `ferry loadgen` options, for both servers
 #          NO_BUILD=1       use target/release/ferry as it is
 #          FERRY=PATH       this ferry binary instead (server and loadgen; implies NO_BUILD)
 #          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
-# Output:  OUT/{ferry,janus}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md (the table),
-#          OUT/compare.dat, OUT/compare-{cpu,loss,latency}.png
+# Output:  OUT/{ferry,janus,janus-loopsL}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md
+#          (a table per Janus setting), OUT/compare*.dat, OUT/compare-{cpu,loss,latency}.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,9 @@ PUBLISHERS=${PUBLISHERS:-1}
 VIDEO_KBPS=${VIDEO_KBPS:-2500}
 OUT=${OUT:-target/compare}
 read -r -a EXTRA <<<"${LOADGEN_ARGS:-}"
+read -r -a LOOPS <<<"${JANUS_EVENT_LOOPS:-default}"
+# A Janus setting's name in file names: janus, janus-loops2, ...
+janus_name() { if [ "$1" = default ]; then echo janus; else echo "janus-loops$1"; fi; }
 
 need=()
 command -v janus >/dev/null 2>&1 || need+=(janus)
@@ -90,7 +95,9 @@ jd=$tmp/janus
 mkdir -p "$jd/plugins" "$jd/transports" "$jd/none"
 ln -s "$lib/plugins/libjanus_videoroom.so" "$jd/plugins/"
 ln -s "$lib/transports/libjanus_websockets.so" "$jd/transports/"
-cat >"$jd/janus.jcfg" <<EOF
+# janus_config LOOPS: janus.jcfg for that event_loops setting.
+janus_config() {
+  cat >"$jd/janus.jcfg" <<EOF
 general: {
   configs_folder = "$jd"
   plugins_folder = "$jd/plugins"
@@ -99,7 +106,7 @@ general: {
   loggers_folder = "$jd/none"
   interface = "$SERVER_IP"
   debug_level = 4
-  ${JANUS_EVENT_LOOPS:+event_loops = $JANUS_EVENT_LOOPS}
+  $([ "$1" = default ] || echo "event_loops = $1")
 }
 media: {
 }
@@ -108,6 +115,7 @@ nat: {
   ignore_mdns = true
 }
 EOF
+}
 cat >"$jd/janus.transport.websockets.jcfg" <<EOF
 general: {
   json = "compact"
@@ -152,17 +160,17 @@ wait_listening() {
   return 1
 }
 
-# loadgen TARGET URL N: one run, its report in $OUT/TARGET-N.json.
+# loadgen TARGET URL N [NAME]: one run, its report in $OUT/NAME-N.json (NAME: TARGET).
 loadgen() {
-  local target=$1 url=$2 n=$3
-  echo "compare.sh: $target, $PUBLISHERS -> $n, $DURATION"
+  local target=$1 url=$2 n=$3 name=${4:-$1}
+  echo "compare.sh: $name, $PUBLISHERS -> $n, $DURATION"
   if ! ip netns exec "$NS" "$FERRY" loadgen --target "$target" --url "$url" \
       --local-ip "$CLIENT_IP" --server-pid "$server" --publishers "$PUBLISHERS" \
       --subscribers "$n" --video-kbps "$VIDEO_KBPS" --duration "$DURATION" --json "${EXTRA[@]}" \
-      >"$OUT/$target-$n.json" 2>"$OUT/$target-$n.loadgen.log"; then
-    echo "compare.sh: loadgen against $target failed:" >&2
-    tail -5 "$OUT/$target-$n.loadgen.log" >&2
-    echo null >"$OUT/$target-$n.json"
+      >"$OUT/$name-$n.json" 2>"$OUT/$name-$n.loadgen.log"; then
+    echo "compare.sh: loadgen against $name failed:" >&2
+    tail -5 "$OUT/$name-$n.loadgen.log" >&2
+    echo null >"$OUT/$name-$n.json"
   fi
 }
 
@@ -172,66 +180,88 @@ for n in "${SUBSCRIBERS[@]}"; do
   wait_listening 8080 || { echo "compare.sh: Ferry did not start:" >&2; tail "$OUT/ferry-$n.log" >&2; exit 1; }
   loadgen ferry "http://$SERVER_IP:8080" "$n"
   stop
-  start "$OUT/janus-$n.log" janus -C "$jd/janus.jcfg" -F "$jd" --disable-colors
-  wait_listening 8188 || { echo "compare.sh: Janus did not start:" >&2; tail "$OUT/janus-$n.log" >&2; exit 1; }
-  loadgen janus "ws://$SERVER_IP:8188" "$n"
-  stop
+  for loops in "${LOOPS[@]}"; do
+    name=$(janus_name "$loops")
+    janus_config "$loops"
+    start "$OUT/$name-$n.log" janus -C "$jd/janus.jcfg" -F "$jd" --disable-colors
+    wait_listening 8188 || { echo "compare.sh: Janus did not start:" >&2; tail "$OUT/$name-$n.log" >&2; exit 1; }
+    loadgen janus "ws://$SERVER_IP:8188" "$n" "$name"
+    stop
+  done
 done
 }
 [ -n "${REPORT_ONLY:-}" ] || measure
 
-# The table (markdown) and the plots' data.
-q() { jq -r "$2 // \"?\"" "$OUT/$1.json"; }
+# The tables (markdown) and the plots' data: one per Janus setting, Ferry's figures in each.
+q() { jq -r "$2 // \"?\"" "$OUT/$1.json" 2>/dev/null || echo "?"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "?" || b == "?" || b == 0) print "?"; else printf "%.2f", a / b }'; }
 undelivered() { awk -v d="$1" 'BEGIN { if (d == "?") print "?"; else printf "%.2f", 100 - d }'; }
 fmt() { awk -v v="$1" -v s="${2:-1}" -v d="${3:-1}" 'BEGIN { if (v == "?") print "?"; else printf "%.*f", d, v / s }'; }
-dat=$OUT/compare.dat
+# CPU seconds per second of the measured window (the server's, the loadgen's, everything else's).
+per_s() { q "$1" ".seconds as \$t | ($2) as \$x | if \$t and \$x then \$x / \$t else null end"; }
+label() { if [ "$1" = default ]; then echo "Janus"; else echo "Janus, event_loops = $1"; fi; }
+dat_of() { if [ "$1" = default ]; then echo "$OUT/compare.dat"; else echo "$OUT/compare-loops$1.dat"; fi; }
 summary=$OUT/summary.md
-echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms ferry_undelivered janus_undelivered" >"$dat"
 {
   echo "Ferry vs Janus, $PUBLISHERS publisher(s) -> N subscribers, ${VIDEO_KBPS} kbit/s video + audio, $DURATION measured per run"
   echo "($(cat "$OUT/measured" 2>/dev/null || echo '?'); $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))"
-  echo
-  echo "| subscribers | received pkt/s (delivered %) Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$summary"
-for n in "${SUBSCRIBERS[@]}"; do
-  fc=$(q "ferry-$n" .server_process.cpu_us_per_received_packet); jc=$(q "janus-$n" .server_process.cpu_us_per_received_packet)
-  fl=$(q "ferry-$n" .loss_percent); jl=$(q "janus-$n" .loss_percent)
-  fp=$(q "ferry-$n" .latency_us.p99); jp=$(q "janus-$n" .latency_us.p99)
-  f5=$(q "ferry-$n" .latency_us.p50); j5=$(q "janus-$n" .latency_us.p50)
-  fr=$(q "ferry-$n" .server_process.rss_bytes_per_subscriber); jr=$(q "janus-$n" .server_process.rss_bytes_per_subscriber)
-  fx=$(q "ferry-$n" .packets_received_per_s); jx=$(q "janus-$n" .packets_received_per_s)
-  fdl=$(q "ferry-$n" .delivered_percent); jdl=$(q "janus-$n" .delivered_percent)
-  fm=$(q "ferry-$n" .clients_without_media); jm=$(q "janus-$n" .clients_without_media)
-  # CPU seconds per second of the measured window: the server's, the loadgen's, everything else's.
-  per_s() { q "$1" ".seconds as \$t | ($2) as \$x | if \$t and \$x then \$x / \$t else null end"; }
-  fs=$(per_s "ferry-$n" .server_process.cpu_seconds); js=$(per_s "janus-$n" .server_process.cpu_seconds)
-  fg=$(per_s "ferry-$n" .loadgen_cpu_seconds); jg=$(per_s "janus-$n" .loadgen_cpu_seconds)
-  fo=$(per_s "ferry-$n" .other_cpu_seconds); jo=$(per_s "janus-$n" .other_cpu_seconds)
-  echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3) $(undelivered "$fdl") $(undelivered "$jdl")" >>"$dat"
-  echo "| $n | $(fmt "$fx" 1 0) ($(fmt "$fdl" 1 0)) / $(fmt "$jx" 1 0) ($(fmt "$jdl" 1 0)) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
+for loops in "${LOOPS[@]}"; do
+  jn=$(janus_name "$loops")
+  dat=$(dat_of "$loops")
+  echo "# subscribers ferry_cpu_us janus_cpu_us ferry_loss janus_loss ferry_p99_ms janus_p99_ms ferry_rss_kB janus_rss_kB ferry_cpu_s janus_cpu_s ferry_other_s janus_other_s ferry_p50_ms janus_p50_ms ferry_undelivered janus_undelivered" >"$dat"
+  {
+    echo
+    echo "Ferry vs $(label "$loops"):"
+    echo
+    echo "| subscribers | received pkt/s (delivered %) Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  } >>"$summary"
+  for n in "${SUBSCRIBERS[@]}"; do
+    f=ferry-$n j=$jn-$n
+    fc=$(q "$f" .server_process.cpu_us_per_received_packet); jc=$(q "$j" .server_process.cpu_us_per_received_packet)
+    fl=$(q "$f" .loss_percent); jl=$(q "$j" .loss_percent)
+    fp=$(q "$f" .latency_us.p99); jp=$(q "$j" .latency_us.p99)
+    f5=$(q "$f" .latency_us.p50); j5=$(q "$j" .latency_us.p50)
+    fr=$(q "$f" .server_process.rss_bytes_per_subscriber); jr=$(q "$j" .server_process.rss_bytes_per_subscriber)
+    fx=$(q "$f" .packets_received_per_s); jx=$(q "$j" .packets_received_per_s)
+    fdl=$(q "$f" .delivered_percent); jdl=$(q "$j" .delivered_percent)
+    fm=$(q "$f" .clients_without_media); jm=$(q "$j" .clients_without_media)
+    fs=$(per_s "$f" .server_process.cpu_seconds); js=$(per_s "$j" .server_process.cpu_seconds)
+    fg=$(per_s "$f" .loadgen_cpu_seconds); jg=$(per_s "$j" .loadgen_cpu_seconds)
+    fo=$(per_s "$f" .other_cpu_seconds); jo=$(per_s "$j" .other_cpu_seconds)
+    echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3) $(undelivered "$fdl") $(undelivered "$jdl")" >>"$dat"
+    echo "| $n | $(fmt "$fx" 1 0) ($(fmt "$fdl" 1 0)) / $(fmt "$jx" 1 0) ($(fmt "$jdl" 1 0)) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
+  done
 done
 {
   echo
-  echo "Command: ${SUBSCRIBER_COUNTS:+SUBSCRIBER_COUNTS=\"$SUBSCRIBER_COUNTS\" }DURATION=$DURATION PUBLISHERS=$PUBLISHERS VIDEO_KBPS=$VIDEO_KBPS${JANUS_EVENT_LOOPS:+ JANUS_EVENT_LOOPS=$JANUS_EVENT_LOOPS}${LOADGEN_ARGS:+ LOADGEN_ARGS=\"$LOADGEN_ARGS\"} benches/compare.sh ${SUBSCRIBERS[*]}"
+  echo "Command: ${SUBSCRIBER_COUNTS:+SUBSCRIBER_COUNTS=\"$SUBSCRIBER_COUNTS\" }DURATION=$DURATION PUBLISHERS=$PUBLISHERS VIDEO_KBPS=$VIDEO_KBPS${JANUS_EVENT_LOOPS:+ JANUS_EVENT_LOOPS=\"$JANUS_EVENT_LOOPS\"}${LOADGEN_ARGS:+ LOADGEN_ARGS=\"$LOADGEN_ARGS\"} benches/compare.sh ${SUBSCRIBERS[*]}"
   echo "Latency: publisher -> subscriber through the server, as measured by the loadgen (upper bound of a histogram bucket 1/8 of an octave wide)."
 } >>"$summary"
 cat "$summary"
 
-# plot NAME TITLE YLABEL "COLUMN LABEL" ... [-- GNUPLOT-SETTINGS]
+# plot NAME TITLE YLABEL SETTINGS "FERRY-COLUMN JANUS-COLUMN MEASURE" ...: Ferry (purple) and each
+# Janus setting (greens, oranges, blues) as curves; a second measure dashed.
 plot() {
-  local name=$1 title=$2 ylabel=$3 curves=() settings="set yrange [0:1<*]"
-  shift 3
-  while [ $# -gt 0 ]; do
-    if [ "$1" = -- ]; then settings=$2; break; fi
-    # Ferry solid purple, Janus solid green; the third and fourth curves dashed.
-    curves+=("\"$dat\" using 1:${1%% *} with linespoints ls $((${#curves[@]} + 1)) title \"${1#* }\"")
-    shift
+  local name=$1 title=$2 ylabel=$3 settings=$4 curves=() m=0
+  shift 4
+  local colours=("#2a9d8f" "#e76f51" "#277da1" "#e9c46a")
+  for spec in "$@"; do
+    read -r fcol jcol measure <<<"$spec"
+    local dash=1
+    [ $m -eq 0 ] || dash=2
+    curves+=("\"$(dat_of "${LOOPS[0]}")\" using 1:$fcol with linespoints lw 2 pt 7 dt $dash lc rgb \"#7b2cbf\" title \"Ferry$measure\"")
+    local k=0
+    for loops in "${LOOPS[@]}"; do
+      curves+=("\"$(dat_of "$loops")\" using 1:$jcol with linespoints lw 2 pt 5 dt $dash lc rgb \"${colours[k % 4]}\" title \"$(label "$loops")$measure\"")
+      k=$((k + 1))
+    done
+    m=$((m + 1))
   done
   local IFS=,
   gnuplot <<EOF
-set terminal pngcairo size 800,480 font ",11"
+set terminal pngcairo size 800,520 font ",11" noenhanced
 set output "$OUT/compare-$name.png"
 set datafile missing "?"
 set title "$title"
@@ -241,22 +271,21 @@ set xrange [0:*]
 set offsets 0, graph 0.05, 0, 0
 $settings
 set grid
-set key below
-set style line 1 lc rgb "#7b2cbf" lw 2 pt 7
-set style line 2 lc rgb "#2a9d8f" lw 2 pt 5
-set style line 3 lc rgb "#7b2cbf" lw 2 pt 6 dt 2
-set style line 4 lc rgb "#2a9d8f" lw 2 pt 4 dt 2
+set key below maxcols 2
 plot ${curves[*]}
 EOF
 }
-plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CPU per packet" "2 Ferry" "3 Janus"
-plot loss "Loss seen by subscribers, and what did not arrive in the window (lost or queued)" "%" \
-  "4 Ferry loss" "5 Janus loss" "16 Ferry not delivered" "17 Janus not delivered"
-plot latency "Latency publisher -> subscriber (measured by the loadgen)" "ms" \
-  "14 Ferry p50" "15 Janus p50" "6 Ferry p99" "7 Janus p99" -- "set logscale y 2"
+plot cpu "Server CPU per packet received by subscribers (from /proc)" "µs of CPU per packet" \
+  "set yrange [0:*]" "2 3"
+plot loss "Loss seen by subscribers (solid), and what did not arrive in the window: lost or queued (dashed)" "%" \
+  "set yrange [0:1<*]" "4 5" "16 17 , not delivered"
+plot latency "Latency publisher -> subscriber, p50 (solid) and p99 (dashed), measured by the loadgen" "ms" \
+  "set logscale y 2" "14 15 , p50" "6 7 , p99"
 echo "compare.sh: results in $OUT (summary.md, *.json, compare-*.png)"
 if [ -n "${PUBLISH:-}" ]; then
+  prefix=compare
+  [ "$PUBLISH" = 1 ] || prefix=$PUBLISH
   mkdir -p docs/img
-  for p in cpu loss latency; do cp "$OUT/compare-$p.png" "docs/img/compare-$p.png"; done
-  echo "compare.sh: plots copied to docs/img/"
+  for p in cpu loss latency; do cp "$OUT/compare-$p.png" "docs/img/$prefix-$p.png"; done
+  echo "compare.sh: plots copied to docs/img/$prefix-*.png"
 fi
