@@ -11,6 +11,7 @@
 mod ferry;
 mod janus;
 mod peer;
+pub use peer::{opus, vp8};
 mod ws;
 
 use std::net::IpAddr;

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rtc::interceptor::{Registry, Slot};
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
@@ -23,17 +22,14 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::net::UdpSocket;
 
 use super::ws::Signal;
 use super::{Shared, StreamLoss};
-use crate::media::DeliverRtcp;
+use crate::media::{DeliverRtcp, single_ssrc_track};
 
 /// Bytes at the start of every synthetic payload: send time (µs since the run's epoch, u64),
 /// the stream's own packet counter (u32), the stream index (u32).
@@ -140,19 +136,13 @@ impl Peer {
         if let Some((src, stream)) = publish {
             let mut track = |kind: RtpCodecKind, codec: RTCRtpCodec, id: &str| {
                 let ssrc: u32 = rand::random();
-                let t = MediaStreamTrack::new(
+                let t = single_ssrc_track(
                     format!("lg-{stream}"),
                     format!("{id}-{stream}"),
                     "loadgen".into(),
                     kind,
-                    vec![RTCRtpEncodingParameters {
-                        rtp_coding_parameters: RTCRtpCodingParameters {
-                            ssrc: Some(ssrc),
-                            ..Default::default()
-                        },
-                        codec: codec.clone(),
-                        ..Default::default()
-                    }],
+                    codec.clone(),
+                    ssrc,
                 );
                 pc.add_track(t).map(|sender| Outgoing {
                     sender,

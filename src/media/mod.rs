@@ -268,6 +268,32 @@ pub struct MediaCore {
     scratch_keys: Vec<PeerKey>,
 }
 
+/// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and
+/// the load generator's and tests' synthetic ones).
+pub fn single_ssrc_track(
+    stream_id: String,
+    track_id: String,
+    label: String,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: u32,
+) -> MediaStreamTrack {
+    MediaStreamTrack::new(
+        stream_id,
+        track_id,
+        label,
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )
+}
+
 /// Packets kept per outgoing stream to answer NACKs: ~2 s of 2.5 Mbit/s video, ~1 s at 5 Mbit/s.
 /// (rtc's default, 1024, cost each subscriber ~100 kB more for no use.)
 const RETRANSMIT_BUFFER: u16 = 512;
@@ -917,19 +943,13 @@ impl MediaCore {
             }
             let ssrc: u32 = rand::random();
             let out_track_id = format!("{stream_id}~{}", random_token(6));
-            let out_track = MediaStreamTrack::new(
+            let out_track = single_ssrc_track(
                 stream_id.clone(),
                 out_track_id.clone(),
                 format!("{publisher_user} {ty}"),
                 kind,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: codec.clone(),
-                    ..Default::default()
-                }],
+                codec.clone(),
+                ssrc,
             );
             let sender_id = match s.pc.add_track(out_track) {
                 Ok(id) => id,

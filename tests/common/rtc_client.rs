@@ -8,20 +8,16 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use ferry::media::DeliverRtcp;
 use rtc::interceptor::{Registry, Slot};
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_VP8, MediaEngine};
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::RTCRtpSenderId;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::json;
@@ -29,15 +25,8 @@ use tokio::net::UdpSocket;
 
 use super::Client;
 
-pub fn vp8() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: MIME_TYPE_VP8.to_owned(),
-        clock_rate: 90000,
-        channels: 0,
-        sdp_fmtp_line: String::new(),
-        rtcp_feedback: vec![],
-    }
-}
+pub use ferry::loadgen::vp8;
+use ferry::media::single_ssrc_track;
 
 /// A member of a relayed room with a connection to Ferry's relay.
 pub struct MediaClient {
@@ -137,19 +126,13 @@ impl MediaClient {
             .unwrap();
         let mut sender = None;
         if publish {
-            let track = MediaStreamTrack::new(
+            let track = single_ssrc_track(
                 "pub-stream".into(),
                 "pub-video".into(),
                 "synthetic".into(),
                 RtpCodecKind::Video,
-                vec![RTCRtpEncodingParameters {
-                    rtp_coding_parameters: RTCRtpCodingParameters {
-                        ssrc: Some(ssrc),
-                        ..Default::default()
-                    },
-                    codec: vp8(),
-                    ..Default::default()
-                }],
+                vp8(),
+                ssrc,
             );
             sender = Some((pc.add_track(track).unwrap(), ssrc));
         } else {
