@@ -86,6 +86,10 @@ pub struct Metrics {
     /// `ferry_connection_failures_total{stage}`: relay connections that failed, at ICE or at DTLS.
     pub failures_ice: IntCounter,
     pub failures_dtls: IntCounter,
+    /// `ferry_srtp_sessions_total{sealer}`: relay connections whose DTLS handshake completed, by
+    /// who seals their relayed packets: `relay` (the relay's own AES-GCM path) or `rtc`.
+    pub srtp_sealed_by_relay: IntCounter,
+    pub srtp_sealed_by_rtc: IntCounter,
 }
 
 impl Metrics {
@@ -239,6 +243,16 @@ impl Metrics {
             &["stage"],
         )
         .expect("valid metric");
+        let srtp_sessions = IntCounterVec::new(
+            Opts::new(
+                "ferry_srtp_sessions_total",
+                "Relay connections whose DTLS handshake completed, by who seals the packets relayed to them: relay (Ferry's own AES-GCM path) or rtc (the connection's own pipeline, e.g. an AES-CM profile).",
+            ),
+            &["sealer"],
+        )
+        .expect("valid metric");
+        let srtp_sealed_by_relay = srtp_sessions.with_label_values(&["relay"]);
+        let srtp_sealed_by_rtc = srtp_sessions.with_label_values(&["rtc"]);
         let failures_ice = failures.with_label_values(&["ice"]);
         let failures_dtls = failures.with_label_values(&["dtls"]);
         for t in MESSAGE_TYPES {
@@ -294,6 +308,7 @@ impl Metrics {
             Box::new(nacks),
             Box::new(retransmits.clone()),
             Box::new(failures),
+            Box::new(srtp_sessions),
             Box::new(ready.clone()),
         ] {
             registry.register(c).expect("metric registered once");
@@ -329,6 +344,8 @@ impl Metrics {
             retransmits,
             failures_ice,
             failures_dtls,
+            srtp_sealed_by_relay,
+            srtp_sealed_by_rtc,
         }
     }
 

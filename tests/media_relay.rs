@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::rtc_client::MediaClient;
 use common::*;
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use serde_json::json;
 
 const SLICE: Duration = Duration::from_millis(5);
@@ -113,6 +114,60 @@ async fn relayed_payloads_arrive_intact_with_rewritten_ssrc() {
     assert!(samples >= got.len() as f64, "{samples} latency samples");
     let under_1ms = metric(&m, "ferry_forward_latency_seconds_bucket{le=\"0.001\"}").unwrap();
     eprintln!("forwarding latency: {under_1ms} of {samples} packets under 1 ms (debug build)");
+    // Both connections negotiated AES-GCM: the relay sealed the relayed packets itself.
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"rtc\"}"),
+        Some(0.0)
+    );
+    // ...and sent sender reports for the relayed track, counting what it sent.
+    let relayed_ssrc = sub.received[0].1.header.ssrc;
+    let reports: Vec<_> = sub
+        .sender_reports
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.0 == relayed_ssrc)
+        .copied()
+        .collect();
+    assert!(reports.len() >= 2, "sender reports: {reports:?}");
+    let last = reports.last().unwrap();
+    assert!(
+        last.1 > 0 && last.1 as usize <= got.len(),
+        "packet count {} of {} sent",
+        last.1,
+        got.len()
+    );
+    assert!(
+        reports.windows(2).all(|w| w[1].1 >= w[0].1),
+        "counts grow: {reports:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_cm_connections_keep_rtcs_sealing() {
+    let s = spawn(test_config()).await;
+    let profiles = vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80];
+    let (mut publ, mut sub) = relay_room_offering(&s, true, false, profiles).await;
+    stream(&mut publ, &mut sub, 0, 300).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    let (lo, hi) = (got[0], *got.last().unwrap());
+    assert_eq!(hi, 299);
+    assert_eq!(got.len(), usize::from(hi - lo + 1), "no gaps: {got:?}");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"rtc\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +197,11 @@ async fn loss_on_the_subscriber_leg_is_repaired_by_nack() {
     let nacks = metric(&m, "ferry_nacks_total{direction=\"received\"}").unwrap_or(0.0);
     let resent = metric(&m, "ferry_retransmits_total").unwrap_or(0.0);
     assert!(nacks >= 1.0, "subscriber NACKs counted: {nacks}");
+    // Answered by the relay's own path (AES-GCM), from the publisher's history.
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
+        Some(2.0)
+    );
     assert!(
         resent >= 30.0,
         "{} lost at the subscriber, {resent} retransmitted",
@@ -233,6 +293,16 @@ async fn relay_room(
     subscribed: bool,
     extensions: bool,
 ) -> (MediaClient, MediaClient) {
+    relay_room_offering(s, subscribed, extensions, Vec::new()).await
+}
+
+/// As [`relay_room`], both peers offering only these SRTP protection profiles.
+async fn relay_room_offering(
+    s: &TestServer,
+    subscribed: bool,
+    extensions: bool,
+    profiles: Vec<SrtpProtectionProfile>,
+) -> (MediaClient, MediaClient) {
     let mut a = Client::joined_hello(s.addr, "publisher").await;
     let room = a.create_room(json!({"mode": "relay"})).await;
     a.request("joinRoom", json!({"roomId": room}))
@@ -247,8 +317,9 @@ async fn relay_room(
             .await
             .unwrap();
     }
-    let mut publ = MediaClient::connect_with(a, true, 0x0bad_cafe, extensions).await;
-    let mut sub = MediaClient::connect_with(b, false, 1, extensions).await;
+    let mut publ =
+        MediaClient::connect_offering(a, true, 0x0bad_cafe, extensions, profiles.clone()).await;
+    let mut sub = MediaClient::connect_offering(b, false, 1, extensions, profiles).await;
     for _ in 0..1000 {
         publ.pump(SLICE).await;
         sub.pump(SLICE).await;

@@ -34,6 +34,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{RTCDtlsRole, RTCIceCandidateInit};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -49,6 +50,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 
 mod munger;
+pub mod srtp;
 use crate::net::udp::{MediaSocket, RX_BATCH, RxBatch, TxBatch};
 use crate::net::{self, Kind, stun};
 pub use munger::Munger;
@@ -116,7 +118,61 @@ struct Published {
     ty: String,
     /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
     stream_id: String,
+    /// Its recent packets, to answer subscribers' NACKs on the own sealing path.
+    history: History,
 }
+
+/// Packets kept per published track (and entries per route) to answer NACKs: ~2 s of
+/// 2.5 Mbit/s video. One copy per published track serves every subscriber.
+const RETRANSMIT_BUFFER: usize = 512;
+
+/// A published track's last [`RETRANSMIT_BUFFER`] packets, by sequence number.
+#[derive(Default)]
+struct History {
+    slots: Vec<Option<rtc::rtp::Packet>>,
+}
+
+impl History {
+    fn store(&mut self, packet: rtc::rtp::Packet) {
+        if self.slots.is_empty() {
+            self.slots.resize_with(RETRANSMIT_BUFFER, || None);
+        }
+        let i = usize::from(packet.header.sequence_number) % RETRANSMIT_BUFFER;
+        self.slots[i] = Some(packet);
+    }
+
+    fn get(&self, ssrc: u32, seq: u16) -> Option<&rtc::rtp::Packet> {
+        self.slots
+            .get(usize::from(seq) % RETRANSMIT_BUFFER)?
+            .as_ref()
+            .filter(|p| p.header.sequence_number == seq && p.header.ssrc == ssrc)
+    }
+}
+
+/// What a route sent under one of its sequence numbers (to find it again for a NACK).
+#[derive(Clone, Copy, Default)]
+struct Sent {
+    seq: u16,
+    publisher_seq: u16,
+    publisher_ssrc: u32,
+    timestamp: u32,
+    used: bool,
+}
+
+/// A route's state on the own sealing path ([`srtp::Sealer`]): rollover counter, what it sent
+/// (for NACKs) and the sender-report counters.
+struct Sealed {
+    rollover: srtp::Rollover,
+    sent: Box<[Sent; RETRANSMIT_BUFFER]>,
+    packets: u32,
+    octets: u32,
+    /// The last timestamp sent and when (the sender report's RTP/NTP mapping).
+    last_ts: (u32, Instant),
+    next_report: Instant,
+}
+
+/// How often a sealed route sends a sender report (rtc's report interval).
+const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What one subscriber receives of one publisher: keyed by the publisher's user id (not its
 /// connection), source and kind, so that a publisher that republishes or reconnects within
@@ -152,6 +208,8 @@ struct Route {
     ext_map: Box<[u8; 256]>,
     clock_rate: u32,
     last_sent: Option<Instant>,
+    /// Set once the subscriber's packets are sealed by the relay itself.
+    sealed: Option<Sealed>,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -219,6 +277,12 @@ struct Peer {
     /// The earliest time a parked feed expires: kept here because the timer is re-read after
     /// every packet, and a scan of every feed there would be per-packet work.
     parked_deadline: Option<Instant>,
+    /// Seals its relayed packets (AES-GCM profiles; set when DTLS completes, see [`srtp`]).
+    sealer: Option<srtp::Sealer>,
+    /// Where its connection sends (the last address rtc sent DTLS or SRTP to).
+    remote: Option<SocketAddr>,
+    /// Connected without a [`srtp::Sealer`]: rtc seals its relayed packets (counted once).
+    sealed_by_rtc: bool,
 }
 
 impl Peer {
@@ -266,6 +330,10 @@ pub struct MediaCore {
     /// When the datagram being processed arrived (forwarding latency is measured from here).
     rx_at: Instant,
     scratch_keys: Vec<PeerKey>,
+    /// The crypto provider of every connection (ring, plus SRTP key capture).
+    crypto: Arc<srtp::KeyCapture>,
+    /// Reused for every sealed copy's header (its extension list keeps its capacity).
+    out_header: rtc::rtp::header::Header,
 }
 
 /// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and
@@ -294,10 +362,6 @@ pub fn single_ssrc_track(
     )
 }
 
-/// Packets kept per outgoing stream to answer NACKs: ~2 s of 2.5 Mbit/s video, ~1 s at 5 Mbit/s.
-/// (rtc's default, 1024, cost each subscriber ~100 kB more for no use.)
-const RETRANSMIT_BUFFER: u16 = 512;
-
 /// rtc's default interceptors (NACK both ways, TWCC feedback to the publisher, sender and
 /// receiver reports, simulcast header extensions), with the retransmission buffer sized for a
 /// relay that keeps one per subscriber stream.
@@ -323,7 +387,7 @@ fn relay_interceptors(
         .with(
             Slot::NackResponder,
             NackResponderBuilder::new()
-                .with_size(RETRANSMIT_BUFFER)
+                .with_size(RETRANSMIT_BUFFER as u16)
                 .build(),
         )
         .with(Slot::NackGenerator, NackGeneratorBuilder::new().build());
@@ -402,6 +466,8 @@ impl MediaCore {
             deadlines: HashMap::new(),
             rx_at: Instant::now(),
             scratch_keys: Vec::new(),
+            crypto: srtp::KeyCapture::new(),
+            out_header: Default::default(),
         })
     }
 
@@ -490,6 +556,7 @@ impl MediaCore {
             };
             if p.pc.poll_timeout().is_some_and(|t| t <= now) {
                 let _ = p.pc.handle_timeout(now);
+                take_srtp_keys(p, &self.metrics);
             }
             if p.pli_at.iter().any(|t| *t <= now) {
                 p.pli_at.retain(|t| *t > now);
@@ -560,6 +627,7 @@ impl MediaCore {
             debug!(user = %p.user_id, error = %e, "datagram refused by the connection");
             drop(&self.metrics, "undecryptable");
         }
+        take_srtp_keys(p, &self.metrics);
         self.dirty.insert(key);
     }
 
@@ -626,6 +694,14 @@ impl MediaCore {
                     self.forward(key, &track_id, packet, now)
                 }
                 RTCMessage::RtcpPacket(track_id, packets) => {
+                    let lost: Vec<u16> = packets
+                        .iter()
+                        .filter_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+                        .flat_map(|n| n.nacks.iter().flat_map(|pair| pair.into_iter()))
+                        .collect();
+                    if !lost.is_empty() {
+                        self.retransmit(key, &track_id, &lost);
+                    }
                     let wants_keyframe = packets.iter().any(|p| {
                         p.as_any().is::<PictureLossIndication>()
                             || p.as_any().is::<FullIntraRequest>()
@@ -643,6 +719,10 @@ impl MediaCore {
         };
         // Queued, sent with everything else of this drain at its end (see `send_batch`).
         while let Some(t) = p.pc.poll_write() {
+            // Not STUN (first byte 0-3): DTLS or SRTP, sent on the selected candidate pair.
+            if t.message.first().is_some_and(|b| *b > 3) {
+                p.remote = Some(t.transport.peer_addr);
+            }
             self.tx.push(t.transport.peer_addr, &t.message);
         }
         if p.negotiation_needed
@@ -676,18 +756,71 @@ impl MediaCore {
         // extension list) and each subscriber gets those it negotiated, under its own IDs. The
         // payload is shared.
         let extensions = std::mem::take(&mut packet.header.extensions);
+        let (extension, extension_profile) =
+            (packet.header.extension, packet.header.extension_profile);
         packet.header.extension = false;
         packet.header.extension_profile = 0;
-        for r in routes {
+        for r in routes.iter_mut() {
             let Some(sub) = self.peers.get_mut(&r.to) else {
                 continue;
             };
-            let mut out = packet.clone();
             let (seq, ts) = r.munger.map(
                 packet.header.ssrc,
                 packet.header.sequence_number,
                 packet.header.timestamp,
             );
+            // The own path: header written and the packet sealed straight into the send batch.
+            if sub.connected
+                && let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote)
+            {
+                let h = &mut self.out_header;
+                rewrite_header(h, &packet.header, r, seq, ts, &extensions);
+                let sealed = r.sealed.get_or_insert_with(|| Sealed {
+                    rollover: Default::default(),
+                    sent: Box::new([Sent::default(); RETRANSMIT_BUFFER]),
+                    packets: 0,
+                    octets: 0,
+                    last_ts: (ts, now),
+                    next_report: now,
+                });
+                let roc = sealed.rollover.roc_for(seq);
+                if !self
+                    .tx
+                    .push_with(to, |buf| write_sealed(buf, h, &packet.payload, sealer, roc))
+                {
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["sender_refused"])
+                        .inc();
+                    continue;
+                }
+                sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
+                    seq,
+                    publisher_seq: packet.header.sequence_number,
+                    publisher_ssrc: packet.header.ssrc,
+                    timestamp: ts,
+                    used: true,
+                };
+                sealed.packets = sealed.packets.wrapping_add(1);
+                sealed.octets = sealed.octets.wrapping_add(packet.payload.len() as u32);
+                if sealed.last_ts.0 != ts {
+                    sealed.last_ts = (ts, now);
+                }
+                if now >= sealed.next_report {
+                    sealed.next_report = now + SENDER_REPORT_INTERVAL;
+                    let report = sender_report(r.ssrc, r.clock_rate, sealed, now);
+                    if let Some(mut s) = sub.pc.rtp_sender(r.sender_id) {
+                        let _ = s.write_rtcp(now, vec![Box::new(report)]);
+                        self.dirty.insert(r.to);
+                    }
+                }
+                r.last_sent = Some(now);
+                self.counts.rtp_out[kind] += 1;
+                self.counts.bytes_out[kind] += bytes;
+                continue;
+            }
+            let mut out = packet.clone();
             out.header.ssrc = r.ssrc;
             out.header.payload_type = r.payload_type;
             out.header.sequence_number = seq;
@@ -736,6 +869,80 @@ impl MediaCore {
             self.dirty.insert(r.to);
         }
         self.forwarded_rx.push(self.rx_at);
+        // Kept (extensions and all) for the subscribers' NACKs: moved, not copied.
+        packet.header.extensions = extensions;
+        packet.header.extension = extension;
+        packet.header.extension_profile = extension_profile;
+        if let Some(t) = self
+            .peers
+            .get_mut(&from)
+            .and_then(|p| p.published.get_mut(track_id))
+        {
+            t.history.store(packet);
+        }
+    }
+
+    /// A subscriber on the own sealing path lost packets of one of our tracks: send them again
+    /// from the publisher's history (rtc's NACK responder answers for the other connections).
+    fn retransmit(&mut self, sub: PeerKey, track_id: &str, lost: &[u16]) {
+        let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
+            s.sealer.as_ref()?;
+            let feed = s.relayed_tracks.get(track_id)?;
+            s.feeds.get(feed)?.bound.clone()
+        }) else {
+            return;
+        };
+        let Some(r) = self
+            .routes
+            .get_mut(&publisher)
+            .and_then(|t| t.get_mut(&ptrack))
+            .and_then(|routes| routes.iter_mut().find(|r| r.to == sub))
+        else {
+            return;
+        };
+        // Taken out while its route is read for the header, put back below.
+        let Some(mut sealed) = r.sealed.take() else {
+            return;
+        };
+        for &seq in lost {
+            let sent = sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER];
+            if !sent.used || sent.seq != seq {
+                continue;
+            }
+            let Some(original) = self
+                .peers
+                .get(&publisher)
+                .and_then(|p| p.published.get(&ptrack))
+                .and_then(|t| t.history.get(sent.publisher_ssrc, sent.publisher_seq))
+            else {
+                continue;
+            };
+            let h = &mut self.out_header;
+            rewrite_header(
+                h,
+                &original.header,
+                r,
+                seq,
+                sent.timestamp,
+                &original.header.extensions,
+            );
+            let payload = original.payload.clone();
+            let Some((Some(sealer), Some(to))) = self
+                .peers
+                .get_mut(&sub)
+                .map(|s| (s.sealer.as_mut(), s.remote))
+            else {
+                break;
+            };
+            let roc = sealed.rollover.roc_for(seq);
+            if self
+                .tx
+                .push_with(to, |buf| write_sealed(buf, h, &payload, sealer, roc))
+            {
+                self.metrics.retransmits.inc();
+            }
+        }
+        r.sealed = Some(sealed);
     }
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
@@ -805,6 +1012,7 @@ impl MediaCore {
                         receiver_id: init.receiver_id,
                         ty: ty.clone(),
                         stream_id,
+                        history: History::default(),
                     },
                 );
                 let (room, user) = (p.room_id.clone(), p.user_id.clone());
@@ -836,6 +1044,11 @@ impl MediaCore {
                 info!(user = %p.user_id, %state, "relay connection state");
                 let label = state.to_string();
                 p.connected = state == RTCPeerConnectionState::Connected;
+                if p.connected && p.sealer.is_none() && !p.sealed_by_rtc {
+                    // DTLS done without captured AES-GCM keys (an AES-CM profile): rtc seals.
+                    p.sealed_by_rtc = true;
+                    self.metrics.srtp_sealed_by_rtc.inc();
+                }
                 self.metrics
                     .peer_connections
                     .with_label_values(&[&p.state])
@@ -998,6 +1211,7 @@ impl MediaCore {
                     ext_map: Box::new([0; 256]),
                     clock_rate: codec.clock_rate.max(1),
                     last_sent: None,
+                    sealed: None,
                 });
             self.refresh_ext_maps(sub);
         }
@@ -1436,6 +1650,7 @@ impl MediaCore {
             .with_lite(true)
             .with_answering_dtls_role(RTCDtlsRole::Server)
             .with_ice_credentials(ufrag.clone(), pwd)
+            .with_crypto_provider(self.crypto.clone())
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
@@ -1449,7 +1664,7 @@ impl MediaCore {
             )?;
         }
         let registry = Registry::new()
-            .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
+            .with(Slot::from(14_000), DeliverRtcp::relay_feedback())
             .with(Slot::from(3_500), count_feedback(&self.metrics));
         let registry = relay_interceptors(registry, &mut media_engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
@@ -1482,6 +1697,9 @@ impl MediaCore {
                 ice_failed: false,
                 connected: false,
                 parked_deadline: None,
+                sealer: None,
+                remote: None,
+                sealed_by_rtc: false,
             },
         );
         self.by_user.insert(user_id.to_string(), key);
@@ -1569,6 +1787,106 @@ fn remap_extensions(
             .iter()
             .all(|e| e.id <= 14 && !e.payload.is_empty() && e.payload.len() <= 16);
         out.extension_profile = if one_byte { 0xBEDE } else { 0x1000 };
+    }
+}
+
+/// After a call into a connection: the SRTP keys its DTLS handshake just derived, if it did. rtc
+/// derives the local (sending) context first; with an AES-GCM profile the relay seals this
+/// connection's relayed packets itself from now on.
+fn take_srtp_keys(p: &mut Peer, metrics: &Metrics) {
+    let keys = srtp::take_captured();
+    if keys.is_empty() {
+        return;
+    }
+    if keys.len() != 2 || p.sealer.is_some() {
+        warn!(user = %p.user_id, contexts = keys.len(), "unexpected SRTP key derivation; ignored");
+        return;
+    }
+    match srtp::Sealer::new(&keys[0]) {
+        Ok(sealer) => {
+            debug!(user = %p.user_id, algorithm = ?keys[0].algorithm, "relayed packets sealed by the relay");
+            p.sealer = Some(sealer);
+            metrics.srtp_sealed_by_relay.inc();
+        }
+        Err(e) => warn!(user = %p.user_id, error = %e, "SRTP sealer not available"),
+    }
+}
+
+/// One subscriber's header for a publisher's packet, into a reused `Header`.
+fn rewrite_header(
+    h: &mut rtc::rtp::header::Header,
+    from: &rtc::rtp::header::Header,
+    r: &Route,
+    seq: u16,
+    ts: u32,
+    extensions: &[rtc::rtp::header::Extension],
+) {
+    h.version = 2;
+    h.padding = from.padding;
+    h.marker = from.marker;
+    h.payload_type = r.payload_type;
+    h.sequence_number = seq;
+    h.timestamp = ts;
+    h.ssrc = r.ssrc;
+    h.csrc.clear();
+    h.csrc.extend_from_slice(&from.csrc);
+    remap_extensions(extensions, &r.ext_map, h);
+}
+
+/// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place.
+fn write_sealed(
+    buf: &mut Vec<u8>,
+    h: &rtc::rtp::header::Header,
+    payload: &[u8],
+    sealer: &mut srtp::Sealer,
+    roc: u32,
+) -> bool {
+    use rtc::shared::marshal::{Marshal, MarshalSize};
+    let start = buf.len();
+    let header_len = h.marshal_size();
+    buf.resize(start + header_len, 0);
+    if h.marshal_to(&mut buf[start..]).is_err() {
+        return false;
+    }
+    buf.extend_from_slice(payload);
+    if h.padding {
+        let pad = match payload.len() % 4 {
+            0 => 4,
+            n => 4 - n,
+        };
+        buf.resize(buf.len() + pad - 1, 0);
+        buf.push(pad as u8);
+    }
+    sealer
+        .seal(buf, start, header_len, h.ssrc, h.sequence_number, roc)
+        .is_ok()
+}
+
+/// A sender report for a sealed route: its counts, and its last timestamp carried forward to now
+/// (what rtc's report interceptor sends for the streams it sees).
+fn sender_report(
+    ssrc: u32,
+    clock_rate: u32,
+    sealed: &Sealed,
+    now: Instant,
+) -> rtc::rtcp::sender_report::SenderReport {
+    let elapsed = now.saturating_duration_since(sealed.last_ts.1);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // NTP: seconds since 1900 in the high 32 bits, the fraction in the low 32.
+    let ntp_secs = since_epoch.as_secs() + 2_208_988_800;
+    let ntp_frac = (u64::from(since_epoch.subsec_nanos()) << 32) / 1_000_000_000;
+    rtc::rtcp::sender_report::SenderReport {
+        ssrc,
+        ntp_time: (ntp_secs << 32) | ntp_frac,
+        rtp_time: sealed
+            .last_ts
+            .0
+            .wrapping_add((elapsed.as_secs_f64() * f64::from(clock_rate)) as u32),
+        packet_count: sealed.packets,
+        octet_count: sealed.octets,
+        ..Default::default()
     }
 }
 
@@ -1714,6 +2032,24 @@ fn count_feedback(metrics: &Metrics) -> impl Interceptor + use<> {
 pub struct DeliverRtcp;
 
 impl DeliverRtcp {
+    /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path).
+    pub fn relay_feedback() -> impl Interceptor {
+        Tap::new(
+            |msg: &mut TaggedPacket| {
+                if let Packet::Rtcp(packets) = &msg.message.packet
+                    && packets.iter().any(|p| {
+                        p.as_any().is::<PictureLossIndication>()
+                            || p.as_any().is::<FullIntraRequest>()
+                            || p.as_any().is::<TransportLayerNack>()
+                    })
+                {
+                    msg.message.add(Attribute::DeliverToApplication);
+                }
+            },
+            |_: &TaggedPacket| {},
+        )
+    }
+
     /// PLI and FIR only.
     pub fn keyframe_requests() -> impl Interceptor {
         Tap::new(

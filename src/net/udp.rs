@@ -192,6 +192,19 @@ impl TxBatch {
         self.items.push((to, start, bytes.len()));
     }
 
+    /// Queues the datagram `write` appends to the buffer (in place: no copy of its own). When
+    /// `write` returns false, whatever it appended is discarded and nothing is queued.
+    pub fn push_with(&mut self, to: SocketAddr, write: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let start = self.data.len();
+        if write(&mut self.data) {
+            self.items.push((to, start, self.data.len() - start));
+            true
+        } else {
+            self.data.truncate(start);
+            false
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }

@@ -3,14 +3,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ferry::media::DeliverRtcp;
-use rtc::interceptor::{Registry, Slot};
+use ferry::media::{DeliverRtcp, Tap};
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+use rtc::interceptor::{Packet, Registry, Slot, TaggedPacket};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -59,6 +62,8 @@ pub struct MediaClient {
     pub server_offers: Vec<String>,
     /// Header extensions sent on every packet: (negotiated id on our leg, payload).
     pub send_extensions: Vec<(u8, Bytes)>,
+    /// Sender reports received: (SSRC, packet count, RTP time).
+    pub sender_reports: Arc<Mutex<Vec<(u32, u32, u32)>>>,
 }
 
 /// Extensions the test peers register when asked to (before rtc's defaults, so that their IDs
@@ -86,10 +91,22 @@ impl MediaClient {
     /// As [`MediaClient::connect`], publishing with `ssrc`, and registering [`TEST_EXTENSIONS`]
     /// when `extensions` is set.
     pub async fn connect_with(
+        ws: Client,
+        publish: bool,
+        ssrc: u32,
+        extensions: bool,
+    ) -> MediaClient {
+        MediaClient::connect_offering(ws, publish, ssrc, extensions, Vec::new()).await
+    }
+
+    /// As [`MediaClient::connect_with`], offering only these DTLS-SRTP protection profiles
+    /// (empty: rtc's defaults).
+    pub async fn connect_offering(
         mut ws: Client,
         publish: bool,
         ssrc: u32,
         extensions: bool,
+        srtp_profiles: Vec<SrtpProtectionProfile>,
     ) -> MediaClient {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
@@ -116,10 +133,37 @@ impl MediaClient {
                     .unwrap();
             }
         }
-        let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
+        let sender_reports = Arc::new(Mutex::new(Vec::new()));
+        let reports = sender_reports.clone();
+        let count_reports = Tap::new(
+            move |msg: &mut TaggedPacket| {
+                if let Packet::Rtcp(packets) = &msg.message.packet {
+                    for p in packets {
+                        if let Some(sr) = p
+                            .as_any()
+                            .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
+                        {
+                            reports
+                                .lock()
+                                .unwrap()
+                                .push((sr.ssrc, sr.packet_count, sr.rtp_time));
+                        }
+                    }
+                }
+            },
+            |_: &TaggedPacket| {},
+        );
+        let registry = Registry::new()
+            .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
+            .with(Slot::from(14_001), count_reports);
         let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
+        let mut settings = SettingEngineBuilder::new();
+        if !srtp_profiles.is_empty() {
+            settings = settings.with_srtp_protection_profiles(srtp_profiles);
+        }
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(settings.build())
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .build(Instant::now())
@@ -170,6 +214,7 @@ impl MediaClient {
             pending_answer: None,
             server_offers: Vec::new(),
             send_extensions: Vec::new(),
+            sender_reports,
         }
     }
 

@@ -1,0 +1,485 @@
+//! The relay's own SRTP sealing for forwarded packets.
+//!
+//! rtc keeps each connection's SRTP contexts to itself, and sending every forwarded copy through
+//! its pipeline (interceptors, marshal, encrypt, queues) costs several microseconds and several
+//! allocations per copy. Its public crypto-provider hook is how the relay learns the keys of its
+//! own connections: [`KeyCapture`] wraps the ring provider, passes every operation through
+//! unchanged, and recognises the RFC 3711 key derivation rtc runs when a DTLS handshake completes
+//! (AES-CM PRF blocks under the master key, then an AEAD keyed with the derived session key). The
+//! session key and salt it derives are left in a per-thread list; the media core, which drives each
+//! connection on its own thread, takes them right after the call that completed the handshake, so
+//! they are attributed to that connection. rtc derives the local (sending) context first, then the
+//! remote one.
+//!
+//! With the local keys, [`Sealer`] protects a forwarded packet in place in the send batch
+//! (AEAD_AES_128_GCM / AEAD_AES_256_GCM, RFC 7714): no allocation, no copy beyond the one into the
+//! send buffer. Connections that negotiated an AES-CM profile are not captured and keep rtc's path.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rtc::crypto::providers::RingProvider;
+use rtc::crypto::{
+    ActiveKeyExchange, AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher,
+    CryptoAlgorithm, CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac,
+    PublicKey, RTCCrypto, RTCCryptoProvider, RTCRandom, SignatureScheme, SigningKey, StreamCipher,
+    StreamCipherAlgorithm,
+};
+
+/// AES-GCM's tag length in SRTP (RFC 7714).
+pub const TAG_LEN: usize = 16;
+
+const LABEL_SRTP_SALT: u8 = 2;
+const LABEL_SRTCP_SALT: u8 = 5;
+/// KDF blocks remembered per thread while a context is being derived (a context takes 4-6).
+const MAX_PENDING_BLOCKS: usize = 64;
+
+/// One direction's SRTP session key and salt (the key derivation's output) for an AES-GCM profile.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SrtpKeys {
+    pub algorithm: AeadAlgorithm,
+    pub session_key: Vec<u8>,
+    pub session_salt: [u8; 12],
+}
+
+impl std::fmt::Debug for SrtpKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrtpKeys")
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+struct KdfBlock {
+    algorithm: BlockCipherAlgorithm,
+    key: Vec<u8>,
+    input: [u8; 16],
+    output: [u8; 16],
+    /// An AEAD was keyed with this block's output: it was the first block of a session key.
+    keyed_aead: bool,
+}
+
+thread_local! {
+    static PENDING: RefCell<Vec<KdfBlock>> = const { RefCell::new(Vec::new()) };
+    static CAPTURED: RefCell<Vec<SrtpKeys>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The SRTP keys derived on this thread since the last call, in derivation order (rtc: local
+/// context first, then remote).
+pub fn take_captured() -> Vec<SrtpKeys> {
+    CAPTURED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *c)
+        }
+    })
+}
+
+/// A crypto provider that is ring's, plus the key capture described in the module docs.
+pub struct KeyCapture {
+    crypto: CapturingCrypto,
+}
+
+impl KeyCapture {
+    pub fn new() -> Arc<KeyCapture> {
+        Arc::new(KeyCapture {
+            crypto: CapturingCrypto {
+                inner: Arc::new(RingProvider::new()),
+            },
+        })
+    }
+}
+
+impl RTCCryptoProvider for KeyCapture {
+    fn name(&self) -> &'static str {
+        "ring (ferry key capture)"
+    }
+
+    fn crypto(&self) -> &dyn RTCCrypto {
+        &self.crypto
+    }
+
+    fn random(&self) -> &dyn RTCRandom {
+        self.crypto.inner.random()
+    }
+}
+
+struct CapturingCrypto {
+    inner: Arc<dyn RTCCryptoProvider>,
+}
+
+impl CapturingCrypto {
+    fn inner(&self) -> &dyn RTCCrypto {
+        self.inner.crypto()
+    }
+
+    /// After a KDF block: when it is the last one of an SRTP context (the SRTCP salt, label 5),
+    /// assemble that context's SRTP session key and salt from the blocks seen before it.
+    fn on_block(&self, block: KdfBlock) {
+        PENDING.with(|p| {
+            let mut pending = p.borrow_mut();
+            let is_label = |b: &KdfBlock, base: &KdfBlock, label: u8| {
+                b.algorithm == base.algorithm
+                    && b.key == base.key
+                    && (0..16).all(|i| {
+                        let x = if i == 7 { label } else { 0 };
+                        b.input[i] ^ base.input[i] == x
+                    })
+            };
+            // The label-0 block (first block of the SRTP session key) this label-5 block belongs to.
+            let label0 = pending
+                .iter()
+                .position(|b| b.keyed_aead && is_label(&block, b, LABEL_SRTCP_SALT));
+            if let Some(i) = label0 {
+                let base = &pending[i];
+                let salt = pending
+                    .iter()
+                    .find(|b| is_label(b, base, LABEL_SRTP_SALT))
+                    .map(|b| b.output);
+                let (key, algorithm) = match base.algorithm {
+                    BlockCipherAlgorithm::Aes128 => {
+                        (Some(base.output.to_vec()), AeadAlgorithm::Aes128Gcm)
+                    }
+                    // AES-256: the key is the first two PRF blocks (counter 0 and 1).
+                    BlockCipherAlgorithm::Aes256 => (
+                        pending
+                            .iter()
+                            .find(|b| {
+                                b.key == base.key
+                                    && b.input[..15] == base.input[..15]
+                                    && b.input[15] == base.input[15] ^ 1
+                            })
+                            .map(|b| [base.output, b.output].concat()),
+                        AeadAlgorithm::Aes256Gcm,
+                    ),
+                    _ => (None, AeadAlgorithm::Aes128Gcm),
+                };
+                if let (Some(session_key), Some(salt)) = (key, salt) {
+                    let mut session_salt = [0; 12];
+                    session_salt.copy_from_slice(&salt[..12]);
+                    CAPTURED.with(|c| {
+                        c.borrow_mut().push(SrtpKeys {
+                            algorithm,
+                            session_key,
+                            session_salt,
+                        })
+                    });
+                }
+                let master = base.key.clone();
+                pending.retain(|b| b.key != master);
+                return;
+            }
+            if pending.len() >= MAX_PENDING_BLOCKS {
+                pending.remove(0);
+            }
+            pending.push(block);
+        });
+    }
+
+    fn on_aead(&self, algorithm: AeadAlgorithm, key: &[u8]) {
+        let first = match (algorithm, key.len()) {
+            (AeadAlgorithm::Aes128Gcm, 16) | (AeadAlgorithm::Aes256Gcm, 32) => &key[..16],
+            _ => return,
+        };
+        PENDING.with(|p| {
+            for b in p.borrow_mut().iter_mut() {
+                if b.output == first && b.input[14..] == [0, 0] {
+                    b.keyed_aead = true;
+                }
+            }
+        });
+    }
+}
+
+impl RTCCrypto for CapturingCrypto {
+    fn supports(&self, algorithm: CryptoAlgorithm) -> bool {
+        self.inner().supports(algorithm)
+    }
+
+    fn hash(&self, algorithm: HashAlgorithm, data: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.inner().hash(algorithm, data)
+    }
+
+    fn block_encrypt(
+        &self,
+        algorithm: BlockCipherAlgorithm,
+        key: &[u8],
+        block: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        let mut input = [0; 16];
+        let is_block = block.len() == 16;
+        if is_block {
+            input.copy_from_slice(block);
+        }
+        self.inner().block_encrypt(algorithm, key, block)?;
+        if is_block {
+            let mut output = [0; 16];
+            output.copy_from_slice(block);
+            self.on_block(KdfBlock {
+                algorithm,
+                key: key.to_vec(),
+                input,
+                output,
+                keyed_aead: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn new_hmac(&self, algorithm: HmacAlgorithm, key: &[u8]) -> Result<Box<dyn Mac>, CryptoError> {
+        self.inner().new_hmac(algorithm, key)
+    }
+
+    fn new_stream_cipher(
+        &self,
+        algorithm: StreamCipherAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn StreamCipher>, CryptoError> {
+        self.inner().new_stream_cipher(algorithm, key)
+    }
+
+    fn new_aead(
+        &self,
+        algorithm: AeadAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn AeadCipher>, CryptoError> {
+        let cipher = self.inner().new_aead(algorithm, key)?;
+        self.on_aead(algorithm, key);
+        Ok(cipher)
+    }
+
+    fn new_cbc(
+        &self,
+        algorithm: CbcAlgorithm,
+        key: &[u8],
+    ) -> Result<Box<dyn CbcCipher>, CryptoError> {
+        self.inner().new_cbc(algorithm, key)
+    }
+
+    fn start_key_exchange(
+        &self,
+        algorithm: KeyExchangeAlgorithm,
+    ) -> Result<Box<dyn ActiveKeyExchange>, CryptoError> {
+        self.inner().start_key_exchange(algorithm)
+    }
+
+    fn generate_signing_key(
+        &self,
+        scheme: SignatureScheme,
+    ) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner().generate_signing_key(scheme)
+    }
+
+    fn import_signing_key(
+        &self,
+        scheme: SignatureScheme,
+        pkcs8_der: &[u8],
+    ) -> Result<Arc<dyn SigningKey>, CryptoError> {
+        self.inner().import_signing_key(scheme, pkcs8_der)
+    }
+
+    fn verify_signature(
+        &self,
+        scheme: SignatureScheme,
+        public_key: PublicKey<'_>,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), CryptoError> {
+        self.inner()
+            .verify_signature(scheme, public_key, message, signature)
+    }
+}
+
+/// Seals RTP packets for one connection's sending direction.
+pub struct Sealer {
+    cipher: Box<dyn AeadCipher>,
+    salt: [u8; 12],
+}
+
+impl Sealer {
+    pub fn new(keys: &SrtpKeys) -> Result<Sealer, CryptoError> {
+        let cipher = RingProvider::new()
+            .crypto()
+            .new_aead(keys.algorithm, &keys.session_key)?;
+        Ok(Sealer {
+            cipher,
+            salt: keys.session_salt,
+        })
+    }
+
+    /// Protects the RTP packet at `buf[start..]` (header of `header_len` bytes, then payload) in
+    /// place and appends the tag.
+    pub fn seal(
+        &mut self,
+        buf: &mut Vec<u8>,
+        start: usize,
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        roc: u32,
+    ) -> Result<(), CryptoError> {
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        iv[6..10].copy_from_slice(&roc.to_be_bytes());
+        iv[10..12].copy_from_slice(&seq.to_be_bytes());
+        for (v, s) in iv.iter_mut().zip(self.salt) {
+            *v ^= s;
+        }
+        let mut tag = [0; TAG_LEN];
+        let (aad, payload) = buf[start..].split_at_mut(header_len);
+        self.cipher.seal_in_place(&iv, aad, payload, &mut tag)?;
+        buf.extend_from_slice(&tag);
+        Ok(())
+    }
+}
+
+/// The rollover counter of one outgoing SSRC (RFC 3711 3.3.1), for packets we send in order and
+/// the occasional retransmission of an older one.
+#[derive(Default, Clone, Copy)]
+pub struct Rollover {
+    roc: u32,
+    highest: Option<u16>,
+}
+
+impl Rollover {
+    /// The ROC to seal `seq` with; advances on a wrap of the highest sequence number sent.
+    pub fn roc_for(&mut self, seq: u16) -> u32 {
+        let Some(highest) = self.highest else {
+            self.highest = Some(seq);
+            return self.roc;
+        };
+        let newer = seq.wrapping_sub(highest) as i16 > 0;
+        if newer {
+            if seq < highest {
+                self.roc = self.roc.wrapping_add(1);
+            }
+            self.highest = Some(seq);
+            self.roc
+        } else if seq > highest {
+            // Older, from before the last wrap.
+            self.roc.wrapping_sub(1)
+        } else {
+            self.roc
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::crypto::providers::RingCrypto;
+    use rtc::rtp::header::Header;
+    use rtc::shared::marshal::{Marshal, MarshalSize};
+    use rtc::srtp::context::Context;
+    use rtc::srtp::protection_profile::ProtectionProfile;
+
+    fn master(profile: ProtectionProfile) -> (Vec<u8>, Vec<u8>) {
+        let key: Vec<u8> = (0..profile.key_len() as u8).map(|i| i * 7 + 1).collect();
+        let salt: Vec<u8> = (0..profile.salt_len() as u8).map(|i| 0xa0 ^ i).collect();
+        (key, salt)
+    }
+
+    /// Builds a context through the capturing provider (as rtc does after DTLS) and returns the
+    /// keys captured for it.
+    fn capture(profile: ProtectionProfile, key: &[u8], salt: &[u8]) -> Vec<SrtpKeys> {
+        let provider = KeyCapture::new();
+        take_captured();
+        Context::new(key, salt, profile, None, None, provider.crypto()).unwrap();
+        take_captured()
+    }
+
+    fn seal_packet(sealer: &mut Sealer, h: &Header, payload: &[u8], roc: u32) -> Vec<u8> {
+        let mut buf = vec![0xee; 3]; // sealing at an offset, as in the send batch
+        let start = buf.len();
+        buf.resize(start + h.marshal_size(), 0);
+        h.marshal_to(&mut buf[start..]).unwrap();
+        buf.extend_from_slice(payload);
+        sealer
+            .seal(
+                &mut buf,
+                start,
+                h.marshal_size(),
+                h.ssrc,
+                h.sequence_number,
+                roc,
+            )
+            .unwrap();
+        buf.split_off(start)
+    }
+
+    fn header(seq: u16) -> Header {
+        Header {
+            version: 2,
+            payload_type: 96,
+            sequence_number: seq,
+            timestamp: 3000,
+            ssrc: 0x1234_5678,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn captured_keys_seal_exactly_as_rtc_does_and_rtc_opens_them() {
+        for profile in [
+            ProtectionProfile::AeadAes128Gcm,
+            ProtectionProfile::AeadAes256Gcm,
+        ] {
+            let (key, salt) = master(profile);
+            let captured = capture(profile, &key, &salt);
+            assert_eq!(captured.len(), 1, "{profile:?}: one context, one key set");
+            let mut sealer = Sealer::new(&captured[0]).unwrap();
+            let mut rtc_tx = Context::new(&key, &salt, profile, None, None, &RingCrypto).unwrap();
+            let mut rtc_rx = Context::new(&key, &salt, profile, None, None, &RingCrypto).unwrap();
+            let payload: Vec<u8> = (0..1188u32).map(|i| i as u8).collect();
+            for seq in [65533u16, 65534, 65535, 0, 1] {
+                let h = header(seq);
+                let roc = u32::from(seq < 100);
+                let ours = seal_packet(&mut sealer, &h, &payload, roc);
+                let mut plain = vec![0; h.marshal_size()];
+                h.marshal_to(&mut plain).unwrap();
+                plain.extend_from_slice(&payload);
+                let theirs = rtc_tx.encrypt_rtp(&plain).unwrap();
+                assert_eq!(ours, theirs.to_vec(), "{profile:?} seq {seq}");
+                let opened = rtc_rx.decrypt_rtp(&ours).unwrap();
+                assert_eq!(&opened[h.marshal_size()..], &payload[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn aes_cm_contexts_are_not_captured() {
+        let profile = ProtectionProfile::Aes128CmHmacSha1_80;
+        let (key, salt) = master(profile);
+        assert!(capture(profile, &key, &salt).is_empty());
+    }
+
+    #[test]
+    fn two_contexts_are_captured_in_order() {
+        let provider = KeyCapture::new();
+        take_captured();
+        let profile = ProtectionProfile::AeadAes128Gcm;
+        let (k1, s1) = master(profile);
+        let (k2, s2) = (vec![9; 16], vec![3; 12]);
+        Context::new(&k1, &s1, profile, None, None, provider.crypto()).unwrap();
+        Context::new(&k2, &s2, profile, None, None, provider.crypto()).unwrap();
+        let got = take_captured();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], capture(profile, &k1, &s1)[0]);
+        assert_eq!(got[1], capture(profile, &k2, &s2)[0]);
+        assert_ne!(got[0], got[1]);
+        assert!(take_captured().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn rollover_counts_wraps_and_places_retransmissions() {
+        let mut r = Rollover::default();
+        assert_eq!(r.roc_for(65534), 0);
+        assert_eq!(r.roc_for(65535), 0);
+        assert_eq!(r.roc_for(0), 1);
+        assert_eq!(r.roc_for(65535), 0, "a retransmission from before the wrap");
+        assert_eq!(r.roc_for(1), 1);
+        assert_eq!(r.roc_for(0), 1, "a retransmission after the wrap");
+    }
+}
