@@ -738,6 +738,12 @@ async fn relay_room_carries_media_through_ferry() {
     );
     assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
+    // Chromium negotiates AES-GCM: what both browsers decoded was sealed by Ferry's own path.
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
+        Some(2.0),
+        "{m}"
+    );
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
     // One pair moved to the relay (both sides report it; the pair counts once).
     assert_eq!(

@@ -148,8 +148,9 @@ async fn relayed_payloads_arrive_intact_with_rewritten_ssrc() {
     );
 }
 
+/// Chrome's first choice, AES_CM_128_HMAC_SHA1_80: sealed by the relay as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aes_cm_connections_keep_rtcs_sealing() {
+async fn aes_cm_connections_are_sealed_by_the_relay_too() {
     let s = spawn(test_config()).await;
     let profiles = vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80];
     let (mut publ, mut sub) = relay_room_offering(&s, true, false, profiles).await;
@@ -160,14 +161,53 @@ async fn aes_cm_connections_keep_rtcs_sealing() {
     assert_eq!(got.len(), usize::from(hi - lo + 1), "no gaps: {got:?}");
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(
-        metric(&m, "ferry_srtp_sessions_total{sealer=\"rtc\"}"),
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
         Some(2.0),
+        "{m}"
+    );
+}
+
+/// The relay offers no profile it cannot seal itself: a client offering only
+/// AES_CM_128_HMAC_SHA1_32 (no browser does) has no profile in common and never connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offering_only_hmac_sha1_32_does_not_connect() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let profiles = vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_32];
+    let mut publ = MediaClient::connect_offering(a, true, 7, false, profiles).await;
+    publ.pump(Duration::from_secs(3)).await;
+    assert!(!publ.connected);
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_peer_connections{state=\"connected\"}"),
+        Some(0.0),
         "{m}"
     );
     assert_eq!(
         metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
         Some(0.0)
     );
+    // The same client offering HMAC_SHA1_80 as well connects (see the test above for media).
+    let mut b = Client::joined_hello(s.addr, "publisher2").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let profiles = vec![
+        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_32,
+        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+    ];
+    let mut publ2 = MediaClient::connect_offering(b, true, 8, false, profiles).await;
+    for _ in 0..200 {
+        publ2.pump(SLICE).await;
+        if publ2.connected {
+            break;
+        }
+    }
+    assert!(publ2.connected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

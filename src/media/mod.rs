@@ -1651,6 +1651,7 @@ impl MediaCore {
             .with_answering_dtls_role(RTCDtlsRole::Server)
             .with_ice_credentials(ufrag.clone(), pwd)
             .with_crypto_provider(self.crypto.clone())
+            .with_srtp_protection_profiles(srtp::PROFILES.to_vec())
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
@@ -1804,7 +1805,7 @@ fn take_srtp_keys(p: &mut Peer, metrics: &Metrics) {
     }
     match srtp::Sealer::new(&keys[0]) {
         Ok(sealer) => {
-            debug!(user = %p.user_id, algorithm = ?keys[0].algorithm, "relayed packets sealed by the relay");
+            debug!(user = %p.user_id, transform = ?keys[0].transform, "relayed packets sealed by the relay");
             p.sealer = Some(sealer);
             metrics.srtp_sealed_by_relay.inc();
         }

@@ -12,8 +12,9 @@
 //! remote one.
 //!
 //! With the local keys, [`Sealer`] protects a forwarded packet in place in the send batch
-//! (AEAD_AES_128_GCM / AEAD_AES_256_GCM, RFC 7714): no allocation, no copy beyond the one into the
-//! send buffer. Connections that negotiated an AES-CM profile are not captured and keep rtc's path.
+//! (AEAD_AES_128_GCM / AEAD_AES_256_GCM, RFC 7714; AES_CM_128_HMAC_SHA1_80, RFC 3711): no
+//! allocation, no copy beyond the one into the send buffer. The relay offers only these profiles
+//! ([`PROFILES`]; HMAC_SHA1_32 is left out, its tag length cannot be told from the keys).
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -29,25 +30,56 @@ use rtc::crypto::{
 /// AES-GCM's tag length in SRTP (RFC 7714).
 pub const TAG_LEN: usize = 16;
 
+const LABEL_SRTP_AUTH: u8 = 1;
 const LABEL_SRTP_SALT: u8 = 2;
+const LABEL_SRTCP_AUTH: u8 = 4;
 const LABEL_SRTCP_SALT: u8 = 5;
+/// HMAC-SHA1-80's tag length.
+pub const CM_TAG_LEN: usize = 10;
+
+/// The DTLS-SRTP profiles the relay accepts, all sealed by [`Sealer`]. A DTLS server takes the
+/// client's first choice among them (Chrome: AES-CM first; rtc: AES-128-GCM first).
+pub const PROFILES: [rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile; 3] = [
+    rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+    rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm,
+    rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+];
 /// KDF blocks remembered per thread while a context is being derived (a context takes 4-6).
 const MAX_PENDING_BLOCKS: usize = 64;
 
-/// One direction's SRTP session key and salt (the key derivation's output) for an AES-GCM profile.
+/// The transform a context was keyed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transform {
+    /// AEAD_AES_*_GCM.
+    Gcm(AeadAlgorithm),
+    /// AES_CM with HMAC-SHA1.
+    Cm(StreamCipherAlgorithm),
+}
+
+/// One direction's SRTP session keys (the key derivation's output).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SrtpKeys {
-    pub algorithm: AeadAlgorithm,
+    pub transform: Transform,
     pub session_key: Vec<u8>,
-    pub session_salt: [u8; 12],
+    /// 12 bytes (GCM) or 14 (CM).
+    pub session_salt: Vec<u8>,
+    /// HMAC-SHA1 key (CM only).
+    pub auth_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for SrtpKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SrtpKeys")
-            .field("algorithm", &self.algorithm)
+            .field("transform", &self.transform)
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keyed {
+    No,
+    Aead(AeadAlgorithm),
+    Stream(StreamCipherAlgorithm),
 }
 
 struct KdfBlock {
@@ -55,8 +87,24 @@ struct KdfBlock {
     key: Vec<u8>,
     input: [u8; 16],
     output: [u8; 16],
-    /// An AEAD was keyed with this block's output: it was the first block of a session key.
-    keyed_aead: bool,
+    /// A cipher was keyed with this block's output: it was the first block of a session key.
+    keyed: Keyed,
+}
+
+impl KdfBlock {
+    /// `(label, counter)` of this block in the derivation `base` (a label-0, counter-0 block) is
+    /// part of: same master key, input differing only in the label byte and the counter.
+    fn relative_to(&self, base: &KdfBlock) -> Option<(u8, u8)> {
+        let same = self.algorithm == base.algorithm
+            && self.key == base.key
+            && (0..15).all(|i| i == 7 || self.input[i] == base.input[i]);
+        same.then(|| {
+            (
+                self.input[7] ^ base.input[7],
+                self.input[15] ^ base.input[15],
+            )
+        })
+    }
 }
 
 thread_local! {
@@ -115,78 +163,86 @@ impl CapturingCrypto {
         self.inner.crypto()
     }
 
-    /// After a KDF block: when it is the last one of an SRTP context (the SRTCP salt, label 5),
-    /// assemble that context's SRTP session key and salt from the blocks seen before it.
+    /// After a KDF block: when it is the last one of an SRTP context (GCM: the SRTCP salt, label
+    /// 5; CM: the SRTCP auth key's second block, label 4), assemble that context's SRTP keys from
+    /// the blocks seen before it.
     fn on_block(&self, block: KdfBlock) {
         PENDING.with(|p| {
             let mut pending = p.borrow_mut();
-            let is_label = |b: &KdfBlock, base: &KdfBlock, label: u8| {
-                b.algorithm == base.algorithm
-                    && b.key == base.key
-                    && (0..16).all(|i| {
-                        let x = if i == 7 { label } else { 0 };
-                        b.input[i] ^ base.input[i] == x
-                    })
-            };
-            // The label-0 block (first block of the SRTP session key) this label-5 block belongs to.
-            let label0 = pending
-                .iter()
-                .position(|b| b.keyed_aead && is_label(&block, b, LABEL_SRTCP_SALT));
-            if let Some(i) = label0 {
-                let base = &pending[i];
-                let salt = pending
-                    .iter()
-                    .find(|b| is_label(b, base, LABEL_SRTP_SALT))
-                    .map(|b| b.output);
-                let (key, algorithm) = match base.algorithm {
-                    BlockCipherAlgorithm::Aes128 => {
-                        (Some(base.output.to_vec()), AeadAlgorithm::Aes128Gcm)
-                    }
-                    // AES-256: the key is the first two PRF blocks (counter 0 and 1).
-                    BlockCipherAlgorithm::Aes256 => (
-                        pending
-                            .iter()
-                            .find(|b| {
-                                b.key == base.key
-                                    && b.input[..15] == base.input[..15]
-                                    && b.input[15] == base.input[15] ^ 1
-                            })
-                            .map(|b| [base.output, b.output].concat()),
-                        AeadAlgorithm::Aes256Gcm,
-                    ),
-                    _ => (None, AeadAlgorithm::Aes128Gcm),
-                };
-                if let (Some(session_key), Some(salt)) = (key, salt) {
-                    let mut session_salt = [0; 12];
-                    session_salt.copy_from_slice(&salt[..12]);
-                    CAPTURED.with(|c| {
-                        c.borrow_mut().push(SrtpKeys {
-                            algorithm,
-                            session_key,
-                            session_salt,
-                        })
-                    });
+            let base = pending.iter().position(|b| {
+                matches!(
+                    (b.keyed, block.relative_to(b)),
+                    (Keyed::Aead(_), Some((LABEL_SRTCP_SALT, 0)))
+                        | (Keyed::Stream(_), Some((LABEL_SRTCP_AUTH, 1)))
+                )
+            });
+            let Some(i) = base else {
+                if pending.len() >= MAX_PENDING_BLOCKS {
+                    pending.remove(0);
                 }
-                let master = base.key.clone();
-                pending.retain(|b| b.key != master);
+                pending.push(block);
                 return;
+            };
+            let base = &pending[i];
+            let find = |label: u8, counter: u8| {
+                pending
+                    .iter()
+                    .find(|b| b.relative_to(base) == Some((label, counter)))
+                    .map(|b| b.output)
+            };
+            let key = match base.algorithm {
+                BlockCipherAlgorithm::Aes128 => Some(base.output.to_vec()),
+                // AES-256: the key is the first two PRF blocks (counter 0 and 1).
+                BlockCipherAlgorithm::Aes256 => find(0, 1).map(|b| [base.output, b].concat()),
+                _ => None,
+            };
+            let keys = match base.keyed {
+                Keyed::Aead(a) => key.zip(find(LABEL_SRTP_SALT, 0)).map(|(k, salt)| SrtpKeys {
+                    transform: Transform::Gcm(a),
+                    session_key: k,
+                    session_salt: salt[..12].to_vec(),
+                    auth_key: Vec::new(),
+                }),
+                Keyed::Stream(c) => {
+                    let auth = find(LABEL_SRTP_AUTH, 0)
+                        .zip(find(LABEL_SRTP_AUTH, 1))
+                        .map(|(a, b)| [a, b].concat()[..20].to_vec());
+                    match (key, find(LABEL_SRTP_SALT, 0), auth) {
+                        (Some(k), Some(salt), Some(auth_key)) => Some(SrtpKeys {
+                            transform: Transform::Cm(c),
+                            session_key: k,
+                            session_salt: salt[..14].to_vec(),
+                            auth_key,
+                        }),
+                        _ => None,
+                    }
+                }
+                Keyed::No => None,
+            };
+            if let Some(keys) = keys {
+                CAPTURED.with(|c| c.borrow_mut().push(keys));
             }
-            if pending.len() >= MAX_PENDING_BLOCKS {
-                pending.remove(0);
-            }
-            pending.push(block);
+            let master = base.key.clone();
+            pending.retain(|b| b.key != master);
         });
     }
 
-    fn on_aead(&self, algorithm: AeadAlgorithm, key: &[u8]) {
-        let first = match (algorithm, key.len()) {
-            (AeadAlgorithm::Aes128Gcm, 16) | (AeadAlgorithm::Aes256Gcm, 32) => &key[..16],
+    /// A cipher keyed with `key`: marks the KDF block that produced its first 16 bytes.
+    fn on_keyed(&self, keyed: Keyed, key: &[u8]) {
+        let expected = match keyed {
+            Keyed::Aead(AeadAlgorithm::Aes128Gcm)
+            | Keyed::Stream(StreamCipherAlgorithm::Aes128Ctr) => 16,
+            Keyed::Aead(AeadAlgorithm::Aes256Gcm)
+            | Keyed::Stream(StreamCipherAlgorithm::Aes256Ctr) => 32,
             _ => return,
         };
+        if key.len() != expected {
+            return;
+        }
         PENDING.with(|p| {
             for b in p.borrow_mut().iter_mut() {
-                if b.output == first && b.input[14..] == [0, 0] {
-                    b.keyed_aead = true;
+                if b.output == key[..16] && b.input[14..] == [0, 0] {
+                    b.keyed = keyed;
                 }
             }
         });
@@ -222,7 +278,7 @@ impl RTCCrypto for CapturingCrypto {
                 key: key.to_vec(),
                 input,
                 output,
-                keyed_aead: false,
+                keyed: Keyed::No,
             });
         }
         Ok(())
@@ -237,7 +293,9 @@ impl RTCCrypto for CapturingCrypto {
         algorithm: StreamCipherAlgorithm,
         key: &[u8],
     ) -> Result<Box<dyn StreamCipher>, CryptoError> {
-        self.inner().new_stream_cipher(algorithm, key)
+        let cipher = self.inner().new_stream_cipher(algorithm, key)?;
+        self.on_keyed(Keyed::Stream(algorithm), key);
+        Ok(cipher)
     }
 
     fn new_aead(
@@ -246,7 +304,7 @@ impl RTCCrypto for CapturingCrypto {
         key: &[u8],
     ) -> Result<Box<dyn AeadCipher>, CryptoError> {
         let cipher = self.inner().new_aead(algorithm, key)?;
-        self.on_aead(algorithm, key);
+        self.on_keyed(Keyed::Aead(algorithm), key);
         Ok(cipher)
     }
 
@@ -292,21 +350,35 @@ impl RTCCrypto for CapturingCrypto {
     }
 }
 
+enum Cipher {
+    Gcm(Box<dyn AeadCipher>),
+    Cm {
+        ctr: Box<dyn StreamCipher>,
+        mac: Box<dyn Mac>,
+    },
+}
+
 /// Seals RTP packets for one connection's sending direction.
 pub struct Sealer {
-    cipher: Box<dyn AeadCipher>,
-    salt: [u8; 12],
+    cipher: Cipher,
+    salt: [u8; 14],
 }
 
 impl Sealer {
     pub fn new(keys: &SrtpKeys) -> Result<Sealer, CryptoError> {
-        let cipher = RingProvider::new()
-            .crypto()
-            .new_aead(keys.algorithm, &keys.session_key)?;
-        Ok(Sealer {
-            cipher,
-            salt: keys.session_salt,
-        })
+        let provider = RingProvider::new();
+        let crypto = provider.crypto();
+        let cipher = match keys.transform {
+            Transform::Gcm(a) => Cipher::Gcm(crypto.new_aead(a, &keys.session_key)?),
+            Transform::Cm(c) => Cipher::Cm {
+                ctr: crypto.new_stream_cipher(c, &keys.session_key)?,
+                mac: crypto.new_hmac(HmacAlgorithm::Sha1, &keys.auth_key)?,
+            },
+        };
+        let mut salt = [0; 14];
+        let n = keys.session_salt.len().min(14);
+        salt[..n].copy_from_slice(&keys.session_salt[..n]);
+        Ok(Sealer { cipher, salt })
     }
 
     /// Protects the RTP packet at `buf[start..]` (header of `header_len` bytes, then payload) in
@@ -320,17 +392,37 @@ impl Sealer {
         seq: u16,
         roc: u32,
     ) -> Result<(), CryptoError> {
-        let mut iv = [0u8; 12];
-        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
-        iv[6..10].copy_from_slice(&roc.to_be_bytes());
-        iv[10..12].copy_from_slice(&seq.to_be_bytes());
-        for (v, s) in iv.iter_mut().zip(self.salt) {
-            *v ^= s;
+        match &mut self.cipher {
+            Cipher::Gcm(aead) => {
+                // RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the 12-byte salt.
+                let mut iv = [0u8; 12];
+                iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                iv[6..10].copy_from_slice(&roc.to_be_bytes());
+                iv[10..12].copy_from_slice(&seq.to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(&self.salt[..12]) {
+                    *v ^= s;
+                }
+                let mut tag = [0; TAG_LEN];
+                let (aad, payload) = buf[start..].split_at_mut(header_len);
+                aead.seal_in_place(&iv, aad, payload, &mut tag)?;
+                buf.extend_from_slice(&tag);
+            }
+            Cipher::Cm { ctr, mac } => {
+                // RFC 3711 4.1.1: SSRC || ROC || SEQ || 00 00 from byte 4, XOR the 14-byte salt.
+                let mut iv = [0u8; 16];
+                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+                iv[8..12].copy_from_slice(&roc.to_be_bytes());
+                iv[12..14].copy_from_slice(&seq.to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(&self.salt) {
+                    *v ^= s;
+                }
+                ctr.apply_keystream(&iv, &mut buf[start + header_len..])?;
+                // RFC 3711 4.2: HMAC-SHA1 over the packet and the ROC, 80 bits of it.
+                let mut tag = [0; 20];
+                mac.sign(&[&buf[start..], &roc.to_be_bytes()], &mut tag)?;
+                buf.extend_from_slice(&tag[..CM_TAG_LEN]);
+            }
         }
-        let mut tag = [0; TAG_LEN];
-        let (aad, payload) = buf[start..].split_at_mut(header_len);
-        self.cipher.seal_in_place(&iv, aad, payload, &mut tag)?;
-        buf.extend_from_slice(&tag);
         Ok(())
     }
 }
@@ -425,6 +517,7 @@ mod tests {
         for profile in [
             ProtectionProfile::AeadAes128Gcm,
             ProtectionProfile::AeadAes256Gcm,
+            ProtectionProfile::Aes128CmHmacSha1_80,
         ] {
             let (key, salt) = master(profile);
             let captured = capture(profile, &key, &salt);
@@ -446,13 +539,6 @@ mod tests {
                 assert_eq!(&opened[h.marshal_size()..], &payload[..]);
             }
         }
-    }
-
-    #[test]
-    fn aes_cm_contexts_are_not_captured() {
-        let profile = ProtectionProfile::Aes128CmHmacSha1_80;
-        let (key, salt) = master(profile);
-        assert!(capture(profile, &key, &salt).is_empty());
     }
 
     #[test]
