@@ -2,11 +2,10 @@
 //! server's media thread (the relay's core runs there alone; signaling and the test's WebRTC peers
 //! run elsewhere and are not counted).
 //!
-//! The performance milestone's target is zero in steady state. The relay's own routing code
-//! (munger, header rewrite, extension remap) allocates only for a non-empty extension list; the
-//! rest is webrtc-rs `rtc`'s per-packet pipeline (interceptors, SRTP), which Ferry cannot change
-//! from outside (docs/performance.md). This test measures it and guards against regressions: the
-//! budget below is today's measurement with headroom, to be lowered as the path improves.
+//! The performance milestone's target is zero in steady state. Each forwarded copy is rewritten
+//! and sealed by the relay itself into the reused send batch (`media::srtp`): zero per copy,
+//! asserted below. Each packet *in* still goes through webrtc-rs `rtc`'s receive pipeline (SRTP
+//! decrypt, interceptors), which allocates; that is measured and bounded (docs/performance.md).
 
 mod common;
 
@@ -131,10 +130,15 @@ async fn allocations_per_packet_in(addr: std::net::SocketAddr, hub: &Hub, n: usi
     }
     assert!(subs.iter().all(|s| s.received.len() >= 150), "warm-up");
     let (a0, f0) = (SERVER_ALLOCATIONS.load(Ordering::Relaxed), forwarded(hub));
+    // Bursts of BURST packets (a video frame's worth) per round of pumping, so that what every
+    // connection does per unit of time (timers, RTCP reports) weighs little per packet.
     const MEASURED: u16 = 400;
-    for _ in 0..MEASURED {
-        publ.send(seq, payload(seq));
-        seq += 1;
+    const BURST: u16 = 10;
+    for _ in 0..MEASURED / BURST {
+        for _ in 0..BURST {
+            publ.send(seq, payload(seq));
+            seq += 1;
+        }
         pump_all(&mut publ, &mut subs).await;
     }
     let (a1, f1) = (SERVER_ALLOCATIONS.load(Ordering::Relaxed), forwarded(hub));
@@ -151,21 +155,23 @@ async fn allocations_per_packet_in(addr: std::net::SocketAddr, hub: &Hub, n: usi
 async fn allocations_per_forwarded_packet() {
     let (addr, hub) = server().await;
     let one = allocations_per_packet_in(addr, &hub, 1).await;
-    let four = allocations_per_packet_in(addr, &hub, 4).await;
+    let six = allocations_per_packet_in(addr, &hub, 6).await;
     // allocations per packet in = per_in + per_copy * subscribers
-    let per_copy = (four - one) / 3.0;
+    let per_copy = (six - one) / 5.0;
     let per_in = one - per_copy;
     eprintln!(
-        "server allocations: {one:.1} per packet with 1 subscriber, {four:.1} with 4 \
-         => {per_in:.1} per packet in + {per_copy:.1} per forwarded copy"
+        "server allocations: {one:.2} per packet with 1 subscriber, {six:.2} with 6 \
+         => {per_in:.2} per packet in + {per_copy:.2} per forwarded copy"
     );
-    // Today's budget (docs/performance.md); the target is 0.
+    // A forwarded copy is written and sealed into the send batch: nothing allocated. What is
+    // left is the connections' own timers and reports, spread over the packets.
     assert!(
-        per_copy < 9.0,
-        "{per_copy:.1} allocations per forwarded copy"
+        per_copy < 0.25,
+        "{per_copy:.2} allocations per forwarded copy"
     );
+    // The packet in: rtc's receive pipeline (SRTP decrypt into a new buffer, interceptors).
     assert!(
-        one < 20.0,
+        one < 12.0,
         "{one:.1} allocations per packet with one subscriber"
     );
 }
