@@ -77,37 +77,55 @@ impl MediaSocket {
         self.state.try_send((&*self.socket).into(), &transmit)
     }
 
-    /// Hand every queued datagram to the kernel, runs of same-size datagrams to one destination
-    /// as one GSO send, and empty the queue. Never waits: what the socket buffer cannot take is
-    /// dropped and reported.
+    /// Hand every queued datagram to the kernel and empty the queue. The datagrams are grouped by
+    /// destination (each destination's keep their order): a run of same-size datagrams to one
+    /// destination goes as one GSO send (a subscriber's packets of one drain: one syscall instead
+    /// of one each). Never waits: what the socket buffer cannot take is dropped and reported.
     pub fn send(&self, tx: &mut TxBatch) -> SendOutcome {
         let mut out = SendOutcome::default();
         let max_segments = self.max_gso_segments().max(1);
-        let mut i = 0;
-        while i < tx.items.len() {
-            let (to, start, len) = tx.items[i];
-            let mut end = start + len;
-            let mut j = i + 1;
-            while j < tx.items.len() && j - i < max_segments {
-                let (next_to, next_start, next_len) = tx.items[j];
-                if next_to != to || next_start != end || next_len > len {
+        let mut order = std::mem::take(&mut tx.order);
+        let mut scratch = std::mem::take(&mut tx.scratch);
+        order.clear();
+        order.extend(tx.items.iter().enumerate().map(|(i, item)| (item.0, i)));
+        // Stable: per destination, queue order.
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut k = 0;
+        while k < order.len() {
+            let (to, first) = order[k];
+            let (_, start, len) = tx.items[first];
+            let (mut end, mut total, mut contiguous) = (start + len, len, true);
+            let mut j = k + 1;
+            while j < order.len() && j - k < max_segments {
+                let (next_to, idx) = order[j];
+                let (_, next_start, next_len) = tx.items[idx];
+                if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
                     break;
                 }
-                if end - start + next_len > MAX_GSO_BYTES {
-                    break;
-                }
-                end += next_len;
+                contiguous &= next_start == end;
+                end = next_start + next_len;
+                total += next_len;
                 j += 1;
                 // Only the last segment of a GSO send may be shorter.
                 if next_len < len {
                     break;
                 }
             }
-            let count = j - i;
+            let count = j - k;
+            let contents: &[u8] = if contiguous {
+                &tx.data[start..start + total]
+            } else {
+                scratch.clear();
+                for &(_, idx) in &order[k..j] {
+                    let (_, s, l) = tx.items[idx];
+                    scratch.extend_from_slice(&tx.data[s..s + l]);
+                }
+                &scratch
+            };
             let transmit = Transmit {
                 destination: to,
                 ecn: None,
-                contents: &tx.data[start..end],
+                contents,
                 segment_size: (count > 1).then_some(len),
                 src_ip: None,
             };
@@ -123,8 +141,10 @@ impl MediaSocket {
                     out.last_error = Some(e);
                 }
             }
-            i = j;
+            k = j;
         }
+        tx.order = order;
+        tx.scratch = scratch;
         tx.clear();
         out
     }
@@ -183,6 +203,9 @@ impl RxBatch {
 pub struct TxBatch {
     data: Vec<u8>,
     items: Vec<(SocketAddr, usize, usize)>,
+    /// Reused by `send`: the items by destination, and a run's datagrams made contiguous.
+    order: Vec<(SocketAddr, usize)>,
+    scratch: Vec<u8>,
 }
 
 impl TxBatch {
@@ -272,6 +295,30 @@ mod tests {
         }
         assert_eq!(recv_all(&b, want_b.len()).await, want_b);
         assert_eq!(recv_all(&c, 1).await, vec![b"for c".to_vec()]);
+    }
+
+    /// Datagrams to several destinations, interleaved as a fan-out queues them, go as one GSO
+    /// send per destination, each destination's in order.
+    #[tokio::test]
+    async fn interleaved_destinations_are_grouped_per_destination() {
+        let (m, b) = pair().await;
+        let (_, c) = pair().await;
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        let mut tx = TxBatch::default();
+        let (mut want_b, mut want_c) = (Vec::new(), Vec::new());
+        for i in 0..6u8 {
+            tx.push(to_b, &[i; 1000]);
+            want_b.push(vec![i; 1000]);
+            tx.push(to_c, &[100 + i; 1000]);
+            want_c.push(vec![100 + i; 1000]);
+        }
+        let out = m.send(&mut tx);
+        assert_eq!(out.sent, 12, "{out:?}");
+        if m.max_gso_segments() > 1 {
+            assert_eq!(out.syscalls, 2, "one GSO send per destination: {out:?}");
+        }
+        assert_eq!(recv_all(&b, 6).await, want_b);
+        assert_eq!(recv_all(&c, 6).await, want_c);
     }
 
     /// One receive takes many datagrams, each whole, with its sender.
