@@ -89,7 +89,7 @@ impl MediaSocket {
         order.clear();
         order.extend(tx.items.iter().enumerate().map(|(i, item)| (item.0, i)));
         // Stable: per destination, queue order.
-        order.sort_by(|a, b| a.0.cmp(&b.0));
+        order.sort_by_key(|item| item.0);
         let mut k = 0;
         while k < order.len() {
             let (to, first) = order[k];
