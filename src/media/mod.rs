@@ -3,9 +3,11 @@
 //!
 //! Datagrams are matched to their peer by STUN USERNAME (our ICE ufrag), then by remote address.
 //! A publisher's RTP comes out of its connection decrypted; the router hands it to every other
-//! relayed member of the room, rewriting only the header (SSRC and payload type of that
-//! subscriber's sender, header extensions stripped) before the subscriber's connection encrypts
-//! it. The payload `Bytes` is shared, not copied.
+//! relayed member of the room, rewriting only the header (SSRC, payload type, sequence number and
+//! timestamp of that subscriber's sender, header extensions under its IDs). Once a subscriber's
+//! DTLS handshake has given the relay its SRTP keys ([`srtp`]), each copy is written and sealed
+//! straight into the send batch; before that (or without keys) it goes through the subscriber's
+//! connection. The payload is shared until it is copied into the send batch.
 //!
 //! Negotiation: the client offers first (its connection to the server opens with a data channel);
 //! when tracks come or go the server offers. The server is the impolite side: an offer from the
@@ -702,11 +704,7 @@ impl MediaCore {
                     if !lost.is_empty() {
                         self.retransmit(key, &track_id, &lost);
                     }
-                    let wants_keyframe = packets.iter().any(|p| {
-                        p.as_any().is::<PictureLossIndication>()
-                            || p.as_any().is::<FullIntraRequest>()
-                    });
-                    if wants_keyframe {
+                    if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
                         self.relay_keyframe_request(key, &track_id, now);
                     }
                 }
@@ -2028,38 +2026,33 @@ fn count_feedback(metrics: &Metrics) -> impl Interceptor + use<> {
     )
 }
 
+/// A PLI or FIR.
+fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
+    p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+}
+
 /// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`); everything passes
-/// on to rtc's own interceptors either way. The relay uses it for subscribers' keyframe requests.
+/// on to rtc's own interceptors either way. The relay uses it for subscribers' keyframe requests
+/// and NACKs.
 pub struct DeliverRtcp;
 
 impl DeliverRtcp {
     /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path).
     pub fn relay_feedback() -> impl Interceptor {
-        Tap::new(
-            |msg: &mut TaggedPacket| {
-                if let Packet::Rtcp(packets) = &msg.message.packet
-                    && packets.iter().any(|p| {
-                        p.as_any().is::<PictureLossIndication>()
-                            || p.as_any().is::<FullIntraRequest>()
-                            || p.as_any().is::<TransportLayerNack>()
-                    })
-                {
-                    msg.message.add(Attribute::DeliverToApplication);
-                }
-            },
-            |_: &TaggedPacket| {},
-        )
+        Self::when(|p| is_keyframe_request(p) || p.as_any().is::<TransportLayerNack>())
     }
 
     /// PLI and FIR only.
     pub fn keyframe_requests() -> impl Interceptor {
+        Self::when(is_keyframe_request)
+    }
+
+    /// Compound packets with at least one packet that `wanted` picks.
+    fn when(wanted: fn(&dyn rtc::rtcp::Packet) -> bool) -> impl Interceptor {
         Tap::new(
-            |msg: &mut TaggedPacket| {
+            move |msg: &mut TaggedPacket| {
                 if let Packet::Rtcp(packets) = &msg.message.packet
-                    && packets.iter().any(|p| {
-                        p.as_any().is::<PictureLossIndication>()
-                            || p.as_any().is::<FullIntraRequest>()
-                    })
+                    && packets.iter().any(|p| wanted(p.as_ref()))
                 {
                     msg.message.add(Attribute::DeliverToApplication);
                 }
