@@ -771,49 +771,30 @@ impl MediaCore {
             if sub.connected
                 && let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote)
             {
-                let h = &mut self.out_header;
-                rewrite_header(h, &packet.header, r, seq, ts, &extensions);
-                let sealed = r.sealed.get_or_insert_with(|| Sealed {
-                    rollover: Default::default(),
-                    sent: Box::new([Sent::default(); RETRANSMIT_BUFFER]),
-                    packets: 0,
-                    octets: 0,
-                    last_ts: (ts, now),
-                    next_report: now,
-                });
-                let roc = sealed.rollover.roc_for(seq);
-                if !self
-                    .tx
-                    .push_with(to, |buf| write_sealed(buf, h, &packet.payload, sealer, roc))
-                {
+                let copy = SealedCopy {
+                    from: &packet.header,
+                    payload: &packet.payload,
+                    extensions: &extensions,
+                    seq,
+                    ts,
+                };
+                let Some(report_due) =
+                    seal_copy(&mut self.tx, &mut self.out_header, r, sealer, to, copy, now)
+                else {
                     r.munger.dropped(packet.header.sequence_number);
                     self.metrics
                         .media_dropped
                         .with_label_values(&["sender_refused"])
                         .inc();
                     continue;
-                }
-                sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
-                    seq,
-                    publisher_seq: packet.header.sequence_number,
-                    publisher_ssrc: packet.header.ssrc,
-                    timestamp: ts,
-                    used: true,
                 };
-                sealed.packets = sealed.packets.wrapping_add(1);
-                sealed.octets = sealed.octets.wrapping_add(packet.payload.len() as u32);
-                if sealed.last_ts.0 != ts {
-                    sealed.last_ts = (ts, now);
-                }
-                if now >= sealed.next_report {
-                    sealed.next_report = now + SENDER_REPORT_INTERVAL;
+                if report_due && let Some(sealed) = r.sealed.as_ref() {
                     let report = sender_report(r.ssrc, r.clock_rate, sealed, now);
                     if let Some(mut s) = sub.pc.rtp_sender(r.sender_id) {
                         let _ = s.write_rtcp(now, vec![Box::new(report)]);
                         self.dirty.insert(r.to);
                     }
                 }
-                r.last_sent = Some(now);
                 self.counts.rtp_out[kind] += 1;
                 self.counts.bytes_out[kind] += bytes;
                 continue;
@@ -1832,6 +1813,69 @@ fn rewrite_header(
     remap_extensions(extensions, &r.ext_map, h);
 }
 
+/// A publisher's packet as one route forwards it: its header (extensions taken out), payload and
+/// extensions, and the route's sequence number and timestamp for it.
+#[derive(Clone, Copy)]
+struct SealedCopy<'a> {
+    from: &'a rtc::rtp::header::Header,
+    payload: &'a [u8],
+    extensions: &'a [rtc::rtp::header::Extension],
+    seq: u16,
+    ts: u32,
+}
+
+/// The own path's work for one subscriber's copy: header rewritten into `h`, the packet sealed
+/// into the send batch, recorded for NACKs and sender reports. `None`: the sealer refused it
+/// (nothing queued). `Some(true)`: the route's sender report is due (see [`sender_report`]).
+fn seal_copy(
+    tx: &mut TxBatch,
+    h: &mut rtc::rtp::header::Header,
+    r: &mut Route,
+    sealer: &mut srtp::Sealer,
+    to: SocketAddr,
+    copy: SealedCopy<'_>,
+    now: Instant,
+) -> Option<bool> {
+    let SealedCopy {
+        from,
+        payload,
+        extensions,
+        seq,
+        ts,
+    } = copy;
+    rewrite_header(h, from, r, seq, ts, extensions);
+    let sealed = r.sealed.get_or_insert_with(|| Sealed {
+        rollover: Default::default(),
+        sent: Box::new([Sent::default(); RETRANSMIT_BUFFER]),
+        packets: 0,
+        octets: 0,
+        last_ts: (ts, now),
+        next_report: now,
+    });
+    let roc = sealed.rollover.roc_for(seq);
+    if !tx.push_with(to, |buf| write_sealed(buf, h, payload, sealer, roc)) {
+        return None;
+    }
+    sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
+        seq,
+        publisher_seq: from.sequence_number,
+        publisher_ssrc: from.ssrc,
+        timestamp: ts,
+        used: true,
+    };
+    sealed.packets = sealed.packets.wrapping_add(1);
+    sealed.octets = sealed.octets.wrapping_add(payload.len() as u32);
+    if sealed.last_ts.0 != ts {
+        sealed.last_ts = (ts, now);
+    }
+    r.last_sent = Some(now);
+    let report_due = now >= sealed.next_report;
+    if report_due {
+        sealed.next_report = now + SENDER_REPORT_INTERVAL;
+    }
+    Some(report_due)
+}
+
 /// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place.
 fn write_sealed(
     buf: &mut Vec<u8>,
@@ -2059,5 +2103,107 @@ impl DeliverRtcp {
             },
             |_: &TaggedPacket| {},
         )
+    }
+}
+
+/// The relay's per-subscriber forwarding work outside a running server, for the routing
+/// benchmark (`benches/routing.rs`): the same [`seal_copy`] the forwarder runs for every
+/// connected subscriber whose packets the relay seals (sequence/timestamp munging, header
+/// rewrite with extension remapping, SRTP sealing into the send batch, the NACK record), over
+/// routes and sealers built from fixed keys, and the send batch's grouping per destination.
+#[doc(hidden)]
+pub mod bench {
+    use super::*;
+
+    /// One publisher track fanned out to `n` subscribers, each with its own connection's sealer.
+    pub struct Fanout {
+        peers: HashMap<PeerKey, (srtp::Sealer, SocketAddr)>,
+        routes: Vec<Route>,
+        header: rtc::rtp::header::Header,
+        tx: TxBatch,
+    }
+
+    impl Fanout {
+        /// `transform` with keys made up per subscriber; subscriber `i` gets the publisher's
+        /// extension id 2 as its id 3 and nothing for the others.
+        pub fn new(n: usize, transform: srtp::Transform) -> Fanout {
+            let mut peers = HashMap::new();
+            let mut routes = Vec::new();
+            for i in 0..n {
+                let key_len = match transform {
+                    srtp::Transform::Gcm(rtc::crypto::AeadAlgorithm::Aes256Gcm) => 32,
+                    _ => 16,
+                };
+                let keys = srtp::SrtpKeys {
+                    transform,
+                    session_key: vec![i as u8; key_len],
+                    session_salt: vec![0x5a; 14],
+                    auth_key: vec![0x3c; 20],
+                };
+                let sealer = srtp::Sealer::new(&keys).expect("sealer");
+                let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));
+                let key = i as PeerKey * 7 + 1;
+                peers.insert(key, (sealer, addr));
+                let mut ext_map = Box::new([0u8; 256]);
+                ext_map[2] = 3;
+                routes.push(Route {
+                    to: key,
+                    sender_id: RTCRtpSenderId::default(),
+                    ssrc: 0x1000_0000 + i as u32,
+                    payload_type: 96 + (i % 4) as u8,
+                    munger: Munger::default(),
+                    ext_map,
+                    clock_rate: 90_000,
+                    last_sent: None,
+                    sealed: None,
+                });
+            }
+            Fanout {
+                peers,
+                routes,
+                header: Default::default(),
+                tx: TxBatch::default(),
+            }
+        }
+
+        /// Forwards one packet to every subscriber (the packet's extensions taken out first, as
+        /// the forwarder does once per packet); the number of copies queued.
+        pub fn forward(&mut self, packet: &mut rtc::rtp::Packet, now: Instant) -> usize {
+            let extensions = std::mem::take(&mut packet.header.extensions);
+            packet.header.extension = false;
+            let mut queued = 0;
+            for r in self.routes.iter_mut() {
+                let Some((sealer, to)) = self.peers.get_mut(&r.to) else {
+                    continue;
+                };
+                let (seq, ts) = r.munger.map(
+                    packet.header.ssrc,
+                    packet.header.sequence_number,
+                    packet.header.timestamp,
+                );
+                let copy = SealedCopy {
+                    from: &packet.header,
+                    payload: &packet.payload,
+                    extensions: &extensions,
+                    seq,
+                    ts,
+                };
+                if seal_copy(&mut self.tx, &mut self.header, r, sealer, *to, copy, now).is_some() {
+                    queued += 1;
+                }
+            }
+            packet.header.extension = !extensions.is_empty();
+            packet.header.extensions = extensions;
+            queued
+        }
+
+        /// Groups the queued datagrams per destination into GSO runs (as the send does before
+        /// its syscalls) and empties the batch: the bytes queued.
+        pub fn drain(&mut self, max_segments: usize) -> usize {
+            let mut bytes = 0;
+            self.tx
+                .drain_runs(max_segments, |t, _| bytes += t.contents.len());
+            bytes
+        }
     }
 }

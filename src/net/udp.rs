@@ -83,55 +83,10 @@ impl MediaSocket {
     /// of one each). Never waits: what the socket buffer cannot take is dropped and reported.
     pub fn send(&self, tx: &mut TxBatch) -> SendOutcome {
         let mut out = SendOutcome::default();
-        let max_segments = self.max_gso_segments().max(1);
-        let mut order = std::mem::take(&mut tx.order);
-        let mut scratch = std::mem::take(&mut tx.scratch);
-        order.clear();
-        order.extend(tx.items.iter().enumerate().map(|(i, item)| (item.0, i)));
-        // Stable: per destination, queue order.
-        order.sort_by_key(|item| item.0);
-        let mut k = 0;
-        while k < order.len() {
-            let (to, first) = order[k];
-            let (_, start, len) = tx.items[first];
-            let (mut end, mut total, mut contiguous) = (start + len, len, true);
-            let mut j = k + 1;
-            while j < order.len() && j - k < max_segments {
-                let (next_to, idx) = order[j];
-                let (_, next_start, next_len) = tx.items[idx];
-                if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
-                    break;
-                }
-                contiguous &= next_start == end;
-                end = next_start + next_len;
-                total += next_len;
-                j += 1;
-                // Only the last segment of a GSO send may be shorter.
-                if next_len < len {
-                    break;
-                }
-            }
-            let count = j - k;
-            let contents: &[u8] = if contiguous {
-                &tx.data[start..start + total]
-            } else {
-                scratch.clear();
-                for &(_, idx) in &order[k..j] {
-                    let (_, s, l) = tx.items[idx];
-                    scratch.extend_from_slice(&tx.data[s..s + l]);
-                }
-                &scratch
-            };
-            let transmit = Transmit {
-                destination: to,
-                ecn: None,
-                contents,
-                segment_size: (count > 1).then_some(len),
-                src_ip: None,
-            };
+        tx.drain_runs(self.max_gso_segments(), |transmit, count| {
             // Straight to the non-blocking socket, not through tokio's readiness: a send is
             // tried whenever there is something to send, and a full buffer answers WouldBlock.
-            let r = self.state.try_send((&*self.socket).into(), &transmit);
+            let r = self.state.try_send((&*self.socket).into(), transmit);
             out.syscalls += 1;
             match r {
                 Ok(()) => out.sent += count,
@@ -141,11 +96,7 @@ impl MediaSocket {
                     out.last_error = Some(e);
                 }
             }
-            k = j;
-        }
-        tx.order = order;
-        tx.scratch = scratch;
-        tx.clear();
+        });
         out
     }
 }
@@ -236,7 +187,62 @@ impl TxBatch {
         self.items.is_empty()
     }
 
-    fn clear(&mut self) {
+    /// Empties the queue through `send`, a run at a time: the datagrams grouped by destination
+    /// (each destination's keep their queue order), a run of up to `max_segments` same-size
+    /// datagrams to one destination (the last may be shorter) as one [`Transmit`] with its
+    /// segment size, and the number of datagrams it carries.
+    pub fn drain_runs(&mut self, max_segments: usize, mut send: impl FnMut(&Transmit<'_>, usize)) {
+        let max_segments = max_segments.max(1);
+        let mut order = std::mem::take(&mut self.order);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        order.clear();
+        order.extend(self.items.iter().enumerate().map(|(i, item)| (item.0, i)));
+        // Stable: per destination, queue order.
+        order.sort_by_key(|item| item.0);
+        let mut k = 0;
+        while k < order.len() {
+            let (to, first) = order[k];
+            let (_, start, len) = self.items[first];
+            let (mut end, mut total, mut contiguous) = (start + len, len, true);
+            let mut j = k + 1;
+            while j < order.len() && j - k < max_segments {
+                let (next_to, idx) = order[j];
+                let (_, next_start, next_len) = self.items[idx];
+                if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
+                    break;
+                }
+                contiguous &= next_start == end;
+                end = next_start + next_len;
+                total += next_len;
+                j += 1;
+                // Only the last segment of a GSO send may be shorter.
+                if next_len < len {
+                    break;
+                }
+            }
+            let count = j - k;
+            let contents: &[u8] = if contiguous {
+                &self.data[start..start + total]
+            } else {
+                scratch.clear();
+                for &(_, idx) in &order[k..j] {
+                    let (_, s, l) = self.items[idx];
+                    scratch.extend_from_slice(&self.data[s..s + l]);
+                }
+                &scratch
+            };
+            let transmit = Transmit {
+                destination: to,
+                ecn: None,
+                contents,
+                segment_size: (count > 1).then_some(len),
+                src_ip: None,
+            };
+            send(&transmit, count);
+            k = j;
+        }
+        self.order = order;
+        self.scratch = scratch;
         self.data.clear();
         self.items.clear();
     }
