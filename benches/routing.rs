@@ -163,7 +163,7 @@ fn aes_gcm_alone(c: &mut Criterion) {
                             payload,
                         )
                         .expect("seal");
-                    std::hint::black_box(tag);
+                    let _ = std::hint::black_box(tag);
                 }
             })
         });

@@ -56,6 +56,40 @@ async fn broadcast_reports_forwarded_media() {
     assert_eq!(r["join_ms"]["n"], 3, "{r}");
 }
 
+/// `--light-subscribers`: the subscribers open the relayed SRTP with their own handshake's keys
+/// (not through webrtc-rs's receive pipeline) and every payload still checks out; the publisher
+/// paces its frames (`--pacing 2.5`) and still sends all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_subscribers_open_srtp_themselves_from_a_paced_publisher() {
+    let s = spawn(test_config()).await;
+    let r = run(LoadgenArgs {
+        light_subscribers: true,
+        pacing: 2.5,
+        ..args(&s, Shape::Broadcast, 1, 3)
+    })
+    .await
+    .expect("loadgen runs");
+    eprintln!("{r:#}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["light_subscribers"], true, "{r}");
+    assert_eq!(r["pacing"], 2.5, "{r}");
+    assert_eq!(r["receiving_clients"], 3, "{r}");
+    assert_eq!(r["corrupt_payloads"], 0, "{r}");
+    assert_eq!(r["malformed_packets"], 0, "{r}");
+    // 500 kbit/s in 1000-byte packets at 15 fps (5 per frame, one every 6.4 ms: 75/s) + 50 audio/s.
+    let sent = r["packets_sent_per_s"].as_f64().unwrap();
+    let received = r["packets_received_per_s"].as_f64().unwrap();
+    assert!(sent > 100.0 && sent < 150.0, "{r}");
+    assert!(received > 2.0 * sent && received < 4.0 * sent, "{r}");
+    assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
+    assert!(r["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+    // Nearly all of it opened by the subscribers themselves: only what arrived in the moment
+    // between the handshake and the keys being taken went through rtc.
+    let opened = r["packets_opened_by_light_subscribers"].as_f64().unwrap();
+    let total = received * r["seconds"].as_f64().unwrap();
+    assert!(opened > 0.9 * total, "opened {opened} of {total}: {r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meeting_members_receive_each_other() {
     let s = spawn(test_config()).await;
@@ -80,6 +114,30 @@ async fn a_server_that_is_not_there_is_a_clear_error() {
     a.duration = Duration::from_secs(1);
     let e = run(a).await.expect_err("no server");
     assert!(e.contains(&s_url), "{e}");
+}
+
+#[tokio::test]
+async fn out_of_range_options_are_clear_errors() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for (a, flag) in [
+        (
+            LoadgenArgs {
+                pacing: 0.5,
+                ..args_for_url(&url)
+            },
+            "--pacing",
+        ),
+        (
+            LoadgenArgs {
+                fps: 0,
+                ..args_for_url(&url)
+            },
+            "--fps",
+        ),
+    ] {
+        let e = run(a).await.expect_err("refused");
+        assert!(e.contains(flag), "{e}");
+    }
 }
 
 fn args_for_url(url: &str) -> LoadgenArgs {

@@ -82,12 +82,28 @@ pub struct LoadgenArgs {
     pub packet_bytes: usize,
     #[arg(long, default_value_t = 30)]
     pub fps: u32,
+    /// Send each video frame's packets paced at this multiple of the video bitrate, as a
+    /// browser's pacer does (libwebrtc: 2.5), instead of all at once (0, the default: the worst
+    /// case for the relay's queueing).
+    #[arg(long, default_value_t = 0.0)]
+    pub pacing: f64,
     /// Publish video only (no 50 packets/s Opus-like audio).
     #[arg(long)]
     pub no_audio: bool,
     /// Check the whole payload of one received packet in this many (the rest are only counted).
     #[arg(long, default_value_t = 16)]
     pub verify_every: u64,
+    /// Receive every datagram on its own: the clients' sockets without UDP GRO. On loopback the
+    /// sending server's CPU time includes the kernel's delivery to the receiving socket; with GRO
+    /// (the default) a GSO send is delivered whole, without it one datagram at a time.
+    #[arg(long)]
+    pub no_gro: bool,
+    /// Subscribers open the relayed SRTP themselves (with the keys of their DTLS handshake) and
+    /// only count, instead of passing every packet through webrtc-rs's receive pipeline: about
+    /// 10x less load-generator CPU per packet, for runs that would otherwise saturate the
+    /// machine. They then send the server no receiver reports, NACKs or transport-cc feedback.
+    #[arg(long)]
+    pub light_subscribers: bool,
     /// Clients joining per second.
     #[arg(long, default_value_t = 100)]
     pub join_rate: u32,
@@ -142,11 +158,17 @@ pub struct Shared {
     pub received: AtomicU64,
     pub corrupt: AtomicU64,
     pub malformed: AtomicU64,
+    /// Packets light subscribers opened themselves.
+    pub opened_light: AtomicU64,
     pub keyframe_requests: AtomicU64,
     /// Clients that received media.
     pub receiving: AtomicU64,
     pub measuring: AtomicBool,
     pub verify_every: u64,
+    /// The clients' sockets receive with UDP GRO.
+    pub gro: bool,
+    /// Receive-only clients open SRTP themselves (`--light-subscribers`).
+    pub light: bool,
     /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
     latency: [AtomicU64; 32 * LATENCY_STEPS],
     latency_max: AtomicU64,
@@ -160,10 +182,13 @@ impl Shared {
             received: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            opened_light: AtomicU64::new(0),
             keyframe_requests: AtomicU64::new(0),
             receiving: AtomicU64::new(0),
             measuring: AtomicBool::new(false),
             verify_every: verify_every.max(1),
+            gro: true,
+            light: false,
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_max: AtomicU64::new(0),
         }
@@ -410,6 +435,9 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     if args.packet_bytes < peer::STAMP || args.packet_bytes > 1400 {
         return Err("--packet-bytes must be between 16 and 1400".into());
     }
+    if !(args.pacing == 0.0 || (1.0..=100.0).contains(&args.pacing)) {
+        return Err("--pacing must be 0 (a frame at once) or between 1 and 100".into());
+    }
     if args.fps == 0 || args.fps > 120 {
         return Err("--fps must be between 1 and 120".into());
     }
@@ -430,7 +458,10 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     };
     // Fail early, with a clear message, when the server is not there; its memory before we join.
     let baseline = probe.sample().await?;
-    let shared = Arc::new(Shared::new(args.verify_every));
+    let mut shared = Shared::new(args.verify_every);
+    shared.gro = !args.no_gro;
+    shared.light = args.light_subscribers;
+    let shared = Arc::new(shared);
     let ctx = Ctx {
         shared: shared.clone(),
         stop_at: Arc::new(Mutex::new(None)),
@@ -439,6 +470,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
             packet_bytes: args.packet_bytes,
             fps: args.fps,
             audio: !args.no_audio,
+            pacing_factor: args.pacing,
         },
         local_ip: args.local_ip,
         pace: Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1))),
@@ -602,7 +634,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "target": format!("{:?}", args.target).to_lowercase(),
         "shape": format!("{:?}", args.shape).to_lowercase(),
         "rooms": args.rooms, "publishers_per_room": args.publishers, "subscribers_per_room": args.subscribers,
-        "video_kbps": args.video_kbps, "audio": !args.no_audio,
+        "video_kbps": args.video_kbps, "audio": !args.no_audio, "pacing": args.pacing,
+        "light_subscribers": args.light_subscribers, "receive_gro": !args.no_gro,
         "seconds": elapsed,
         "packets_sent_per_s": (sent1 - sent0) as f64 / elapsed,
         "packets_received_per_s": received / elapsed,
@@ -632,6 +665,9 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "other_cpu_seconds": machine_busy.zip(own_cpu).zip(server_cpu).map(|((m, o), s)| m - o - s),
         "join_ms": { "p50": pct(&joins, 0.5), "p99": pct(&joins, 0.99), "n": joins.len() },
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
+        // Received datagrams too short for the stamp, or (light subscribers) that did not open.
+        "malformed_packets": shared.malformed.load(Ordering::Relaxed),
+        "packets_opened_by_light_subscribers": shared.opened_light.load(Ordering::Relaxed),
         "keyframe_requests": shared.keyframe_requests.load(Ordering::Relaxed),
         "errors": errors,
     });
@@ -759,14 +795,20 @@ async fn client<S: Signal>(
             && p.connected
         {
             if now >= next_frame {
-                p.send_frame(true, frame_bytes, s.packet_bytes, Instant::now());
+                p.send_frame(
+                    true,
+                    frame_bytes,
+                    s.packet_bytes,
+                    s.packet_gap(),
+                    Instant::now(),
+                );
                 next_frame += frame_every;
                 if next_frame < now {
                     next_frame = now + frame_every;
                 }
             }
             if s.audio && now >= next_audio {
-                p.send_frame(false, 100, s.packet_bytes, Instant::now());
+                p.send_frame(false, 100, s.packet_bytes, None, Instant::now());
                 next_audio += audio_every;
                 if next_audio < now {
                     next_audio = now + audio_every;
@@ -774,6 +816,9 @@ async fn client<S: Signal>(
             }
         }
         let mut until = now + Duration::from_millis(50);
+        if let Some(at) = p.send_due(Instant::now()) {
+            until = until.min(tokio::time::Instant::from_std(at));
+        }
         if src.is_some() && p.connected {
             until = until.min(next_frame).min(if src.is_some_and(|s| s.audio) {
                 next_audio

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use rtc::interceptor::{Registry, Slot};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -29,7 +30,8 @@ use tokio::net::UdpSocket;
 
 use super::ws::Signal;
 use super::{Shared, StreamLoss};
-use crate::media::{DeliverRtcp, single_ssrc_track};
+use crate::media::{DeliverRtcp, single_ssrc_track, srtp};
+use crate::net::udp::{MediaSocket, RxBatch};
 
 /// Bytes at the start of every synthetic payload: send time (µs since the run's epoch, u64),
 /// the stream's own packet counter (u32), the stream index (u32).
@@ -66,6 +68,19 @@ pub struct Source {
     pub packet_bytes: usize,
     pub fps: u32,
     pub audio: bool,
+    /// Video packets go out paced at this multiple of `video_bps` (0: a frame at once).
+    pub pacing_factor: f64,
+}
+
+impl Source {
+    /// The time between two packets of a paced frame.
+    pub fn packet_gap(&self) -> Option<std::time::Duration> {
+        (self.pacing_factor > 0.0 && self.video_bps > 0).then(|| {
+            std::time::Duration::from_secs_f64(
+                (self.packet_bytes * 8) as f64 / (self.pacing_factor * self.video_bps as f64),
+            )
+        })
+    }
 }
 
 struct Outgoing {
@@ -77,20 +92,40 @@ struct Outgoing {
     clock_rate: u32,
 }
 
+/// A frame being sent: its size, packets, timestamp and (paced) which packet goes next and when.
+struct Frame {
+    bytes: usize,
+    packet_bytes: usize,
+    packets: usize,
+    next: usize,
+    ts: u32,
+    next_at: Instant,
+    gap: std::time::Duration,
+}
+
 pub struct Peer {
     pc: RTCPeerConnection,
-    socket: UdpSocket,
+    /// Received with `recvmmsg` (and GRO unless turned off), as the relay receives.
+    socket: MediaSocket,
+    rx: RxBatch,
     local: SocketAddr,
     pub connected: bool,
     video: Option<Outgoing>,
     audio: Option<Outgoing>,
+    /// The video frame being sent paced.
+    frame: Option<Frame>,
     /// A keyframe was asked for: the next video frame is a large one.
     keyframe_wanted: bool,
     /// Per received stream (publisher's stream index): counters for loss.
     pub loss: HashMap<u32, StreamLoss>,
     pub first_media_at: Option<Instant>,
     shared: Arc<Shared>,
-    buf: Vec<u8>,
+    /// A light subscriber's receiving SRTP keys, once its DTLS handshake derived them.
+    opener: Option<srtp::Opener>,
+    /// Receives light (`--light-subscribers`, and publishes nothing).
+    light: bool,
+    /// A received datagram, opened in place.
+    scratch: Vec<u8>,
 }
 
 impl Peer {
@@ -105,6 +140,15 @@ impl Peer {
             .await
             .map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
+        let socket = MediaSocket::new(Arc::new(socket))
+            .map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
+        if !shared.gro {
+            socket
+                .disable_gro()
+                .map_err(|e| format!("UDP GRO off on {local_ip}: {e}"))?;
+        }
+        // One buffer (a GRO chain of up to 64 datagrams): a thousand clients hold 128 MiB.
+        let rx = RxBatch::with_buffers(&socket, 1);
         let mut media_engine = MediaEngine::default();
         media_engine
             .register_codec(
@@ -126,8 +170,15 @@ impl Peer {
             .map_err(err)?;
         let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
         let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
+        let light = shared.light && publish.is_none();
+        let mut setting_engine = SettingEngineBuilder::new();
+        if light {
+            // The SRTP keys it derives are captured (see `media::srtp`), to open packets itself.
+            setting_engine = setting_engine.with_crypto_provider(srtp::KeyCapture::new());
+        }
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(setting_engine.build())
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .build(Instant::now())
@@ -163,15 +214,19 @@ impl Peer {
         Ok(Peer {
             pc,
             socket,
+            rx,
             local,
             connected: false,
             video,
             audio,
             keyframe_wanted: true,
+            frame: None,
             loss: HashMap::new(),
             first_media_at: None,
             shared,
-            buf: vec![0u8; 2048],
+            opener: None,
+            light,
+            scratch: Vec::with_capacity(2048),
         })
     }
 
@@ -221,50 +276,101 @@ impl Peer {
         crate::net::host_candidate(self.local).map_err(err)
     }
 
-    /// Send one video frame (`bytes` split into packets), or an audio packet.
-    pub fn send_frame(&mut self, video: bool, bytes: usize, packet_bytes: usize, now: Instant) {
+    /// Send one video frame (`bytes` split into packets), or an audio packet. With `gap`, a video
+    /// frame's packets go one every `gap` (see [`Peer::send_due`]), as a sender's pacer spreads
+    /// them; without, all at once. A frame still being paced when the next one starts is sent out
+    /// first.
+    pub fn send_frame(
+        &mut self,
+        video: bool,
+        bytes: usize,
+        packet_bytes: usize,
+        gap: Option<std::time::Duration>,
+        now: Instant,
+    ) {
         let keyframe = video && std::mem::take(&mut self.keyframe_wanted);
         let bytes = if keyframe { bytes * 3 } else { bytes };
+        let clock_rate = match if video { &self.video } else { &self.audio } {
+            Some(o) => o.clock_rate,
+            None => return,
+        };
+        if video && let Some(f) = self.frame.take() {
+            for i in f.next..f.packets {
+                self.send_packet(true, &f, i, now);
+            }
+        }
+        let frame = Frame {
+            bytes,
+            packet_bytes,
+            packets: bytes.div_ceil(packet_bytes).max(1),
+            next: 0,
+            ts: (self.shared.since_epoch(now).as_micros() as u64 * u64::from(clock_rate)
+                / 1_000_000) as u32,
+            next_at: now,
+            gap: gap.filter(|_| video).unwrap_or_default(),
+        };
+        if frame.gap.is_zero() {
+            for i in 0..frame.packets {
+                self.send_packet(video, &frame, i, now);
+            }
+        } else {
+            self.frame = Some(frame);
+            self.send_due(now);
+        }
+    }
+
+    /// Sends the paced frame's packets that are due; when the next one is.
+    pub fn send_due(&mut self, now: Instant) -> Option<Instant> {
+        let mut f = self.frame.take()?;
+        while f.next < f.packets && f.next_at <= now {
+            self.send_packet(true, &f, f.next, now);
+            f.next += 1;
+            f.next_at += f.gap;
+        }
+        (f.next < f.packets).then(|| {
+            let at = f.next_at;
+            self.frame = Some(f);
+            at
+        })
+    }
+
+    /// Packet `i` of `f`, stamped with its send time.
+    fn send_packet(&mut self, video: bool, f: &Frame, i: usize, now: Instant) {
         let out = if video {
             self.video.as_mut()
         } else {
             self.audio.as_mut()
         };
         let Some(o) = out else { return };
-        let packets = bytes.div_ceil(packet_bytes).max(1);
-        let ts = (self.shared.since_epoch(now).as_micros() as u64 * u64::from(o.clock_rate)
-            / 1_000_000) as u32;
         let sent_us = self.shared.since_epoch(now).as_micros() as u64;
-        for i in 0..packets {
-            let len = if i + 1 == packets {
-                (bytes - packet_bytes * (packets - 1)).max(STAMP)
-            } else {
-                packet_bytes
-            };
-            let mut b = BytesMut::with_capacity(len);
-            b.put_u64(sent_us);
-            b.put_u32(o.counter);
-            b.put_u32(o.stream);
-            b.resize(len.max(STAMP), o.counter as u8);
-            let packet = rtc::rtp::Packet {
-                header: rtc::rtp::header::Header {
-                    version: 2,
-                    marker: i + 1 == packets,
-                    payload_type: if video { 96 } else { 111 },
-                    sequence_number: o.seq,
-                    timestamp: ts,
-                    ssrc: o.ssrc,
-                    ..Default::default()
-                },
-                payload: b.freeze(),
-            };
-            o.seq = o.seq.wrapping_add(1);
-            o.counter = o.counter.wrapping_add(1);
-            if let Some(mut s) = self.pc.rtp_sender(o.sender)
-                && s.write_rtp(now, packet).is_ok()
-            {
-                self.shared.sent.fetch_add(1, Ordering::Relaxed);
-            }
+        let len = if i + 1 == f.packets {
+            (f.bytes - f.packet_bytes * (f.packets - 1)).max(STAMP)
+        } else {
+            f.packet_bytes
+        };
+        let mut b = BytesMut::with_capacity(len);
+        b.put_u64(sent_us);
+        b.put_u32(o.counter);
+        b.put_u32(o.stream);
+        b.resize(len.max(STAMP), o.counter as u8);
+        let packet = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                marker: i + 1 == f.packets,
+                payload_type: if video { 96 } else { 111 },
+                sequence_number: o.seq,
+                timestamp: f.ts,
+                ssrc: o.ssrc,
+                ..Default::default()
+            },
+            payload: b.freeze(),
+        };
+        o.seq = o.seq.wrapping_add(1);
+        o.counter = o.counter.wrapping_add(1);
+        if let Some(mut s) = self.pc.rtp_sender(o.sender)
+            && s.write_rtp(now, packet).is_ok()
+        {
+            self.shared.sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -279,18 +385,9 @@ impl Peer {
                 .unwrap_or(until)
                 .min(until);
             tokio::select! {
-                r = self.socket.recv_from(&mut self.buf) => {
-                    if let Ok((n, from)) = r {
-                        let _ = self.pc.handle_read(TaggedBytesMut {
-                            now: Instant::now(),
-                            transport: TransportContext {
-                                local_addr: self.local,
-                                peer_addr: from,
-                                ecn: None,
-                                transport_protocol: TransportProtocol::UDP,
-                            },
-                            message: BytesMut::from(&self.buf[..n]),
-                        });
+                r = self.socket.socket.readable() => {
+                    if r.is_ok() {
+                        self.receive();
                     }
                 }
                 m = tokio::time::timeout_at(next, sig.ws().recv()) => {
@@ -302,10 +399,64 @@ impl Peer {
             let now = Instant::now();
             if self.pc.poll_timeout().is_some_and(|t| t <= now) {
                 let _ = self.pc.handle_timeout(now);
+                take_keys(self.light, &mut self.opener);
             }
             if tokio::time::Instant::now() >= until {
                 self.drain(sig).await;
                 return;
+            }
+        }
+    }
+
+    /// What the socket holds now (up to 16 receives), into the connection; a light subscriber's
+    /// SRTP packets are opened and counted here.
+    fn receive(&mut self) {
+        for _ in 0..16 {
+            match self.socket.try_recv(&mut self.rx) {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+            let now = Instant::now();
+            for (datagram, from) in self.rx.datagrams() {
+                if let Some(opener) = self.opener.as_mut()
+                    && let Some((header_len, ssrc, seq)) = rtp_header(datagram)
+                {
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(datagram);
+                    match opener.open(&mut self.scratch, header_len, ssrc, seq) {
+                        Ok(range) => {
+                            self.shared.opened_light.fetch_add(1, Ordering::Relaxed);
+                            let mut payload = &self.scratch[range];
+                            // Padding (RFC 3550 5.1): its last byte says how many to drop.
+                            if datagram[0] & 0x20 != 0 {
+                                let pad = payload.last().map_or(0, |p| usize::from(*p));
+                                payload = &payload[..payload.len().saturating_sub(pad)];
+                            }
+                            count_media(
+                                &self.shared,
+                                &mut self.loss,
+                                &mut self.first_media_at,
+                                payload,
+                                now,
+                            );
+                        }
+                        Err(_) => {
+                            self.shared.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
+                }
+                let _ = self.pc.handle_read(TaggedBytesMut {
+                    now,
+                    transport: TransportContext {
+                        local_addr: self.local,
+                        peer_addr: from,
+                        ecn: None,
+                        transport_protocol: TransportProtocol::UDP,
+                    },
+                    message: BytesMut::from(datagram),
+                });
+                take_keys(self.light, &mut self.opener);
             }
         }
     }
@@ -324,7 +475,13 @@ impl Peer {
         let now = Instant::now();
         while let Some(TaggedRTCMessage { message, .. }) = self.pc.poll_read() {
             match message {
-                RTCMessage::RtpPacket(_, p) => self.on_media(&p.payload, now),
+                RTCMessage::RtpPacket(_, p) => count_media(
+                    &self.shared,
+                    &mut self.loss,
+                    &mut self.first_media_at,
+                    &p.payload,
+                    now,
+                ),
                 RTCMessage::RtcpPacket(_, _) => {
                     // A keyframe request (the only RTCP delivered to us).
                     self.keyframe_wanted = true;
@@ -336,34 +493,74 @@ impl Peer {
             }
         }
         while let Some(t) = self.pc.poll_write() {
-            let _ = self.socket.try_send_to(&t.message, t.transport.peer_addr);
+            let _ = self
+                .socket
+                .socket
+                .try_send_to(&t.message, t.transport.peer_addr);
         }
     }
+}
 
-    fn on_media(&mut self, payload: &Bytes, now: Instant) {
-        if payload.len() < STAMP {
-            self.shared.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if self.first_media_at.is_none() {
-            self.first_media_at = Some(now);
-            self.shared.receiving.fetch_add(1, Ordering::Relaxed);
-        }
-        let sent_us = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
-        let counter = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
-        let stream = u32::from_be_bytes(payload[12..16].try_into().expect("4 bytes"));
-        let shared = &self.shared;
-        let n = shared.received.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(shared.verify_every)
-            && !payload[STAMP..].iter().all(|b| *b == counter as u8)
-        {
-            shared.corrupt.fetch_add(1, Ordering::Relaxed);
-        }
-        if !shared.measuring.load(Ordering::Relaxed) {
-            return;
-        }
-        let now_us = shared.since_epoch(now).as_micros() as u64;
-        shared.record_latency(now_us.saturating_sub(sent_us));
-        self.loss.entry(stream).or_default().saw(counter);
+/// After a call into a light subscriber's connection: if its DTLS handshake just completed, rtc
+/// derived the local then the remote SRTP keys; the remote ones open what the server sends.
+fn take_keys(light: bool, opener: &mut Option<srtp::Opener>) {
+    if !light || opener.is_some() {
+        return;
     }
+    let keys = srtp::take_captured();
+    if keys.len() == 2 {
+        *opener = srtp::Opener::new(&keys[1]).ok();
+    }
+}
+
+/// An SRTP packet's header length, SSRC and sequence number (not RTCP, not DTLS or STUN).
+fn rtp_header(d: &[u8]) -> Option<(usize, u32, u16)> {
+    // Version 2, and not an RTCP packet type (192-223 in the second byte).
+    if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
+        return None;
+    }
+    let mut len = 12 + 4 * usize::from(d[0] & 0x0f);
+    if d[0] & 0x10 != 0 {
+        let words = u16::from_be_bytes([*d.get(len + 2)?, *d.get(len + 3)?]);
+        len += 4 + 4 * usize::from(words);
+    }
+    (len <= d.len()).then(|| {
+        let seq = u16::from_be_bytes([d[2], d[3]]);
+        let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+        (len, ssrc, seq)
+    })
+}
+
+/// One received media payload: its stamp read, loss and latency counted, the whole payload
+/// checked on a sample.
+fn count_media(
+    shared: &Shared,
+    loss: &mut HashMap<u32, StreamLoss>,
+    first_media_at: &mut Option<Instant>,
+    payload: &[u8],
+    now: Instant,
+) {
+    if payload.len() < STAMP {
+        shared.malformed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if first_media_at.is_none() {
+        *first_media_at = Some(now);
+        shared.receiving.fetch_add(1, Ordering::Relaxed);
+    }
+    let sent_us = u64::from_be_bytes(payload[0..8].try_into().expect("8 bytes"));
+    let counter = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+    let stream = u32::from_be_bytes(payload[12..16].try_into().expect("4 bytes"));
+    let n = shared.received.fetch_add(1, Ordering::Relaxed);
+    if n.is_multiple_of(shared.verify_every)
+        && !payload[STAMP..].iter().all(|b| *b == counter as u8)
+    {
+        shared.corrupt.fetch_add(1, Ordering::Relaxed);
+    }
+    if !shared.measuring.load(Ordering::Relaxed) {
+        return;
+    }
+    let now_us = shared.since_epoch(now).as_micros() as u64;
+    shared.record_latency(now_us.saturating_sub(sent_us));
+    loss.entry(stream).or_default().saw(counter);
 }

@@ -350,6 +350,47 @@ impl RTCCrypto for CapturingCrypto {
     }
 }
 
+/// The cipher (and salt) of one direction's session keys.
+fn keyed(keys: &SrtpKeys) -> Result<(Cipher, [u8; 14]), CryptoError> {
+    let provider = RingProvider::new();
+    let crypto = provider.crypto();
+    let cipher = match keys.transform {
+        Transform::Gcm(a) => Cipher::Gcm(crypto.new_aead(a, &keys.session_key)?),
+        Transform::Cm(c) => Cipher::Cm {
+            ctr: crypto.new_stream_cipher(c, &keys.session_key)?,
+            mac: crypto.new_hmac(HmacAlgorithm::Sha1, &keys.auth_key)?,
+        },
+    };
+    let mut salt = [0; 14];
+    let n = keys.session_salt.len().min(14);
+    salt[..n].copy_from_slice(&keys.session_salt[..n]);
+    Ok((cipher, salt))
+}
+
+/// RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the 12-byte salt.
+fn gcm_iv(salt: &[u8; 14], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
+    let mut iv = [0u8; 12];
+    iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    iv[6..10].copy_from_slice(&roc.to_be_bytes());
+    iv[10..12].copy_from_slice(&seq.to_be_bytes());
+    for (v, s) in iv.iter_mut().zip(&salt[..12]) {
+        *v ^= s;
+    }
+    iv
+}
+
+/// RFC 3711 4.1.1: SSRC || ROC || SEQ || 00 00 from byte 4, XOR the 14-byte salt.
+fn cm_iv(salt: &[u8; 14], ssrc: u32, roc: u32, seq: u16) -> [u8; 16] {
+    let mut iv = [0u8; 16];
+    iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    iv[8..12].copy_from_slice(&roc.to_be_bytes());
+    iv[12..14].copy_from_slice(&seq.to_be_bytes());
+    for (v, s) in iv.iter_mut().zip(salt) {
+        *v ^= s;
+    }
+    iv
+}
+
 enum Cipher {
     Gcm(Box<dyn AeadCipher>),
     Cm {
@@ -366,18 +407,7 @@ pub struct Sealer {
 
 impl Sealer {
     pub fn new(keys: &SrtpKeys) -> Result<Sealer, CryptoError> {
-        let provider = RingProvider::new();
-        let crypto = provider.crypto();
-        let cipher = match keys.transform {
-            Transform::Gcm(a) => Cipher::Gcm(crypto.new_aead(a, &keys.session_key)?),
-            Transform::Cm(c) => Cipher::Cm {
-                ctr: crypto.new_stream_cipher(c, &keys.session_key)?,
-                mac: crypto.new_hmac(HmacAlgorithm::Sha1, &keys.auth_key)?,
-            },
-        };
-        let mut salt = [0; 14];
-        let n = keys.session_salt.len().min(14);
-        salt[..n].copy_from_slice(&keys.session_salt[..n]);
+        let (cipher, salt) = keyed(keys)?;
         Ok(Sealer { cipher, salt })
     }
 
@@ -394,28 +424,14 @@ impl Sealer {
     ) -> Result<(), CryptoError> {
         match &mut self.cipher {
             Cipher::Gcm(aead) => {
-                // RFC 7714 8.1: 00 00 || SSRC || ROC || SEQ, XOR the 12-byte salt.
-                let mut iv = [0u8; 12];
-                iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
-                iv[6..10].copy_from_slice(&roc.to_be_bytes());
-                iv[10..12].copy_from_slice(&seq.to_be_bytes());
-                for (v, s) in iv.iter_mut().zip(&self.salt[..12]) {
-                    *v ^= s;
-                }
+                let iv = gcm_iv(&self.salt, ssrc, roc, seq);
                 let mut tag = [0; TAG_LEN];
                 let (aad, payload) = buf[start..].split_at_mut(header_len);
                 aead.seal_in_place(&iv, aad, payload, &mut tag)?;
                 buf.extend_from_slice(&tag);
             }
             Cipher::Cm { ctr, mac } => {
-                // RFC 3711 4.1.1: SSRC || ROC || SEQ || 00 00 from byte 4, XOR the 14-byte salt.
-                let mut iv = [0u8; 16];
-                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
-                iv[8..12].copy_from_slice(&roc.to_be_bytes());
-                iv[12..14].copy_from_slice(&seq.to_be_bytes());
-                for (v, s) in iv.iter_mut().zip(&self.salt) {
-                    *v ^= s;
-                }
+                let iv = cm_iv(&self.salt, ssrc, roc, seq);
                 ctr.apply_keystream(&iv, &mut buf[start + header_len..])?;
                 // RFC 3711 4.2: HMAC-SHA1 over the packet and the ROC, 80 bits of it.
                 let mut tag = [0; 20];
@@ -424,6 +440,75 @@ impl Sealer {
             }
         }
         Ok(())
+    }
+}
+
+/// Opens the SRTP packets of one connection's receiving direction with its session keys (the load
+/// generator's subscribers, which count what they receive without rtc's receive pipeline).
+pub struct Opener {
+    cipher: Cipher,
+    salt: [u8; 14],
+    /// Per SSRC received, its rollover counter.
+    streams: Vec<(u32, Rollover)>,
+}
+
+impl Opener {
+    pub fn new(keys: &SrtpKeys) -> Result<Opener, CryptoError> {
+        let (cipher, salt) = keyed(keys)?;
+        Ok(Opener {
+            cipher,
+            salt,
+            streams: Vec::new(),
+        })
+    }
+
+    /// Authenticates and decrypts the SRTP packet `packet` (an RTP header of `header_len` bytes,
+    /// then the encrypted payload and the tag) in place; the payload's range. A packet that does
+    /// not authenticate changes nothing.
+    pub fn open(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+    ) -> Result<std::ops::Range<usize>, CryptoError> {
+        let i = match self.streams.iter().position(|(s, _)| *s == ssrc) {
+            Some(i) => i,
+            None => {
+                self.streams.push((ssrc, Rollover::default()));
+                self.streams.len() - 1
+            }
+        };
+        // Committed only once the packet authenticates.
+        let mut rollover = self.streams[i].1;
+        let roc = rollover.roc_for(seq);
+        let tag_len = match self.cipher {
+            Cipher::Gcm(_) => TAG_LEN,
+            Cipher::Cm { .. } => CM_TAG_LEN,
+        };
+        if packet.len() < header_len + tag_len {
+            return Err(CryptoError::AuthenticationFailed);
+        }
+        let end = packet.len() - tag_len;
+        match &mut self.cipher {
+            Cipher::Gcm(aead) => {
+                let iv = gcm_iv(&self.salt, ssrc, roc, seq);
+                let (aad, rest) = packet.split_at_mut(header_len);
+                let (payload, tag) = rest.split_at_mut(end - header_len);
+                aead.open_in_place(&iv, aad, payload, tag)?;
+            }
+            Cipher::Cm { ctr, mac } => {
+                let mut tag = [0; 20];
+                mac.sign(&[&packet[..end], &roc.to_be_bytes()], &mut tag)?;
+                if tag[..CM_TAG_LEN] != packet[end..] {
+                    return Err(CryptoError::AuthenticationFailed);
+                }
+                let iv = cm_iv(&self.salt, ssrc, roc, seq);
+                ctr.apply_keystream(&iv, &mut packet[header_len..end])?;
+            }
+        }
+        self.streams[i].1 = rollover;
+        Ok(header_len..end)
     }
 }
 
@@ -538,6 +623,50 @@ mod tests {
                 let opened = rtc_rx.decrypt_rtp(&ours).unwrap();
                 assert_eq!(&opened[h.marshal_size()..], &payload[..]);
             }
+        }
+    }
+
+    #[test]
+    fn opener_opens_what_rtc_seals_across_a_wrap_and_refuses_tampering() {
+        for profile in [
+            ProtectionProfile::AeadAes128Gcm,
+            ProtectionProfile::AeadAes256Gcm,
+            ProtectionProfile::Aes128CmHmacSha1_80,
+        ] {
+            let (key, salt) = master(profile);
+            let captured = capture(profile, &key, &salt);
+            let mut opener = Opener::new(&captured[0]).unwrap();
+            let mut rtc_tx = Context::new(&key, &salt, profile, None, None, &RingCrypto).unwrap();
+            for (i, seq) in [65533u16, 65534, 65535, 0, 1, 2].into_iter().enumerate() {
+                let h = header(seq);
+                let payload: Vec<u8> = (0..1100u32).map(|b| (b as u8) ^ (i as u8)).collect();
+                let mut plain = vec![0; h.marshal_size()];
+                h.marshal_to(&mut plain).unwrap();
+                plain.extend_from_slice(&payload);
+                let sealed = rtc_tx.encrypt_rtp(&plain).unwrap().to_vec();
+                // A flipped bit in the payload or the header: refused, and the next good packet
+                // still opens (nothing was committed).
+                for at in [h.marshal_size() + 10, 3] {
+                    let mut bad = sealed.clone();
+                    bad[at] ^= 1;
+                    assert!(
+                        opener
+                            .open(&mut bad, h.marshal_size(), h.ssrc, seq)
+                            .is_err(),
+                        "{profile:?} seq {seq}: tampered byte {at} accepted"
+                    );
+                }
+                let mut got = sealed.clone();
+                let range = opener
+                    .open(&mut got, h.marshal_size(), h.ssrc, seq)
+                    .unwrap_or_else(|e| panic!("{profile:?} seq {seq}: {e}"));
+                assert_eq!(&got[range], &payload[..], "{profile:?} seq {seq}");
+            }
+            let mut short = vec![0x80; 20];
+            assert!(
+                opener.open(&mut short, 12, 1, 1).is_err(),
+                "too short for a tag"
+            );
         }
     }
 

@@ -33,6 +33,28 @@ impl MediaSocket {
         Ok(MediaSocket { socket, state })
     }
 
+    /// Turns UDP GRO off (quinn-udp turns it on where the kernel has it): every datagram is then
+    /// received on its own.
+    pub fn disable_gro(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let off: libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and an int option of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// Datagrams one GSO send may carry here (1 when the kernel or device has no GSO).
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()
@@ -41,13 +63,14 @@ impl MediaSocket {
     /// One `recvmmsg` into `rx`, without waiting: the number of buffers filled (0 when nothing is
     /// queued).
     pub fn try_recv(&self, rx: &mut RxBatch) -> io::Result<usize> {
+        let n = rx.bufs.len();
         let mut bufs = rx.bufs.iter_mut();
         let mut slices: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
-            IoSliceMut::new(bufs.next().expect("RX_BATCH buffers").as_mut())
+            IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b.as_mut()))
         });
         let r = self.socket.try_io(Interest::READABLE, || {
             self.state
-                .recv((&*self.socket).into(), &mut slices, &mut rx.meta)
+                .recv((&*self.socket).into(), &mut slices[..n], &mut rx.meta[..n])
         });
         match r {
             Ok(n) => {
@@ -122,9 +145,14 @@ pub struct RxBatch {
 
 impl RxBatch {
     pub fn new(socket: &MediaSocket) -> RxBatch {
+        RxBatch::with_buffers(socket, RX_BATCH)
+    }
+
+    /// `buffers` (at most [`RX_BATCH`]) receive buffers: a client's socket needs fewer.
+    pub fn with_buffers(socket: &MediaSocket, buffers: usize) -> RxBatch {
         let size = MAX_DATAGRAM * socket.state.gro_segments().max(1);
         RxBatch {
-            bufs: (0..RX_BATCH)
+            bufs: (0..buffers.clamp(1, RX_BATCH))
                 .map(|_| vec![0u8; size].into_boxed_slice())
                 .collect(),
             meta: [RecvMeta::default(); RX_BATCH],
