@@ -376,30 +376,38 @@ impl Peer {
 
     /// Run the connection until `until`: socket, signaling, timers.
     pub async fn pump<S: Signal>(&mut self, sig: &mut S, until: tokio::time::Instant) {
+        // The connection's next timer, re-read only after something went into the connection: a
+        // light subscriber's media does not, and rtc's `poll_timeout` walks every protocol layer.
+        let mut touched = true;
+        let mut deadline = None;
         loop {
-            self.drain(sig).await;
-            let next = self
-                .pc
-                .poll_timeout()
+            if touched {
+                self.drain(sig).await;
+                deadline = self.pc.poll_timeout();
+                touched = false;
+            }
+            let next = deadline
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or(until)
                 .min(until);
             tokio::select! {
                 r = self.socket.socket.readable() => {
                     if r.is_ok() {
-                        self.receive();
+                        touched = self.receive();
                     }
                 }
                 m = tokio::time::timeout_at(next, sig.ws().recv()) => {
                     if let Ok(Some(m)) = m {
                         sig.on_message(m, self);
+                        touched = true;
                     }
                 }
             }
             let now = Instant::now();
-            if self.pc.poll_timeout().is_some_and(|t| t <= now) {
+            if deadline.is_some_and(|t| t <= now) {
                 let _ = self.pc.handle_timeout(now);
                 take_keys(self.light, &mut self.opener);
+                touched = true;
             }
             if tokio::time::Instant::now() >= until {
                 self.drain(sig).await;
@@ -409,12 +417,13 @@ impl Peer {
     }
 
     /// What the socket holds now (up to 16 receives), into the connection; a light subscriber's
-    /// SRTP packets are opened and counted here.
-    fn receive(&mut self) {
+    /// SRTP packets are opened and counted here. Whether anything went into the connection.
+    fn receive(&mut self) -> bool {
+        let mut touched = false;
         for _ in 0..16 {
             match self.socket.try_recv(&mut self.rx) {
                 Ok(n) if n > 0 => {}
-                _ => return,
+                _ => return touched,
             }
             let now = Instant::now();
             for (datagram, from) in self.rx.datagrams() {
@@ -446,6 +455,7 @@ impl Peer {
                     }
                     continue;
                 }
+                touched = true;
                 let _ = self.pc.handle_read(TaggedBytesMut {
                     now,
                     transport: TransportContext {
@@ -459,6 +469,7 @@ impl Peer {
                 take_keys(self.light, &mut self.opener);
             }
         }
+        touched
     }
 
     async fn drain<S: Signal>(&mut self, sig: &mut S) {
