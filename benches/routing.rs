@@ -6,7 +6,8 @@
 //! destination into GSO runs (what the send does before its syscalls; the syscalls are not here).
 //!
 //! - `forward_1200B_video`: AEAD_AES_128_GCM (what webrtc-rs peers pick);
-//! - `forward_1200B_video_aes_cm`: AES_CM_128_HMAC_SHA1_80 (what Chrome picks);
+//! - `forward_1200B_video_aes256_gcm`: AEAD_AES_256_GCM (Chrome's choice when only GCM is offered);
+//! - `forward_1200B_video_aes_cm`: AES_CM_128_HMAC_SHA1_80 (what Chrome picks by default);
 //! - `aes_128_gcm_seal_alone`: the floor under the first, ring's AES-128-GCM sealing 1200 bytes
 //!   and nothing else;
 //! - `rtc_srtp_context`: for comparison, the arithmetic of the path before the relay sealed
@@ -176,6 +177,11 @@ fn benches(c: &mut Criterion) {
         c,
         "forward_1200B_video",
         Transform::Gcm(AeadAlgorithm::Aes128Gcm),
+    );
+    own_path(
+        c,
+        "forward_1200B_video_aes256_gcm",
+        Transform::Gcm(AeadAlgorithm::Aes256Gcm),
     );
     own_path(
         c,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use serde::{Deserialize, Serialize};
 
 /// A configuration problem, reported before anything starts.
@@ -23,6 +24,38 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid value for {name}: {message}")]
     Invalid { name: &'static str, message: String },
+}
+
+/// The names `srtp_profiles` takes, and the profiles they stand for.
+pub const SRTP_PROFILE_NAMES: [(&str, SrtpProtectionProfile); 3] = [
+    ("aes128-gcm", SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm),
+    ("aes256-gcm", SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm),
+    (
+        "aes128-cm-sha1-80",
+        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+    ),
+];
+
+/// `srtp_profiles` names, in order, duplicates dropped; an unknown name or none is an error.
+pub fn parse_srtp_profiles(names: &[String]) -> Result<Vec<SrtpProtectionProfile>, ConfigError> {
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.trim().to_ascii_lowercase();
+        let Some((_, p)) = SRTP_PROFILE_NAMES.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = SRTP_PROFILE_NAMES.iter().map(|(n, _)| *n).collect();
+            return Err(invalid(
+                "srtp_profiles",
+                format!("unknown profile {name:?} (known: {})", known.join(", ")),
+            ));
+        };
+        if !out.contains(p) {
+            out.push(*p);
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid("srtp_profiles", "name at least one profile"));
+    }
+    Ok(out)
 }
 
 fn invalid(name: &'static str, message: impl Into<String>) -> ConfigError {
@@ -100,6 +133,10 @@ pub struct ServeArgs {
     /// Log format: "text" or "json".
     #[arg(long, env = "FERRY_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// DTLS-SRTP profiles the relay accepts, comma-separated, from aes128-gcm, aes256-gcm,
+    /// aes128-cm-sha1-80 (default: all three).
+    #[arg(long, env = "FERRY_SRTP_PROFILES", value_delimiter = ',')]
+    pub srtp_profiles: Option<Vec<String>>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -159,6 +196,7 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     pub empty_room_ttl: Option<String>,
     pub log_format: Option<String>,
+    pub srtp_profiles: Option<Vec<String>>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -196,6 +234,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub empty_room_ttl: Duration,
     pub log_format: LogFormat,
+    /// The DTLS-SRTP profiles the relay accepts (a DTLS server takes the client's first choice
+    /// among them).
+    pub srtp_profiles: Vec<SrtpProtectionProfile>,
     pub ice_servers: Vec<IceServer>,
     pub turn_servers: Vec<TurnServer>,
 }
@@ -222,6 +263,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             empty_room_ttl: Duration::from_secs(300),
             log_format: LogFormat::Text,
+            srtp_profiles: crate::media::srtp::PROFILES.to_vec(),
             ice_servers: Vec::new(),
             turn_servers: Vec::new(),
         }
@@ -380,6 +422,10 @@ impl Config {
                 ));
             }
         };
+        let srtp_profiles = match args.srtp_profiles.clone().or(file.srtp_profiles) {
+            None => d.srtp_profiles.clone(),
+            Some(names) => parse_srtp_profiles(&names)?,
+        };
         let cfg = Config {
             http_listen,
             metrics_listen,
@@ -416,6 +462,7 @@ impl Config {
             drain_timeout,
             empty_room_ttl,
             log_format,
+            srtp_profiles,
             ice_servers: file.ice_servers,
             turn_servers,
         };
@@ -544,6 +591,39 @@ mod tests {
         assert!(c.dev_mode());
         assert_eq!(c.p2p_max_peers, 2);
         assert_eq!(c.p2p_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn srtp_profiles_parse_from_file_and_flags() {
+        let d = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(d.srtp_profiles, crate::media::srtp::PROFILES.to_vec());
+        let file: FileConfig =
+            toml::from_str("srtp_profiles = [\"AES256-GCM\", \"aes128-gcm\"]\n").unwrap();
+        let c = Config::merge(&ServeArgs::default(), file).unwrap();
+        assert_eq!(
+            c.srtp_profiles,
+            vec![
+                SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm,
+                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm
+            ]
+        );
+        let args = ServeArgs {
+            srtp_profiles: Some(vec!["aes128-cm-sha1-80".into(), "aes128-cm-sha1-80".into()]),
+            ..Default::default()
+        };
+        let c = Config::merge(&args, FileConfig::default()).unwrap();
+        assert_eq!(
+            c.srtp_profiles,
+            vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80]
+        );
+        for bad in [vec!["aes128-cm-sha1-32".to_string()], vec![]] {
+            let args = ServeArgs {
+                srtp_profiles: Some(bad),
+                ..Default::default()
+            };
+            let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+            assert!(e.to_string().contains("srtp_profiles"), "{e}");
+        }
     }
 
     #[test]

@@ -235,6 +235,7 @@ async fn start_shard(
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (metrics, sink, shutdown) = (hub.metrics.clone(), hub.clone(), hub.shutdown.clone());
+    let srtp_profiles = hub.config.srtp_profiles.clone();
     std::thread::Builder::new()
         .name(format!("ferry-media-{index}"))
         .spawn(move || {
@@ -247,7 +248,10 @@ async fn start_shard(
                 .and_then(|rt| {
                     let core = rt.block_on(async {
                         let socket = Arc::new(UdpSocket::from_std(shard.socket)?);
-                        crate::media::MediaCore::new(socket, shard.addrs, metrics, sink)
+                        let mut core =
+                            crate::media::MediaCore::new(socket, shard.addrs, metrics, sink)?;
+                        core.set_srtp_profiles(srtp_profiles);
+                        Ok::<_, std::io::Error>(core)
                     })?;
                     Ok((rt, core))
                 });

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::browser::{Browser, Page, Place, in_loopback_netns};
 use common::*;
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -644,6 +645,70 @@ async fn wait_or_explain(br: &mut Browser, page: &Page, expr: &str, remote: &str
 }
 
 /// A room created with `mode: 'relay'`: two browsers decode each other's video through Ferry.
+/// The SRTP cipher of a member's connection to `remote` (the relay's, in relay mode), as Chromium
+/// reports it.
+async fn srtp_cipher(b: &mut Browser, page: &Page, remote: &str) -> String {
+    b.eval(
+        page,
+        &format!(
+            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let c = null; \
+             r.forEach((x) => {{ if (x.type === 'transport' && x.srtpCipher) c = x.srtpCipher; }}); return c; }})()"
+        ),
+    )
+    .await
+    .as_str()
+    .unwrap_or_default()
+    .to_string()
+}
+
+/// `srtp_profiles = ["aes128-gcm", "aes256-gcm"]`: Chromium (which lists AES-CM first) then uses
+/// AES-GCM on its relay connection, Ferry seals its copies itself, and video is decoded both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_with_gcm_only_profiles() {
+    if !runs_here("relay_with_gcm_only_profiles", &[]) {
+        return;
+    }
+    let mut config = test_config();
+    config.srtp_profiles = vec![
+        SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+        SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm,
+    ];
+    let s = spawn(config).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let ra = ba.eval(&a, &sdk_member(None, "{ mode: 'relay' }")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
+    ba.wait_for(
+        &a,
+        &decoded_via(&b_id, "relay", va["frames"].as_u64().unwrap() as u32 + 20),
+        LIMIT,
+    )
+    .await;
+    // Chromium's first GCM choice is AES-256 (SRTP_AEAD_AES_256_GCM).
+    for cipher in [
+        srtp_cipher(&mut ba, &a, &b_id).await,
+        srtp_cipher(&mut bb, &b, &a_id).await,
+    ] {
+        assert!(
+            cipher.starts_with("SRTP_AEAD_AES_") && cipher.ends_with("_GCM"),
+            "{cipher}"
+        );
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
+        Some(2.0),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_room_carries_media_through_ferry() {
     if !runs_here("relay_room_carries_media_through_ferry", &[]) {
@@ -738,11 +803,16 @@ async fn relay_room_carries_media_through_ferry() {
     );
     assert_eq!(metric(&m, "ferry_relay_connections"), Some(2.0));
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(1.0), "{m}");
-    // Chromium negotiates AES-GCM: what both browsers decoded was sealed by Ferry's own path.
+    // What both browsers decoded was sealed by Ferry's own path, with the profile Chromium lists
+    // first (the DTLS server takes the client's first choice).
     assert_eq!(
         metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
         Some(2.0),
         "{m}"
+    );
+    assert_eq!(
+        srtp_cipher(&mut ba, &a, &b_id).await,
+        "SRTP_AES128_CM_HMAC_SHA1_80"
     );
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
     // One pair moved to the relay (both sides report it; the pair counts once).

@@ -35,6 +35,11 @@ fn bad_flag_values_are_named() {
     );
     fails_with(ferry().env("FERRY_API_SECRET", "short"), "at least 32");
     fails_with(ferry().env("FERRY_LOG_FORMAT", "xml"), "log_format");
+    fails_with(
+        ferry().args(["--srtp-profiles", "aes128-gcm,null"]),
+        "unknown profile \"null\"",
+    );
+    fails_with(ferry().env("FERRY_SRTP_PROFILES", ""), "srtp_profiles");
 }
 
 #[test]

@@ -57,37 +57,45 @@ async fn broadcast_reports_forwarded_media() {
 }
 
 /// `--light-subscribers`: the subscribers open the relayed SRTP with their own handshake's keys
-/// (not through webrtc-rs's receive pipeline) and every payload still checks out; the publisher
-/// paces its frames (`--pacing 2.5`) and still sends all of them.
+/// (not through webrtc-rs's receive pipeline) and every payload still checks out, with AES-GCM
+/// (webrtc-rs's first choice) and with AES-CM/HMAC-SHA1 offered first (as Chrome does); the
+/// publisher paces its frames (`--pacing 2.5`) and still sends all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn light_subscribers_open_srtp_themselves_from_a_paced_publisher() {
     let s = spawn(test_config()).await;
-    let r = run(LoadgenArgs {
-        light_subscribers: true,
-        pacing: 2.5,
-        ..args(&s, Shape::Broadcast, 1, 3)
-    })
-    .await
-    .expect("loadgen runs");
-    eprintln!("{r:#}");
-    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
-    assert_eq!(r["light_subscribers"], true, "{r}");
-    assert_eq!(r["pacing"], 2.5, "{r}");
-    assert_eq!(r["receiving_clients"], 3, "{r}");
-    assert_eq!(r["corrupt_payloads"], 0, "{r}");
-    assert_eq!(r["malformed_packets"], 0, "{r}");
-    // 500 kbit/s in 1000-byte packets at 15 fps (5 per frame, one every 6.4 ms: 75/s) + 50 audio/s.
-    let sent = r["packets_sent_per_s"].as_f64().unwrap();
-    let received = r["packets_received_per_s"].as_f64().unwrap();
-    assert!(sent > 100.0 && sent < 150.0, "{r}");
-    assert!(received > 2.0 * sent && received < 4.0 * sent, "{r}");
-    assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
-    assert!(r["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
-    // Nearly all of it opened by the subscribers themselves: only what arrived in the moment
-    // between the handshake and the keys being taken went through rtc.
-    let opened = r["packets_opened_by_light_subscribers"].as_f64().unwrap();
-    let total = received * r["seconds"].as_f64().unwrap();
-    assert!(opened > 0.9 * total, "opened {opened} of {total}: {r}");
+    for profiles in [None, Some(vec!["aes128-cm-sha1-80".to_string()])] {
+        let r = run(LoadgenArgs {
+            light_subscribers: true,
+            pacing: 2.5,
+            srtp_profiles: profiles.clone(),
+            ..args(&s, Shape::Broadcast, 1, 3)
+        })
+        .await
+        .expect("loadgen runs");
+        eprintln!("{r:#}");
+        assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["light_subscribers"], true, "{r}");
+        assert_eq!(r["pacing"], 2.5, "{r}");
+        assert_eq!(r["receiving_clients"], 3, "{r}");
+        assert_eq!(r["corrupt_payloads"], 0, "{r}");
+        assert_eq!(r["malformed_packets"], 0, "{profiles:?}: {r}");
+        // 500 kbit/s in 1000-byte packets at 15 fps (5 per frame, one every 6.4 ms: 75/s) + 50
+        // audio/s.
+        let sent = r["packets_sent_per_s"].as_f64().unwrap();
+        let received = r["packets_received_per_s"].as_f64().unwrap();
+        assert!(sent > 100.0 && sent < 150.0, "{r}");
+        assert!(received > 2.0 * sent && received < 4.0 * sent, "{r}");
+        assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
+        assert!(r["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+        // Nearly all of it opened by the subscribers themselves: only what arrived in the moment
+        // between the handshake and the keys being taken went through rtc.
+        let opened = r["packets_opened_by_light_subscribers"].as_f64().unwrap();
+        let total = received * r["seconds"].as_f64().unwrap();
+        assert!(
+            opened > 0.9 * total,
+            "{profiles:?}: opened {opened} of {total}: {r}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,6 +141,13 @@ async fn out_of_range_options_are_clear_errors() {
                 ..args_for_url(&url)
             },
             "--fps",
+        ),
+        (
+            LoadgenArgs {
+                srtp_profiles: Some(vec!["rot13".into()]),
+                ..args_for_url(&url)
+            },
+            "--srtp-profiles",
         ),
     ] {
         let e = run(a).await.expect_err("refused");

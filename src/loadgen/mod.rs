@@ -104,6 +104,11 @@ pub struct LoadgenArgs {
     /// machine. They then send the server no receiver reports, NACKs or transport-cc feedback.
     #[arg(long)]
     pub light_subscribers: bool,
+    /// The DTLS-SRTP profiles the clients offer, in their order of preference (the server takes
+    /// the first it accepts), e.g. `aes128-cm-sha1-80,aes128-gcm` as Chrome offers them; default
+    /// webrtc-rs's (AES-128-GCM first).
+    #[arg(long, value_delimiter = ',')]
+    pub srtp_profiles: Option<Vec<String>>,
     /// Clients joining per second.
     #[arg(long, default_value_t = 100)]
     pub join_rate: u32,
@@ -169,6 +174,8 @@ pub struct Shared {
     pub gro: bool,
     /// Receive-only clients open SRTP themselves (`--light-subscribers`).
     pub light: bool,
+    /// What the clients offer (`--srtp-profiles`).
+    pub srtp_profiles: Option<Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>>,
     /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
     latency: [AtomicU64; 32 * LATENCY_STEPS],
     latency_max: AtomicU64,
@@ -189,6 +196,7 @@ impl Shared {
             verify_every: verify_every.max(1),
             gro: true,
             light: false,
+            srtp_profiles: None,
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_max: AtomicU64::new(0),
         }
@@ -435,6 +443,13 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     if args.packet_bytes < peer::STAMP || args.packet_bytes > 1400 {
         return Err("--packet-bytes must be between 16 and 1400".into());
     }
+    let srtp_profiles = match &args.srtp_profiles {
+        Some(names) => Some(
+            crate::config::parse_srtp_profiles(names)
+                .map_err(|e| format!("--srtp-profiles: {e}"))?,
+        ),
+        None => None,
+    };
     if !(args.pacing == 0.0 || (1.0..=100.0).contains(&args.pacing)) {
         return Err("--pacing must be 0 (a frame at once) or between 1 and 100".into());
     }
@@ -461,6 +476,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     let mut shared = Shared::new(args.verify_every);
     shared.gro = !args.no_gro;
     shared.light = args.light_subscribers;
+    shared.srtp_profiles = srtp_profiles;
     let shared = Arc::new(shared);
     let ctx = Ctx {
         shared: shared.clone(),
@@ -636,6 +652,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         "rooms": args.rooms, "publishers_per_room": args.publishers, "subscribers_per_room": args.subscribers,
         "video_kbps": args.video_kbps, "audio": !args.no_audio, "pacing": args.pacing,
         "light_subscribers": args.light_subscribers, "receive_gro": !args.no_gro,
+        "srtp_profiles": args.srtp_profiles,
         "seconds": elapsed,
         "packets_sent_per_s": (sent1 - sent0) as f64 / elapsed,
         "packets_received_per_s": received / elapsed,

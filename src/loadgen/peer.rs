@@ -172,6 +172,9 @@ impl Peer {
         let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
         let light = shared.light && publish.is_none();
         let mut setting_engine = SettingEngineBuilder::new();
+        if let Some(profiles) = &shared.srtp_profiles {
+            setting_engine = setting_engine.with_srtp_protection_profiles(profiles.clone());
+        }
         if light {
             // The SRTP keys it derives are captured (see `media::srtp`), to open packets itself.
             setting_engine = setting_engine.with_crypto_provider(srtp::KeyCapture::new());

@@ -336,6 +336,8 @@ pub struct MediaCore {
     crypto: Arc<srtp::KeyCapture>,
     /// Reused for every sealed copy's header (its extension list keeps its capacity).
     out_header: rtc::rtp::header::Header,
+    /// The DTLS-SRTP profiles offered to every connection (`srtp_profiles`).
+    srtp_profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
 }
 
 /// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and
@@ -440,6 +442,17 @@ fn random_token(len: usize) -> String {
 }
 
 impl MediaCore {
+    /// The DTLS-SRTP profiles new connections accept (default [`srtp::PROFILES`]); each is
+    /// sealed by the relay itself.
+    pub fn set_srtp_profiles(
+        &mut self,
+        profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
+    ) {
+        if !profiles.is_empty() {
+            self.srtp_profiles = profiles;
+        }
+    }
+
     pub fn new(
         socket: Arc<UdpSocket>,
         advertised: Vec<SocketAddr>,
@@ -470,6 +483,7 @@ impl MediaCore {
             scratch_keys: Vec::new(),
             crypto: srtp::KeyCapture::new(),
             out_header: Default::default(),
+            srtp_profiles: srtp::PROFILES.to_vec(),
         })
     }
 
@@ -1630,7 +1644,7 @@ impl MediaCore {
             .with_answering_dtls_role(RTCDtlsRole::Server)
             .with_ice_credentials(ufrag.clone(), pwd)
             .with_crypto_provider(self.crypto.clone())
-            .with_srtp_protection_profiles(srtp::PROFILES.to_vec())
+            .with_srtp_protection_profiles(self.srtp_profiles.clone())
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
