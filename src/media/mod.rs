@@ -334,8 +334,6 @@ pub struct MediaCore {
     scratch_keys: Vec<PeerKey>,
     /// The crypto provider of every connection (ring, plus SRTP key capture).
     crypto: Arc<srtp::KeyCapture>,
-    /// Reused for every sealed copy's header (its extension list keeps its capacity).
-    out_header: rtc::rtp::header::Header,
     /// The DTLS-SRTP profiles offered to every connection (`srtp_profiles`).
     srtp_profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
 }
@@ -482,7 +480,6 @@ impl MediaCore {
             rx_at: Instant::now(),
             scratch_keys: Vec::new(),
             crypto: srtp::KeyCapture::new(),
-            out_header: Default::default(),
             srtp_profiles: srtp::PROFILES.to_vec(),
         })
     }
@@ -792,9 +789,7 @@ impl MediaCore {
                     seq,
                     ts,
                 };
-                let Some(report_due) =
-                    seal_copy(&mut self.tx, &mut self.out_header, r, sealer, to, copy, now)
-                else {
+                let Some(report_due) = seal_copy(&mut self.tx, r, sealer, to, copy, now) else {
                     r.munger.dropped(packet.header.sequence_number);
                     self.metrics
                         .media_dropped
@@ -910,16 +905,7 @@ impl MediaCore {
             else {
                 continue;
             };
-            let h = &mut self.out_header;
-            rewrite_header(
-                h,
-                &original.header,
-                r,
-                seq,
-                sent.timestamp,
-                &original.header.extensions,
-            );
-            let payload = original.payload.clone();
+            let original = original.clone();
             let Some((Some(sealer), Some(to))) = self
                 .peers
                 .get_mut(&sub)
@@ -928,10 +914,18 @@ impl MediaCore {
                 break;
             };
             let roc = sealed.rollover.roc_for(seq);
-            if self
-                .tx
-                .push_with(to, |buf| write_sealed(buf, h, &payload, sealer, roc))
-            {
+            let header = CopyHeader {
+                from: &original.header,
+                payload_type: r.payload_type,
+                ssrc: r.ssrc,
+                ext_map: &r.ext_map,
+                seq,
+                ts: sent.timestamp,
+                extensions: &original.header.extensions,
+            };
+            if self.tx.push_with(to, |buf| {
+                write_sealed(buf, &header, &original.payload, sealer, roc)
+            }) {
                 self.metrics.retransmits.inc();
             }
         }
@@ -1806,7 +1800,9 @@ fn take_srtp_keys(p: &mut Peer, metrics: &Metrics) {
     }
 }
 
-/// One subscriber's header for a publisher's packet, into a reused `Header`.
+/// One subscriber's header for a publisher's packet, as an rtc `Header` (the reference
+/// [`write_header`] is tested against).
+#[cfg(test)]
 fn rewrite_header(
     h: &mut rtc::rtp::header::Header,
     from: &rtc::rtp::header::Header,
@@ -1838,12 +1834,11 @@ struct SealedCopy<'a> {
     ts: u32,
 }
 
-/// The own path's work for one subscriber's copy: header rewritten into `h`, the packet sealed
-/// into the send batch, recorded for NACKs and sender reports. `None`: the sealer refused it
-/// (nothing queued). `Some(true)`: the route's sender report is due (see [`sender_report`]).
+/// The own path's work for one subscriber's copy: header written and the packet sealed into the
+/// send batch, recorded for NACKs and sender reports. `None`: the sealer refused it (nothing
+/// queued). `Some(true)`: the route's sender report is due (see [`sender_report`]).
 fn seal_copy(
     tx: &mut TxBatch,
-    h: &mut rtc::rtp::header::Header,
     r: &mut Route,
     sealer: &mut srtp::Sealer,
     to: SocketAddr,
@@ -1857,7 +1852,15 @@ fn seal_copy(
         seq,
         ts,
     } = copy;
-    rewrite_header(h, from, r, seq, ts, extensions);
+    let header = CopyHeader {
+        from,
+        payload_type: r.payload_type,
+        ssrc: r.ssrc,
+        ext_map: &r.ext_map,
+        seq,
+        ts,
+        extensions,
+    };
     let sealed = r.sealed.get_or_insert_with(|| Sealed {
         rollover: Default::default(),
         sent: Box::new([Sent::default(); RETRANSMIT_BUFFER]),
@@ -1867,7 +1870,7 @@ fn seal_copy(
         next_report: now,
     });
     let roc = sealed.rollover.roc_for(seq);
-    if !tx.push_with(to, |buf| write_sealed(buf, h, payload, sealer, roc)) {
+    if !tx.push_with(to, |buf| write_sealed(buf, &header, payload, sealer, roc)) {
         return None;
     }
     sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
@@ -1890,23 +1893,81 @@ fn seal_copy(
     Some(report_due)
 }
 
+/// What a copy's RTP header carries: the publisher's packet's marker, padding and CSRCs, the
+/// route's payload type, SSRC, sequence number and timestamp, and the publisher's extensions this
+/// subscriber negotiated, under its IDs.
+struct CopyHeader<'a> {
+    from: &'a rtc::rtp::header::Header,
+    payload_type: u8,
+    ssrc: u32,
+    ext_map: &'a [u8; 256],
+    seq: u16,
+    ts: u32,
+    extensions: &'a [rtc::rtp::header::Extension],
+}
+
+/// Appends a copy's RTP header to `buf` (RFC 3550 5.1; extensions RFC 8285, one-byte form when
+/// every one fits it, else two-byte), byte for byte as rtc marshals the same header; its length.
+/// Nothing is allocated: the publisher's extension payloads are copied straight in.
+fn write_header(buf: &mut Vec<u8>, c: &CopyHeader<'_>) -> usize {
+    let start = buf.len();
+    let csrc = &c.from.csrc[..c.from.csrc.len().min(15)];
+    let forwarded = || {
+        c.extensions.iter().filter_map(|e| {
+            let id = c.ext_map[usize::from(e.id)];
+            (id != 0 && e.payload.len() <= 255).then_some((id, &e.payload[..]))
+        })
+    };
+    let (mut any, mut one_byte) = (false, true);
+    for (id, payload) in forwarded() {
+        any = true;
+        one_byte &= id <= 14 && !payload.is_empty() && payload.len() <= 16;
+    }
+    buf.push(0x80 | u8::from(c.from.padding) << 5 | u8::from(any) << 4 | csrc.len() as u8);
+    buf.push(u8::from(c.from.marker) << 7 | (c.payload_type & 0x7f));
+    buf.extend_from_slice(&c.seq.to_be_bytes());
+    buf.extend_from_slice(&c.ts.to_be_bytes());
+    buf.extend_from_slice(&c.ssrc.to_be_bytes());
+    for x in csrc {
+        buf.extend_from_slice(&x.to_be_bytes());
+    }
+    if any {
+        buf.extend_from_slice(if one_byte {
+            &[0xBE, 0xDE]
+        } else {
+            &[0x10, 0x00]
+        });
+        let length_at = buf.len();
+        buf.extend_from_slice(&[0, 0]);
+        let body = buf.len();
+        for (id, payload) in forwarded() {
+            if one_byte {
+                buf.push(id << 4 | (payload.len() - 1) as u8);
+            } else {
+                buf.push(id);
+                buf.push(payload.len() as u8);
+            }
+            buf.extend_from_slice(payload);
+        }
+        let words = (buf.len() - body).div_ceil(4);
+        buf.resize(body + 4 * words, 0);
+        buf[length_at..length_at + 2].copy_from_slice(&(words as u16).to_be_bytes());
+    }
+    buf.len() - start
+}
+
 /// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place.
 fn write_sealed(
     buf: &mut Vec<u8>,
-    h: &rtc::rtp::header::Header,
+    c: &CopyHeader<'_>,
     payload: &[u8],
     sealer: &mut srtp::Sealer,
     roc: u32,
 ) -> bool {
-    use rtc::shared::marshal::{Marshal, MarshalSize};
     let start = buf.len();
-    let header_len = h.marshal_size();
-    buf.resize(start + header_len, 0);
-    if h.marshal_to(&mut buf[start..]).is_err() {
-        return false;
-    }
+    let header_len = write_header(buf, c);
     buf.extend_from_slice(payload);
-    if h.padding {
+    if c.from.padding {
         let pad = match payload.len() % 4 {
             0 => 4,
             n => 4 - n,
@@ -1915,7 +1976,7 @@ fn write_sealed(
         buf.push(pad as u8);
     }
     sealer
-        .seal(buf, start, header_len, h.ssrc, h.sequence_number, roc)
+        .seal(buf, start, header_len, c.ssrc, c.seq, roc)
         .is_ok()
 }
 
@@ -2120,6 +2181,90 @@ impl DeliverRtcp {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rtc::rtp::header::{Extension, Header};
+    use rtc::shared::marshal::{Marshal, MarshalSize};
+
+    fn ext(id: u8, len: usize) -> Extension {
+        Extension {
+            id,
+            payload: Bytes::from((0..len).map(|i| id ^ i as u8).collect::<Vec<u8>>()),
+        }
+    }
+
+    /// `write_header` against rtc's marshal of the same rewritten header, over the forms a
+    /// forwarded header takes.
+    #[test]
+    fn copy_headers_are_written_as_rtc_marshals_them() {
+        let mut ext_map = Box::new([0u8; 256]);
+        ext_map[1] = 5; // one-byte id -> one-byte id
+        ext_map[3] = 7;
+        ext_map[4] = 15; // -> an id only the two-byte form carries
+        ext_map[6] = 2;
+        ext_map[9] = 9;
+        let route = Route {
+            to: 1,
+            sender_id: RTCRtpSenderId::default(),
+            ssrc: 0x0102_0304,
+            payload_type: 111,
+            munger: Munger::default(),
+            ext_map,
+            clock_rate: 90_000,
+            last_sent: None,
+            sealed: None,
+        };
+        let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
+            (vec![], vec![], false, false),
+            (vec![], vec![7, 8], true, false),
+            // 2 unmapped in the middle; 3 + 1 + 4 bytes of mapped ones: padded to 12.
+            (vec![ext(1, 2), ext(2, 1), ext(3, 3)], vec![], true, false),
+            (vec![ext(3, 16), ext(1, 1)], vec![9], false, true),
+            // Two-byte form: an id above 14, a payload above 16 bytes, an empty payload.
+            (vec![ext(1, 2), ext(4, 3)], vec![], false, false),
+            (vec![ext(6, 17), ext(3, 1)], vec![], true, false),
+            (vec![ext(9, 0), ext(1, 4)], vec![], false, false),
+            // Nothing mapped: no extension block.
+            (vec![ext(2, 4), ext(8, 1)], vec![], false, false),
+        ];
+        for (extensions, csrc, marker, padding) in cases {
+            let from = Header {
+                version: 2,
+                padding,
+                marker,
+                payload_type: 96,
+                sequence_number: 4000,
+                timestamp: 123_456,
+                ssrc: 0xdead_beef,
+                csrc,
+                ..Default::default()
+            };
+            let (seq, ts) = (65_000, 0xfeed_f00d);
+            let mut expected_header = Header::default();
+            rewrite_header(&mut expected_header, &from, &route, seq, ts, &extensions);
+            let mut expected = vec![0u8; expected_header.marshal_size()];
+            expected_header.marshal_to(&mut expected).unwrap();
+            let mut got = vec![0xee; 3];
+            let n = write_header(
+                &mut got,
+                &CopyHeader {
+                    from: &from,
+                    payload_type: route.payload_type,
+                    ssrc: route.ssrc,
+                    ext_map: &route.ext_map,
+                    seq,
+                    ts,
+                    extensions: &extensions,
+                },
+            );
+            assert_eq!(n, got.len() - 3);
+            assert_eq!(&got[3..], &expected[..], "{extensions:?}");
+        }
+    }
+}
+
 /// The relay's per-subscriber forwarding work outside a running server, for the routing
 /// benchmark (`benches/routing.rs`): the same [`seal_copy`] the forwarder runs for every
 /// connected subscriber whose packets the relay seals (sequence/timestamp munging, header
@@ -2133,7 +2278,6 @@ pub mod bench {
     pub struct Fanout {
         peers: HashMap<PeerKey, (srtp::Sealer, SocketAddr)>,
         routes: Vec<Route>,
-        header: rtc::rtp::header::Header,
         tx: TxBatch,
     }
 
@@ -2175,7 +2319,6 @@ pub mod bench {
             Fanout {
                 peers,
                 routes,
-                header: Default::default(),
                 tx: TxBatch::default(),
             }
         }
@@ -2202,7 +2345,7 @@ pub mod bench {
                     seq,
                     ts,
                 };
-                if seal_copy(&mut self.tx, &mut self.header, r, sealer, *to, copy, now).is_some() {
+                if seal_copy(&mut self.tx, r, sealer, *to, copy, now).is_some() {
                     queued += 1;
                 }
             }
