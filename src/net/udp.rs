@@ -25,12 +25,23 @@ const MAX_GSO_BYTES: usize = 60_000;
 pub struct MediaSocket {
     pub socket: std::sync::Arc<UdpSocket>,
     state: UdpSocketState,
+    /// Bound to an IPv6 address (IPv4 destinations are then written v4-mapped).
+    v6: bool,
+    /// A GSO send failed with EIO (a device that cannot segment): runs go one datagram per
+    /// message from then on.
+    gso_failed: std::sync::atomic::AtomicBool,
 }
 
 impl MediaSocket {
     pub fn new(socket: std::sync::Arc<UdpSocket>) -> io::Result<MediaSocket> {
         let state = UdpSocketState::new((&*socket).into())?;
-        Ok(MediaSocket { socket, state })
+        let v6 = socket.local_addr()?.is_ipv6();
+        Ok(MediaSocket {
+            socket,
+            state,
+            v6,
+            gso_failed: Default::default(),
+        })
     }
 
     /// Turns UDP GRO off (quinn-udp turns it on where the kernel has it): every datagram is then
@@ -57,7 +68,11 @@ impl MediaSocket {
 
     /// Datagrams one GSO send may carry here (1 when the kernel or device has no GSO).
     pub fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        if self.gso_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            1
+        } else {
+            self.state.max_gso_segments()
+        }
     }
 
     /// One `recvmmsg` into `rx`, without waiting: the number of buffers filled (0 when nothing is
@@ -102,32 +117,187 @@ impl MediaSocket {
 
     /// Hand every queued datagram to the kernel and empty the queue. The datagrams are grouped by
     /// destination (each destination's keep their order): a run of same-size datagrams to one
-    /// destination goes as one GSO send (a subscriber's packets of one drain: one syscall instead
-    /// of one each). Never waits: what the socket buffer cannot take is dropped and reported.
+    /// destination is one GSO message (a subscriber's packets of one drain), and the runs go to
+    /// the kernel [`MMSG_BATCH`] messages per `sendmmsg` (a packet fanned out to 100 subscribers:
+    /// two syscalls, not 100). Never waits: what the socket buffer cannot take is dropped and
+    /// reported.
     pub fn send(&self, tx: &mut TxBatch) -> SendOutcome {
         let mut out = SendOutcome::default();
-        tx.drain_runs(self.max_gso_segments(), |transmit, count| {
-            // Straight to the non-blocking socket, not through tokio's readiness: a send is
-            // tried whenever there is something to send, and a full buffer answers WouldBlock.
-            let r = self.state.try_send((&*self.socket).into(), transmit);
+        tx.plan_runs(self.max_gso_segments());
+        out.messages = tx.runs.len();
+        #[cfg(target_os = "linux")]
+        self.send_runs_mmsg(tx, &mut out);
+        #[cfg(not(target_os = "linux"))]
+        for r in &tx.runs {
+            let transmit = Transmit {
+                destination: r.to,
+                ecn: None,
+                contents: tx.run_contents(r),
+                segment_size: (r.count > 1).then_some(r.segment),
+                src_ip: None,
+            };
             out.syscalls += 1;
-            match r {
-                Ok(()) => out.sent += count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += count,
+            match self.state.try_send((&*self.socket).into(), &transmit) {
+                Ok(()) => out.sent += r.count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += r.count,
                 Err(e) => {
-                    out.failed += count;
+                    out.failed += r.count;
                     out.last_error = Some(e);
                 }
             }
-        });
+        }
+        tx.data.clear();
+        tx.items.clear();
         out
     }
+
+    /// The planned runs through `sendmmsg`, each with its `UDP_SEGMENT` control message when it
+    /// carries more than one datagram. A message the kernel refuses is counted and skipped.
+    #[cfg(target_os = "linux")]
+    fn send_runs_mmsg(&self, tx: &TxBatch, out: &mut SendOutcome) {
+        use std::os::fd::AsRawFd;
+        /// Room for one `cmsghdr` with a `u16`, aligned as the kernel reads it.
+        #[derive(Clone, Copy)]
+        #[repr(C, align(8))]
+        struct Control([u8; 32]);
+        let fd = self.socket.as_raw_fd();
+        // SAFETY (all `zeroed`): plain C structs for which all-zero is a valid value.
+        let mut names: [libc::sockaddr_in6; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+        let mut controls = [Control([0; 32]); MMSG_BATCH];
+        let mut hdrs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+        for chunk in tx.runs.chunks(MMSG_BATCH) {
+            let mut n = 0;
+            let mut sent_runs: [usize; MMSG_BATCH] = [0; MMSG_BATCH];
+            for (i, r) in chunk.iter().enumerate() {
+                let Some(namelen) = write_sockaddr(&mut names[n], r.to, self.v6) else {
+                    out.failed += r.count;
+                    out.last_error = Some(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} cannot be reached from this socket", r.to),
+                    ));
+                    continue;
+                };
+                let contents = tx.run_contents(r);
+                iovs[n] = libc::iovec {
+                    iov_base: contents.as_ptr() as *mut libc::c_void,
+                    iov_len: contents.len(),
+                };
+                let h = &mut hdrs[n].msg_hdr;
+                h.msg_name = (&mut names[n] as *mut libc::sockaddr_in6).cast();
+                h.msg_namelen = namelen;
+                h.msg_iov = &mut iovs[n];
+                h.msg_iovlen = 1;
+                h.msg_flags = 0;
+                if r.count > 1 {
+                    let control = &mut controls[n];
+                    h.msg_control = control.0.as_mut_ptr().cast();
+                    // SAFETY: CMSG_SPACE of a u16 (24) fits the 32-byte, 8-aligned buffer the
+                    // header points to; the cmsg macros stay inside it.
+                    unsafe {
+                        h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                        let c = libc::CMSG_FIRSTHDR(h);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c).cast::<u16>(),
+                            r.segment as u16,
+                        );
+                    }
+                } else {
+                    h.msg_control = std::ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
+                hdrs[n].msg_len = 0;
+                sent_runs[n] = i;
+                n += 1;
+            }
+            let mut k = 0;
+            while k < n {
+                // SAFETY: `hdrs[k..n]` are initialised above and point into `names`, `iovs`,
+                // `controls` and the batch's buffers, all alive and unmoved for this call.
+                let r = unsafe {
+                    libc::sendmmsg(fd, hdrs[k..n].as_mut_ptr(), (n - k) as libc::c_uint, 0)
+                };
+                out.syscalls += 1;
+                if r > 0 {
+                    for &i in &sent_runs[k..k + r as usize] {
+                        out.sent += chunk[i].count;
+                    }
+                    k += r as usize;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                let run = &chunk[sent_runs[k]];
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => out.would_block += run.count,
+                    _ => {
+                        if e.raw_os_error() == Some(libc::EIO) && run.count > 1 {
+                            // The device cannot segment: no more GSO on this socket.
+                            self.gso_failed
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        out.failed += run.count;
+                        out.last_error = Some(e);
+                    }
+                }
+                k += 1;
+            }
+        }
+    }
+}
+
+/// Messages per `sendmmsg`.
+pub const MMSG_BATCH: usize = 64;
+
+/// `to` as the socket address the kernel takes from a socket of this family (IPv4 destinations
+/// v4-mapped on an IPv6 socket); its length. `None`: an IPv6 destination on an IPv4 socket.
+#[cfg(target_os = "linux")]
+fn write_sockaddr(
+    out: &mut libc::sockaddr_in6,
+    to: SocketAddr,
+    v6: bool,
+) -> Option<libc::socklen_t> {
+    let ip6 = match (to, v6) {
+        (SocketAddr::V4(a), false) => {
+            // SAFETY: a sockaddr_in fits in (and is no more aligned than) a sockaddr_in6.
+            let sin = unsafe { &mut *(out as *mut libc::sockaddr_in6).cast::<libc::sockaddr_in>() };
+            *sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            return Some(std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t);
+        }
+        (SocketAddr::V6(_), false) => return None,
+        (SocketAddr::V4(a), true) => {
+            std::net::SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)
+        }
+        (SocketAddr::V6(a), true) => a,
+    };
+    *out = libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: ip6.port().to_be(),
+        sin6_flowinfo: ip6.flowinfo(),
+        sin6_addr: libc::in6_addr {
+            s6_addr: ip6.ip().octets(),
+        },
+        sin6_scope_id: ip6.scope_id(),
+    };
+    Some(std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
 }
 
 /// What one [`MediaSocket::send`] did.
 #[derive(Debug, Default)]
 pub struct SendOutcome {
     pub sent: usize,
+    /// Messages handed to the kernel (a run of datagrams to one destination is one GSO message).
+    pub messages: usize,
     pub syscalls: usize,
     /// Datagrams the full send buffer did not take.
     pub would_block: usize,
@@ -182,9 +352,23 @@ impl RxBatch {
 pub struct TxBatch {
     data: Vec<u8>,
     items: Vec<(SocketAddr, usize, usize)>,
-    /// Reused by `send`: the items by destination, and a run's datagrams made contiguous.
+    /// Reused by `send`: the items by destination, runs whose datagrams were not contiguous
+    /// copied together, and the runs.
     order: Vec<(SocketAddr, usize)>,
     scratch: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+/// Datagrams to one destination sent as one GSO send: `len` bytes at `start` of the batch's data
+/// (or of its scratch buffer), `count` datagrams of `segment` bytes (the last may be shorter).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    to: SocketAddr,
+    in_scratch: bool,
+    start: usize,
+    len: usize,
+    segment: usize,
+    count: usize,
 }
 
 impl TxBatch {
@@ -215,26 +399,26 @@ impl TxBatch {
         self.items.is_empty()
     }
 
-    /// Empties the queue through `send`, a run at a time: the datagrams grouped by destination
-    /// (each destination's keep their queue order), a run of up to `max_segments` same-size
-    /// datagrams to one destination (the last may be shorter) as one [`Transmit`] with its
-    /// segment size, and the number of datagrams it carries.
-    pub fn drain_runs(&mut self, max_segments: usize, mut send: impl FnMut(&Transmit<'_>, usize)) {
+    /// Groups the queue into [`Run`]s: the datagrams by destination (each destination's keep
+    /// their queue order), a run of up to `max_segments` same-size datagrams to one destination
+    /// (the last may be shorter), copied into the scratch buffer when they are not contiguous.
+    fn plan_runs(&mut self, max_segments: usize) {
         let max_segments = max_segments.max(1);
-        let mut order = std::mem::take(&mut self.order);
-        let mut scratch = std::mem::take(&mut self.scratch);
-        order.clear();
-        order.extend(self.items.iter().enumerate().map(|(i, item)| (item.0, i)));
+        self.order.clear();
+        self.order
+            .extend(self.items.iter().enumerate().map(|(i, item)| (item.0, i)));
         // Stable: per destination, queue order.
-        order.sort_by_key(|item| item.0);
+        self.order.sort_by_key(|item| item.0);
+        self.scratch.clear();
+        self.runs.clear();
         let mut k = 0;
-        while k < order.len() {
-            let (to, first) = order[k];
+        while k < self.order.len() {
+            let (to, first) = self.order[k];
             let (_, start, len) = self.items[first];
             let (mut end, mut total, mut contiguous) = (start + len, len, true);
             let mut j = k + 1;
-            while j < order.len() && j - k < max_segments {
-                let (next_to, idx) = order[j];
+            while j < self.order.len() && j - k < max_segments {
+                let (next_to, idx) = self.order[j];
                 let (_, next_start, next_len) = self.items[idx];
                 if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
                     break;
@@ -248,29 +432,51 @@ impl TxBatch {
                     break;
                 }
             }
-            let count = j - k;
-            let contents: &[u8] = if contiguous {
-                &self.data[start..start + total]
+            let (in_scratch, start) = if contiguous {
+                (false, start)
             } else {
-                scratch.clear();
-                for &(_, idx) in &order[k..j] {
+                let at = self.scratch.len();
+                for &(_, idx) in &self.order[k..j] {
                     let (_, s, l) = self.items[idx];
-                    scratch.extend_from_slice(&self.data[s..s + l]);
+                    self.scratch.extend_from_slice(&self.data[s..s + l]);
                 }
-                &scratch
+                (true, at)
             };
-            let transmit = Transmit {
-                destination: to,
-                ecn: None,
-                contents,
-                segment_size: (count > 1).then_some(len),
-                src_ip: None,
-            };
-            send(&transmit, count);
+            self.runs.push(Run {
+                to,
+                in_scratch,
+                start,
+                len: total,
+                segment: len,
+                count: j - k,
+            });
             k = j;
         }
-        self.order = order;
-        self.scratch = scratch;
+    }
+
+    fn run_contents(&self, r: &Run) -> &[u8] {
+        let buf = if r.in_scratch {
+            &self.scratch
+        } else {
+            &self.data
+        };
+        &buf[r.start..r.start + r.len]
+    }
+
+    /// Empties the queue through `send`, a run at a time (see [`TxBatch::plan_runs`]): each run
+    /// as one [`Transmit`] with its segment size, and the number of datagrams it carries.
+    pub fn drain_runs(&mut self, max_segments: usize, mut send: impl FnMut(&Transmit<'_>, usize)) {
+        self.plan_runs(max_segments);
+        for r in &self.runs {
+            let transmit = Transmit {
+                destination: r.to,
+                ecn: None,
+                contents: self.run_contents(r),
+                segment_size: (r.count > 1).then_some(r.segment),
+                src_ip: None,
+            };
+            send(&transmit, r.count);
+        }
         self.data.clear();
         self.items.clear();
     }
@@ -325,7 +531,8 @@ mod tests {
         assert_eq!(out.sent, 14, "{out:?}");
         assert!(tx.is_empty());
         if m.max_gso_segments() > 1 {
-            assert_eq!(out.syscalls, 3, "one GSO send per run: {out:?}");
+            assert_eq!(out.messages, 3, "one GSO message per run: {out:?}");
+            assert_eq!(out.syscalls, 1, "the runs in one sendmmsg: {out:?}");
         }
         assert_eq!(recv_all(&b, want_b.len()).await, want_b);
         assert_eq!(recv_all(&c, 1).await, vec![b"for c".to_vec()]);
@@ -349,10 +556,58 @@ mod tests {
         let out = m.send(&mut tx);
         assert_eq!(out.sent, 12, "{out:?}");
         if m.max_gso_segments() > 1 {
-            assert_eq!(out.syscalls, 2, "one GSO send per destination: {out:?}");
+            assert_eq!(out.messages, 2, "one GSO message per destination: {out:?}");
         }
         assert_eq!(recv_all(&b, 6).await, want_b);
         assert_eq!(recv_all(&c, 6).await, want_c);
+    }
+
+    /// More destinations than one `sendmmsg` takes: every one gets its datagram; a destination
+    /// the socket cannot reach (IPv6 from an IPv4 socket) is counted as failed and the others
+    /// still go.
+    #[tokio::test]
+    async fn many_destinations_go_in_few_syscalls_and_a_bad_one_is_skipped() {
+        let (m, _) = pair().await;
+        let mut peers = Vec::new();
+        let mut tx = TxBatch::default();
+        for i in 0..(MMSG_BATCH + 6) {
+            let p = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            tx.push(p.local_addr().unwrap(), &[i as u8; 700]);
+            if i == 3 {
+                tx.push("[::1]:9".parse().unwrap(), b"unreachable from an IPv4 socket");
+            }
+            peers.push(p);
+        }
+        let out = m.send(&mut tx);
+        assert_eq!(out.sent, MMSG_BATCH + 6, "{out:?}");
+        assert_eq!(out.failed, 1, "{out:?}");
+        assert_eq!(out.messages, MMSG_BATCH + 7, "{out:?}");
+        assert_eq!(out.syscalls, 2, "{out:?}");
+        for (i, p) in peers.iter().enumerate() {
+            assert_eq!(recv_all(p, 1).await, vec![vec![i as u8; 700]], "peer {i}");
+        }
+    }
+
+    /// A socket bound to IPv6 (dual-stack) reaches IPv4 destinations v4-mapped.
+    #[tokio::test]
+    async fn an_ipv6_socket_sends_to_ipv4_destinations() {
+        let Ok(a) = UdpSocket::bind("[::]:0").await else {
+            writeln_skip("an_ipv6_socket_sends_to_ipv4_destinations", "no IPv6 here");
+            return;
+        };
+        let m = MediaSocket::new(Arc::new(a)).unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut tx = TxBatch::default();
+        tx.push(b.local_addr().unwrap(), b"one");
+        tx.push(b.local_addr().unwrap(), b"two");
+        let out = m.send(&mut tx);
+        assert_eq!(out.sent, 2, "{out:?}");
+        assert_eq!(recv_all(&b, 2).await, vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    fn writeln_skip(test: &str, why: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
     }
 
     /// One receive takes many datagrams, each whole, with its sender.
