@@ -1,7 +1,8 @@
-//! Batched UDP I/O for the media port, on `quinn-udp`: up to [`RX_BATCH`] receive buffers filled
-//! by one `recvmmsg`, each of which may hold a GRO chain of datagrams from one sender; and sends
-//! queued during a drain of the core, then handed to the kernel grouped per destination with
-//! UDP GSO (one `sendmsg` carries a run of same-size datagrams to one address).
+//! Batched UDP I/O for the media port: up to [`RX_BATCH`] receive buffers filled by one
+//! `recvmmsg` (`quinn-udp`), each of which may hold a GRO chain of datagrams from one sender; and
+//! sends queued during a drain of the core, then handed to the kernel grouped per destination with
+//! UDP GSO (one message carries a run of same-size datagrams to one address), [`MMSG_BATCH`]
+//! messages per `sendmmsg`.
 //!
 //! Both buffers are allocated once and reused: nothing here allocates per datagram.
 
@@ -574,7 +575,10 @@ mod tests {
             let p = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             tx.push(p.local_addr().unwrap(), &[i as u8; 700]);
             if i == 3 {
-                tx.push("[::1]:9".parse().unwrap(), b"unreachable from an IPv4 socket");
+                tx.push(
+                    "[::1]:9".parse().unwrap(),
+                    b"unreachable from an IPv4 socket",
+                );
             }
             peers.push(p);
         }
@@ -602,7 +606,10 @@ mod tests {
         tx.push(b.local_addr().unwrap(), b"two");
         let out = m.send(&mut tx);
         assert_eq!(out.sent, 2, "{out:?}");
-        assert_eq!(recv_all(&b, 2).await, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(
+            recv_all(&b, 2).await,
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
     }
 
     fn writeln_skip(test: &str, why: &str) {
