@@ -87,10 +87,17 @@ pub struct Metrics {
     pub failures_ice: IntCounter,
     pub failures_dtls: IntCounter,
     /// `ferry_srtp_sessions_total{sealer}`: relay connections whose DTLS handshake completed, by
-    /// who seals their relayed packets: `relay` (the relay's own AES-GCM path) or `rtc`.
+    /// who seals their relayed packets: `relay` (the relay's own path) or `rtc`.
     pub srtp_sealed_by_relay: IntCounter,
     pub srtp_sealed_by_rtc: IntCounter,
+    /// `ferry_srtp_profiles_total{profile}`: the same connections by the SRTP protection profile
+    /// their client chose (`unknown`: sealed by rtc, the relay did not learn it).
+    pub srtp_profiles: IntCounterVec,
 }
+
+/// `ferry_srtp_profiles_total`'s `profile` values.
+pub const SRTP_PROFILE_LABELS: [&str; 4] =
+    ["aes128-gcm", "aes256-gcm", "aes128-cm-sha1-80", "unknown"];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -246,11 +253,22 @@ impl Metrics {
         let srtp_sessions = IntCounterVec::new(
             Opts::new(
                 "ferry_srtp_sessions_total",
-                "Relay connections whose DTLS handshake completed, by who seals the packets relayed to them: relay (Ferry's own AES-GCM path) or rtc (the connection's own pipeline, e.g. an AES-CM profile).",
+                "Relay connections whose DTLS handshake completed, by who seals the packets relayed to them: relay (Ferry's own path, every accepted profile) or rtc (the connection's own pipeline, only if the keys could not be learned).",
             ),
             &["sealer"],
         )
         .expect("valid metric");
+        let srtp_profiles = IntCounterVec::new(
+            Opts::new(
+                "ferry_srtp_profiles_total",
+                "Relay connections whose DTLS handshake completed, by the SRTP protection profile the client chose (unknown: sealed by rtc).",
+            ),
+            &["profile"],
+        )
+        .expect("valid metric");
+        for p in SRTP_PROFILE_LABELS {
+            srtp_profiles.with_label_values(&[p]);
+        }
         let srtp_sealed_by_relay = srtp_sessions.with_label_values(&["relay"]);
         let srtp_sealed_by_rtc = srtp_sessions.with_label_values(&["rtc"]);
         let failures_ice = failures.with_label_values(&["ice"]);
@@ -309,6 +327,7 @@ impl Metrics {
             Box::new(retransmits.clone()),
             Box::new(failures),
             Box::new(srtp_sessions),
+            Box::new(srtp_profiles.clone()),
             Box::new(ready.clone()),
         ] {
             registry.register(c).expect("metric registered once");
@@ -346,6 +365,7 @@ impl Metrics {
             failures_dtls,
             srtp_sealed_by_relay,
             srtp_sealed_by_rtc,
+            srtp_profiles,
         }
     }
 

@@ -707,6 +707,11 @@ async fn relay_with_gcm_only_profiles() {
         Some(2.0),
         "{m}"
     );
+    let gcm = ["aes128-gcm", "aes256-gcm"]
+        .iter()
+        .map(|p| metric(&m, &format!("ferry_srtp_profiles_total{{profile=\"{p}\"}}")).unwrap())
+        .sum::<f64>();
+    assert_eq!(gcm, 2.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -813,6 +818,14 @@ async fn relay_room_carries_media_through_ferry() {
     assert_eq!(
         srtp_cipher(&mut ba, &a, &b_id).await,
         "SRTP_AES128_CM_HMAC_SHA1_80"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_srtp_profiles_total{profile=\"aes128-cm-sha1-80\"}"
+        ),
+        Some(2.0),
+        "{m}"
     );
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(0.0), "{m}");
     // One pair moved to the relay (both sides report it; the pair counts once).

@@ -124,6 +124,12 @@ async fn relayed_payloads_arrive_intact_with_rewritten_ssrc() {
         metric(&m, "ferry_srtp_sessions_total{sealer=\"rtc\"}"),
         Some(0.0)
     );
+    // ...and the profile they chose is counted (webrtc-rs offers AES-128-GCM first).
+    assert_eq!(
+        metric(&m, "ferry_srtp_profiles_total{profile=\"aes128-gcm\"}"),
+        Some(2.0),
+        "{m}"
+    );
     // ...and sent sender reports for the relayed track, counting what it sent.
     let relayed_ssrc = sub.received[0].1.header.ssrc;
     let reports: Vec<_> = sub
@@ -163,6 +169,19 @@ async fn aes_cm_connections_are_sealed_by_the_relay_too() {
     assert_eq!(
         metric(&m, "ferry_srtp_sessions_total{sealer=\"relay\"}"),
         Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_srtp_profiles_total{profile=\"aes128-cm-sha1-80\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ferry_srtp_profiles_total{profile=\"aes128-gcm\"}"),
+        Some(0.0),
         "{m}"
     );
 }

@@ -1035,6 +1035,10 @@ impl MediaCore {
                     // DTLS done without captured AES-GCM keys (an AES-CM profile): rtc seals.
                     p.sealed_by_rtc = true;
                     self.metrics.srtp_sealed_by_rtc.inc();
+                    self.metrics
+                        .srtp_profiles
+                        .with_label_values(&["unknown"])
+                        .inc();
                 }
                 self.metrics
                     .peer_connections
@@ -1795,6 +1799,10 @@ fn take_srtp_keys(p: &mut Peer, metrics: &Metrics) {
             debug!(user = %p.user_id, transform = ?keys[0].transform, "relayed packets sealed by the relay");
             p.sealer = Some(sealer);
             metrics.srtp_sealed_by_relay.inc();
+            metrics
+                .srtp_profiles
+                .with_label_values(&[srtp::profile_label(keys[0].transform)])
+                .inc();
         }
         Err(e) => warn!(user = %p.user_id, error = %e, "SRTP sealer not available"),
     }

@@ -56,6 +56,15 @@ pub enum Transform {
     Cm(StreamCipherAlgorithm),
 }
 
+/// The `srtp_profiles` name (and metric label) of the profile keys of `transform` belong to.
+pub fn profile_label(transform: Transform) -> &'static str {
+    match transform {
+        Transform::Gcm(AeadAlgorithm::Aes256Gcm) => "aes256-gcm",
+        Transform::Gcm(_) => "aes128-gcm",
+        Transform::Cm(_) => "aes128-cm-sha1-80",
+    }
+}
+
 /// One direction's SRTP session keys (the key derivation's output).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SrtpKeys {
