@@ -645,6 +645,26 @@ async fn wait_or_explain(br: &mut Browser, page: &Page, expr: &str, remote: &str
 }
 
 /// A room created with `mode: 'relay'`: two browsers decode each other's video through Ferry.
+/// alice creates a room (`room_options` for the SDK's `createRoom`) and joins it, then bob joins:
+/// the room, their user ids, and when bob started joining.
+async fn alice_opens_bob_joins(
+    ba: &mut Browser,
+    a: &Page,
+    bb: &mut Browser,
+    b: &Page,
+    room_options: &str,
+) -> (String, String, String, Instant) {
+    let ra = ba.eval(a, &sdk_member(None, room_options)).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let bob_joining = Instant::now();
+    let rb = bb.eval(b, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    (room, a_id, b_id, bob_joining)
+}
+
 /// The SRTP cipher of a member's connection to `remote` (the relay's, in relay mode), as Chromium
 /// reports it.
 async fn srtp_cipher(b: &mut Browser, page: &Page, remote: &str) -> String {
@@ -676,13 +696,8 @@ async fn relay_with_gcm_only_profiles() {
     let s = spawn(config).await;
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
-    let ra = ba.eval(&a, &sdk_member(None, "{ mode: 'relay' }")).await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
-    let (a_id, b_id) = (
-        ra["userId"].as_str().unwrap().to_string(),
-        rb["userId"].as_str().unwrap().to_string(),
-    );
+    let (_, a_id, b_id, _) =
+        alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{ mode: 'relay' }").await;
     let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
     wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
     ba.wait_for(
@@ -735,14 +750,8 @@ async fn relay_room_carries_media_through_ferry() {
     });
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
-    let ra = ba.eval(&a, &sdk_member(None, "{ mode: 'relay' }")).await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let started = Instant::now();
-    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
-    let (a_id, b_id) = (
-        ra["userId"].as_str().unwrap().to_string(),
-        rb["userId"].as_str().unwrap().to_string(),
-    );
+    let (_, a_id, b_id, started) =
+        alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{ mode: 'relay' }").await;
     let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
     let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
     eprintln!(
@@ -889,13 +898,7 @@ async fn failed_direct_path_falls_back_to_the_relay() {
     ]);
     iptables(&["-A", "INPUT", "-i", "lo", "-j", "DROP"]);
 
-    let ra = ba.eval(&a, &sdk_member(None, "{}")).await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
-    let (a_id, b_id) = (
-        ra["userId"].as_str().unwrap().to_string(),
-        rb["userId"].as_str().unwrap().to_string(),
-    );
+    let (_, a_id, b_id, _) = alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{}").await;
     let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
     let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
     for (br, page, v) in [(&mut ba, &a, &va), (&mut bb, &b, &vb)] {
@@ -940,11 +943,7 @@ async fn three_members_relay_then_back_to_p2p() {
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
     let (mut bc, c) = member_page(&s, "carol").await;
-    let ra = ba.eval(&a, &sdk_member(None, "{}")).await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
-    let a_id = ra["userId"].as_str().unwrap().to_string();
-    let b_id = rb["userId"].as_str().unwrap().to_string();
+    let (room, a_id, b_id, _) = alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{}").await;
     // Two members: P2P.
     wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "p2p", 0), &b_id).await;
     let rc = bc.eval(&c, &sdk_member(Some(&room), "{}")).await;

@@ -880,11 +880,23 @@ impl MediaCore {
         }) else {
             return;
         };
+        if publisher == sub {
+            return;
+        }
         let Some(r) = self
             .routes
             .get_mut(&publisher)
             .and_then(|t| t.get_mut(&ptrack))
             .and_then(|routes| routes.iter_mut().find(|r| r.to == sub))
+        else {
+            return;
+        };
+        // The publisher's history and the subscriber's sealer at once (two different peers).
+        let [Some(p), Some(s)] = self.peers.get_disjoint_mut([&publisher, &sub]) else {
+            return;
+        };
+        let (Some(track), Some(sealer), Some(to)) =
+            (p.published.get(&ptrack), s.sealer.as_mut(), s.remote)
         else {
             return;
         };
@@ -897,21 +909,8 @@ impl MediaCore {
             if !sent.used || sent.seq != seq {
                 continue;
             }
-            let Some(original) = self
-                .peers
-                .get(&publisher)
-                .and_then(|p| p.published.get(&ptrack))
-                .and_then(|t| t.history.get(sent.publisher_ssrc, sent.publisher_seq))
-            else {
+            let Some(original) = track.history.get(sent.publisher_ssrc, sent.publisher_seq) else {
                 continue;
-            };
-            let original = original.clone();
-            let Some((Some(sealer), Some(to))) = self
-                .peers
-                .get_mut(&sub)
-                .map(|s| (s.sealer.as_mut(), s.remote))
-            else {
-                break;
             };
             let roc = sealed.rollover.roc_for(seq);
             let header = CopyHeader {

@@ -129,20 +129,13 @@ impl MediaSocket {
         #[cfg(target_os = "linux")]
         self.send_runs_mmsg(tx, &mut out);
         #[cfg(not(target_os = "linux"))]
-        for r in &tx.runs {
-            let transmit = Transmit {
-                destination: r.to,
-                ecn: None,
-                contents: tx.run_contents(r),
-                segment_size: (r.count > 1).then_some(r.segment),
-                src_ip: None,
-            };
+        for (transmit, count) in tx.transmits() {
             out.syscalls += 1;
             match self.state.try_send((&*self.socket).into(), &transmit) {
-                Ok(()) => out.sent += r.count,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += r.count,
+                Ok(()) => out.sent += count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += count,
                 Err(e) => {
-                    out.failed += r.count;
+                    out.failed += count;
                     out.last_error = Some(e);
                 }
             }
@@ -464,11 +457,9 @@ impl TxBatch {
         &buf[r.start..r.start + r.len]
     }
 
-    /// Empties the queue through `send`, a run at a time (see [`TxBatch::plan_runs`]): each run
-    /// as one [`Transmit`] with its segment size, and the number of datagrams it carries.
-    pub fn drain_runs(&mut self, max_segments: usize, mut send: impl FnMut(&Transmit<'_>, usize)) {
-        self.plan_runs(max_segments);
-        for r in &self.runs {
+    /// The planned runs as `Transmit`s (with their segment size), and the datagrams each carries.
+    fn transmits(&self) -> impl Iterator<Item = (Transmit<'_>, usize)> {
+        self.runs.iter().map(|r| {
             let transmit = Transmit {
                 destination: r.to,
                 ecn: None,
@@ -476,7 +467,16 @@ impl TxBatch {
                 segment_size: (r.count > 1).then_some(r.segment),
                 src_ip: None,
             };
-            send(&transmit, r.count);
+            (transmit, r.count)
+        })
+    }
+
+    /// Empties the queue through `send`, a run at a time (see [`TxBatch::plan_runs`]): each run
+    /// as one [`Transmit`] with its segment size, and the number of datagrams it carries.
+    pub fn drain_runs(&mut self, max_segments: usize, mut send: impl FnMut(&Transmit<'_>, usize)) {
+        self.plan_runs(max_segments);
+        for (transmit, count) in self.transmits() {
+            send(&transmit, count);
         }
         self.data.clear();
         self.items.clear();
