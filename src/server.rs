@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -247,9 +247,8 @@ async fn start_shard(
                 .build()
                 .and_then(|rt| {
                     let core = rt.block_on(async {
-                        let socket = Arc::new(UdpSocket::from_std(shard.socket)?);
                         let mut core =
-                            crate::media::MediaCore::new(socket, shard.addrs, metrics, sink)?;
+                            crate::media::MediaCore::new(shard.socket, shard.addrs, metrics, sink)?;
                         core.set_srtp_profiles(srtp_profiles);
                         Ok::<_, std::io::Error>(core)
                     })?;

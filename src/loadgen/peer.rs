@@ -26,7 +26,6 @@ use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use tokio::net::UdpSocket;
 
 use super::ws::Signal;
 use super::{Shared, StreamLoss};
@@ -136,12 +135,11 @@ impl Peer {
         publish: Option<(Source, u32)>,
         shared: Arc<Shared>,
     ) -> Result<Peer, String> {
-        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0))
-            .await
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(local_ip, 0))
             .map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
-        let socket = MediaSocket::new(Arc::new(socket))
-            .map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
+        let socket =
+            MediaSocket::new(socket).map_err(|e| format!("UDP socket on {local_ip}: {e}"))?;
         if !shared.gro {
             socket
                 .disable_gro()
@@ -394,7 +392,7 @@ impl Peer {
                 .unwrap_or(until)
                 .min(until);
             tokio::select! {
-                r = self.socket.socket.readable() => {
+                r = self.socket.readable() => {
                     if r.is_ok() {
                         touched = self.receive();
                     }
@@ -507,10 +505,7 @@ impl Peer {
             }
         }
         while let Some(t) = self.pc.poll_write() {
-            let _ = self
-                .socket
-                .socket
-                .try_send_to(&t.message, t.transport.peer_addr);
+            let _ = self.socket.try_send_one(t.transport.peer_addr, &t.message);
         }
     }
 }

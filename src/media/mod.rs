@@ -44,7 +44,6 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use serde_json::{Value, json};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -451,8 +450,9 @@ impl MediaCore {
         }
     }
 
+    /// Takes over the media port's `socket` (registered with the current tokio runtime).
     pub fn new(
-        socket: Arc<UdpSocket>,
+        socket: std::net::UdpSocket,
         advertised: Vec<SocketAddr>,
         metrics: Arc<Metrics>,
         sink: Arc<dyn ClientSink>,
@@ -487,18 +487,23 @@ impl MediaCore {
     /// Run until `shutdown`: datagrams, commands and timers in; transmits and events out.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         info!(addr = %self.local_addr, "media port (UDP) listening: STUN and relay");
-        let socket = self.socket.socket.clone();
         let mut rx = RxBatch::new(&self.socket);
         info!(
             gso_segments = self.socket.max_gso_segments(),
             "media port batching: up to {RX_BATCH} receive buffers per syscall"
         );
+        // One timer for the loop, moved when the next deadline changes (a new one every turn
+        // would be registered in and removed from tokio's timer wheel at every wake-up).
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(self.next_deadline()));
+        tokio::pin!(sleep);
         loop {
             // Timers are due whatever woke us: a busy socket must not starve them.
             self.handle_timeouts(Instant::now());
             self.flush();
-            let deadline = self.next_deadline();
-            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            let deadline = tokio::time::Instant::from_std(self.next_deadline());
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -506,7 +511,7 @@ impl MediaCore {
                     Some(c) => self.handle_command(c, Instant::now()),
                     None => break,
                 },
-                r = socket.readable() => match r.and_then(|()| self.socket.try_recv(&mut rx)) {
+                r = self.socket.readable() => match r.and_then(|()| self.socket.try_recv(&mut rx)) {
                     Ok(_) => {
                         let now = Instant::now();
                         for (i, (datagram, from)) in rx.datagrams().enumerate() {
@@ -518,7 +523,7 @@ impl MediaCore {
                     }
                     Err(e) => debug!(error = %e, "media port receive error"),
                 },
-                _ = sleep => {}
+                _ = &mut sleep => {}
             }
         }
         for p in self.peers.values_mut() {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 
 /// Receive buffers per `recvmmsg`.
 pub const RX_BATCH: usize = 32;
@@ -23,8 +23,13 @@ const MAX_GSO_BYTES: usize = 60_000;
 
 /// The kernel side of the media port: the socket and what `quinn-udp` learnt about it (GSO and
 /// GRO support, which it turns off by itself if the device refuses them).
+///
+/// The socket is registered with tokio for reading only. Sends never wait on it (see
+/// [`MediaSocket::send`]), and write interest would cost an epoll wake-up after every send: the
+/// kernel reports the send buffer's space coming back (EPOLLOUT) each time a sent datagram is
+/// freed.
 pub struct MediaSocket {
-    pub socket: std::sync::Arc<UdpSocket>,
+    socket: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
     /// Bound to an IPv6 address (IPv4 destinations are then written v4-mapped).
     v6: bool,
@@ -34,15 +39,33 @@ pub struct MediaSocket {
 }
 
 impl MediaSocket {
-    pub fn new(socket: std::sync::Arc<UdpSocket>) -> io::Result<MediaSocket> {
-        let state = UdpSocketState::new((&*socket).into())?;
+    /// Takes `socket` over (made non-blocking) and registers it with the current tokio runtime.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<MediaSocket> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
         let v6 = socket.local_addr()?.is_ipv6();
+        // SAFETY: the registered descriptor is the socket's own; the `AsyncFd` owns the socket,
+        // so the descriptor stays open and the same until the registration is dropped with it.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         Ok(MediaSocket {
             socket,
             state,
             v6,
             gso_failed: Default::default(),
         })
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.get_ref().local_addr()
+    }
+
+    /// Waits until the socket has datagrams to read (or had, when the last receive did not empty
+    /// it).
+    pub async fn readable(&self) -> io::Result<()> {
+        // Dropping the guard keeps the readiness: `try_recv` clears it when it empties the queue.
+        self.socket.readable().await.map(drop)
     }
 
     /// Turns UDP GRO off (quinn-udp turns it on where the kernel has it): every datagram is then
@@ -78,15 +101,29 @@ impl MediaSocket {
 
     /// One `recvmmsg` into `rx`, without waiting: the number of buffers filled (0 when nothing is
     /// queued).
+    ///
+    /// A receive that fills fewer buffers than it has emptied the socket's queue, so the socket's
+    /// readiness is cleared there and then (the closure reports `WouldBlock` to tokio, the count
+    /// is kept aside): the next wait goes straight to epoll instead of first paying one more
+    /// `recvmmsg` that can only say EAGAIN. Nothing is missed: the socket is registered
+    /// edge-triggered, and a datagram arriving after this receive is a new edge that epoll
+    /// reports.
     pub fn try_recv(&self, rx: &mut RxBatch) -> io::Result<usize> {
         let n = rx.bufs.len();
         let mut bufs = rx.bufs.iter_mut();
         let mut slices: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
             IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b.as_mut()))
         });
-        let r = self.socket.try_io(Interest::READABLE, || {
-            self.state
-                .recv((&*self.socket).into(), &mut slices[..n], &mut rx.meta[..n])
+        let mut drained = None;
+        let r = self.socket.try_io(Interest::READABLE, |socket| {
+            let got = self
+                .state
+                .recv(socket.into(), &mut slices[..n], &mut rx.meta[..n])?;
+            if got < n {
+                drained = Some(got);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
         });
         match r {
             Ok(n) => {
@@ -94,8 +131,8 @@ impl MediaSocket {
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                rx.filled = 0;
-                Ok(0)
+                rx.filled = drained.unwrap_or(0);
+                Ok(rx.filled)
             }
             Err(e) => {
                 rx.filled = 0;
@@ -113,7 +150,7 @@ impl MediaSocket {
             segment_size: None,
             src_ip: None,
         };
-        self.state.try_send((&*self.socket).into(), &transmit)
+        self.state.try_send(self.socket.get_ref().into(), &transmit)
     }
 
     /// Hand every queued datagram to the kernel and empty the queue. The datagrams are grouped by
@@ -131,7 +168,7 @@ impl MediaSocket {
         #[cfg(not(target_os = "linux"))]
         for (transmit, count) in tx.transmits() {
             out.syscalls += 1;
-            match self.state.try_send((&*self.socket).into(), &transmit) {
+            match self.state.try_send(self.socket.get_ref().into(), &transmit) {
                 Ok(()) => out.sent += count,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => out.would_block += count,
                 Err(e) => {
@@ -486,12 +523,12 @@ impl TxBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use tokio::net::UdpSocket;
 
     async fn pair() -> (MediaSocket, UdpSocket) {
-        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        (MediaSocket::new(Arc::new(a)).unwrap(), b)
+        (MediaSocket::new(a).unwrap(), b)
     }
 
     async fn recv_all(s: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
@@ -595,11 +632,11 @@ mod tests {
     /// A socket bound to IPv6 (dual-stack) reaches IPv4 destinations v4-mapped.
     #[tokio::test]
     async fn an_ipv6_socket_sends_to_ipv4_destinations() {
-        let Ok(a) = UdpSocket::bind("[::]:0").await else {
+        let Ok(a) = std::net::UdpSocket::bind("[::]:0") else {
             writeln_skip("an_ipv6_socket_sends_to_ipv4_destinations", "no IPv6 here");
             return;
         };
-        let m = MediaSocket::new(Arc::new(a)).unwrap();
+        let m = MediaSocket::new(a).unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut tx = TxBatch::default();
         tx.push(b.local_addr().unwrap(), b"one");
@@ -617,11 +654,69 @@ mod tests {
         let _ = writeln!(std::io::stderr().lock(), "SKIPPED {test}: {why}");
     }
 
+    /// A receive that empties the queue clears the socket's readiness (no extra EAGAIN receive
+    /// before the next wait), and a datagram arriving afterwards still wakes the socket; a
+    /// receive that fills every buffer leaves it ready, and the rest is read next.
+    #[tokio::test]
+    async fn a_drained_socket_waits_for_the_next_datagram_and_a_full_batch_does_not() {
+        use futures_util::FutureExt;
+        let (m, b) = pair().await;
+        let to = m.local_addr().unwrap();
+        let wait = || async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), m.readable())
+                .await
+                .expect("readable within 5 s")
+                .unwrap();
+        };
+        let mut rx = RxBatch::new(&m);
+        // Sizes all different: no two are coalesced by GRO, one buffer each.
+        for i in 0..3u8 {
+            b.send_to(&vec![i; 100 + usize::from(i)], to).await.unwrap();
+        }
+        let mut got = 0;
+        while got < 3 {
+            wait().await;
+            got += m.try_recv(&mut rx).unwrap();
+        }
+        assert_eq!(got, 3);
+        assert!(
+            m.readable().now_or_never().is_none(),
+            "a drained socket is not ready any more"
+        );
+        b.send_to(b"later", to).await.unwrap();
+        wait().await;
+        assert_eq!(m.try_recv(&mut rx).unwrap(), 1);
+        let (d, from) = rx.datagrams().next().unwrap();
+        assert_eq!((d, from), (&b"later"[..], b.local_addr().unwrap()));
+
+        // More datagrams than buffers: the first receive fills all of them and the socket stays
+        // ready for the rest.
+        let total = RX_BATCH + 5;
+        for i in 0..total {
+            b.send_to(&vec![i as u8; 200 + i], to).await.unwrap();
+        }
+        // Until every datagram is queued (loopback delivers as it is sent), the first receive
+        // may see fewer.
+        let mut seen = Vec::new();
+        while seen.len() < total {
+            wait().await;
+            let n = m.try_recv(&mut rx).unwrap();
+            seen.extend(rx.datagrams().map(|(d, _)| d.len()));
+            if n == RX_BATCH {
+                assert!(
+                    m.readable().now_or_never().is_some(),
+                    "a full batch leaves the socket ready"
+                );
+            }
+        }
+        assert_eq!(seen, (0..total).map(|i| 200 + i).collect::<Vec<_>>());
+    }
+
     /// One receive takes many datagrams, each whole, with its sender.
     #[tokio::test]
     async fn batched_receive_splits_every_datagram() {
         let (m, b) = pair().await;
-        let to = m.socket.local_addr().unwrap();
+        let to = m.local_addr().unwrap();
         let mut want = Vec::new();
         for i in 0..40u8 {
             // The first half the same size (the kernel may coalesce them with GRO), then mixed.
@@ -640,7 +735,7 @@ mod tests {
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while got.len() < want.len() && std::time::Instant::now() < deadline {
-            m.socket.readable().await.unwrap();
+            m.readable().await.unwrap();
             m.try_recv(&mut rx).unwrap();
             for (d, from) in rx.datagrams() {
                 assert_eq!(from, b.local_addr().unwrap());
