@@ -222,8 +222,8 @@ impl Metrics {
                 "Time inside the relay from a publisher's datagram being read from the socket to every copy of it being handed to the kernel.",
             )
             .buckets(vec![
-                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
-                0.01, 0.025, 0.05, 0.1,
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.001_5, 0.002,
+                0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
             ]),
         )
         .expect("valid metric");

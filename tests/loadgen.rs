@@ -53,6 +53,10 @@ async fn broadcast_reports_forwarded_media() {
         "{r}"
     );
     assert!(r["latency_us"]["p50"].as_u64().unwrap() > 0, "{r}");
+    let within_1ms = r["server_forward_latency_s"]["within_1ms_percent"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=100.0).contains(&within_1ms), "{r}");
     assert_eq!(r["join_ms"]["n"], 3, "{r}");
 }
 

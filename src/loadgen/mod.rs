@@ -385,9 +385,9 @@ fn parse_metrics(text: &str) -> MetricsSample {
     s
 }
 
-/// The `q` quantile of a cumulative histogram delta (upper bound of its bucket), seconds.
-fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
-    let deltas: Vec<(f64, f64)> = after
+/// A cumulative histogram's counts over the window: (upper bound, count up to it).
+fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
         .iter()
         .map(|(le, v)| {
             let b = before
@@ -396,7 +396,21 @@ fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Op
                 .map_or(0.0, |(_, v)| *v);
             (*le, v - b)
         })
-        .collect();
+        .collect()
+}
+
+/// The percentage of a cumulative histogram delta's observations at or below `le` (one of its
+/// bucket bounds), or None when it has none.
+fn histogram_share_within(before: &[(f64, f64)], after: &[(f64, f64)], le: f64) -> Option<f64> {
+    let deltas = histogram_delta(before, after);
+    let total = deltas.last()?.1;
+    let within = deltas.iter().find(|(l, _)| *l == le)?.1;
+    (total > 0.0).then(|| 100.0 * within / total)
+}
+
+/// The `q` quantile of a cumulative histogram delta (upper bound of its bucket), seconds.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas = histogram_delta(before, after);
     let total = deltas.last()?.1;
     if total <= 0.0 {
         return None;
@@ -618,14 +632,15 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     };
     // Ferry's own figures (null for Janus).
     let m = [&baseline, &before, &after].map(|s| s.metrics.as_ref());
-    let (forwarded, cpu, rss, latency) = match m {
+    let (forwarded, cpu, rss, latency, within_1ms) = match m {
         [Some(m0), Some(b), Some(a)] => (
             Some(a.out_packets - b.out_packets),
             Some(a.cpu - b.cpu),
             Some((m0.rss, a.rss)),
             [0.5, 0.99].map(|q| histogram_quantile(&b.latency_buckets, &a.latency_buckets, q)),
+            histogram_share_within(&b.latency_buckets, &a.latency_buckets, 0.001),
         ),
-        _ => (None, None, None, [None, None]),
+        _ => (None, None, None, [None, None], None),
     };
     // The server process from /proc (any target).
     let process = match [&baseline, &before, &after].map(|s| s.process) {
@@ -668,7 +683,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
             "p50": shared.latency_quantile(0.5), "p99": shared.latency_quantile(0.99),
             "max": shared.latency_max.load(Ordering::Relaxed),
         },
-        "server_forward_latency_s": { "p50": latency[0], "p99": latency[1] },
+        "server_forward_latency_s": { "p50": latency[0], "p99": latency[1], "within_1ms_percent": within_1ms },
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_forwarded_packet": cpu.zip(forwarded).and_then(|(c, f)| (f > 0.0).then(|| c * 1e6 / f)),
         "server_cpu_us_per_received_packet": server_cpu.and_then(per_received),
@@ -722,8 +737,10 @@ pub fn print_human(r: &Value) {
     );
     if r["server_cpu_seconds"].is_number() {
         println!(
-            "  inside the server (s, bucket upper bounds): p50 {} p99 {}",
-            r["server_forward_latency_s"]["p50"], r["server_forward_latency_s"]["p99"]
+            "  inside the server (s, bucket upper bounds): p50 {} p99 {}; {} % within 1 ms",
+            r["server_forward_latency_s"]["p50"],
+            r["server_forward_latency_s"]["p99"],
+            f(&r["server_forward_latency_s"]["within_1ms_percent"])
         );
         println!(
             "  server CPU (its metrics): {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB more per subscriber",
@@ -880,6 +897,35 @@ mod tests {
         }
         assert_eq!(latency_bucket(0), latency_bucket(1));
         assert_eq!(latency_bucket(u64::MAX), 32 * LATENCY_STEPS - 1);
+    }
+
+    /// The server's histogram over the window: quantiles are bucket upper bounds, the share
+    /// within a bound counts only the window's observations.
+    #[test]
+    fn server_histogram_deltas_give_quantiles_and_the_share_within_1ms() {
+        let before = [
+            (0.0005, 10.0),
+            (0.001, 20.0),
+            (0.002, 30.0),
+            (f64::INFINITY, 30.0),
+        ];
+        // 100 more: 50 up to 0.5 ms, 30 in (0.5, 1] ms, 19 in (1, 2] ms, 1 above.
+        let after = [
+            (0.0005, 60.0),
+            (0.001, 100.0),
+            (0.002, 129.0),
+            (f64::INFINITY, 130.0),
+        ];
+        assert_eq!(histogram_quantile(&before, &after, 0.5), Some(0.0005));
+        assert_eq!(histogram_quantile(&before, &after, 0.8), Some(0.001));
+        assert_eq!(histogram_quantile(&before, &after, 0.99), Some(0.002));
+        assert_eq!(
+            histogram_quantile(&before, &after, 1.0),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(histogram_share_within(&before, &after, 0.001), Some(80.0));
+        assert_eq!(histogram_share_within(&before, &after, 0.003), None);
+        assert_eq!(histogram_share_within(&before, &before, 0.001), None);
     }
 
     #[test]
