@@ -102,7 +102,7 @@ impl MediaSocket {
     /// One `recvmmsg` into `rx`, without waiting: the number of buffers filled (0 when nothing is
     /// queued).
     ///
-    /// A receive that fills fewer buffers than it has emptied the socket's queue, so the socket's
+    /// A receive that fills fewer buffers than it could emptied the socket's queue, so the socket's
     /// readiness is cleared there and then (the closure reports `WouldBlock` to tokio, the count
     /// is kept aside): the next wait goes straight to epoll instead of first paying one more
     /// `recvmmsg` that can only say EAGAIN. Nothing is missed: the socket is registered
@@ -114,12 +114,15 @@ impl MediaSocket {
         let mut slices: [IoSliceMut<'_>; RX_BATCH] = std::array::from_fn(|_| {
             IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b.as_mut()))
         });
+        // What one receive can fill: quinn-udp takes at most BATCH_SIZE messages per call (32 with
+        // recvmmsg on Linux, 1 where it receives one datagram per call).
+        let capacity = n.min(quinn_udp::BATCH_SIZE);
         let mut drained = None;
         let r = self.socket.try_io(Interest::READABLE, |socket| {
             let got = self
                 .state
                 .recv(socket.into(), &mut slices[..n], &mut rx.meta[..n])?;
-            if got < n {
+            if got < capacity {
                 drained = Some(got);
                 return Err(io::ErrorKind::WouldBlock.into());
             }
