@@ -778,22 +778,11 @@ impl MediaCore {
             let Some(sub) = self.peers.get_mut(&r.to) else {
                 continue;
             };
-            let (seq, ts) = r.munger.map(
-                packet.header.ssrc,
-                packet.header.sequence_number,
-                packet.header.timestamp,
-            );
             // The own path: header written and the packet sealed straight into the send batch.
             if sub.connected
                 && let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote)
             {
-                let copy = SealedCopy {
-                    from: &packet.header,
-                    payload: &packet.payload,
-                    extensions: &extensions,
-                    seq,
-                    ts,
-                };
+                let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
                 let Some(report_due) = seal_copy(&mut self.tx, r, sealer, to, copy, now) else {
                     r.munger.dropped(packet.header.sequence_number);
                     self.metrics
@@ -813,6 +802,11 @@ impl MediaCore {
                 self.counts.bytes_out[kind] += bytes;
                 continue;
             }
+            let (seq, ts) = r.munger.map(
+                packet.header.ssrc,
+                packet.header.sequence_number,
+                packet.header.timestamp,
+            );
             let mut out = packet.clone();
             out.header.ssrc = r.ssrc;
             out.header.payload_type = r.payload_type;
@@ -1846,6 +1840,29 @@ struct SealedCopy<'a> {
     ts: u32,
 }
 
+impl<'a> SealedCopy<'a> {
+    /// The route's copy of `packet` (whose extensions were taken out into `extensions`), its
+    /// sequence number and timestamp from the route's munger.
+    fn mapped(
+        munger: &mut Munger,
+        packet: &'a rtc::rtp::Packet,
+        extensions: &'a [rtc::rtp::header::Extension],
+    ) -> SealedCopy<'a> {
+        let (seq, ts) = munger.map(
+            packet.header.ssrc,
+            packet.header.sequence_number,
+            packet.header.timestamp,
+        );
+        SealedCopy {
+            from: &packet.header,
+            payload: &packet.payload,
+            extensions,
+            seq,
+            ts,
+        }
+    }
+}
+
 /// The own path's work for one subscriber's copy: header written and the packet sealed into the
 /// send batch, recorded for NACKs and sender reports. `None`: the sealer refused it (nothing
 /// queued). `Some(true)`: the route's sender report is due (see [`sender_report`]).
@@ -2345,18 +2362,7 @@ pub mod bench {
                 let Some((sealer, to)) = self.peers.get_mut(&r.to) else {
                     continue;
                 };
-                let (seq, ts) = r.munger.map(
-                    packet.header.ssrc,
-                    packet.header.sequence_number,
-                    packet.header.timestamp,
-                );
-                let copy = SealedCopy {
-                    from: &packet.header,
-                    payload: &packet.payload,
-                    extensions: &extensions,
-                    seq,
-                    ts,
-                };
+                let copy = SealedCopy::mapped(&mut r.munger, packet, &extensions);
                 if seal_copy(&mut self.tx, r, sealer, *to, copy, now).is_some() {
                     queued += 1;
                 }
