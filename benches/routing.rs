@@ -1,7 +1,8 @@
 //! The per-subscriber cost of forwarding one 1200-byte video packet on the relay's own path, for
 //! fan-outs of 1, 10 and 100 subscribers: the code the forwarder runs for every connected
-//! subscriber (`ferry::media::bench::Fanout` runs the forwarder's `SealedCopy::mapped` and `seal_copy`): sequence number
-//! and timestamp munging, the header rewritten to the subscriber's SSRC, payload type and
+//! subscriber (`ferry::media::bench::Fanout` runs the forwarder's `SealedCopy::mapped` and
+//! `seal_copy`): sequence number and timestamp munging, the header rewritten to the subscriber's
+//! SSRC, payload type and
 //! extension IDs, SRTP sealing into the send batch, the NACK record, and then the batch grouped per
 //! destination into GSO runs (what the send does before its syscalls; the syscalls are not here).
 //!
