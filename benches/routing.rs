@@ -2,9 +2,9 @@
 //! fan-outs of 1, 10 and 100 subscribers: the code the forwarder runs for every connected
 //! subscriber (`ferry::media::bench::Fanout` runs the forwarder's `SealedCopy::mapped` and
 //! `seal_copy`): sequence number and timestamp munging, the header rewritten to the subscriber's
-//! SSRC, payload type and
-//! extension IDs, SRTP sealing into the send batch, the NACK record, and then the batch grouped per
-//! destination into GSO runs (what the send does before its syscalls; the syscalls are not here).
+//! SSRC, payload type and extension IDs, SRTP sealing into the send batch, the NACK record, and
+//! then the batch grouped per destination into GSO runs (what the send does before its syscalls;
+//! the syscalls are not here).
 //!
 //! - `forward_1200B_video`: AEAD_AES_128_GCM (what webrtc-rs peers pick);
 //! - `forward_1200B_video_aes256_gcm`: AEAD_AES_256_GCM (Chrome's choice when only GCM is offered);
