@@ -93,6 +93,10 @@ pub struct Metrics {
     /// `ferry_srtp_profiles_total{profile}`: the same connections by the SRTP protection profile
     /// their client chose (`unknown`: sealed by rtc, the relay did not learn it).
     pub srtp_profiles: IntCounterVec,
+    /// `ferry_srtp_opened_total{by}`: RTP packets from publishers opened (authenticated and
+    /// decrypted) by the relay's own packet-in path, or by rtc's receive pipeline.
+    pub srtp_opened_by_relay: IntCounter,
+    pub srtp_opened_by_rtc: IntCounter,
 }
 
 /// `ferry_srtp_profiles_total`'s `profile` values.
@@ -269,6 +273,16 @@ impl Metrics {
         for p in SRTP_PROFILE_LABELS {
             srtp_profiles.with_label_values(&[p]);
         }
+        let srtp_opened = IntCounterVec::new(
+            Opts::new(
+                "ferry_srtp_opened_total",
+                "RTP packets from publishers opened (authenticated, decrypted) by: relay (Ferry's own packet-in path) or rtc (the connection's pipeline: each stream's first packets, then only what the relay cannot open itself).",
+            ),
+            &["by"],
+        )
+        .expect("valid metric");
+        let srtp_opened_by_relay = srtp_opened.with_label_values(&["relay"]);
+        let srtp_opened_by_rtc = srtp_opened.with_label_values(&["rtc"]);
         let srtp_sealed_by_relay = srtp_sessions.with_label_values(&["relay"]);
         let srtp_sealed_by_rtc = srtp_sessions.with_label_values(&["rtc"]);
         let failures_ice = failures.with_label_values(&["ice"]);
@@ -328,6 +342,7 @@ impl Metrics {
             Box::new(failures),
             Box::new(srtp_sessions),
             Box::new(srtp_profiles.clone()),
+            Box::new(srtp_opened.clone()),
             Box::new(ready.clone()),
         ] {
             registry.register(c).expect("metric registered once");
@@ -366,6 +381,8 @@ impl Metrics {
             srtp_sealed_by_relay,
             srtp_sealed_by_rtc,
             srtp_profiles,
+            srtp_opened_by_relay,
+            srtp_opened_by_rtc,
         }
     }
 

@@ -154,6 +154,95 @@ async fn relayed_payloads_arrive_intact_with_rewritten_ssrc() {
     );
 }
 
+/// The relay opens a publisher's packets itself once rtc's pipeline delivered the stream's first
+/// one: what it forwards is the same, the publisher still gets transport-wide CC feedback and
+/// receiver reports for everything it sent, and replayed or forged packets are refused, counted
+/// and never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_opens_published_media_itself_and_refuses_replays() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 300).await;
+    let publisher_ssrc = publ.sender.unwrap().1;
+    let got = check_received(&sub, publisher_ssrc);
+    assert_eq!(*got.last().unwrap(), 299);
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let by_relay = metric(&m, "ferry_srtp_opened_total{by=\"relay\"}").unwrap();
+    let by_rtc = metric(&m, "ferry_srtp_opened_total{by=\"rtc\"}").unwrap();
+    let video_in = metric(
+        &m,
+        "ferry_media_packets_total{direction=\"in\",kind=\"video\"}",
+    )
+    .unwrap();
+    assert!(
+        by_relay >= 290.0,
+        "opened by the relay: {by_relay} (rtc: {by_rtc})"
+    );
+    assert!((1.0..=5.0).contains(&by_rtc), "opened by rtc: {by_rtc}");
+    assert_eq!(by_relay + by_rtc, video_in, "every packet in opened once");
+    // Feedback for what the relay opened itself: receiver reports up to the last packets sent,
+    // without losses, and transport-wide CC feedback covering them.
+    let reports = publ.reception_reports.lock().unwrap().clone();
+    let ours: Vec<_> = reports.iter().filter(|r| r.0 == publisher_ssrc).collect();
+    let last = ours
+        .last()
+        .unwrap_or_else(|| panic!("no reception report: {reports:?}"));
+    assert!(
+        last.1 >= 280 && last.1 <= 299,
+        "highest sequence reported: {last:?}"
+    );
+    assert_eq!(last.2, 0, "nothing lost: {last:?}");
+    let statuses: u32 = publ
+        .twcc_feedback
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|n| u32::from(*n))
+        .sum();
+    assert!(
+        statuses >= 250,
+        "transport-cc feedback on {statuses} packets"
+    );
+
+    // Replays of packets the relay already opened: refused, none forwarded again.
+    let received = sub.received.len();
+    let undecryptable =
+        |m: &str| metric(m, "ferry_media_dropped_total{reason=\"undecryptable\"}").unwrap();
+    let before = undecryptable(&m);
+    let replays: Vec<Vec<u8>> = publ.sent_rtp.iter().rev().take(20).cloned().collect();
+    for d in &replays {
+        publ.send_raw(d).await;
+    }
+    // A forged packet: the next sequence number, one payload byte changed.
+    let mut forged = publ.sent_rtp.last().unwrap().clone();
+    forged[2..4].copy_from_slice(&300u16.to_be_bytes());
+    let n = forged.len();
+    forged[n - 30] ^= 0x40;
+    publ.send_raw(&forged).await;
+    for _ in 0..40 {
+        publ.pump(SLICE).await;
+        sub.pump(SLICE).await;
+    }
+    assert_eq!(
+        sub.received.len(),
+        received,
+        "a replayed or forged packet was forwarded"
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        undecryptable(&m) - before,
+        21.0,
+        "20 replays and a forgery refused"
+    );
+    // The genuine packet 300 and those after it still go through.
+    stream(&mut publ, &mut sub, 300, 20).await;
+    let got = check_received(&sub, publisher_ssrc);
+    assert!(
+        (300..320).all(|i| got.binary_search(&i).is_ok()),
+        "after the replays: {got:?}"
+    );
+}
+
 /// Chrome's first choice, AES_CM_128_HMAC_SHA1_80: sealed by the relay as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aes_cm_connections_are_sealed_by_the_relay_too() {

@@ -429,7 +429,7 @@ impl Peer {
             let now = Instant::now();
             for (datagram, from) in self.rx.datagrams() {
                 if let Some(opener) = self.opener.as_mut()
-                    && let Some((header_len, ssrc, seq)) = rtp_header(datagram)
+                    && let Some((header_len, ssrc, seq)) = srtp::rtp_header(datagram)
                 {
                     self.scratch.clear();
                     self.scratch.extend_from_slice(datagram);
@@ -520,24 +520,6 @@ fn take_keys(light: bool, opener: &mut Option<srtp::Opener>) {
     if keys.len() == 2 {
         *opener = srtp::Opener::new(&keys[1]).ok();
     }
-}
-
-/// An SRTP packet's header length, SSRC and sequence number (not RTCP, not DTLS or STUN).
-fn rtp_header(d: &[u8]) -> Option<(usize, u32, u16)> {
-    // Version 2, and not an RTCP packet type (192-223 in the second byte).
-    if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
-        return None;
-    }
-    let mut len = 12 + 4 * usize::from(d[0] & 0x0f);
-    if d[0] & 0x10 != 0 {
-        let words = u16::from_be_bytes([*d.get(len + 2)?, *d.get(len + 3)?]);
-        len += 4 + 4 * usize::from(words);
-    }
-    (len <= d.len()).then(|| {
-        let seq = u16::from_be_bytes([d[2], d[3]]);
-        let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
-        (len, ssrc, seq)
-    })
 }
 
 /// One received media payload: its stamp read, loss and latency counted, the whole payload

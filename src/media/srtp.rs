@@ -452,13 +452,33 @@ impl Sealer {
     }
 }
 
-/// Opens the SRTP packets of one connection's receiving direction with its session keys (the load
-/// generator's subscribers, which count what they receive without rtc's receive pipeline).
+/// Opens the SRTP packets of one connection's receiving direction with its session keys: the
+/// relay's own packet-in path (publishers' media) and the load generator's light subscribers.
+/// Each SSRC has its rollover counter and a replay window (RFC 3711 3.3.2): a packet already
+/// opened, or older than the window, is refused before any decryption.
 pub struct Opener {
     cipher: Cipher,
     salt: [u8; 14],
-    /// Per SSRC received, its rollover counter.
-    streams: Vec<(u32, Rollover)>,
+    /// Per SSRC received: its rollover counter and replay window.
+    streams: Vec<(u32, Rollover, ReplayWindow)>,
+}
+
+/// Why [`Opener::open`] refused a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpenError {
+    /// Already opened, or too old to tell (behind the replay window).
+    Replayed,
+    /// Not authentic (or too short for a tag).
+    Unauthentic,
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OpenError::Replayed => "replayed SRTP packet",
+            OpenError::Unauthentic => "SRTP packet failed authentication",
+        })
+    }
 }
 
 impl Opener {
@@ -471,32 +491,55 @@ impl Opener {
         })
     }
 
+    /// Continue an SSRC whose packets were opened elsewhere so far (rtc's receive pipeline), the
+    /// latest being `seq` with rollover counter `roc`: that packet and the window behind it count
+    /// as opened (which of them were is not known here; a late one is lost rather than a replay
+    /// let through).
+    pub fn resume(&mut self, ssrc: u32, seq: u16, roc: u32) {
+        let rollover = Rollover {
+            roc,
+            highest: Some(seq),
+        };
+        let window = ReplayWindow {
+            highest: Some(index(roc, seq)),
+            seen: u64::MAX,
+        };
+        match self.streams.iter_mut().find(|(s, ..)| *s == ssrc) {
+            Some(stream) => *stream = (ssrc, rollover, window),
+            None => self.streams.push((ssrc, rollover, window)),
+        }
+    }
+
     /// Authenticates and decrypts the SRTP packet `packet` (an RTP header of `header_len` bytes,
-    /// then the encrypted payload and the tag) in place; the payload's range. A packet that does
-    /// not authenticate changes nothing.
+    /// then the encrypted payload and the tag) in place; the payload's range. A packet refused
+    /// changes nothing.
     pub fn open(
         &mut self,
         packet: &mut [u8],
         header_len: usize,
         ssrc: u32,
         seq: u16,
-    ) -> Result<std::ops::Range<usize>, CryptoError> {
-        let i = match self.streams.iter().position(|(s, _)| *s == ssrc) {
+    ) -> Result<std::ops::Range<usize>, OpenError> {
+        let i = match self.streams.iter().position(|(s, ..)| *s == ssrc) {
             Some(i) => i,
             None => {
-                self.streams.push((ssrc, Rollover::default()));
+                self.streams
+                    .push((ssrc, Rollover::default(), ReplayWindow::default()));
                 self.streams.len() - 1
             }
         };
         // Committed only once the packet authenticates.
         let mut rollover = self.streams[i].1;
         let roc = rollover.roc_for(seq);
+        if !self.streams[i].2.fresh(index(roc, seq)) {
+            return Err(OpenError::Replayed);
+        }
         let tag_len = match self.cipher {
             Cipher::Gcm(_) => TAG_LEN,
             Cipher::Cm { .. } => CM_TAG_LEN,
         };
         if packet.len() < header_len + tag_len {
-            return Err(CryptoError::AuthenticationFailed);
+            return Err(OpenError::Unauthentic);
         }
         let end = packet.len() - tag_len;
         match &mut self.cipher {
@@ -504,20 +547,81 @@ impl Opener {
                 let iv = gcm_iv(&self.salt, ssrc, roc, seq);
                 let (aad, rest) = packet.split_at_mut(header_len);
                 let (payload, tag) = rest.split_at_mut(end - header_len);
-                aead.open_in_place(&iv, aad, payload, tag)?;
+                aead.open_in_place(&iv, aad, payload, tag)
+                    .map_err(|_| OpenError::Unauthentic)?;
             }
             Cipher::Cm { ctr, mac } => {
                 let mut tag = [0; 20];
-                mac.sign(&[&packet[..end], &roc.to_be_bytes()], &mut tag)?;
+                mac.sign(&[&packet[..end], &roc.to_be_bytes()], &mut tag)
+                    .map_err(|_| OpenError::Unauthentic)?;
                 if tag[..CM_TAG_LEN] != packet[end..] {
-                    return Err(CryptoError::AuthenticationFailed);
+                    return Err(OpenError::Unauthentic);
                 }
                 let iv = cm_iv(&self.salt, ssrc, roc, seq);
-                ctr.apply_keystream(&iv, &mut packet[header_len..end])?;
+                ctr.apply_keystream(&iv, &mut packet[header_len..end])
+                    .map_err(|_| OpenError::Unauthentic)?;
             }
         }
         self.streams[i].1 = rollover;
+        self.streams[i].2.accept(index(roc, seq));
         Ok(header_len..end)
+    }
+}
+
+/// An SRTP packet's header length, SSRC and sequence number (not RTCP, not DTLS or STUN).
+pub fn rtp_header(d: &[u8]) -> Option<(usize, u32, u16)> {
+    // Version 2, and not an RTCP packet type (192-223 in the second byte).
+    if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
+        return None;
+    }
+    let mut len = 12 + 4 * usize::from(d[0] & 0x0f);
+    if d[0] & 0x10 != 0 {
+        let words = u16::from_be_bytes([*d.get(len + 2)?, *d.get(len + 3)?]);
+        len += 4 + 4 * usize::from(words);
+    }
+    (len <= d.len()).then(|| {
+        let seq = u16::from_be_bytes([d[2], d[3]]);
+        let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+        (len, ssrc, seq)
+    })
+}
+
+/// The SRTP packet index (RFC 3711 3.3.1): 2^16 * ROC + SEQ.
+fn index(roc: u32, seq: u16) -> u64 {
+    (u64::from(roc) << 16) | u64::from(seq)
+}
+
+/// The packet indices opened lately: the highest, and which of the 63 before it.
+#[derive(Default, Clone, Copy)]
+struct ReplayWindow {
+    highest: Option<u64>,
+    /// Bit `i`: index `highest - i` was opened.
+    seen: u64,
+}
+
+impl ReplayWindow {
+    /// Not opened before, and not too old to tell.
+    fn fresh(&self, index: u64) -> bool {
+        match self.highest {
+            None => true,
+            Some(h) if index > h => true,
+            Some(h) => h - index < 64 && self.seen & (1 << (h - index)) == 0,
+        }
+    }
+
+    fn accept(&mut self, index: u64) {
+        match self.highest {
+            Some(h) if index <= h => self.seen |= 1 << (h - index),
+            Some(h) => {
+                let shift = index - h;
+                self.seen = if shift >= 64 { 0 } else { self.seen << shift } | 1;
+                self.highest = Some(index);
+            }
+            None => {
+                self.seen = 1;
+                self.highest = Some(index);
+            }
+        }
     }
 }
 
@@ -694,6 +798,59 @@ mod tests {
         assert_eq!(got[1], capture(profile, &k2, &s2)[0]);
         assert_ne!(got[0], got[1]);
         assert!(take_captured().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn opener_refuses_replays_and_packets_behind_its_window() {
+        let profile = ProtectionProfile::AeadAes128Gcm;
+        let (key, salt) = master(profile);
+        let captured = capture(profile, &key, &salt);
+        let mut rtc_tx = Context::new(&key, &salt, profile, None, None, &RingCrypto).unwrap();
+        let sealed: Vec<(u16, Vec<u8>)> = (0..200u16)
+            .map(|seq| {
+                let h = header(seq);
+                let mut plain = vec![0; h.marshal_size()];
+                h.marshal_to(&mut plain).unwrap();
+                plain.extend_from_slice(&[seq as u8; 100]);
+                (seq, rtc_tx.encrypt_rtp(&plain).unwrap().to_vec())
+            })
+            .collect();
+        let hl = header(0).marshal_size();
+        let ssrc = header(0).ssrc;
+        let mut opener = Opener::new(&captured[0]).unwrap();
+        let open = |o: &mut Opener, seq: u16| {
+            let mut p = sealed[usize::from(seq)].1.clone();
+            o.open(&mut p, hl, ssrc, seq).map(|_| ())
+        };
+        // Packets 0..=9 arrive, 5 missing; then 5 late (still in the window): fine once.
+        for seq in (0..10).filter(|s| *s != 5) {
+            assert_eq!(open(&mut opener, seq), Ok(()), "seq {seq}");
+        }
+        assert_eq!(open(&mut opener, 7), Err(OpenError::Replayed));
+        assert_eq!(open(&mut opener, 5), Ok(()), "late but within the window");
+        assert_eq!(open(&mut opener, 5), Err(OpenError::Replayed));
+        // A tampered packet is refused without being marked: the genuine one still opens.
+        let mut bad = sealed[10].1.clone();
+        bad[hl + 3] ^= 1;
+        assert_eq!(
+            opener.open(&mut bad, hl, ssrc, 10),
+            Err(OpenError::Unauthentic)
+        );
+        assert_eq!(open(&mut opener, 10), Ok(()));
+        // Far ahead, then a packet 64 or more behind: refused, one 63 behind is not.
+        assert_eq!(open(&mut opener, 150), Ok(()));
+        assert_eq!(open(&mut opener, 86), Err(OpenError::Replayed), "64 behind");
+        assert_eq!(open(&mut opener, 87), Ok(()), "63 behind");
+        // Resumed after rtc opened up to 190: 190 and before refused, 191 opens.
+        let mut resumed = Opener::new(&captured[0]).unwrap();
+        resumed.resume(ssrc, 190, 0);
+        assert_eq!(open(&mut resumed, 190), Err(OpenError::Replayed));
+        assert_eq!(open(&mut resumed, 191), Ok(()));
+        assert_eq!(
+            open(&mut resumed, 189),
+            Err(OpenError::Replayed),
+            "opened by rtc, as far as the opener can tell"
+        );
     }
 
     #[test]

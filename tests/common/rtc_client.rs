@@ -64,6 +64,13 @@ pub struct MediaClient {
     pub send_extensions: Vec<(u8, Bytes)>,
     /// Sender reports received: (SSRC, packet count, RTP time).
     pub sender_reports: Arc<Mutex<Vec<(u32, u32, u32)>>>,
+    /// Feedback on what we publish, as received: reception reports (SSRC, extended highest
+    /// sequence number, cumulative loss) and transport-wide CC feedback (packet status counts).
+    pub reception_reports: Arc<Mutex<Vec<(u32, u32, u32)>>>,
+    pub twcc_feedback: Arc<Mutex<Vec<u16>>>,
+    /// Every SRTP packet we sent (as sent), and where to.
+    pub sent_rtp: Vec<Vec<u8>>,
+    relay: Option<SocketAddr>,
 }
 
 /// Extensions the test peers register when asked to (before rtc's defaults, so that their IDs
@@ -134,19 +141,35 @@ impl MediaClient {
             }
         }
         let sender_reports = Arc::new(Mutex::new(Vec::new()));
+        let reception_reports = Arc::new(Mutex::new(Vec::new()));
+        let twcc_feedback = Arc::new(Mutex::new(Vec::new()));
         let reports = sender_reports.clone();
+        let (receptions, twcc) = (reception_reports.clone(), twcc_feedback.clone());
         let count_reports = Tap::new(
             move |msg: &mut TaggedPacket| {
                 if let Packet::Rtcp(packets) = &msg.message.packet {
                     for p in packets {
-                        if let Some(sr) = p
-                            .as_any()
-                            .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
+                        let p = p.as_any();
+                        if let Some(sr) = p.downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
                         {
                             reports
                                 .lock()
                                 .unwrap()
                                 .push((sr.ssrc, sr.packet_count, sr.rtp_time));
+                        }
+                        if let Some(rr) =
+                            p.downcast_ref::<rtc::rtcp::receiver_report::ReceiverReport>()
+                        {
+                            for r in &rr.reports {
+                                receptions.lock().unwrap().push((
+                                    r.ssrc,
+                                    r.last_sequence_number,
+                                    r.total_lost,
+                                ));
+                            }
+                        }
+                        if let Some(cc) = p.downcast_ref::<rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>() {
+                            twcc.lock().unwrap().push(cc.packet_status_count);
                         }
                     }
                 }
@@ -157,6 +180,12 @@ impl MediaClient {
             .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
             .with(Slot::from(14_001), count_reports);
         let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
+        // Transport-wide sequence numbers on what we send, as browsers do (rtc's defaults only
+        // give feedback on what they receive).
+        let registry = registry.with(
+            Slot::TwccSender,
+            rtc::interceptor::TwccSenderBuilder::new().build(),
+        );
         let mut settings = SettingEngineBuilder::new();
         if !srtp_profiles.is_empty() {
             settings = settings.with_srtp_protection_profiles(srtp_profiles);
@@ -215,6 +244,10 @@ impl MediaClient {
             server_offers: Vec::new(),
             send_extensions: Vec::new(),
             sender_reports,
+            reception_reports,
+            twcc_feedback,
+            sent_rtp: Vec::new(),
+            relay: None,
         }
     }
 
@@ -301,6 +334,12 @@ impl MediaClient {
         }
     }
 
+    /// Send a datagram of our own making to the relay, on the connection's address.
+    pub async fn send_raw(&mut self, datagram: &[u8]) {
+        let to = self.relay.expect("media sent to the relay before");
+        self.socket.send_to(datagram, to).await.unwrap();
+    }
+
     /// Hand back the signaling client (after a `bye` to the server, to connect afresh).
     pub fn into_ws(self) -> Client {
         self.ws
@@ -360,11 +399,12 @@ impl MediaClient {
         }
         while let Some(t) = self.pc.poll_write() {
             let b = &t.message;
-            if b.len() > 12
-                && (128..192).contains(&b[0])
-                && !(192..224).contains(&b[1])
-                && self.sent_seqs.insert(u16::from_be_bytes([b[2], b[3]]))
-            {
+            let rtp = b.len() > 12 && (128..192).contains(&b[0]) && !(192..224).contains(&b[1]);
+            if rtp {
+                self.sent_rtp.push(b.to_vec());
+                self.relay = Some(t.transport.peer_addr);
+            }
+            if rtp && self.sent_seqs.insert(u16::from_be_bytes([b[2], b[3]])) {
                 self.rtp_sent += 1;
                 if self.drop_sent_every > 0 && self.rtp_sent.is_multiple_of(self.drop_sent_every) {
                     self.dropped_sent += 1;
