@@ -797,6 +797,25 @@ async fn relay_room_carries_media_through_ferry() {
         )
         .await;
     assert!(audio.as_f64().unwrap() > 0.0, "no relayed audio at alice");
+    // Ferry opened most of what the browsers sent itself (its own packet-in path; rtc's
+    // pipeline the first packet of each stream, and the RTX stream: retransmissions and
+    // Chromium's padding probes)...
+    let opened = metric(&m, "ferry_srtp_opened_total{by=\"relay\"}").unwrap_or(0.0);
+    let opened_rtc = metric(&m, "ferry_srtp_opened_total{by=\"rtc\"}").unwrap_or(0.0);
+    eprintln!("opened by the relay {opened}, by rtc {opened_rtc}, video in {in_video}");
+    assert!(
+        opened > in_video && opened > 3.0 * opened_rtc,
+        "opened by the relay {opened}, by rtc {opened_rtc}, video in {in_video}"
+    );
+    // ...and its transport-wide CC feedback still drives Chromium's send-side bandwidth
+    // estimate: it rises above its 300 kbit/s start (without feedback it would not).
+    let estimate = format!(
+        "(async () => {{ const r = await window.demo.ferry.getStats({b_id:?}); let bw = 0; \
+         r.forEach((x) => {{ if (x.type === 'candidate-pair' && x.availableOutgoingBitrate) bw = Math.max(bw, x.availableOutgoingBitrate); }}); \
+         return bw > 1000000 ? bw : null; }})()"
+    );
+    let bw = ba.wait_for(&a, &estimate, LIMIT).await;
+    eprintln!("alice's send-side bandwidth estimate towards the relay: {bw} bit/s");
     assert!(
         metric(
             &m,
