@@ -433,16 +433,25 @@ struct Stages {
     stages: Vec<Box<dyn Interceptor>>,
     read: std::collections::VecDeque<TaggedPacket>,
     write: std::collections::VecDeque<TaggedPacket>,
+    /// The walk's queue between two stages, kept (no allocation per packet).
+    belt: std::collections::VecDeque<TaggedPacket>,
 }
 
 impl Stages {
     fn walk(
-        stages: &mut [Box<dyn Interceptor>],
-        out: &mut std::collections::VecDeque<TaggedPacket>,
+        &mut self,
         first: Option<TaggedPacket>,
         read: bool,
     ) -> Result<(), rtc::shared::error::Error> {
-        let mut belt: std::collections::VecDeque<TaggedPacket> = first.into_iter().collect();
+        let Stages {
+            stages,
+            read: read_out,
+            write: write_out,
+            belt,
+        } = self;
+        let out = if read { read_out } else { write_out };
+        belt.clear();
+        belt.extend(first);
         let n = stages.len();
         for i in 0..n {
             let stage = &mut stages[if read { i } else { n - 1 - i }];
@@ -461,7 +470,7 @@ impl Stages {
                 belt.push_back(m);
             }
         }
-        out.extend(belt);
+        out.extend(belt.drain(..));
         Ok(())
     }
 }
@@ -478,6 +487,7 @@ impl ReceiveSide {
             stages,
             read: Default::default(),
             write: Default::default(),
+            belt: Default::default(),
         })))
     }
 
@@ -496,27 +506,25 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
     type Time = Instant;
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        let s = &mut *self.lock();
-        Stages::walk(&mut s.stages, &mut s.read, Some(msg), true)
+        self.lock().walk(Some(msg), true)
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
-        let s = &mut *self.lock();
+        let mut s = self.lock();
         if s.read.is_empty() {
-            let _ = Stages::walk(&mut s.stages, &mut s.read, None, true);
+            let _ = s.walk(None, true);
         }
         s.read.pop_front()
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        let s = &mut *self.lock();
-        Stages::walk(&mut s.stages, &mut s.write, Some(msg), false)
+        self.lock().walk(Some(msg), false)
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
-        let s = &mut *self.lock();
+        let mut s = self.lock();
         if s.write.is_empty() {
-            let _ = Stages::walk(&mut s.stages, &mut s.write, None, false);
+            let _ = s.walk(None, false);
         }
         s.write.pop_front()
     }
