@@ -175,8 +175,8 @@ async fn allocations_per_forwarded_packet() {
         per_copy < 0.5,
         "{per_copy:.2} allocations per forwarded copy"
     );
-    // The packet in: opened by the relay into a buffer of its own, its header parsed (rtc's
-    // `Header`, an allocation per extension), shown to rtc's receiving interceptors.
+    // The packet in: opened by the relay into a buffer of its own, parsed over that buffer's
+    // shared bytes (the header's extension list allocates), shown to rtc's receiving interceptors.
     assert!(
         one < 12.0,
         "{one:.1} allocations per packet with one subscriber"

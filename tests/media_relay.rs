@@ -29,7 +29,12 @@ async fn stream(publ: &mut MediaClient, sub: &mut MediaClient, first: u16, n: u1
         publ.pump(SLICE).await;
         sub.pump(SLICE).await;
     }
-    for _ in 0..100 {
+    settle(publ, sub, 100).await;
+}
+
+/// Pump both sides for `rounds` slices each.
+async fn settle(publ: &mut MediaClient, sub: &mut MediaClient, rounds: usize) {
+    for _ in 0..rounds {
         publ.pump(SLICE).await;
         sub.pump(SLICE).await;
     }
@@ -219,10 +224,7 @@ async fn the_relay_opens_published_media_itself_and_refuses_replays() {
     let n = forged.len();
     forged[n - 30] ^= 0x40;
     publ.send_raw(&forged).await;
-    for _ in 0..40 {
-        publ.pump(SLICE).await;
-        sub.pump(SLICE).await;
-    }
+    settle(&mut publ, &mut sub, 40).await;
     assert_eq!(
         sub.received.len(),
         received,
@@ -565,10 +567,7 @@ async fn a_republished_track_continues_on_the_same_subscriber_track() {
         publ.pump(SLICE).await;
         sub.pump(SLICE).await;
     }
-    for _ in 0..100 {
-        publ.pump(SLICE).await;
-        sub.pump(SLICE).await;
-    }
+    settle(&mut publ, &mut sub, 100).await;
     assert_eq!(
         sub.tracks.len(),
         tracks_before,

@@ -301,6 +301,45 @@ struct Peer {
 }
 
 impl Peer {
+    /// The own packet-in path: a media packet of a stream learned from rtc's pipeline (see
+    /// [`Peer::inbound`]) opened here and shown to the connection's receiving interceptors (NACKs,
+    /// TWCC feedback, receiver reports), ready to forward, without rtc's pipeline (its handlers,
+    /// queues and copies were about 40 % of the relay's instructions per packet in). What does
+    /// not open is dropped (the reason, a `ferry_media_dropped_total` label): such a stream's
+    /// packets are never handed to rtc, whose replay window stopped where the own path took over.
+    fn open_own(
+        &mut self,
+        buf: &[u8],
+        (header_len, ssrc, seq): (usize, u32, u16),
+        transport: TransportContext,
+        now: Instant,
+    ) -> Result<rtc::rtp::Packet, &'static str> {
+        let opener = self.opener.as_mut().ok_or("undecryptable")?;
+        let mut data = BytesMut::from(buf);
+        let range = opener.open(&mut data, header_len, ssrc, seq).map_err(|e| {
+            debug!(user = %self.user_id, ssrc, seq, error = %e, "media packet refused");
+            "undecryptable"
+        })?;
+        // rtc's own parse (padding dropped as it does), over shared bytes: the payload and the
+        // header extensions are slices of `data`, not copies.
+        let mut opened = data.freeze().slice(..range.end);
+        let packet = <rtc::rtp::Packet as rtc::shared::marshal::Unmarshal>::unmarshal(&mut opened)
+            .map_err(|e| {
+                debug!(user = %self.user_id, error = %e, "malformed media packet");
+                "malformed"
+            })?;
+        let msg = TaggedPacket {
+            now,
+            transport,
+            message: rtc::interceptor::AttributedPacket::new(Packet::Rtp(packet)),
+        };
+        // Through the receiving interceptors (they only record it) and back.
+        self.receive_side.pass_read(msg).map_err(|e| {
+            debug!(user = %self.user_id, error = %e, "receiving interceptors refused a packet");
+            "undecryptable"
+        })
+    }
+
     /// Re-read [`Peer::parked_deadline`] after a feed was parked, resumed or dropped.
     fn update_parked_deadline(&mut self) {
         self.parked_deadline = self
@@ -421,7 +460,7 @@ fn relay_interceptors(
 /// A connection's receiving interceptors (rtc's NACK generator, TWCC receiver and receiver
 /// reports, in that order), shared: one handle sits in the connection's interceptor chain and
 /// sees the packets rtc's pipeline opens, the other is fed by the relay's own packet-in path
-/// ([`MediaCore::receive_own`]). Their feedback leaves through the connection's chain either
+/// ([`Peer::open_own`]). Their feedback leaves through the connection's chain either
 /// way (its timers drive them). One task uses both handles: the lock is never contended.
 #[derive(Clone)]
 struct ReceiveSide(Arc<std::sync::Mutex<Stages>>);
@@ -496,6 +535,25 @@ impl ReceiveSide {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// The own path's packet through the stages (which only record it) and back, in one lock.
+    fn pass_read(&self, msg: TaggedPacket) -> Result<rtc::rtp::Packet, rtc::shared::error::Error> {
+        let mut s = self.lock();
+        s.walk(Some(msg), true)?;
+        let mut packet = None;
+        while let Some(m) = s.read.pop_front() {
+            if let Packet::Rtp(rtp) = m.message.packet {
+                packet = Some(rtp);
+            }
+        }
+        packet.ok_or(rtc::shared::error::Error::ErrShortPacket)
+    }
+
+    fn each(&self, mut f: impl FnMut(&mut dyn Interceptor)) {
+        for stage in self.lock().stages.iter_mut() {
+            f(stage.as_mut());
+        }
+    }
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
@@ -530,10 +588,13 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        for stage in self.lock().stages.iter_mut() {
-            stage.handle_timeout(now)?;
-        }
-        Ok(())
+        let mut result = Ok(());
+        self.each(|s| {
+            if result.is_ok() {
+                result = s.handle_timeout(now);
+            }
+        });
+        result
     }
 
     fn poll_timeout(&mut self) -> Option<Self::Time> {
@@ -547,24 +608,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
 
 impl Interceptor for ReceiveSide {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        for s in self.lock().stages.iter_mut() {
-            s.bind_local_stream(info);
-        }
+        self.each(|s| s.bind_local_stream(info));
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        for s in self.lock().stages.iter_mut() {
-            s.unbind_local_stream(info);
-        }
+        self.each(|s| s.unbind_local_stream(info));
     }
     fn bind_remote_stream(&mut self, info: &StreamInfo) {
-        for s in self.lock().stages.iter_mut() {
-            s.bind_remote_stream(info);
-        }
+        self.each(|s| s.bind_remote_stream(info));
     }
     fn unbind_remote_stream(&mut self, info: &StreamInfo) {
-        for s in self.lock().stages.iter_mut() {
-            s.unbind_remote_stream(info);
-        }
+        self.each(|s| s.unbind_remote_stream(info));
     }
 }
 
@@ -581,24 +634,21 @@ struct PacketCounts {
 
 impl PacketCounts {
     fn publish(&mut self, m: &Metrics) {
-        for (n, c) in [
+        let opened = [
             (self.opened[0], &m.srtp_opened_by_relay),
             (self.opened[1], &m.srtp_opened_by_rtc),
-        ] {
-            if n > 0 {
-                c.inc_by(n);
-            }
-        }
-        for k in 0..2 {
-            for (n, c) in [
+        ];
+        let per_kind = (0..2).flat_map(|k| {
+            [
                 (self.rtp_in[k], &m.rtp_in[k]),
                 (self.bytes_in[k], &m.bytes_in[k]),
                 (self.rtp_out[k], &m.rtp_out[k]),
                 (self.bytes_out[k], &m.bytes_out[k]),
-            ] {
-                if n > 0 {
-                    c.inc_by(n);
-                }
+            ]
+        });
+        for (n, c) in opened.into_iter().chain(per_kind) {
+            if n > 0 {
+                c.inc_by(n);
             }
         }
         *self = PacketCounts::default();
@@ -781,8 +831,7 @@ impl MediaCore {
     fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
         self.rx_at = now;
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
-        let kind = net::classify(buf);
-        let key = match kind {
+        let key = match net::classify(buf) {
             Kind::Stun => match stun::handle(buf, from) {
                 stun::StunAction::Reply(bytes) => {
                     self.metrics.stun_bindings.inc();
@@ -813,22 +862,29 @@ impl MediaCore {
         let Some(p) = self.peers.get_mut(&key) else {
             return drop(&self.metrics, "unknown_peer");
         };
-        if kind == Kind::RtpRtcp
-            && p.opener.is_some()
-            && let Some((header_len, ssrc, seq)) = srtp::rtp_header(buf)
+        let transport = TransportContext {
+            local_addr: self.local_addr,
+            peer_addr: from,
+            ecn: None,
+            transport_protocol: TransportProtocol::UDP,
+        };
+        // A media packet of a stream the own path opens (see `Peer::inbound`).
+        if let Some(rtp @ (_, ssrc, _)) = srtp::rtp_header(buf)
             && let Some(i) = p.inbound.iter().position(|(s, _)| *s == ssrc)
         {
             let track = p.inbound[i].1.clone();
-            return self.receive_own(key, &track, buf, (header_len, ssrc, seq), from, now);
+            match p.open_own(buf, rtp, transport, now) {
+                Ok(packet) => {
+                    self.counts.opened[0] += 1;
+                    self.forward(key, &track, packet, now);
+                }
+                Err(reason) => drop(&self.metrics, reason),
+            }
+            return;
         }
         let msg = TaggedBytesMut {
             now,
-            transport: TransportContext {
-                local_addr: self.local_addr,
-                peer_addr: from,
-                ecn: None,
-                transport_protocol: TransportProtocol::UDP,
-            },
+            transport,
             message: BytesMut::from(buf),
         };
         if let Err(e) = p.pc.handle_read(msg) {
@@ -837,96 +893,6 @@ impl MediaCore {
         }
         take_srtp_keys(p, &self.metrics);
         self.dirty.insert(key);
-    }
-
-    /// The own packet-in path: a media packet of a stream learned from rtc's pipeline (see
-    /// [`Peer::inbound`]), opened here, shown to the connection's receiving interceptors (NACKs,
-    /// TWCC feedback, receiver reports) and forwarded, without rtc's pipeline (its handlers,
-    /// queues and copies were about 40 % of the relay's instructions per packet in). What does
-    /// not open is dropped: such a stream's packets are never handed to rtc, whose replay window
-    /// stopped where the own path took over.
-    fn receive_own(
-        &mut self,
-        key: PeerKey,
-        track_id: &str,
-        buf: &[u8],
-        (header_len, ssrc, seq): (usize, u32, u16),
-        from: SocketAddr,
-        now: Instant,
-    ) {
-        let Some(p) = self.peers.get_mut(&key) else {
-            return;
-        };
-        let Some(opener) = p.opener.as_mut() else {
-            return;
-        };
-        let mut data = BytesMut::from(buf);
-        let range = match opener.open(&mut data, header_len, ssrc, seq) {
-            Ok(range) => range,
-            Err(e) => {
-                debug!(user = %p.user_id, ssrc, seq, error = %e, "media packet refused");
-                self.metrics
-                    .media_dropped
-                    .with_label_values(&["undecryptable"])
-                    .inc();
-                return;
-            }
-        };
-        self.counts.opened[0] += 1;
-        let mut header_bytes = &data[..header_len];
-        let header = <rtc::rtp::header::Header as rtc::shared::marshal::Unmarshal>::unmarshal(
-            &mut header_bytes,
-        );
-        let mut payload = data.freeze().slice(range);
-        // As rtc's `Packet::unmarshal`: padding (RFC 3550 5.1) dropped, its last byte the count.
-        let header = match header {
-            Ok(h) if !h.padding => Ok(h),
-            Ok(h) => match payload.last().map(|n| usize::from(*n)) {
-                Some(n) if n <= payload.len() => {
-                    payload.truncate(payload.len() - n);
-                    Ok(h)
-                }
-                _ => Err(rtc::shared::error::Error::ErrShortPacket),
-            },
-            Err(e) => Err(e),
-        };
-        let header = match header {
-            Ok(h) => h,
-            Err(e) => {
-                debug!(user = %p.user_id, error = %e, "malformed media packet");
-                self.metrics
-                    .media_dropped
-                    .with_label_values(&["malformed"])
-                    .inc();
-                return;
-            }
-        };
-        let msg = TaggedPacket {
-            now,
-            transport: TransportContext {
-                local_addr: self.local_addr,
-                peer_addr: from,
-                ecn: None,
-                transport_protocol: TransportProtocol::UDP,
-            },
-            message: rtc::interceptor::AttributedPacket::new(Packet::Rtp(rtc::rtp::Packet {
-                header,
-                payload,
-            })),
-        };
-        // Through the receiving interceptors (they only record it) and back.
-        if let Err(e) = p.receive_side.handle_read(msg) {
-            debug!(user = %p.user_id, error = %e, "receiving interceptors refused a packet");
-        }
-        let mut packet = None;
-        while let Some(m) = p.receive_side.poll_read() {
-            if let Packet::Rtp(rtp) = m.message.packet {
-                packet = Some(rtp);
-            }
-        }
-        if let Some(packet) = packet {
-            self.forward(key, track_id, packet, now);
-        }
     }
 
     /// Drain every connection that may have output: transmits, events, received media.
@@ -2073,7 +2039,7 @@ fn remap_extensions(
 }
 
 /// A published stream's packet that rtc's pipeline opened: from now on the own packet-in path
-/// opens that SSRC's packets ([`MediaCore::receive_own`]), continuing after this one. This is
+/// opens that SSRC's packets ([`Peer::open_own`]), continuing after this one. This is
 /// the stream's first packet rtc delivered, so its rollover counter is still 0 (streams start
 /// after DTLS, which is when the opener is made).
 fn learn_inbound(p: &mut Peer, track_id: &str, h: &rtc::rtp::header::Header) {
