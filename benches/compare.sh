@@ -18,7 +18,13 @@
 #          NO_BUILD=1       use target/release/ferry as it is
 #          FERRY=PATH       this ferry binary instead (server and loadgen; implies NO_BUILD)
 #          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
-# Output:  OUT/{ferry,janus,janus-loopsL}-N.json (loadgen reports), OUT/*-N.log, OUT/summary.md
+#          KERNEL_FLOOR=0   skip the kernel's floor (by default measured after the servers for
+#                           each N, 1 publisher broadcasts only: `benches/udp_floor.rs`, a thread
+#                           doing only the relay's system calls, for the same packet rate and fan-out,
+#                           paced if LOADGEN_ARGS paces, else frames at once with GSO; its CPU per
+#                           copy is what a server with no work of its own would cost, so Janus /
+#                           floor bounds the ratio any server could reach against Janus here)
+# Output:  OUT/{ferry,janus,janus-loopsL,floor}-N.json (loadgen / udp_floor reports), OUT/*-N.log, OUT/summary.md
 #          (a table per Janus setting), OUT/compare*.dat, OUT/compare-{cpu,loss,latency}.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +39,12 @@ read -r -a EXTRA <<<"${LOADGEN_ARGS:-}"
 read -r -a LOOPS <<<"${JANUS_EVENT_LOOPS:-default}"
 # A Janus setting's name in file names: janus, janus-loops2, ...
 janus_name() { if [ "$1" = default ]; then echo janus; else echo "janus-loops$1"; fi; }
+# The kernel's floor applies to the broadcast shape: one publisher, N receivers.
+floor_mode=
+if [ "${KERNEL_FLOOR:-1}" != 0 ] && [ "$PUBLISHERS" = 1 ] && [[ " ${EXTRA[*]} " != *" --shape meeting "* ]]; then
+  floor_mode=frames-gso
+  [[ " ${EXTRA[*]} " != *" --pacing "* ]] || floor_mode=paced
+fi
 
 need=()
 command -v janus >/dev/null 2>&1 || need+=(janus)
@@ -56,6 +68,12 @@ else
   ferry_id="ferry $FERRY of $(date -u -r "$FERRY" '+%Y-%m-%d %H:%M')"
 fi
 echo "$(date -u +%Y-%m-%d), $ferry_id, $(janus --version 2>/dev/null | head -1)" >"$OUT/measured"
+floor_bin=
+if [ -n "$floor_mode" ]; then
+  floor_bin=$(cargo bench --locked --bench udp_floor --no-run --message-format=json 2>/dev/null |
+    jq -r 'select(.executable != null and .target.name == "udp_floor") | .executable' | tail -1)
+  [ -x "$floor_bin" ] || { echo "compare.sh: benches/udp_floor.rs did not build; no kernel floor" >&2; floor_bin=; }
+fi
 
 lib=
 for d in "/usr/lib/$(uname -m)-linux-gnu/janus" /usr/lib/janus /usr/local/lib/janus /opt/janus/lib/janus; do
@@ -188,6 +206,13 @@ for n in "${SUBSCRIBERS[@]}"; do
     loadgen janus "ws://$SERVER_IP:8188" "$n" "$name"
     stop
   done
+  if [ -n "$floor_bin" ]; then
+    echo "compare.sh: the kernel's floor ($floor_mode), 1 -> $n"
+    # Video in ~1200-byte packets plus 50 audio packets per second, as the loadgen sends.
+    ip netns exec "$NS" env FLOOR_RELAY_IP="$SERVER_IP" FLOOR_RECEIVER_IP="$CLIENT_IP" \
+      FLOOR_RECEIVERS="$n" FLOOR_MODES="$floor_mode" FLOOR_PPS=$(((VIDEO_KBPS * 1000 / 8 + 1199) / 1200 + 50)) \
+      FLOOR_JSON=1 "$floor_bin" >"$OUT/floor-$n.json" 2>"$OUT/floor-$n.log" || echo null >"$OUT/floor-$n.json"
+  fi
 done
 }
 [ -n "${REPORT_ONLY:-}" ] || measure
@@ -214,8 +239,8 @@ for loops in "${LOOPS[@]}"; do
     echo
     echo "Ferry vs $(label "$loops"):"
     echo
-    echo "| subscribers | received pkt/s (delivered %) Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| subscribers | received pkt/s (delivered %) Ferry / Janus | server CPU s/s Ferry / Janus | CPU µs per received packet Ferry / Janus | Janus / Ferry | kernel floor µs per copy (Janus / floor) | loss % Ferry / Janus | latency p99 ms Ferry / Janus | RSS kB per subscriber Ferry / Janus | Janus / Ferry | clients without media Ferry / Janus | loadgen / other CPU s/s, Ferry run; Janus run |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   } >>"$summary"
   for n in "${SUBSCRIBERS[@]}"; do
     f=ferry-$n j=$jn-$n
@@ -227,17 +252,19 @@ for loops in "${LOOPS[@]}"; do
     fx=$(q "$f" .packets_received_per_s); jx=$(q "$j" .packets_received_per_s)
     fdl=$(q "$f" .delivered_percent); jdl=$(q "$j" .delivered_percent)
     fm=$(q "$f" .clients_without_media); jm=$(q "$j" .clients_without_media)
+    kc=$(q "floor-$n" .cpu_us_per_copy)
     fs=$(per_s "$f" .server_process.cpu_seconds); js=$(per_s "$j" .server_process.cpu_seconds)
     fg=$(per_s "$f" .loadgen_cpu_seconds); jg=$(per_s "$j" .loadgen_cpu_seconds)
     fo=$(per_s "$f" .other_cpu_seconds); jo=$(per_s "$j" .other_cpu_seconds)
-    echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3) $(undelivered "$fdl") $(undelivered "$jdl")" >>"$dat"
-    echo "| $n | $(fmt "$fx" 1 0) ($(fmt "$fdl" 1 0)) / $(fmt "$jx" 1 0) ($(fmt "$jdl" 1 0)) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
+    echo "$n $fc $jc $fl $jl $(fmt "$fp" 1000 3) $(fmt "$jp" 1000 3) $(fmt "$fr" 1000) $(fmt "$jr" 1000) $fs $js $fo $jo $(fmt "$f5" 1000 3) $(fmt "$j5" 1000 3) $(undelivered "$fdl") $(undelivered "$jdl") $kc" >>"$dat"
+    echo "| $n | $(fmt "$fx" 1 0) ($(fmt "$fdl" 1 0)) / $(fmt "$jx" 1 0) ($(fmt "$jdl" 1 0)) | $(fmt "$fs" 1 2) / $(fmt "$js" 1 2) | $(fmt "$fc") / $(fmt "$jc") | **$(ratio "$jc" "$fc")** | $(fmt "$kc" 1 2) ($(ratio "$jc" "$kc")) | $(fmt "$fl" 1 2) / $(fmt "$jl" 1 2) | $(fmt "$fp" 1000) / $(fmt "$jp" 1000) | $(fmt "$fr" 1000 0) / $(fmt "$jr" 1000 0) | $(ratio "$jr" "$fr") | $fm / $jm | $(fmt "$fg" 1 2) / $(fmt "$fo" 1 2); $(fmt "$jg" 1 2) / $(fmt "$jo" 1 2) |" >>"$summary"
   done
 done
 {
   echo
   echo "Command: ${SUBSCRIBER_COUNTS:+SUBSCRIBER_COUNTS=\"$SUBSCRIBER_COUNTS\" }DURATION=$DURATION PUBLISHERS=$PUBLISHERS VIDEO_KBPS=$VIDEO_KBPS${JANUS_EVENT_LOOPS:+ JANUS_EVENT_LOOPS=\"$JANUS_EVENT_LOOPS\"}${LOADGEN_ARGS:+ LOADGEN_ARGS=\"$LOADGEN_ARGS\"} benches/compare.sh ${SUBSCRIBERS[*]}"
   echo "Latency: publisher -> subscriber through the server, as measured by the loadgen (upper bound of a histogram bucket 1/8 of an octave wide)."
+  [ -z "$floor_mode" ] || echo "Kernel floor: benches/udp_floor.rs ($floor_mode), a thread doing only the relay's system calls for the same fan-out (its own CPU time, precise); Janus / floor is the ratio a server with no work of its own would reach."
 } >>"$summary"
 cat "$summary"
 
@@ -259,6 +286,9 @@ plot() {
     done
     m=$((m + 1))
   done
+  if [ "$name" = cpu ] && [ -n "$floor_mode" ]; then
+    curves+=("\"$(dat_of "${LOOPS[0]}")\" using 1:18 with linespoints lw 2 pt 1 dt 3 lc rgb \"#555555\" title \"kernel floor: the system calls alone\"")
+  fi
   local IFS=,
   gnuplot <<EOF
 set terminal pngcairo size 800,520 font ",11" noenhanced
