@@ -807,9 +807,10 @@ async fn relay_room_carries_media_through_ferry() {
         opened > in_video && opened > 3.0 * opened_rtc,
         "opened by the relay {opened}, by rtc {opened_rtc}, video in {in_video}"
     );
-    // Chromium's send-side estimate on the relay's TWCC feedback, reported (a release build reached
-    // 3.5 Mbit/s within the test; the debug build CI runs stayed below 1 Mbit/s for 60 s, so it
-    // is not asserted here; the feedback itself is asserted in tests/media_relay.rs).
+    // Chromium's send-side estimate on the relay's TWCC feedback, reported, not asserted: it
+    // settles in the first seconds, anywhere from 0.3 to 4 Mbit/s from run to run, in a debug
+    // build before the relay opened media itself as after (docs/performance.md, "Session 8").
+    // The feedback itself is asserted in tests/media_relay.rs.
     let estimate = format!(
         "(async () => {{ const r = await window.demo.ferry.getStats({b_id:?}); let bw = 0; \
          r.forEach((x) => {{ if (x.type === 'candidate-pair' && x.availableOutgoingBitrate) bw = Math.max(bw, x.availableOutgoingBitrate); }}); \
