@@ -655,6 +655,15 @@ impl PacketCounts {
     }
 }
 
+/// How late the loop's own timer may wake after the earliest connection timer. Every wake-up runs
+/// the timers that are due, so with media flowing (a paced publisher's packet every few
+/// milliseconds) connection timers — RTCP reports, TWCC feedback, NACK scans, keyframe-request
+/// throttles — ride on packet wake-ups instead of waking the thread themselves: at 1 -> 10 about
+/// half the wake-ups were timers', and a wake-up costs ~20-30 µs of kernel and hypervisor time
+/// here (docs/performance.md, "Session 8"). Timers fire late by at most this, never early (rtc
+/// stamps what it sends with the time it is given).
+const TIMER_SLACK: Duration = Duration::from_millis(4);
+
 /// Received datagrams handled before what they produced is sent. Larger batches give longer GSO
 /// runs per subscriber; smaller ones send the first copies sooner. Measured with `ferry loadgen`,
 /// 1 -> 100 (server CPU per forwarded packet): 1: 12.5 us, 4: 8.7 us, 8: 7.7 us, 32: 7.4 us.
@@ -725,13 +734,15 @@ impl MediaCore {
         );
         // One timer for the loop, moved when the next deadline changes (a new one every turn
         // would be registered in and removed from tokio's timer wheel at every wake-up).
-        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(self.next_deadline()));
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            self.next_deadline() + TIMER_SLACK,
+        ));
         tokio::pin!(sleep);
         loop {
             // Timers are due whatever woke us: a busy socket must not starve them.
             self.handle_timeouts(Instant::now());
             self.flush();
-            let deadline = tokio::time::Instant::from_std(self.next_deadline());
+            let deadline = tokio::time::Instant::from_std(self.next_deadline() + TIMER_SLACK);
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
