@@ -24,7 +24,7 @@ use ring::aead;
 use std::{
     io,
     mem::MaybeUninit,
-    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc,
@@ -219,21 +219,6 @@ fn thread_user_sys() -> (Duration, Duration) {
     (d(ru.ru_utime), d(ru.ru_stime))
 }
 
-fn sockaddr(a: SocketAddr) -> libc::sockaddr_in {
-    let SocketAddr::V4(a): SocketAddr = a else {
-        panic!("IPv4 only")
-    };
-    let a: SocketAddrV4 = a;
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
 fn run(
     mode: Mode,
     n: usize,
@@ -344,7 +329,7 @@ fn relay_loop(
     received: &AtomicU64,
 ) -> io::Result<Report> {
     let fd = socket.as_raw_fd();
-    let names: Vec<libc::sockaddr_in> = to.iter().map(|a| sockaddr(*a)).collect();
+    let names: Vec<socket2::SockAddr> = to.iter().map(|a| socket2::SockAddr::from(*a)).collect();
     let mut bufs = vec![[0u8; SIZE + 100]; RX_BATCH];
     let mut rx_iov: Vec<libc::iovec> = bufs
         .iter_mut()
@@ -454,10 +439,9 @@ fn relay_loop(
                 }
                 for (k, iov) in tx_iov.iter_mut().enumerate() {
                     let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = (&names[k % to.len()] as *const libc::sockaddr_in)
-                        .cast_mut()
-                        .cast();
-                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                    let name = &names[k % to.len()];
+                    m.msg_hdr.msg_name = name.as_ptr().cast_mut().cast();
+                    m.msg_hdr.msg_namelen = name.len();
                     m.msg_hdr.msg_iov = iov;
                     m.msg_hdr.msg_iovlen = 1;
                     tx_msgs.push(m);
@@ -475,8 +459,9 @@ fn relay_loop(
                 }
                 for (k, iovs) in tx_iov.chunks_mut(got).enumerate() {
                     let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = (&names[k] as *const libc::sockaddr_in).cast_mut().cast();
-                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                    let name = &names[k];
+                    m.msg_hdr.msg_name = name.as_ptr().cast_mut().cast();
+                    m.msg_hdr.msg_namelen = name.len();
                     m.msg_hdr.msg_iov = iovs.as_mut_ptr();
                     m.msg_hdr.msg_iovlen = got;
                     if got > 1 {

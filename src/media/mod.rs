@@ -512,6 +512,19 @@ impl Stages {
         out.extend(belt.drain(..));
         Ok(())
     }
+
+    /// The next packet out on one side (read or write), walking the stages for more if none waits.
+    fn next(&mut self, read: bool) -> Option<TaggedPacket> {
+        let waiting = if read { &self.read } else { &self.write };
+        if waiting.is_empty() {
+            let _ = self.walk(None, read);
+        }
+        if read {
+            self.read.pop_front()
+        } else {
+            self.write.pop_front()
+        }
+    }
 }
 
 impl ReceiveSide {
@@ -568,11 +581,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
     }
 
     fn poll_read(&mut self) -> Option<Self::Rout> {
-        let mut s = self.lock();
-        if s.read.is_empty() {
-            let _ = s.walk(None, true);
-        }
-        s.read.pop_front()
+        self.lock().next(true)
     }
 
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
@@ -580,11 +589,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
     }
 
     fn poll_write(&mut self) -> Option<Self::Wout> {
-        let mut s = self.lock();
-        if s.write.is_empty() {
-            let _ = s.walk(None, false);
-        }
-        s.write.pop_front()
+        self.lock().next(false)
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
