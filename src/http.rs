@@ -18,6 +18,8 @@ use crate::signal::session;
 
 const DEMO_HTML: &str = include_str!("sdk/index.html");
 const SDK_JS: &str = include_str!("sdk/ferry.js");
+/// Read chunk of a signaling WebSocket (see `ws`).
+const WS_READ_BUFFER_BYTES: usize = 4096;
 
 /// The main router. `with_metrics` adds `/metrics` (off when metrics have their own address).
 pub fn router(hub: Arc<Hub>, with_metrics: bool) -> Router {
@@ -90,7 +92,15 @@ async fn ws(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
-    let upgrade = upgrade.max_message_size(limit).max_frame_size(limit);
+    // tungstenite zero-fills its read buffer up to `read_buffer_size` on every read, and the
+    // buffer stays allocated (and touched) for the connection's life: the default 128 KiB was
+    // a memset of 128 KiB per signaling frame and 128 KiB of RSS per connected peer. Signaling
+    // messages are small; a larger one is read in several chunks (its frame length is reserved
+    // up front), so 4 KiB costs nothing but the extra reads of a big SDP.
+    let upgrade = upgrade
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .max_message_size(limit)
+        .max_frame_size(limit);
     let token = query.get("token").cloned();
     upgrade.on_upgrade(move |socket| async move {
         if hub.is_draining() {

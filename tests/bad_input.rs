@@ -145,6 +145,31 @@ async fn oversized_messages() {
 }
 
 #[tokio::test]
+async fn messages_many_read_chunks_long_arrive_whole() {
+    // The server reads signaling in 4 KiB chunks (src/http.rs): an offer with a 60 KiB SDP, under
+    // the default 64 KiB limit, takes fifteen reads and must reach the other member byte for byte.
+    let s = spawn(test_config()).await;
+    let (mut a, mut b, _) = two_in_a_room(s.addr, "alice", "bob").await;
+    let mut sdp = String::from("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n");
+    let mut line = 0;
+    while sdp.len() < 60 * 1024 {
+        sdp.push_str(&format!(
+            "a=x-filler:{line:06} {}\r\n",
+            "abcdefgh".repeat(8)
+        ));
+        line += 1;
+    }
+    a.request("offer", json!({"to": b.user_id, "sdp": sdp}))
+        .await
+        .expect("a 60 KiB offer under the 64 KiB limit is relayed");
+    let ev = b.event().await;
+    assert_eq!(ev["type"], "offer");
+    assert_eq!(ev["sdp"].as_str().map(str::len), Some(sdp.len()));
+    assert_eq!(ev["sdp"], sdp.as_str());
+    a.request("ping", json!({})).await.unwrap();
+}
+
+#[tokio::test]
 async fn message_flood_is_rate_limited_and_recovers() {
     let mut cfg = test_config();
     cfg.rate_limit = 5;
