@@ -480,6 +480,30 @@ async fn relay_room_offering(
     panic!("relay connections did not come up");
 }
 
+/// The relay's data channel (the one a member who publishes nothing opens the connection with)
+/// opens, and the relay's answer limits its messages to what it keeps a buffer for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_data_channel_opens_with_a_small_message_limit() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = unsubscribed_pair(&s, false).await;
+    for _ in 0..400 {
+        if sub.data_channels_open > 0 {
+            break;
+        }
+        settle(&mut publ, &mut sub, 1).await;
+    }
+    assert_eq!(sub.data_channels_open, 1, "the data channel did not open");
+    let answer = &sub.pc.remote_description().expect("the relay's answer").sdp;
+    let limit = format!(
+        "a=max-message-size:{}",
+        ferry::media::SCTP_MAX_MESSAGE_BYTES
+    );
+    assert!(
+        answer.contains(&limit),
+        "{limit} not in the answer:\n{answer}"
+    );
+}
+
 fn index_of(p: &rtc::rtp::Packet) -> u16 {
     std::str::from_utf8(&p.payload[14..20])
         .unwrap()

@@ -34,7 +34,9 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
-use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::setting_engine::{
+    SctpMaxMessageSize, SettingEngineBuilder,
+};
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -132,6 +134,11 @@ struct Published {
 /// Packets kept per published track (and entries per route) to answer NACKs: ~2 s of
 /// 2.5 Mbit/s video. One copy per published track serves every subscriber.
 const RETRANSMIT_BUFFER: usize = 512;
+
+/// Largest data channel message a relay connection takes or sends (its `a=max-message-size`).
+pub const SCTP_MAX_MESSAGE_BYTES: u32 = 16 * 1024;
+/// A relay connection's SCTP receive window (rtc's default is 1 MiB).
+const SCTP_RECEIVE_WINDOW_BYTES: u32 = 64 * 1024;
 
 /// A published track's last [`RETRANSMIT_BUFFER`] packets, by sequence number.
 #[derive(Default)]
@@ -442,9 +449,11 @@ fn relay_interceptors(
     let registry = registry
         .with(
             Slot::NackResponder,
-            NackResponderBuilder::new()
-                .with_size(RETRANSMIT_BUFFER as u16)
-                .build(),
+            BindOnFirstWrite::new(
+                NackResponderBuilder::new()
+                    .with_size(RETRANSMIT_BUFFER as u16)
+                    .build(),
+            ),
         )
         .with(Slot::NackGenerator, receive_side);
     configure_simulcast_extension_headers(media_engine)?;
@@ -1911,6 +1920,12 @@ impl MediaCore {
             .with_ice_credentials(ufrag.clone(), pwd)
             .with_crypto_provider(self.crypto.clone())
             .with_srtp_protection_profiles(self.srtp_profiles.clone())
+            // The relay's data channel only opens the connection (the SDK creates it so that a
+            // member who publishes nothing still negotiates); nothing is sent on it. rtc keeps a
+            // working buffer of the negotiated message size per connection, zero-filled at the
+            // start (64 KiB by default), and lets a peer fill a 1 MiB receive window.
+            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(SCTP_MAX_MESSAGE_BYTES))
+            .with_sctp_max_receive_buffer_size(SCTP_RECEIVE_WINDOW_BYTES)
             .build();
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
@@ -2436,6 +2451,93 @@ where
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
+/// An interceptor whose local streams are bound when rtc first writes a packet of theirs, not
+/// when they are negotiated. For rtc's NACK responder: its 512-packet send buffer per stream
+/// (~28 kB, allocated at bind) is only ever filled by packets that go through rtc's pipeline,
+/// and a connection on the own sealing path sends none (the relay answers its NACKs from the
+/// publisher's history), so binding eagerly cost every subscriber ~57 kB for nothing.
+pub struct BindOnFirstWrite<I> {
+    inner: I,
+    /// Negotiated local streams not bound yet, by SSRC.
+    pending: FxHashMap<u32, StreamInfo>,
+}
+
+impl<I> BindOnFirstWrite<I> {
+    pub fn new(inner: I) -> Self {
+        Self {
+            inner,
+            pending: FxHashMap::default(),
+        }
+    }
+}
+
+impl<I: Interceptor> Protocol<TaggedPacket, TaggedPacket, ()> for BindOnFirstWrite<I> {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.inner.handle_read(msg)
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.inner.poll_read()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if !self.pending.is_empty()
+            && let Packet::Rtp(p) = &msg.message.packet
+            && let Some(info) = self.pending.remove(&p.header.ssrc)
+        {
+            self.inner.bind_local_stream(&info);
+        }
+        self.inner.handle_write(msg)
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.inner.poll_write()
+    }
+
+    fn handle_event(&mut self, evt: ()) -> Result<(), Self::Error> {
+        self.inner.handle_event(evt)
+    }
+
+    fn poll_event(&mut self) -> Option<Self::Eout> {
+        self.inner.poll_event()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        self.inner.handle_timeout(now)
+    }
+
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        self.inner.poll_timeout()
+    }
+
+    fn close(&mut self) -> Result<(), Self::Error> {
+        self.inner.close()
+    }
+}
+
+impl<I: Interceptor> Interceptor for BindOnFirstWrite<I> {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.pending.insert(info.ssrc, info.clone());
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        if self.pending.remove(&info.ssrc).is_none() {
+            self.inner.unbind_local_stream(info);
+        }
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.inner.bind_remote_stream(info);
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.inner.unbind_remote_stream(info);
+    }
+}
+
 /// NACK messages in a compound RTCP packet.
 fn count_nacks(packets: &[Box<dyn rtc::rtcp::Packet>]) -> u64 {
     packets
@@ -2516,6 +2618,82 @@ mod tests {
             id,
             payload: Bytes::from((0..len).map(|i| id ^ i as u8).collect::<Vec<u8>>()),
         }
+    }
+
+    /// rtc's NACK responder behind `BindOnFirstWrite`: nothing bound (so no send buffer) until
+    /// rtc writes a packet of the stream, then it answers NACKs for what was written.
+    #[test]
+    fn the_nack_responder_binds_a_stream_at_its_first_written_packet() {
+        use rtc::interceptor::{AttributedPacket, NackResponderBuilder, RTCPFeedback};
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
+            TransportLayerNack, nack_pairs_from_sequence_numbers,
+        };
+        let info = StreamInfo {
+            ssrc: 1111,
+            payload_type: 96,
+            rtcp_feedback: vec![RTCPFeedback {
+                typ: "nack".into(),
+                parameter: String::new(),
+            }],
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let tagged = |packet| TaggedPacket {
+            now,
+            transport: Default::default(),
+            message: AttributedPacket::new(packet),
+        };
+        let rtp = |ssrc, seq| {
+            Packet::Rtp(rtc::rtp::Packet {
+                header: Header {
+                    version: 2,
+                    ssrc,
+                    sequence_number: seq,
+                    payload_type: 96,
+                    ..Default::default()
+                },
+                payload: Bytes::from(vec![seq as u8; 100]),
+            })
+        };
+        let nack = |seqs: &[u16]| {
+            Packet::Rtcp(vec![Box::new(TransportLayerNack {
+                sender_ssrc: 1,
+                media_ssrc: 1111,
+                nacks: nack_pairs_from_sequence_numbers(seqs),
+            })])
+        };
+        let mut i = BindOnFirstWrite::new(NackResponderBuilder::new().with_size(512).build());
+        i.bind_local_stream(&info);
+        assert_eq!(i.pending.len(), 1, "negotiated, not bound");
+
+        // Another stream's packet binds nothing; a NACK before anything was written finds nothing.
+        i.handle_write(tagged(rtp(2222, 1))).unwrap();
+        assert!(i.poll_write().is_some());
+        assert_eq!(i.pending.len(), 1);
+        i.handle_read(tagged(nack(&[5]))).unwrap();
+        assert!(i.poll_read().is_some(), "the NACK goes on up the chain");
+        assert!(i.poll_write().is_none(), "nothing to retransmit");
+
+        // The stream's first packets bind it; a NACK for one of them is answered with it.
+        for seq in 5..8 {
+            i.handle_write(tagged(rtp(1111, seq))).unwrap();
+            assert!(i.poll_write().is_some());
+        }
+        assert!(i.pending.is_empty(), "bound");
+        i.handle_read(tagged(nack(&[6]))).unwrap();
+        assert!(i.poll_read().is_some());
+        let again = i.poll_write().expect("a retransmission");
+        let Packet::Rtp(p) = again.message.packet else {
+            panic!("not RTP");
+        };
+        assert_eq!((p.header.ssrc, p.header.sequence_number), (1111, 6));
+        assert_eq!(p.payload, Bytes::from(vec![6u8; 100]));
+        assert!(i.poll_write().is_none());
+
+        // Unbinding a bound stream reaches the responder (its history is gone with it).
+        i.unbind_local_stream(&info);
+        i.handle_read(tagged(nack(&[6]))).unwrap();
+        assert!(i.poll_write().is_none());
     }
 
     /// `write_header` against rtc's marshal of the same rewritten header, over the forms a

@@ -14,7 +14,7 @@ use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::MediaEngine;
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
-use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
@@ -71,6 +71,8 @@ pub struct MediaClient {
     /// Every SRTP packet we sent (as sent), and where to.
     pub sent_rtp: Vec<Vec<u8>>,
     relay: Option<SocketAddr>,
+    /// Data channels that opened on this connection.
+    pub data_channels_open: usize,
 }
 
 /// Extensions the test peers register when asked to (before rtc's defaults, so that their IDs
@@ -248,6 +250,7 @@ impl MediaClient {
             twcc_feedback,
             sent_rtp: Vec::new(),
             relay: None,
+            data_channels_open: 0,
         }
     }
 
@@ -386,6 +389,9 @@ impl MediaClient {
                 }
                 RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(id)) => {
                     self.closed_tracks.push(id);
+                }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(_)) => {
+                    self.data_channels_open += 1;
                 }
                 _ => {}
             }
