@@ -37,7 +37,7 @@ pub const MESSAGE_TYPES: [&str; 14] = [
 pub const EXTRA_ERROR_CODES: [&str; 1] = ["too_many_connections"];
 
 /// `ferry_media_dropped_total{reason}`: every reason the media path drops for.
-pub const DROP_REASONS: [&str; 8] = [
+pub const DROP_REASONS: [&str; 9] = [
     "malformed",
     "unexpected_stun",
     "unknown_peer",
@@ -46,6 +46,7 @@ pub const DROP_REASONS: [&str; 8] = [
     "no_sender",
     "send_buffer_full",
     "connection_failed",
+    "not_connected",
 ];
 
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.

@@ -1051,10 +1051,10 @@ impl MediaCore {
             let Some(sub) = self.peers.get_mut(&r.to) else {
                 continue;
             };
-            // The own path: header written and the packet sealed straight into the send batch.
-            if sub.connected
-                && let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote)
-            {
+            // The own path: header written and the packet sealed straight into the send batch,
+            // from the moment the DTLS handshake gave the keys (and the address it ran on),
+            // which can be a few packets before rtc reports the connection connected.
+            if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
                 let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
                 let Some(report_due) = seal_copy(&mut self.tx, r, sealer, to, copy, now) else {
                     r.munger.dropped(packet.header.sequence_number);
@@ -1073,6 +1073,17 @@ impl MediaCore {
                 }
                 self.counts.rtp_out[kind] += 1;
                 self.counts.bytes_out[kind] += bytes;
+                continue;
+            }
+            // No SRTP keys yet (its DTLS handshake has not finished): nothing could send it.
+            // rtc's pipeline would take the packet through its interceptors (the NACK
+            // responder's send buffer would be made for it) only to refuse it at SRTP.
+            // (Nothing mapped: the subscriber's numbering starts at the first packet it gets.)
+            if !sub.connected && sub.sealer.is_none() {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["not_connected"])
+                    .inc();
                 continue;
             }
             let (seq, ts) = r.munger.map(
