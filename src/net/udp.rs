@@ -388,6 +388,12 @@ impl RxBatch {
     }
 }
 
+/// 32 bits that are equal for equal addresses (and rarely for different ones).
+fn destination_key(to: &SocketAddr) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(to) >> 32
+}
+
 /// Datagrams waiting to be sent, copied into one reused buffer in the order they were queued.
 #[derive(Default)]
 pub struct TxBatch {
@@ -395,7 +401,9 @@ pub struct TxBatch {
     items: Vec<(SocketAddr, usize, usize)>,
     /// Reused by `send`: the items by destination, runs whose datagrams were not contiguous
     /// copied together, and the runs.
-    order: Vec<(SocketAddr, usize)>,
+    /// The queue's indices grouped by destination: `(hash of the destination << 32) | index`,
+    /// sorted as plain integers (much cheaper than comparing `SocketAddr`s).
+    order: Vec<u64>,
     scratch: Vec<u8>,
     runs: Vec<Run>,
 }
@@ -446,21 +454,24 @@ impl TxBatch {
     fn plan_runs(&mut self, max_segments: usize) {
         let max_segments = max_segments.max(1);
         self.order.clear();
-        self.order
-            .extend(self.items.iter().enumerate().map(|(i, item)| (item.0, i)));
-        // Stable: per destination, queue order.
-        self.order.sort_by_key(|item| item.0);
+        self.order.extend(
+            self.items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (destination_key(&item.0) << 32) | i as u64),
+        );
+        // Per destination, queue order (the index breaks ties). Two destinations with the same
+        // hash may interleave: a run stops at a different address, so that only splits a run.
+        self.order.sort_unstable();
         self.scratch.clear();
         self.runs.clear();
         let mut k = 0;
         while k < self.order.len() {
-            let (to, first) = self.order[k];
-            let (_, start, len) = self.items[first];
+            let (to, start, len) = self.items[self.order[k] as u32 as usize];
             let (mut end, mut total, mut contiguous) = (start + len, len, true);
             let mut j = k + 1;
             while j < self.order.len() && j - k < max_segments {
-                let (next_to, idx) = self.order[j];
-                let (_, next_start, next_len) = self.items[idx];
+                let (next_to, next_start, next_len) = self.items[self.order[j] as u32 as usize];
                 if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
                     break;
                 }
@@ -477,8 +488,8 @@ impl TxBatch {
                 (false, start)
             } else {
                 let at = self.scratch.len();
-                for &(_, idx) in &self.order[k..j] {
-                    let (_, s, l) = self.items[idx];
+                for &o in &self.order[k..j] {
+                    let (_, s, l) = self.items[o as u32 as usize];
                     self.scratch.extend_from_slice(&self.data[s..s + l]);
                 }
                 (true, at)
