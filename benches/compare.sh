@@ -19,8 +19,7 @@
 #          FERRY=PATH       this ferry binary instead (server and loadgen; implies NO_BUILD)
 #          REPORT_ONLY=1    no runs: the table and plots again from the reports in OUT
 #          KERNEL_FLOOR=0   skip the kernel's floor (by default measured after the servers for
-#                           each N, for 1-publisher broadcasts and paced meetings (`--shape
-#                           meeting --pacing`, its rooms): `benches/udp_floor.rs`, a thread
+#                           each N, 1 publisher broadcasts only: `benches/udp_floor.rs`, a thread
 #                           doing only the relay's system calls, for the same packet rate and fan-out,
 #                           paced if LOADGEN_ARGS paces, else frames at once with GSO; its CPU per
 #                           copy is what a server with no work of its own would cost, so Janus /
@@ -40,20 +39,11 @@ read -r -a EXTRA <<<"${LOADGEN_ARGS:-}"
 read -r -a LOOPS <<<"${JANUS_EVENT_LOOPS:-default}"
 # A Janus setting's name in file names: janus, janus-loops2, ...
 janus_name() { if [ "$1" = default ]; then echo janus; else echo "janus-loops$1"; fi; }
-# The kernel's floor: for a broadcast (one publisher, N receivers) paced or frames at once; for
-# paced meetings, rooms of PUBLISHERS members each sending to the others of its room.
+# The kernel's floor applies to the broadcast shape: one publisher, N receivers.
 floor_mode=
-floor_rooms=1
-for ((i = 0; i < ${#EXTRA[@]}; i++)); do
-  [ "${EXTRA[$i]}" != --rooms ] || floor_rooms=${EXTRA[$((i + 1))]:-1}
-done
-if [ "${KERNEL_FLOOR:-1}" != 0 ]; then
-  if [[ " ${EXTRA[*]} " == *" --shape meeting "* ]]; then
-    [[ " ${EXTRA[*]} " != *" --pacing "* ]] || floor_mode=meeting
-  elif [ "$PUBLISHERS" = 1 ]; then
-    floor_mode=frames-gso
-    [[ " ${EXTRA[*]} " != *" --pacing "* ]] || floor_mode=paced
-  fi
+if [ "${KERNEL_FLOOR:-1}" != 0 ] && [ "$PUBLISHERS" = 1 ] && [[ " ${EXTRA[*]} " != *" --shape meeting "* ]]; then
+  floor_mode=frames-gso
+  [[ " ${EXTRA[*]} " != *" --pacing "* ]] || floor_mode=paced
 fi
 
 need=()
@@ -217,11 +207,9 @@ for n in "${SUBSCRIBERS[@]}"; do
     stop
   done
   if [ -n "$floor_bin" ]; then
-    echo "compare.sh: the kernel's floor ($floor_mode), $PUBLISHERS -> $n"
-    # Video in ~1200-byte packets plus 50 audio packets per second, as the loadgen sends (per
-    # publisher; a meeting: FLOOR_ROOMS rooms of PUBLISHERS members).
+    echo "compare.sh: the kernel's floor ($floor_mode), 1 -> $n"
+    # Video in ~1200-byte packets plus 50 audio packets per second, as the loadgen sends.
     ip netns exec "$NS" env FLOOR_RELAY_IP="$SERVER_IP" FLOOR_RECEIVER_IP="$CLIENT_IP" \
-      FLOOR_ROOMS="$floor_rooms" FLOOR_MEMBERS="$PUBLISHERS" \
       FLOOR_RECEIVERS="$n" FLOOR_MODES="$floor_mode" FLOOR_PPS=$(((VIDEO_KBPS * 1000 / 8 + 1199) / 1200 + 50)) \
       FLOOR_JSON=1 "$floor_bin" >"$OUT/floor-$n.json" 2>"$OUT/floor-$n.log" || echo null >"$OUT/floor-$n.json"
   fi

@@ -12,12 +12,8 @@
 //! they do to open SRTP (so a datagram finds a receiver awake or asleep about as often as there: on
 //! loopback the receivers' wake-ups are charged to the sender).
 //!
-//! A third shape, `meeting`: `FLOOR_ROOMS` rooms of `FLOOR_MEMBERS` members (default 2 x 5), every
-//! member a socket that both publishes, paced, `FLOOR_PPS` datagrams per second, and receives what
-//! the other members of its room publish (the relay looks up each datagram's room by its source).
-//!
 //! `cargo bench --bench udp_floor` (optional: `FLOOR_RECEIVERS="10 50 100" FLOOR_SECONDS=6
-//! FLOOR_PPS=310 FLOOR_MODES="paced frames frames-gso meeting" FLOOR_PIN=1`; with `FLOOR_PIN=1` the relaying
+//! FLOOR_PPS=310 FLOOR_MODES="paced frames frames-gso" FLOOR_PIN=1`; with `FLOOR_PIN=1` the relaying
 //! thread runs on CPU 0 and the publisher and receivers on CPU 1, so the receivers never preempt it;
 //! `FLOOR_RELAY_IP` / `FLOOR_RECEIVER_IP`, default 127.0.0.1, the addresses to bind; `FLOOR_JSON=1`:
 //! a JSON object per run instead of a line, as `benches/compare.sh` reads them).
@@ -50,8 +46,6 @@ enum Mode {
     Paced,
     Frames,
     FramesGso,
-    /// Rooms of members, each publishing paced to the others of its room.
-    Meeting,
 }
 
 impl Mode {
@@ -60,7 +54,6 @@ impl Mode {
             "paced" => Some(Mode::Paced),
             "frames" => Some(Mode::Frames),
             "frames-gso" => Some(Mode::FramesGso),
-            "meeting" => Some(Mode::Meeting),
             _ => None,
         }
     }
@@ -69,7 +62,6 @@ impl Mode {
             Mode::Paced => "paced",
             Mode::Frames => "frames",
             Mode::FramesGso => "frames-gso",
-            Mode::Meeting => "meeting",
         }
     }
 }
@@ -98,14 +90,8 @@ fn main() {
     };
     let modes: Vec<Mode> = env_or("FLOOR_MODES", "paced frames frames-gso")
         .split_whitespace()
-        .map(|m| Mode::parse(m).expect("FLOOR_MODES: paced, frames, frames-gso, meeting"))
+        .map(|m| Mode::parse(m).expect("FLOOR_MODES: paced, frames, frames-gso"))
         .collect();
-    let rooms: usize = env_or("FLOOR_ROOMS", "2").parse().expect("FLOOR_ROOMS");
-    let members: usize = env_or("FLOOR_MEMBERS", "5").parse().expect("FLOOR_MEMBERS");
-    assert!(
-        rooms >= 1 && members >= 2,
-        "FLOOR_ROOMS >= 1, FLOOR_MEMBERS >= 2"
-    );
     if !json {
         println!(
             "udp_floor: {SIZE}-byte datagrams, {pps} packets/s in, {seconds} s measured per run (after 1 s of warm-up){}",
@@ -120,29 +106,14 @@ fn main() {
         pin_to(1);
     }
     for &mode in &modes {
-        // A meeting's size is its rooms x members, not FLOOR_RECEIVERS.
-        let meeting = [rooms * members];
-        let sizes: &[usize] = if mode == Mode::Meeting {
-            &meeting
-        } else {
-            &receivers
-        };
-        for &n in sizes {
-            let shape = Shape { mode, members };
-            match run(shape, n, pps, Duration::from_secs_f64(seconds), pin, ips) {
+        for &n in &receivers {
+            match run(mode, n, pps, Duration::from_secs_f64(seconds), pin, ips) {
                 Ok(r) if json => r.print_json(mode, n),
                 Ok(r) => r.print(mode, n),
                 Err(e) => println!("udp_floor: {} x {n}: failed: {e}", mode.name()),
             }
         }
     }
-}
-
-/// What runs: the mode, and for a meeting the members per room.
-#[derive(Clone, Copy)]
-struct Shape {
-    mode: Mode,
-    members: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -201,13 +172,8 @@ impl Report {
         let f = self.fanout_sorted();
         let q = |p: f64| f.get(((f.len() as f64 - 1.0) * p) as usize).copied();
         println!(
-            "udp_floor: {:<10} {:>10}: {:.2} µs CPU per copy (user {:.2}, system {:.2}) | {} copies, {:.1} per wake-up, {:.3} % not received, {} not sent | fan-out per wake-up p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            "udp_floor: {:<10} 1 -> {n:>4}: {:.2} µs CPU per copy (user {:.2}, system {:.2}) | {} copies, {:.1} per wake-up, {:.3} % not received, {} not sent | fan-out per wake-up p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
             mode.name(),
-            if mode == Mode::Meeting {
-                format!("{n} members")
-            } else {
-                format!("1 -> {n}")
-            },
             per(self.cpu),
             per(self.user),
             per(self.sys),
@@ -253,16 +219,14 @@ fn thread_user_sys() -> (Duration, Duration) {
     (d(ru.ru_utime), d(ru.ru_stime))
 }
 
-/// One run: `n` receivers of one publisher, or for a meeting `n` members.
 fn run(
-    shape: Shape,
+    mode: Mode,
     n: usize,
     pps: f64,
     measure: Duration,
     pin: bool,
     ips: Ips,
 ) -> io::Result<Report> {
-    let mode = shape.mode;
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
 
@@ -277,17 +241,10 @@ fn run(
         .enable_io()
         .build()?;
     let mut addrs = Vec::with_capacity(n);
-    // A meeting's members publish from their receiving sockets.
-    let mut members = Vec::new();
     for _ in 0..n {
         let s = UdpSocket::bind((ips.receivers, 0))?;
         s.set_nonblocking(true)?;
         addrs.push(s.local_addr()?);
-        if mode == Mode::Meeting {
-            // Non-blocking like the original (the flag is shared); a UDP send at these rates
-            // does not find the socket's buffer full.
-            members.push(s.try_clone()?);
-        }
         let received = received.clone();
         let _guard = rt.enter();
         let s = tokio::net::UdpSocket::from_std(s)?;
@@ -328,7 +285,7 @@ fn run(
         }
         relay_loop(
             relay,
-            shape,
+            mode,
             &addrs,
             warmup,
             measure,
@@ -337,24 +294,15 @@ fn run(
         )
     });
 
-    // The publisher, or a meeting's members in turn (each at `pps`, spread evenly).
-    let publishers = if mode == Mode::Meeting {
-        members
-    } else {
-        vec![UdpSocket::bind((ips.receivers, 0))?]
-    };
-    let per_wake = if mode == Mode::Frames || mode == Mode::FramesGso {
-        FRAME
-    } else {
-        1
-    };
-    let interval = Duration::from_secs_f64(per_wake as f64 / pps / publishers.len() as f64);
+    // The publisher.
+    let publisher = UdpSocket::bind((ips.receivers, 0))?;
+    let per_wake = if mode == Mode::Paced { 1 } else { FRAME };
+    let interval = Duration::from_secs_f64(per_wake as f64 / pps);
     let mut payload = [0x5au8; SIZE];
     let mut seq = 0u64;
     let start = Instant::now();
     let mut next = start;
     while start.elapsed() < warmup + measure + Duration::from_millis(200) {
-        let publisher = &publishers[seq as usize / per_wake % publishers.len()];
         for _ in 0..per_wake {
             payload[..8].copy_from_slice(&seq.to_be_bytes());
             seq += 1;
@@ -373,19 +321,14 @@ fn run(
 
 fn relay_loop(
     socket: UdpSocket,
-    shape: Shape,
+    mode: Mode,
     to: &[SocketAddr],
     warmup: Duration,
     measure: Duration,
     stop: &AtomicBool,
     received: &AtomicU64,
 ) -> io::Result<Report> {
-    let mode = shape.mode;
     let fd = socket.as_raw_fd();
-    // A meeting: each member's index by its port (all on one address), its room = index / members.
-    let member_of: std::collections::HashMap<u16, usize> =
-        to.iter().enumerate().map(|(i, a)| (a.port(), i)).collect();
-    let mut sources: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; RX_BATCH];
     let names: Vec<socket2::SockAddr> = to.iter().map(|a| socket2::SockAddr::from(*a)).collect();
     let mut bufs = vec![[0u8; SIZE + 100]; RX_BATCH];
     let mut rx_iov: Vec<libc::iovec> = bufs
@@ -398,17 +341,10 @@ fn relay_loop(
     // SAFETY (all the zeroed structs below): plain C structs, all-zero is a valid value.
     let mut rx_msgs: Vec<libc::mmsghdr> = rx_iov
         .iter_mut()
-        .zip(sources.iter_mut())
-        .map(|(iov, source)| {
+        .map(|iov| {
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
-            // The source only matters to a meeting (Ferry takes it always; the broadcast
-            // figures were measured without).
-            if mode == Mode::Meeting {
-                m.msg_hdr.msg_name = (source as *mut libc::sockaddr_in).cast();
-                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            }
             m
         })
         .collect();
@@ -491,38 +427,7 @@ fn relay_loop(
         let got = got as usize;
         tx_iov.clear();
         tx_msgs.clear();
-        let mut copies = got * to.len();
         match mode {
-            Mode::Meeting => {
-                // Each datagram to the other members of its sender's room.
-                let mut dests = Vec::with_capacity(got * shape.members);
-                for (i, m) in rx_msgs[..got].iter_mut().enumerate() {
-                    let port = u16::from_be(sources[i].sin_port);
-                    // recvmmsg wrote the source's length here; the next call needs the room.
-                    m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                    let Some(&from) = member_of.get(&port) else {
-                        continue;
-                    };
-                    let room = from / shape.members * shape.members;
-                    for k in (room..room + shape.members).filter(|&k| k != from) {
-                        tx_iov.push(libc::iovec {
-                            iov_base: bufs[i].as_mut_ptr().cast(),
-                            iov_len: m.msg_len as usize,
-                        });
-                        dests.push(k);
-                    }
-                }
-                copies = dests.len();
-                for (iov, &k) in tx_iov.iter_mut().zip(&dests) {
-                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    let name = &names[k];
-                    m.msg_hdr.msg_name = name.as_ptr().cast_mut().cast();
-                    m.msg_hdr.msg_namelen = name.len();
-                    m.msg_hdr.msg_iov = iov;
-                    m.msg_hdr.msg_iovlen = 1;
-                    tx_msgs.push(m);
-                }
-            }
             Mode::Paced | Mode::Frames => {
                 for (i, m) in rx_msgs[..got].iter().enumerate() {
                     for _ in to {
@@ -574,6 +479,7 @@ fn relay_loop(
             unsent += chunk.len() - sent.max(0) as usize;
         }
         if measuring {
+            let copies = got * to.len();
             report.copies += copies as u64;
             report.wakeups += 1;
             report.unsent += (unsent * if mode == Mode::FramesGso { got } else { 1 }) as u64;
