@@ -602,13 +602,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for ReceiveSide {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        let mut result = Ok(());
-        self.each(|s| {
-            if result.is_ok() {
-                result = s.handle_timeout(now);
-            }
-        });
-        result
+        self.lock()
+            .stages
+            .iter_mut()
+            .try_for_each(|s| s.handle_timeout(now))
     }
 
     fn poll_timeout(&mut self) -> Option<Self::Time> {

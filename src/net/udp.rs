@@ -394,15 +394,19 @@ fn destination_key(to: &SocketAddr) -> u64 {
     rustc_hash::FxBuildHasher.hash_one(to) >> 32
 }
 
+/// The queue index in an entry of [`TxBatch::order`] (its low 32 bits).
+fn item_index(order: u64) -> usize {
+    order as u32 as usize
+}
+
 /// Datagrams waiting to be sent, copied into one reused buffer in the order they were queued.
 #[derive(Default)]
 pub struct TxBatch {
     data: Vec<u8>,
     items: Vec<(SocketAddr, usize, usize)>,
-    /// Reused by `send`: the items by destination, runs whose datagrams were not contiguous
-    /// copied together, and the runs.
-    /// The queue's indices grouped by destination: `(hash of the destination << 32) | index`,
-    /// sorted as plain integers (much cheaper than comparing `SocketAddr`s).
+    /// Reused by `send`: the queue's indices grouped by destination, as `(hash of the
+    /// destination << 32) | index` sorted as plain integers (much cheaper than comparing
+    /// `SocketAddr`s); the datagrams of runs that were not contiguous, copied together; the runs.
     order: Vec<u64>,
     scratch: Vec<u8>,
     runs: Vec<Run>,
@@ -467,11 +471,11 @@ impl TxBatch {
         self.runs.clear();
         let mut k = 0;
         while k < self.order.len() {
-            let (to, start, len) = self.items[self.order[k] as u32 as usize];
+            let (to, start, len) = self.items[item_index(self.order[k])];
             let (mut end, mut total, mut contiguous) = (start + len, len, true);
             let mut j = k + 1;
             while j < self.order.len() && j - k < max_segments {
-                let (next_to, next_start, next_len) = self.items[self.order[j] as u32 as usize];
+                let (next_to, next_start, next_len) = self.items[item_index(self.order[j])];
                 if next_to != to || next_len > len || total + next_len > MAX_GSO_BYTES {
                     break;
                 }
@@ -489,7 +493,7 @@ impl TxBatch {
             } else {
                 let at = self.scratch.len();
                 for &o in &self.order[k..j] {
-                    let (_, s, l) = self.items[o as u32 as usize];
+                    let (_, s, l) = self.items[item_index(o)];
                     self.scratch.extend_from_slice(&self.data[s..s + l]);
                 }
                 (true, at)
