@@ -37,7 +37,7 @@ pub const MESSAGE_TYPES: [&str; 14] = [
 pub const EXTRA_ERROR_CODES: [&str; 1] = ["too_many_connections"];
 
 /// `ferry_media_dropped_total{reason}`: every reason the media path drops for.
-pub const DROP_REASONS: [&str; 9] = [
+pub const DROP_REASONS: [&str; 13] = [
     "malformed",
     "unexpected_stun",
     "unknown_peer",
@@ -47,6 +47,10 @@ pub const DROP_REASONS: [&str; 9] = [
     "send_buffer_full",
     "connection_failed",
     "not_connected",
+    "unauthenticated",
+    "rate_limited",
+    "too_many_streams",
+    "not_publisher",
 ];
 
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.

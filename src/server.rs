@@ -32,6 +32,7 @@ struct MediaShard {
     socket: std::net::UdpSocket,
     addrs: Vec<SocketAddr>,
     commands: tokio::sync::mpsc::Receiver<crate::media::Command>,
+    control: tokio::sync::mpsc::UnboundedReceiver<crate::media::Command>,
 }
 
 /// Starts the drain of a running [`Server`]; cheap to clone.
@@ -72,11 +73,16 @@ impl Server {
             })?;
             let addrs = crate::net::advertised(socket.local_addr()?, &config.announce);
             let (tx, commands) = tokio::sync::mpsc::channel(1024);
-            senders.push(tx);
+            let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
+            senders.push(crate::media::MediaControl {
+                commands: tx,
+                control: control_tx,
+            });
             media.push(MediaShard {
                 socket,
                 addrs,
                 commands,
+                control,
             });
         }
         // Clients use shard 0's port for STUN; each relay connection gets its shard's candidates.
@@ -257,7 +263,7 @@ async fn start_shard(
             match started {
                 Ok((rt, core)) => {
                     let _ = ready_tx.send(Ok(()));
-                    rt.block_on(core.run(shard.commands, shutdown));
+                    rt.block_on(core.run(shard.commands, shard.control, shutdown));
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

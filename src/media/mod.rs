@@ -58,6 +58,7 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+mod guard;
 mod munger;
 pub mod srtp;
 use crate::net::udp::{MediaSocket, RX_BATCH, RxBatch, TxBatch};
@@ -75,6 +76,10 @@ pub enum Command {
         room_id: String,
         sdp: String,
         meta: Option<Value>,
+        /// Which of the member's joins this belongs to (see [`Command::Leave`]).
+        join: u64,
+        /// The member's token grants `publish`: without it nothing it sends is routed.
+        publish: bool,
     },
     Answer {
         user_id: String,
@@ -90,6 +95,7 @@ pub enum Command {
         room_id: String,
         publisher: String,
         stream_type: Option<String>,
+        join: u64,
     },
     Unsubscribe {
         user_id: String,
@@ -102,11 +108,25 @@ pub enum Command {
         user_id: String,
     },
     /// The client left its room or disconnected: drop its connection, its tracks and every
-    /// subscription from or to it.
-    Leave {
-        user_id: String,
-    },
+    /// subscription from or to it. Sent on the shard's control queue, which cannot be full (see
+    /// [`MediaControl`]), and handled before the commands still queued: an `Offer` or `Subscribe`
+    /// of the same join (`join`) that comes after it is ignored.
+    Leave { user_id: String, join: u64 },
 }
+
+/// A media shard's queues: `commands`, bounded, for what clients ask (a flood of them is refused
+/// with `media_unavailable`), and `control`, unbounded, for what must always arrive: a member's
+/// `Leave` (one per join, so its length is bounded by the sessions).
+pub struct MediaControl {
+    pub commands: mpsc::Sender<Command>,
+    pub control: mpsc::UnboundedSender<Command>,
+}
+
+/// A relay connection's learned addresses lose consent (RFC 7675) this long after the last
+/// authenticated ICE check from them; the client's agent sends one every few seconds.
+pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Addresses one relay connection may be reached at, at once (the oldest makes room).
+const MAX_ADDRESSES_PER_CONNECTION: usize = 8;
 
 /// Where the media task sends messages for clients (the signaling hub).
 pub trait ClientSink: Send + Sync + 'static {
@@ -305,6 +325,15 @@ struct Peer {
     /// Its NACK generator, TWCC feedback and receiver reports: fed by rtc's chain and by the
     /// own path alike.
     receive_side: ReceiveSide,
+    /// Our ICE password: checks must carry MESSAGE-INTEGRITY made with it.
+    pwd: String,
+    /// The addresses learned from its authenticated checks, and when each last sent one.
+    addrs: Vec<(SocketAddr, Instant)>,
+    /// The SSRCs rtc may see packets of.
+    admission: guard::Admission,
+    refusals: guard::RefusalLog,
+    /// Its token grants `publish`.
+    may_publish: bool,
 }
 
 impl Peer {
@@ -395,6 +424,15 @@ pub struct MediaCore {
     crypto: Arc<srtp::KeyCapture>,
     /// The DTLS-SRTP profiles offered to every connection (`srtp_profiles`).
     srtp_profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
+    /// STUN requests per source address.
+    stun_limiter: guard::SourceLimiter,
+    /// A decrypted copy of a packet being authenticated.
+    scratch: Vec<u8>,
+    /// Members whose `Leave` came (on the control queue): their latest join that left. Commands
+    /// of that join still in the command queue are ignored; cleared once that queue was empty.
+    left: HashMap<String, u64>,
+    /// When learned addresses are next checked for consent.
+    next_consent_sweep: Instant,
 }
 
 /// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and
@@ -732,11 +770,23 @@ impl MediaCore {
             scratch_keys: Vec::new(),
             crypto: srtp::KeyCapture::new(),
             srtp_profiles: srtp::PROFILES.to_vec(),
+            stun_limiter: guard::SourceLimiter::new(
+                guard::STUN_PER_SOURCE_RATE,
+                guard::STUN_PER_SOURCE_BURST,
+            ),
+            scratch: Vec::new(),
+            left: HashMap::new(),
+            next_consent_sweep: Instant::now() + Duration::from_secs(1),
         })
     }
 
     /// Run until `shutdown`: datagrams, commands and timers in; transmits and events out.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut control: mpsc::UnboundedReceiver<Command>,
+        shutdown: CancellationToken,
+    ) {
         info!(addr = %self.local_addr, "media port (UDP) listening: STUN and relay");
         let mut rx = RxBatch::new(&self.socket);
         info!(
@@ -753,6 +803,10 @@ impl MediaCore {
             // Timers are due whatever woke us: a busy socket must not starve them.
             self.handle_timeouts(Instant::now());
             self.flush();
+            // Every command sent before the `Leave`s seen so far has been handled.
+            if !self.left.is_empty() && commands.is_empty() {
+                self.left.clear();
+            }
             let deadline = tokio::time::Instant::from_std(self.next_deadline() + TIMER_SLACK);
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
@@ -760,6 +814,7 @@ impl MediaCore {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(c) = control.recv() => self.handle_command(c, Instant::now()),
                 c = commands.recv() => match c {
                     Some(c) => self.handle_command(c, Instant::now()),
                     None => break,
@@ -816,6 +871,10 @@ impl MediaCore {
 
     /// Fire the timers that are due (only those peers: no scan of every peer).
     fn handle_timeouts(&mut self, now: Instant) {
+        if now >= self.next_consent_sweep {
+            self.next_consent_sweep = now + Duration::from_secs(1);
+            self.expire_consent(now);
+        }
         while let Some(&(t, k)) = self.timers.first() {
             if t > now {
                 break;
@@ -850,31 +909,63 @@ impl MediaCore {
         }
     }
 
+    /// Forget the addresses no authenticated check came from within [`CONSENT_TIMEOUT`].
+    fn expire_consent(&mut self, now: Instant) {
+        for (k, p) in self.peers.iter_mut() {
+            p.addrs.retain(|(a, t)| {
+                let fresh = now.saturating_duration_since(*t) < CONSENT_TIMEOUT;
+                if !fresh && self.by_addr.get(a) == Some(k) {
+                    debug!(user = %p.user_id, addr = %a, "address lost ICE consent");
+                    self.by_addr.remove(a);
+                }
+                fresh
+            });
+        }
+    }
+
     fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
         self.rx_at = now;
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
-        let key = match net::classify(buf) {
-            Kind::Stun => match stun::handle(buf, from) {
-                stun::StunAction::Reply(bytes) => {
-                    self.metrics.stun_bindings.inc();
-                    if self.socket.try_send_one(from, &bytes).is_err() {
-                        drop(&self.metrics, "send_buffer_full");
-                    }
-                    return;
+        let kind = net::classify(buf);
+        let key = match kind {
+            Kind::Stun => {
+                let action = stun::handle(buf, from);
+                // Requests cost a reply or an HMAC: each source gets its share.
+                if matches!(action, stun::StunAction::Reply(_) | stun::StunAction::Peer(_))
+                    && !self.stun_limiter.allow(from.ip(), now)
+                {
+                    return drop(&self.metrics, "rate_limited");
                 }
-                stun::StunAction::Peer(ufrag) => match self.by_ufrag.get(&ufrag) {
-                    Some(k) => {
-                        self.by_addr.insert(from, *k);
-                        *k
+                match action {
+                    stun::StunAction::Reply(bytes) => {
+                        self.metrics.stun_bindings.inc();
+                        if self.socket.try_send_one(from, &bytes).is_err() {
+                            drop(&self.metrics, "send_buffer_full");
+                        }
+                        return;
                     }
-                    None => return drop(&self.metrics, "unknown_peer"),
-                },
-                stun::StunAction::ByAddress => match self.by_addr.get(&from) {
-                    Some(k) => *k,
-                    None => return drop(&self.metrics, "unexpected_stun"),
-                },
-                stun::StunAction::Drop(reason) => return drop(&self.metrics, reason),
-            },
+                    stun::StunAction::Peer(ufrag) => match self.by_ufrag.get(&ufrag) {
+                        Some(&k) => {
+                            let Some(p) = self.peers.get_mut(&k) else {
+                                return drop(&self.metrics, "unknown_peer");
+                            };
+                            // The ufrag is in every check in the clear: only a check signed
+                            // with our password shows that the sender has the SDP.
+                            if !stun::authentic(buf, &p.pwd) {
+                                return drop(&self.metrics, "unauthenticated");
+                            }
+                            learn_address(p, &mut self.by_addr, k, from, now);
+                            k
+                        }
+                        None => return drop(&self.metrics, "unknown_peer"),
+                    },
+                    stun::StunAction::ByAddress => match self.by_addr.get(&from) {
+                        Some(k) => *k,
+                        None => return drop(&self.metrics, "unexpected_stun"),
+                    },
+                    stun::StunAction::Drop(reason) => return drop(&self.metrics, reason),
+                }
+            }
             Kind::Dtls | Kind::RtpRtcp => match self.by_addr.get(&from) {
                 Some(k) => *k,
                 None => return drop(&self.metrics, "unknown_peer"),
@@ -903,6 +994,19 @@ impl MediaCore {
                 Err(reason) => drop(&self.metrics, reason),
             }
             return;
+        }
+        // SRTP or SRTCP for rtc: only of SSRCs whose first packet authenticated (rtc would make
+        // a context for any SSRC it is shown, before checking the tag).
+        if kind == Kind::RtpRtcp
+            && let Err(reason) = p
+                .admission
+                .admit(buf, p.opener.as_mut(), &mut self.scratch)
+        {
+            if let Some(n) = p.refusals.note(now) {
+                warn!(user = %p.user_id, %from, reason, refused = n,
+                      "media packets refused before the connection (not authentic, or too many SSRCs)");
+            }
+            return drop(&self.metrics, reason);
         }
         let msg = TaggedBytesMut {
             now,
@@ -976,6 +1080,12 @@ impl MediaCore {
                 break;
             };
             match message {
+                RTCMessage::RtpPacket(_, _) if !p.may_publish => {
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["not_publisher"])
+                        .inc();
+                }
                 RTCMessage::RtpPacket(track_id, packet) => {
                     self.counts.opened[1] += 1;
                     learn_inbound(p, &track_id, &packet.header);
@@ -1250,6 +1360,11 @@ impl MediaCore {
                 if let Some(t) = p.published.get_mut(&init.track_id) {
                     t.ssrc = init.ssrc;
                     self.refresh_ext_maps(key);
+                    return;
+                }
+                if !p.may_publish {
+                    warn!(user = %p.user_id, track = %init.track_id,
+                          "track refused: the member's token does not grant publish");
                     return;
                 }
                 let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
@@ -1692,7 +1807,15 @@ impl MediaCore {
                 room_id,
                 sdp,
                 meta,
-            } => self.handle_offer(user_id, room_id, sdp, meta, now),
+                join,
+                publish,
+            } => {
+                if self.has_left(&user_id, join) {
+                    debug!(user = %user_id, "offer of a member who left: ignored");
+                    return;
+                }
+                self.handle_offer(user_id, room_id, sdp, meta, publish, now)
+            }
             Command::Answer { user_id, sdp } => {
                 let Some(&k) = self.by_user.get(&user_id) else {
                     return;
@@ -1723,14 +1846,21 @@ impl MediaCore {
                 room_id,
                 publisher,
                 stream_type,
-            } => self.subscribe(user_id, room_id, publisher, stream_type),
+                join,
+            } => {
+                if !self.has_left(&user_id, join) {
+                    self.subscribe(user_id, room_id, publisher, stream_type)
+                }
+            }
             Command::Unsubscribe {
                 user_id,
                 publisher,
                 stream_type,
             } => self.unsubscribe(&user_id, &publisher, stream_type.as_deref()),
             Command::Close { user_id } => self.remove_peer(&user_id, now),
-            Command::Leave { user_id } => {
+            Command::Leave { user_id, join } => {
+                let latest = self.left.entry(user_id.clone()).or_insert(join);
+                *latest = (*latest).max(join);
                 self.remove_peer(&user_id, now);
                 self.interests.remove(&user_id);
                 for i in self.interests.values_mut() {
@@ -1752,6 +1882,11 @@ impl MediaCore {
                 }
             }
         }
+    }
+
+    /// A command of `user_id`'s join `join`, which has left already.
+    fn has_left(&self, user_id: &str, join: u64) -> bool {
+        self.left.get(user_id).is_some_and(|l| join <= *l)
     }
 
     fn subscribe(
@@ -1830,6 +1965,7 @@ impl MediaCore {
         room_id: String,
         sdp: String,
         meta: Option<Value>,
+        may_publish: bool,
         now: Instant,
     ) {
         // A client that moved to another room starts afresh.
@@ -1840,7 +1976,7 @@ impl MediaCore {
         }
         let key = match self.by_user.get(&user_id) {
             Some(&k) => k,
-            None => match self.new_peer(&user_id, &room_id, now) {
+            None => match self.new_peer(&user_id, &room_id, may_publish, now) {
                 Ok(k) => k,
                 Err(e) => {
                     warn!(user = %user_id, error = %e, "cannot create the relay connection");
@@ -1913,6 +2049,7 @@ impl MediaCore {
         &mut self,
         user_id: &str,
         room_id: &str,
+        may_publish: bool,
         now: Instant,
     ) -> rtc::shared::error::Result<PeerKey> {
         let ufrag = loop {
@@ -1925,7 +2062,7 @@ impl MediaCore {
         let setting_engine = SettingEngineBuilder::new()
             .with_lite(true)
             .with_answering_dtls_role(RTCDtlsRole::Server)
-            .with_ice_credentials(ufrag.clone(), pwd)
+            .with_ice_credentials(ufrag.clone(), pwd.clone())
             .with_crypto_provider(self.crypto.clone())
             .with_srtp_protection_profiles(self.srtp_profiles.clone())
             // The relay's data channel only opens the connection (the SDK creates it so that a
@@ -1987,6 +2124,11 @@ impl MediaCore {
                 opener: None,
                 inbound: Vec::new(),
                 receive_side,
+                pwd,
+                addrs: Vec::new(),
+                admission: guard::Admission::default(),
+                refusals: guard::RefusalLog::default(),
+                may_publish,
             },
         );
         self.by_user.insert(user_id.to_string(), key);
@@ -2022,6 +2164,11 @@ impl MediaCore {
         if let Some(mut p) = self.peers.remove(&key) {
             let _ = p.pc.close();
             self.by_ufrag.remove(&p.ufrag);
+            for (a, _) in &p.addrs {
+                if self.by_addr.get(a) == Some(&key) {
+                    self.by_addr.remove(a);
+                }
+            }
             self.metrics.relay_connections.dec();
             self.metrics
                 .peer_connections
@@ -2029,7 +2176,6 @@ impl MediaCore {
                 .dec();
             info!(user = %user_id, "relay connection closed");
         }
-        self.by_addr.retain(|_, k| *k != key);
         self.dirty.remove(&key);
         if let Some(t) = self.deadlines.remove(&key) {
             self.timers.remove(&(t, key));
@@ -2081,6 +2227,36 @@ fn remap_extensions(
 /// opens that SSRC's packets ([`Peer::open_own`]), continuing after this one. This is
 /// the stream's first packet rtc delivered, so its rollover counter is still 0 (streams start
 /// after DTLS, which is when the opener is made).
+/// An address an authenticated ICE check came from: datagrams from it go to `p` (key `k`) until
+/// its consent expires ([`CONSENT_TIMEOUT`]).
+fn learn_address(
+    p: &mut Peer,
+    by_addr: &mut FxHashMap<SocketAddr, PeerKey>,
+    k: PeerKey,
+    from: SocketAddr,
+    now: Instant,
+) {
+    if let Some(a) = p.addrs.iter_mut().find(|(a, _)| *a == from) {
+        a.1 = now;
+        by_addr.insert(from, k);
+        return;
+    }
+    if p.addrs.len() >= MAX_ADDRESSES_PER_CONNECTION {
+        let (i, _) = p
+            .addrs
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (_, t))| *t)
+            .expect("not empty");
+        let (old, _) = p.addrs.swap_remove(i);
+        if by_addr.get(&old) == Some(&k) {
+            by_addr.remove(&old);
+        }
+    }
+    p.addrs.push((from, now));
+    by_addr.insert(from, k);
+}
+
 fn learn_inbound(p: &mut Peer, track_id: &str, h: &rtc::rtp::header::Header) {
     let Some(opener) = p.opener.as_mut() else {
         return;
@@ -2104,10 +2280,20 @@ fn take_srtp_keys(p: &mut Peer, metrics: &Metrics) {
         warn!(user = %p.user_id, contexts = keys.len(), "unexpected SRTP key derivation; ignored");
         return;
     }
-    // The remote (receiving) context: the own packet-in path.
+    // The remote (receiving) context: the own packet-in path, and what checks the first packet
+    // of each SSRC before rtc sees it.
     match srtp::Opener::new(&keys[1]) {
         Ok(opener) => p.opener = Some(opener),
         Err(e) => warn!(user = %p.user_id, error = %e, "SRTP opener not available"),
+    }
+    match keys[1]
+        .rtcp
+        .as_ref()
+        .map(|k| srtp::RtcpAuth::new(keys[1].transform, k))
+    {
+        Some(Ok(auth)) => p.admission.rtcp_auth = Some(auth),
+        Some(Err(e)) => warn!(user = %p.user_id, error = %e, "SRTCP check not available"),
+        None => warn!(user = %p.user_id, "SRTCP keys not captured: RTCP will be refused"),
     }
     match srtp::Sealer::new(&keys[0]) {
         Ok(sealer) => {
@@ -2806,6 +2992,7 @@ pub mod bench {
                     session_key: vec![i as u8; key_len],
                     session_salt: vec![0x5a; 14],
                     auth_key: vec![0x3c; 20],
+                    rtcp: None,
                 };
                 let sealer = srtp::Sealer::new(&keys).expect("sealer");
                 let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));

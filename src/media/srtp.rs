@@ -32,6 +32,7 @@ pub const TAG_LEN: usize = 16;
 
 const LABEL_SRTP_AUTH: u8 = 1;
 const LABEL_SRTP_SALT: u8 = 2;
+const LABEL_SRTCP_KEY: u8 = 3;
 const LABEL_SRTCP_AUTH: u8 = 4;
 const LABEL_SRTCP_SALT: u8 = 5;
 /// HMAC-SHA1-80's tag length.
@@ -69,6 +70,19 @@ pub fn profile_label(transform: Transform) -> &'static str {
 #[derive(Clone, PartialEq, Eq)]
 pub struct SrtpKeys {
     pub transform: Transform,
+    pub session_key: Vec<u8>,
+    /// 12 bytes (GCM) or 14 (CM).
+    pub session_salt: Vec<u8>,
+    /// HMAC-SHA1 key (CM only).
+    pub auth_key: Vec<u8>,
+    /// The same direction's SRTCP session keys (labels 3-5 of the same derivation), when they
+    /// were seen: what [`RtcpAuth`] checks received SRTCP packets with.
+    pub rtcp: Option<SrtcpKeys>,
+}
+
+/// One direction's SRTCP session keys (RFC 3711 4.3.2, labels 3, 4 and 5).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SrtcpKeys {
     pub session_key: Vec<u8>,
     /// 12 bytes (GCM) or 14 (CM).
     pub session_salt: Vec<u8>,
@@ -205,23 +219,46 @@ impl CapturingCrypto {
                 BlockCipherAlgorithm::Aes256 => find(0, 1).map(|b| [base.output, b].concat()),
                 _ => None,
             };
+            let rtcp_key = match base.algorithm {
+                BlockCipherAlgorithm::Aes128 => find(LABEL_SRTCP_KEY, 0).map(|b| b.to_vec()),
+                BlockCipherAlgorithm::Aes256 => find(LABEL_SRTCP_KEY, 0)
+                    .zip(find(LABEL_SRTCP_KEY, 1))
+                    .map(|(a, b)| [a, b].concat()),
+                _ => None,
+            };
             let keys = match base.keyed {
                 Keyed::Aead(a) => key.zip(find(LABEL_SRTP_SALT, 0)).map(|(k, salt)| SrtpKeys {
                     transform: Transform::Gcm(a),
                     session_key: k,
                     session_salt: salt[..12].to_vec(),
                     auth_key: Vec::new(),
+                    // rtc derives the SRTCP key before the salts; this block is the SRTCP salt.
+                    rtcp: rtcp_key.map(|k| SrtcpKeys {
+                        session_key: k,
+                        session_salt: block.output[..12].to_vec(),
+                        auth_key: Vec::new(),
+                    }),
                 }),
                 Keyed::Stream(c) => {
                     let auth = find(LABEL_SRTP_AUTH, 0)
                         .zip(find(LABEL_SRTP_AUTH, 1))
                         .map(|(a, b)| [a, b].concat()[..20].to_vec());
+                    // This block is the SRTCP auth key's second one, the last rtc derives.
+                    let rtcp = rtcp_key
+                        .zip(find(LABEL_SRTCP_SALT, 0))
+                        .zip(find(LABEL_SRTCP_AUTH, 0))
+                        .map(|((k, salt), a)| SrtcpKeys {
+                            session_key: k,
+                            session_salt: salt[..14].to_vec(),
+                            auth_key: [a, block.output].concat()[..20].to_vec(),
+                        });
                     match (key, find(LABEL_SRTP_SALT, 0), auth) {
                         (Some(k), Some(salt), Some(auth_key)) => Some(SrtpKeys {
                             transform: Transform::Cm(c),
                             session_key: k,
                             session_salt: salt[..14].to_vec(),
                             auth_key,
+                            rtcp,
                         }),
                         _ => None,
                     }
@@ -361,18 +398,32 @@ impl RTCCrypto for CapturingCrypto {
 
 /// The cipher (and salt) of one direction's session keys.
 fn keyed(keys: &SrtpKeys) -> Result<(Cipher, [u8; 14]), CryptoError> {
+    keyed_parts(
+        keys.transform,
+        &keys.session_key,
+        &keys.auth_key,
+        &keys.session_salt,
+    )
+}
+
+fn keyed_parts(
+    transform: Transform,
+    session_key: &[u8],
+    auth_key: &[u8],
+    session_salt: &[u8],
+) -> Result<(Cipher, [u8; 14]), CryptoError> {
     let provider = RingProvider::new();
     let crypto = provider.crypto();
-    let cipher = match keys.transform {
-        Transform::Gcm(a) => Cipher::Gcm(crypto.new_aead(a, &keys.session_key)?),
+    let cipher = match transform {
+        Transform::Gcm(a) => Cipher::Gcm(crypto.new_aead(a, session_key)?),
         Transform::Cm(c) => Cipher::Cm {
-            ctr: crypto.new_stream_cipher(c, &keys.session_key)?,
-            mac: crypto.new_hmac(HmacAlgorithm::Sha1, &keys.auth_key)?,
+            ctr: crypto.new_stream_cipher(c, session_key)?,
+            mac: crypto.new_hmac(HmacAlgorithm::Sha1, auth_key)?,
         },
     };
     let mut salt = [0; 14];
-    let n = keys.session_salt.len().min(14);
-    salt[..n].copy_from_slice(&keys.session_salt[..n]);
+    let n = session_salt.len().min(14);
+    salt[..n].copy_from_slice(&session_salt[..n]);
     Ok((cipher, salt))
 }
 
@@ -534,37 +585,157 @@ impl Opener {
         if !self.streams[i].2.fresh(index(roc, seq)) {
             return Err(OpenError::Replayed);
         }
-        let tag_len = match self.cipher {
-            Cipher::Gcm(_) => TAG_LEN,
-            Cipher::Cm { .. } => CM_TAG_LEN,
-        };
-        if packet.len() < header_len + tag_len {
-            return Err(OpenError::Unauthentic);
-        }
-        let end = packet.len() - tag_len;
-        match &mut self.cipher {
-            Cipher::Gcm(aead) => {
-                let iv = gcm_iv(&self.salt, ssrc, roc, seq);
-                let (aad, rest) = packet.split_at_mut(header_len);
-                let (payload, tag) = rest.split_at_mut(end - header_len);
-                aead.open_in_place(&iv, aad, payload, tag)
-                    .map_err(|_| OpenError::Unauthentic)?;
-            }
-            Cipher::Cm { ctr, mac } => {
-                let mut tag = [0; 20];
-                mac.sign(&[&packet[..end], &roc.to_be_bytes()], &mut tag)
-                    .map_err(|_| OpenError::Unauthentic)?;
-                if tag[..CM_TAG_LEN] != packet[end..] {
-                    return Err(OpenError::Unauthentic);
-                }
-                let iv = cm_iv(&self.salt, ssrc, roc, seq);
-                ctr.apply_keystream(&iv, &mut packet[header_len..end])
-                    .map_err(|_| OpenError::Unauthentic)?;
-            }
-        }
+        let end = open_with(
+            &mut self.cipher,
+            &self.salt,
+            packet,
+            header_len,
+            (ssrc, roc, seq),
+        )?;
         self.streams[i].1 = rollover;
         self.streams[i].2.accept(index(roc, seq));
         Ok(header_len..end)
+    }
+
+    /// Whether the SRTP packet `packet` of a stream not opened before is authentic, as its
+    /// stream's first packet (rollover counter 0, RFC 3711 3.3.1): decrypted into `scratch`, so
+    /// that nothing here or in `packet` changes. What lets the relay refuse a forged packet
+    /// before anything (rtc's per-SSRC contexts) is made for its SSRC.
+    pub fn authentic_first(
+        &mut self,
+        packet: &[u8],
+        header_len: usize,
+        ssrc: u32,
+        seq: u16,
+        scratch: &mut Vec<u8>,
+    ) -> bool {
+        scratch.clear();
+        scratch.extend_from_slice(packet);
+        open_with(
+            &mut self.cipher,
+            &self.salt,
+            scratch,
+            header_len,
+            (ssrc, 0, seq),
+        )
+        .is_ok()
+    }
+}
+
+/// Authenticates and decrypts an SRTP packet in place (the payload ends at the returned offset).
+fn open_with(
+    cipher: &mut Cipher,
+    salt: &[u8; 14],
+    packet: &mut [u8],
+    header_len: usize,
+    (ssrc, roc, seq): (u32, u32, u16),
+) -> Result<usize, OpenError> {
+    let tag_len = match cipher {
+        Cipher::Gcm(_) => TAG_LEN,
+        Cipher::Cm { .. } => CM_TAG_LEN,
+    };
+    if packet.len() < header_len + tag_len {
+        return Err(OpenError::Unauthentic);
+    }
+    let end = packet.len() - tag_len;
+    match cipher {
+        Cipher::Gcm(aead) => {
+            let iv = gcm_iv(salt, ssrc, roc, seq);
+            let (aad, rest) = packet.split_at_mut(header_len);
+            let (payload, tag) = rest.split_at_mut(end - header_len);
+            aead.open_in_place(&iv, aad, payload, tag)
+                .map_err(|_| OpenError::Unauthentic)?;
+        }
+        Cipher::Cm { ctr, mac } => {
+            let mut tag = [0; 20];
+            mac.sign(&[&packet[..end], &roc.to_be_bytes()], &mut tag)
+                .map_err(|_| OpenError::Unauthentic)?;
+            if !same_tag(&tag[..CM_TAG_LEN], &packet[end..]) {
+                return Err(OpenError::Unauthentic);
+            }
+            let iv = cm_iv(salt, ssrc, roc, seq);
+            ctr.apply_keystream(&iv, &mut packet[header_len..end])
+                .map_err(|_| OpenError::Unauthentic)?;
+        }
+    }
+    Ok(end)
+}
+
+/// Tags compared in constant time.
+fn same_tag(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The E flag and SRTCP index trailer's length (RFC 3711 3.4).
+const SRTCP_INDEX_LEN: usize = 4;
+
+/// Checks received SRTCP packets of one connection (its receiving direction's SRTCP keys)
+/// without keeping any state: the relay asks it before rtc, which makes a context for every SSRC
+/// it is shown, sees an RTCP packet of an SSRC it has not had yet.
+pub struct RtcpAuth {
+    cipher: Cipher,
+    salt: [u8; 14],
+}
+
+impl RtcpAuth {
+    pub fn new(transform: Transform, keys: &SrtcpKeys) -> Result<RtcpAuth, CryptoError> {
+        let (cipher, salt) = keyed_parts(
+            transform,
+            &keys.session_key,
+            &keys.auth_key,
+            &keys.session_salt,
+        )?;
+        Ok(RtcpAuth { cipher, salt })
+    }
+
+    /// Whether `packet` (an SRTCP packet as received) carries a valid authentication tag
+    /// (AEAD_AES_*_GCM: RFC 7714 9; AES_CM with HMAC-SHA1-80: RFC 3711 3.4). Encrypted or not
+    /// (the E flag), the tag covers it. `scratch` holds a decrypted copy; `packet` is untouched.
+    pub fn authentic(&mut self, packet: &[u8], scratch: &mut Vec<u8>) -> bool {
+        match &mut self.cipher {
+            Cipher::Gcm(aead) => {
+                if packet.len() < 8 + TAG_LEN + SRTCP_INDEX_LEN {
+                    return false;
+                }
+                let trailer_at = packet.len() - SRTCP_INDEX_LEN;
+                let tag_at = trailer_at - TAG_LEN;
+                let trailer = &packet[trailer_at..];
+                let encrypted = trailer[0] & 0x80 != 0;
+                let e_index = u32::from_be_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+                let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+                // 00 00 || SSRC || 00 00 || 0 || SRTCP index, XOR the salt.
+                let mut iv = [0u8; 12];
+                iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                iv[8..12].copy_from_slice(&(e_index & 0x7fff_ffff).to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(&self.salt[..12]) {
+                    *v ^= s;
+                }
+                let tag = &packet[tag_at..trailer_at];
+                scratch.clear();
+                if encrypted {
+                    // AAD: the first 8 octets and the trailer; the rest is ciphertext.
+                    let mut aad = [0u8; 8 + SRTCP_INDEX_LEN];
+                    aad[..8].copy_from_slice(&packet[..8]);
+                    aad[8..].copy_from_slice(trailer);
+                    scratch.extend_from_slice(&packet[8..tag_at]);
+                    aead.open_in_place(&iv, &aad, scratch, tag).is_ok()
+                } else {
+                    // Not encrypted: all of it is AAD, with the trailer.
+                    scratch.extend_from_slice(&packet[..tag_at]);
+                    scratch.extend_from_slice(trailer);
+                    aead.open_in_place(&iv, scratch, &mut [], tag).is_ok()
+                }
+            }
+            Cipher::Cm { mac, .. } => {
+                if packet.len() < 8 + SRTCP_INDEX_LEN + CM_TAG_LEN {
+                    return false;
+                }
+                let tag_at = packet.len() - CM_TAG_LEN;
+                let mut tag = [0; 20];
+                mac.sign(&[&packet[..tag_at]], &mut tag).is_ok()
+                    && same_tag(&tag[..CM_TAG_LEN], &packet[tag_at..])
+            }
+        }
     }
 }
 
@@ -780,6 +951,66 @@ mod tests {
                 opener.open(&mut short, 12, 1, 1).is_err(),
                 "too short for a tag"
             );
+        }
+    }
+
+    /// The SRTCP keys captured with a context check what rtc seals (encrypted compound packets,
+    /// one SSRC after another) and refuse a flipped bit anywhere, a packet of random bytes, and
+    /// one too short for a tag; the first packet of a new RTP stream is told authentic or not
+    /// without a trace in the opener.
+    #[test]
+    fn srtcp_and_first_srtp_packets_are_authenticated_before_any_state() {
+        for profile in [
+            ProtectionProfile::AeadAes128Gcm,
+            ProtectionProfile::AeadAes256Gcm,
+            ProtectionProfile::Aes128CmHmacSha1_80,
+        ] {
+            let (key, salt) = master(profile);
+            let captured = capture(profile, &key, &salt);
+            let rtcp_keys = captured[0].rtcp.as_ref().expect("SRTCP keys captured");
+            let mut auth = RtcpAuth::new(captured[0].transform, rtcp_keys).unwrap();
+            let mut rtc_tx = Context::new(&key, &salt, profile, None, None, &RingCrypto).unwrap();
+            let mut scratch = Vec::new();
+            for ssrc in [1u32, 0x1234_5678, 0xdead_beef] {
+                // A receiver report with one report block, as a receive-only client sends.
+                let mut rr = vec![0x81, 201, 0, 7];
+                rr.extend_from_slice(&ssrc.to_be_bytes());
+                rr.extend_from_slice(&[0x11; 24]);
+                let sealed = rtc_tx.encrypt_rtcp(&rr).unwrap().to_vec();
+                assert!(
+                    auth.authentic(&sealed, &mut scratch),
+                    "{profile:?}: rtc's SRTCP refused"
+                );
+                for at in [1, 5, 12, sealed.len() - 1, sealed.len() - 5] {
+                    let mut bad = sealed.clone();
+                    bad[at] ^= 0x10;
+                    assert!(
+                        !auth.authentic(&bad, &mut scratch),
+                        "{profile:?}: flipped byte {at} accepted"
+                    );
+                }
+            }
+            let mut noise: Vec<u8> = (0..80u32).map(|i| (i * 37 + 11) as u8).collect();
+            noise[0] = 0x81;
+            noise[1] = 200;
+            assert!(!auth.authentic(&noise, &mut scratch), "{profile:?}: noise");
+            assert!(!auth.authentic(&noise[..12], &mut scratch), "too short");
+
+            let mut opener = Opener::new(&captured[0]).unwrap();
+            let h = header(40_000);
+            let mut plain = vec![0; h.marshal_size()];
+            h.marshal_to(&mut plain).unwrap();
+            plain.extend_from_slice(&[7; 300]);
+            let sealed = rtc_tx.encrypt_rtp(&plain).unwrap().to_vec();
+            let mut bad = sealed.clone();
+            bad[40] ^= 1;
+            let hl = h.marshal_size();
+            assert!(!opener.authentic_first(&bad, hl, h.ssrc, 40_000, &mut scratch));
+            assert!(opener.authentic_first(&sealed, hl, h.ssrc, 40_000, &mut scratch));
+            assert!(opener.streams.is_empty(), "{profile:?}: state kept");
+            // And the opener still opens it afterwards (nothing was committed).
+            let mut got = sealed.clone();
+            assert!(opener.open(&mut got, hl, h.ssrc, 40_000).is_ok());
         }
     }
 

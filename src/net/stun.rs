@@ -7,7 +7,10 @@
 
 use std::net::SocketAddr;
 
+use rtc::crypto::RTCCryptoProvider;
+use rtc::crypto::providers::RingProvider;
 use rtc::stun::attributes::ATTR_USERNAME;
+use rtc::stun::integrity::MessageIntegrity;
 use rtc::stun::fingerprint::FINGERPRINT;
 use rtc::stun::message::{
     BINDING_REQUEST, BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter,
@@ -55,6 +58,18 @@ pub fn handle(buf: &[u8], from: SocketAddr) -> StunAction {
         Some(bytes) => StunAction::Reply(bytes),
         None => StunAction::Drop("malformed"),
     }
+}
+
+/// Whether the ICE check `buf` (a STUN request, see [`handle`]) carries a MESSAGE-INTEGRITY made
+/// with `pwd`, our ICE password for the connection its USERNAME names (RFC 8445 7.2.2 short-term
+/// credentials). The ufrag is in the clear in every check; this shows the sender has the SDP.
+pub fn authentic(buf: &[u8], pwd: &str) -> bool {
+    let mut msg = Message::new();
+    if msg.unmarshal_binary(buf).is_err() {
+        return false;
+    }
+    let provider = RingProvider::new();
+    MessageIntegrity::check(&mut msg, pwd.as_bytes(), provider.crypto()).is_ok()
 }
 
 fn binding_success(req: &Message, from: SocketAddr) -> Option<Vec<u8>> {
@@ -128,6 +143,37 @@ mod tests {
             handle(&req, "127.0.0.1:1".parse().unwrap()),
             StunAction::Peer("srv1".into())
         );
+    }
+
+    #[test]
+    fn checks_authenticate_only_with_our_password() {
+        let crypto = RingProvider::new();
+        let check = |pwd: &str| {
+            let mut m = Message::new();
+            m.build(&[
+                Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+                Box::new(Username::new(ATTR_USERNAME, "srv1:cli2".into())),
+                Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                    pwd.into(),
+                    crypto.crypto(),
+                )),
+                Box::new(FINGERPRINT),
+            ])
+            .unwrap();
+            m.raw.clone()
+        };
+        let good = check("our-password");
+        assert!(authentic(&good, "our-password"));
+        assert!(!authentic(&check("a-guess"), "our-password"));
+        // No integrity at all, and a tampered body.
+        let bare = request(vec![Box::new(Username::new(
+            ATTR_USERNAME,
+            "srv1:cli2".into(),
+        ))]);
+        assert!(!authentic(&bare, "our-password"));
+        let mut tampered = good.clone();
+        tampered[24] ^= 1;
+        assert!(!authentic(&tampered, "our-password"));
     }
 
     #[test]

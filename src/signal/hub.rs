@@ -97,7 +97,7 @@ pub struct Hub {
     /// Where clients reach the media port (STUN now, media with the relay).
     pub media_addrs: Vec<std::net::SocketAddr>,
     /// Commands to the media shards (the relay), by shard index; a room is pinned to one.
-    media: Vec<mpsc::Sender<crate::media::Command>>,
+    media: Vec<crate::media::MediaControl>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -142,7 +142,7 @@ impl Hub {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         media_addrs: Vec<std::net::SocketAddr>,
-        media: Vec<mpsc::Sender<crate::media::Command>>,
+        media: Vec<crate::media::MediaControl>,
     ) -> Arc<Hub> {
         assert!(!media.is_empty(), "at least one media shard");
         let verifier = config
@@ -324,7 +324,16 @@ impl Hub {
 
     /// The command queue of a media shard.
     pub fn media(&self, shard: usize) -> &mpsc::Sender<crate::media::Command> {
-        &self.media[shard]
+        &self.media[shard].commands
+    }
+
+    /// Tell a media shard that a member left its room or disconnected: never refused (see
+    /// [`crate::media::MediaControl`]).
+    pub fn media_leave(&self, shard: usize, user_id: &str, join: u64) {
+        let _ = self.media[shard].control.send(crate::media::Command::Leave {
+            user_id: user_id.to_string(),
+            join,
+        });
     }
 
     /// Add a member; tells the others. The caller checked it is in no room.
@@ -593,7 +602,10 @@ mod tests {
             Arc::new(Config::default()),
             Arc::new(Metrics::new()),
             Vec::new(),
-            vec![mpsc::channel(1).0],
+            vec![crate::media::MediaControl {
+                commands: mpsc::channel(1).0,
+                control: mpsc::unbounded_channel().0,
+            }],
         )
     }
 
@@ -635,7 +647,10 @@ mod tests {
             Arc::new(cfg),
             Arc::new(Metrics::new()),
             Vec::new(),
-            vec![mpsc::channel(1).0],
+            vec![crate::media::MediaControl {
+                commands: mpsc::channel(1).0,
+                control: mpsc::unbounded_channel().0,
+            }],
         );
         let a = h.try_connect().unwrap();
         assert!(h.try_connect().is_none());

@@ -91,6 +91,9 @@ struct Session {
     pending: Option<(mpsc::Sender<Utf8Bytes>, CancellationToken)>,
     kick: CancellationToken,
     limiter: RateLimit,
+    /// How many rooms this session joined: the media shard tells a join's commands from the
+    /// next one's by it.
+    joins: u64,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -134,6 +137,7 @@ pub async fn run(
             pending: Some((tx, kick.clone())),
             kick,
             limiter,
+            joins: 0,
         };
         let (code, reason) = s.run_loop().await;
         s.finish(code, &reason).await;
@@ -227,9 +231,7 @@ impl Session {
                 _ => "closed",
             };
             self.hub.leave_room(&auth.user_id, &room, why);
-            let _ = self.hub.media(self.shard).try_send(Command::Leave {
-                user_id: auth.user_id.clone(),
-            });
+            self.hub.media_leave(self.shard, &auth.user_id, self.joins);
         }
         if let Some(auth) = &self.auth {
             self.hub.unregister(&auth.user_id);
@@ -382,6 +384,7 @@ impl Session {
                 info!(room = %req.room_id, "joined room");
                 self.room = Some(req.room_id.clone());
                 self.shard = hub.room_shard(&req.room_id);
+                self.joins += 1;
                 Ok(json!({
                     "roomId": req.room_id,
                     "members": joined.members,
@@ -395,9 +398,7 @@ impl Session {
                     return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room").into());
                 };
                 hub.leave_room(&auth.user_id, &room, "left");
-                let _ = hub.media(self.shard).try_send(Command::Leave {
-                    user_id: auth.user_id.clone(),
-                });
+                hub.media_leave(self.shard, &auth.user_id, self.joins);
                 info!(%room, "left room");
                 Ok(json!({}))
             }
@@ -413,6 +414,8 @@ impl Session {
                             room_id: room.to_string(),
                             sdp: req.sdp,
                             meta: req.meta,
+                            join: self.joins,
+                            publish: auth.grants.publish,
                         }
                     } else {
                         Command::Answer {
@@ -530,6 +533,7 @@ impl Session {
                         room_id: room,
                         publisher: req.user_id,
                         stream_type,
+                        join: self.joins,
                     }
                 } else {
                     Command::Unsubscribe {
