@@ -453,6 +453,17 @@ async fn relay_room_offering(
     extensions: bool,
     profiles: Vec<SrtpProtectionProfile>,
 ) -> (MediaClient, MediaClient) {
+    let (publ, sub, _) = relay_room_in(s, subscribed, extensions, profiles).await;
+    (publ, sub)
+}
+
+/// As [`relay_room_offering`], with the room's id.
+async fn relay_room_in(
+    s: &TestServer,
+    subscribed: bool,
+    extensions: bool,
+    profiles: Vec<SrtpProtectionProfile>,
+) -> (MediaClient, MediaClient, String) {
     let mut a = Client::joined_hello(s.addr, "publisher").await;
     let room = a.create_room(json!({"mode": "relay"})).await;
     a.request("joinRoom", json!({"roomId": room}))
@@ -474,7 +485,7 @@ async fn relay_room_offering(
         publ.pump(SLICE).await;
         sub.pump(SLICE).await;
         if publ.connected && sub.connected {
-            return (publ, sub);
+            return (publ, sub, room);
         }
     }
     panic!("relay connections did not come up");
@@ -726,4 +737,272 @@ async fn rooms_are_spread_over_media_shards() {
         assert_eq!(*got.last().unwrap(), 199);
         assert!(got.len() > 120, "relayed {} of 200", got.len());
     }
+}
+
+/// Datagrams that look like SRTP and SRTCP, each of a new SSRC, with bytes where the tag should
+/// be, from a member's own (connected) address.
+fn forged_media(n: u32) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let ssrc = 0x5000_0000u32.wrapping_add(i.wrapping_mul(7919));
+        let mut rtp = vec![0x80, 96];
+        rtp.extend_from_slice(&(i as u16).to_be_bytes());
+        rtp.extend_from_slice(&(i * 3000).to_be_bytes());
+        rtp.extend_from_slice(&ssrc.to_be_bytes());
+        rtp.extend((0..120u32).map(|b| (b * 31 + i) as u8));
+        out.push(rtp);
+        // A receiver report, the E flag and an index, and 16 bytes of "tag".
+        let mut rtcp = vec![0x81, 201, 0, 7];
+        rtcp.extend_from_slice(&ssrc.to_be_bytes());
+        rtcp.extend((0..24u32).map(|b| (b * 17 + i) as u8));
+        rtcp.extend_from_slice(&[0x80, 0, 0, 1]);
+        rtcp.extend((0..16u32).map(|b| (b * 13 + i) as u8));
+        out.push(rtcp);
+    }
+    out
+}
+
+fn dropped(m: &str, reason: &str) -> f64 {
+    metric(m, &format!("ferry_media_dropped_total{{reason=\"{reason}\"}}")).unwrap()
+}
+
+/// A connected member sending SRTP and SRTCP of ever new SSRCs that do not authenticate: each is
+/// refused and counted before rtc sees it (rtc would keep a context per SSRC until the connection
+/// closed), and the member's real media still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_media_of_new_ssrcs_is_refused_before_the_connection_keeps_it() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 20).await;
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let before = dropped(&m, "undecryptable");
+    let forged = forged_media(300);
+    for d in &forged {
+        publ.send_raw(d).await;
+    }
+    settle(&mut publ, &mut sub, 40).await;
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        dropped(&m, "undecryptable") - before,
+        forged.len() as f64,
+        "every forged packet refused and counted"
+    );
+    stream(&mut publ, &mut sub, 20, 20).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    assert!(
+        (20..40).all(|i| got.binary_search(&i).is_ok()),
+        "after the forgeries: {got:?}"
+    );
+}
+
+/// The value of `a=<attr>:` in an SDP.
+fn sdp_attr(sdp: &str, attr: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("a={attr}:")))
+        .unwrap_or_else(|| panic!("no a={attr} in {sdp}"))
+        .to_string()
+}
+
+/// An ICE check with the relay connection's ufrag (in the clear in every check) but a
+/// MESSAGE-INTEGRITY not made with its password teaches the relay nothing: what then comes from
+/// that address is from an unknown peer. The same check signed with the password does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_check_with_a_forged_integrity_teaches_the_relay_no_address() {
+    use rtc::crypto::RTCCryptoProvider;
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::fingerprint::FINGERPRINT;
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{BINDING_REQUEST, Message, Setter};
+    use rtc::stun::textattrs::Username;
+
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 5).await;
+    let answer = publ.pc.remote_description().unwrap().sdp.clone();
+    let (ufrag, pwd) = (sdp_attr(&answer, "ice-ufrag"), sdp_attr(&answer, "ice-pwd"));
+    let relay = publ.relay_addr().unwrap();
+    let crypto = rtc::crypto::providers::RingProvider::new();
+    let check = |password: &str| {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(rtc::stun::message::TransactionId::new()),
+            Box::new(Username::new(ATTR_USERNAME, format!("{ufrag}:attacker"))),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                password.into(),
+                crypto.crypto(),
+            )),
+            Box::new(FINGERPRINT),
+        ])
+        .unwrap();
+        m.raw.clone()
+    };
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let junk = forged_media(10);
+    let (_, m0) = http_get(s.addr, "/metrics").await;
+    attacker
+        .send_to(&check("guessed-password"), relay)
+        .await
+        .unwrap();
+    for d in &junk {
+        attacker.send_to(d, relay).await.unwrap();
+    }
+    settle(&mut publ, &mut sub, 20).await;
+    let (_, m1) = http_get(s.addr, "/metrics").await;
+    assert_eq!(dropped(&m1, "unauthenticated") - dropped(&m0, "unauthenticated"), 1.0);
+    assert_eq!(
+        dropped(&m1, "unknown_peer") - dropped(&m0, "unknown_peer"),
+        junk.len() as f64,
+        "datagrams after a forged check were taken for the member's"
+    );
+    // With the password, the address is the member's (and its junk refused by the connection).
+    attacker.send_to(&check(&pwd), relay).await.unwrap();
+    settle(&mut publ, &mut sub, 10).await;
+    for d in &junk {
+        attacker.send_to(d, relay).await.unwrap();
+    }
+    settle(&mut publ, &mut sub, 20).await;
+    let (_, m2) = http_get(s.addr, "/metrics").await;
+    assert_eq!(dropped(&m2, "unknown_peer"), dropped(&m1, "unknown_peer"));
+    assert_eq!(
+        dropped(&m2, "undecryptable") - dropped(&m1, "undecryptable"),
+        junk.len() as f64
+    );
+}
+
+/// A member whose token does not grant `publish` and whose offer reached the relay anyway (here
+/// put into the shard's queue directly, past signaling's own check): the relay routes nothing of
+/// what it sends, and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_routes_nothing_from_a_member_without_the_publish_grant() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "viewer").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("subscribe", json!({"userId": a.user_id}))
+        .await
+        .unwrap();
+    let (hub, user_id, room_id) = (s.hub.clone(), a.user_id.clone(), room.clone());
+    let shard = hub.room_shard(&room);
+    let deliver = Box::new(move |sdp: String| {
+        hub.media(shard)
+            .try_send(ferry::media::Command::Offer {
+                user_id,
+                room_id,
+                sdp,
+                meta: None,
+                join: 1,
+                publish: false,
+            })
+            .unwrap();
+    });
+    let mut publ = MediaClient::connect_delivering(a, true, deliver).await;
+    let mut sub = MediaClient::connect(b, false).await;
+    for _ in 0..1000 {
+        settle(&mut publ, &mut sub, 1).await;
+        if publ.connected && sub.connected {
+            break;
+        }
+    }
+    assert!(publ.connected && sub.connected);
+    stream(&mut publ, &mut sub, 0, 30).await;
+    assert!(sub.received.is_empty(), "relayed without the grant");
+    assert!(sub.tracks.is_empty(), "a track opened: {:?}", sub.tracks);
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(dropped(&m, "not_publisher") >= 1.0);
+}
+
+/// A member leaves while the shard's command queue is full (here with offers of members who
+/// never connect, each of which makes a relay connection): its leave still reaches the relay, so
+/// it receives nothing more and its relay connection is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_who_leaves_while_the_command_queue_is_full_receives_nothing_more() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub, room_id) = relay_room_in(&s, true, false, Vec::new()).await;
+    stream(&mut publ, &mut sub, 0, 10).await;
+    let shard = s.hub.room_shard(&room_id);
+    let sdp = publ.pc.local_description().unwrap().sdp;
+    let mut ghosts = 0;
+    while s
+        .hub
+        .media(shard)
+        .try_send(ferry::media::Command::Offer {
+            user_id: format!("ghost-{ghosts}"),
+            room_id: room_id.clone(),
+            sdp: sdp.clone(),
+            meta: None,
+            join: 1,
+            publish: false,
+        })
+        .is_ok()
+    {
+        ghosts += 1;
+    }
+    assert!(ghosts > 0);
+    sub.ws.request("leaveRoom", json!({})).await.unwrap();
+    let received = sub.received.len();
+    stream(&mut publ, &mut sub, 10, 30).await;
+    // Every ghost's connection made, then the count stays: the publisher's and the ghosts'.
+    let mut connections = 0.0;
+    for _ in 0..600 {
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        connections = metric(&m, "ferry_relay_connections").unwrap();
+        if connections >= ghosts as f64 + 1.0 && s.hub.media(shard).capacity() == 1024 {
+            break;
+        }
+        settle(&mut publ, &mut sub, 10).await;
+    }
+    assert_eq!(connections, ghosts as f64 + 1.0, "the leaver's connection was kept");
+    stream(&mut publ, &mut sub, 40, 10).await;
+    assert_eq!(sub.received.len(), received, "media after leaving");
+}
+
+/// STUN binding requests are answered up to a rate per source address: a flood from one address
+/// is mostly refused (counted), and another address is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_binding_floods_are_limited_per_source() {
+    use rtc::stun::message::{BINDING_REQUEST, Message, Setter};
+    let s = spawn(test_config()).await;
+    let request = || {
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(rtc::stun::message::TransactionId::new()),
+        ])
+        .unwrap();
+        m.raw.clone()
+    };
+    let flood = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // In bursts of 50, so that the server's receive buffer does not overflow.
+    let sent = 1000;
+    for i in 0..sent {
+        flood.send_to(&request(), s.media_addr).await.unwrap();
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 1500];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), flood.recv_from(&mut buf)).await
+    {
+        answered += 1;
+    }
+    // Counted by the server: replies can be lost in the flooder's own receive buffer.
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let limited = dropped(&m, "rate_limited");
+    let replied = metric(&m, "ferry_stun_bindings_total").unwrap();
+    assert!(answered > 0 && replied < (sent / 2) as f64, "{replied} of {sent} answered");
+    assert_eq!(replied + limited, sent as f64);
+    // Another source (127.0.0.2 is loopback too) is answered.
+    let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(&request(), s.media_addr).await.unwrap();
+    let got = tokio::time::timeout(WAIT, other.recv_from(&mut buf)).await;
+    assert!(got.is_ok(), "another source was refused");
 }

@@ -111,11 +111,32 @@ impl MediaClient {
     /// As [`MediaClient::connect_with`], offering only these DTLS-SRTP protection profiles
     /// (empty: rtc's defaults).
     pub async fn connect_offering(
+        ws: Client,
+        publish: bool,
+        ssrc: u32,
+        extensions: bool,
+        srtp_profiles: Vec<SrtpProtectionProfile>,
+    ) -> MediaClient {
+        MediaClient::connect_full(ws, publish, ssrc, extensions, srtp_profiles, None).await
+    }
+
+    /// As [`MediaClient::connect`], but the offer is handed to `deliver` instead of being sent
+    /// over signaling (a test that puts it into the relay some other way).
+    pub async fn connect_delivering(
+        ws: Client,
+        publish: bool,
+        deliver: Box<dyn FnOnce(String) + Send>,
+    ) -> MediaClient {
+        MediaClient::connect_full(ws, publish, 0x0bad_cafe, false, Vec::new(), Some(deliver)).await
+    }
+
+    async fn connect_full(
         mut ws: Client,
         publish: bool,
         ssrc: u32,
         extensions: bool,
         srtp_profiles: Vec<SrtpProtectionProfile>,
+        deliver: Option<Box<dyn FnOnce(String) + Send>>,
     ) -> MediaClient {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
@@ -218,12 +239,17 @@ impl MediaClient {
         let offer = pc.create_offer(None).unwrap();
         pc.set_local_description(Instant::now(), offer).unwrap();
         let sdp = pc.local_description().unwrap().sdp;
-        ws.request(
-            "offer",
-            json!({"to": "server", "sdp": sdp, "meta": {"streams": {"pub-stream": "cam"}}}),
-        )
-        .await
-        .expect("relay offer accepted");
+        match deliver {
+            Some(deliver) => deliver(sdp),
+            None => {
+                ws.request(
+                    "offer",
+                    json!({"to": "server", "sdp": sdp, "meta": {"streams": {"pub-stream": "cam"}}}),
+                )
+                .await
+                .expect("relay offer accepted");
+            }
+        }
         MediaClient {
             ws,
             pc,
@@ -341,6 +367,12 @@ impl MediaClient {
     pub async fn send_raw(&mut self, datagram: &[u8]) {
         let to = self.relay.expect("media sent to the relay before");
         self.socket.send_to(datagram, to).await.unwrap();
+    }
+
+    /// Where this connection's media goes to (the relay's address it was answered with), once
+    /// it sent some.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay
     }
 
     /// Hand back the signaling client (after a `bye` to the server, to connect afresh).
