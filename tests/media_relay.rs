@@ -1006,3 +1006,60 @@ async fn stun_binding_floods_are_limited_per_source() {
     let got = tokio::time::timeout(WAIT, other.recv_from(&mut buf)).await;
     assert!(got.is_ok(), "another source was refused");
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Figures for docs/operations.md, not a check: a connected member floods forged SRTP/SRTCP of new
+/// SSRCs for `FLOOD_SECONDS` (default 20); prints the process's RSS growth, the rate reached and
+/// the refusals counted, then checks that the member's own media still arrives.
+/// `cargo test --release --test media_relay -- --ignored forged_media_flood_figures --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by hand"]
+async fn forged_media_flood_figures() {
+    let secs: u64 = std::env::var("FLOOD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 20).await;
+    let rss0 = rss_kib();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_secs(secs) {
+        for d in forged_media(64) {
+            // A new SSRC for every packet.
+            let mut d = d;
+            d[8..12].copy_from_slice(&i.to_be_bytes());
+            d[4..8].copy_from_slice(&i.wrapping_mul(31).to_be_bytes());
+            i = i.wrapping_add(1);
+            publ.send_raw(&d).await;
+            sent += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    settle(&mut publ, &mut sub, 40).await;
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    println!(
+        "flood: {sent} packets in {elapsed:.1} s ({:.0}/s); RSS {} -> {} KiB (+{} KiB); \
+         refused undecryptable {}, too_many_streams {}",
+        sent as f64 / elapsed,
+        rss0,
+        rss_kib(),
+        rss_kib().saturating_sub(rss0),
+        dropped(&m, "undecryptable"),
+        dropped(&m, "too_many_streams")
+    );
+    stream(&mut publ, &mut sub, 20, 20).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    assert!((20..40).all(|i| got.binary_search(&i).is_ok()));
+}
