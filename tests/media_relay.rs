@@ -763,7 +763,11 @@ fn forged_media(n: u32) -> Vec<Vec<u8>> {
 }
 
 fn dropped(m: &str, reason: &str) -> f64 {
-    metric(m, &format!("ferry_media_dropped_total{{reason=\"{reason}\"}}")).unwrap()
+    metric(
+        m,
+        &format!("ferry_media_dropped_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap()
 }
 
 /// A connected member sending SRTP and SRTCP of ever new SSRCs that do not authenticate: each is
@@ -849,7 +853,10 @@ async fn an_ice_check_with_a_forged_integrity_teaches_the_relay_no_address() {
     }
     settle(&mut publ, &mut sub, 20).await;
     let (_, m1) = http_get(s.addr, "/metrics").await;
-    assert_eq!(dropped(&m1, "unauthenticated") - dropped(&m0, "unauthenticated"), 1.0);
+    assert_eq!(
+        dropped(&m1, "unauthenticated") - dropped(&m0, "unauthenticated"),
+        1.0
+    );
     assert_eq!(
         dropped(&m1, "unknown_peer") - dropped(&m0, "unknown_peer"),
         junk.len() as f64,
@@ -958,7 +965,11 @@ async fn a_member_who_leaves_while_the_command_queue_is_full_receives_nothing_mo
         }
         settle(&mut publ, &mut sub, 10).await;
     }
-    assert_eq!(connections, ghosts as f64 + 1.0, "the leaver's connection was kept");
+    assert_eq!(
+        connections,
+        ghosts as f64 + 1.0,
+        "the leaver's connection was kept"
+    );
     stream(&mut publ, &mut sub, 40, 10).await;
     assert_eq!(sub.received.len(), received, "media after leaving");
 }
@@ -998,7 +1009,10 @@ async fn stun_binding_floods_are_limited_per_source() {
     let (_, m) = http_get(s.addr, "/metrics").await;
     let limited = dropped(&m, "rate_limited");
     let replied = metric(&m, "ferry_stun_bindings_total").unwrap();
-    assert!(answered > 0 && replied < (sent / 2) as f64, "{replied} of {sent} answered");
+    assert!(
+        answered > 0 && replied < (sent / 2) as f64,
+        "{replied} of {sent} answered"
+    );
     assert_eq!(replied + limited, sent as f64);
     // Another source (127.0.0.2 is loopback too) is answered.
     let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();

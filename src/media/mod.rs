@@ -111,7 +111,10 @@ pub enum Command {
     /// subscription from or to it. Sent on the shard's control queue, which cannot be full (see
     /// [`MediaControl`]), and handled before the commands still queued: an `Offer` or `Subscribe`
     /// of the same join (`join`) that comes after it is ignored.
-    Leave { user_id: String, join: u64 },
+    Leave {
+        user_id: String,
+        join: u64,
+    },
 }
 
 /// A media shard's queues: `commands`, bounded, for what clients ask (a flood of them is refused
@@ -931,8 +934,10 @@ impl MediaCore {
             Kind::Stun => {
                 let action = stun::handle(buf, from);
                 // Requests cost a reply or an HMAC: each source gets its share.
-                if matches!(action, stun::StunAction::Reply(_) | stun::StunAction::Peer(_))
-                    && !self.stun_limiter.allow(from.ip(), now)
+                if matches!(
+                    action,
+                    stun::StunAction::Reply(_) | stun::StunAction::Peer(_)
+                ) && !self.stun_limiter.allow(from.ip(), now)
                 {
                     return drop(&self.metrics, "rate_limited");
                 }
@@ -998,9 +1003,7 @@ impl MediaCore {
         // SRTP or SRTCP for rtc: only of SSRCs whose first packet authenticated (rtc would make
         // a context for any SSRC it is shown, before checking the tag).
         if kind == Kind::RtpRtcp
-            && let Err(reason) = p
-                .admission
-                .admit(buf, p.opener.as_mut(), &mut self.scratch)
+            && let Err(reason) = p.admission.admit(buf, p.opener.as_mut(), &mut self.scratch)
         {
             if let Some(n) = p.refusals.note(now) {
                 warn!(user = %p.user_id, %from, reason, refused = n,

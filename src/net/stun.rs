@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use rtc::crypto::RTCCryptoProvider;
 use rtc::crypto::providers::RingProvider;
 use rtc::stun::attributes::ATTR_USERNAME;
-use rtc::stun::integrity::MessageIntegrity;
 use rtc::stun::fingerprint::FINGERPRINT;
+use rtc::stun::integrity::MessageIntegrity;
 use rtc::stun::message::{
     BINDING_REQUEST, BINDING_SUCCESS, CLASS_REQUEST, METHOD_BINDING, Message, Setter,
 };

@@ -330,10 +330,12 @@ impl Hub {
     /// Tell a media shard that a member left its room or disconnected: never refused (see
     /// [`crate::media::MediaControl`]).
     pub fn media_leave(&self, shard: usize, user_id: &str, join: u64) {
-        let _ = self.media[shard].control.send(crate::media::Command::Leave {
-            user_id: user_id.to_string(),
-            join,
-        });
+        let _ = self.media[shard]
+            .control
+            .send(crate::media::Command::Leave {
+                user_id: user_id.to_string(),
+                join,
+            });
     }
 
     /// Add a member; tells the others. The caller checked it is in no room.
