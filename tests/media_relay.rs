@@ -767,7 +767,7 @@ fn dropped(m: &str, reason: &str) -> f64 {
         m,
         &format!("ferry_media_dropped_total{{reason=\"{reason}\"}}"),
     )
-    .unwrap()
+    .unwrap_or(0.0)
 }
 
 /// A connected member sending SRTP and SRTCP of ever new SSRCs that do not authenticate: each is
