@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::rtc_client::MediaClient;
 use common::*;
+use ferry::config::Config;
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use serde_json::json;
 
@@ -1076,4 +1077,25 @@ async fn forged_media_flood_figures() {
     stream(&mut publ, &mut sub, 20, 20).await;
     let got = check_received(&sub, publ.sender.unwrap().1);
     assert!((20..40).all(|i| got.binary_search(&i).is_ok()));
+}
+
+/// The media port bound as docs/deploy.md tells operators to (`0.0.0.0`, with `announce`): the
+/// relay's connections learn which local address each datagram came in at, so the ICE checks
+/// match the announced candidate, and media flows both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_media_flows_through_a_wildcard_bound_media_port() {
+    let s = spawn(Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 50).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    assert!(got.len() >= 45, "{} of 50 relayed", got.len());
+    assert!(
+        publ.relay_addr().unwrap().ip().is_loopback(),
+        "media sent to the announced address"
+    );
 }

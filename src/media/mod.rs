@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 // Their keys are ours (peer keys), addresses of authenticated peers, or the few track ids of one
 // connection: no map an outsider can fill with colliding keys.
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -825,8 +825,8 @@ impl MediaCore {
                 r = self.socket.readable() => match r.and_then(|()| self.socket.try_recv(&mut rx)) {
                     Ok(_) => {
                         let now = Instant::now();
-                        for (i, (datagram, from)) in rx.datagrams().enumerate() {
-                            self.handle_datagram(datagram, from, now);
+                        for (i, (datagram, from, to)) in rx.received().enumerate() {
+                            self.handle_datagram(datagram, from, to, now);
                             if (i + 1) % FLUSH_EVERY == 0 {
                                 self.flush();
                             }
@@ -920,13 +920,39 @@ impl MediaCore {
                 if !fresh && self.by_addr.get(a) == Some(k) {
                     debug!(user = %p.user_id, addr = %a, "address lost ICE consent");
                     self.by_addr.remove(a);
+                    self.socket.forget_source(a);
                 }
                 fresh
             });
         }
     }
 
-    fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
+    /// The local address a datagram that arrived at `to` was sent to, as the connections know
+    /// it: on a socket bound to one address, that address; on a wildcard socket, the advertised
+    /// candidate with that IP, or (behind a 1:1 NAT, `announce` set) the advertised one of the
+    /// same family; what rtc's ICE agent checks against its local candidates.
+    fn local_for(&self, to: Option<IpAddr>, from: &SocketAddr) -> SocketAddr {
+        if !self.socket.is_wildcard() {
+            return self.local_addr;
+        }
+        let port = self.local_addr.port();
+        let same_ip = to.and_then(|ip| {
+            self.advertised
+                .iter()
+                .find(|a| a.ip() == ip && a.port() == port)
+        });
+        let same_family = || {
+            self.advertised
+                .iter()
+                .find(|a| a.is_ipv4() == from.is_ipv4())
+        };
+        match same_ip.or_else(same_family) {
+            Some(a) => *a,
+            None => SocketAddr::new(to.unwrap_or(self.local_addr.ip()), port),
+        }
+    }
+
+    fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, to: Option<IpAddr>, now: Instant) {
         self.rx_at = now;
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
         let kind = net::classify(buf);
@@ -944,7 +970,7 @@ impl MediaCore {
                 match action {
                     stun::StunAction::Reply(bytes) => {
                         self.metrics.stun_bindings.inc();
-                        if self.socket.try_send_one(from, &bytes).is_err() {
+                        if self.socket.try_send_one_from(from, to, &bytes).is_err() {
                             drop(&self.metrics, "send_buffer_full");
                         }
                         return;
@@ -960,6 +986,9 @@ impl MediaCore {
                                 return drop(&self.metrics, "unauthenticated");
                             }
                             learn_address(p, &mut self.by_addr, k, from, now);
+                            if let Some(local) = to {
+                                self.socket.set_source(from, local);
+                            }
                             k
                         }
                         None => return drop(&self.metrics, "unknown_peer"),
@@ -977,11 +1006,12 @@ impl MediaCore {
             },
             Kind::Unknown => return drop(&self.metrics, "malformed"),
         };
+        let local_addr = self.local_for(to, &from);
         let Some(p) = self.peers.get_mut(&key) else {
             return drop(&self.metrics, "unknown_peer");
         };
         let transport = TransportContext {
-            local_addr: self.local_addr,
+            local_addr,
             peer_addr: from,
             ecn: None,
             transport_protocol: TransportProtocol::UDP,
@@ -2170,6 +2200,7 @@ impl MediaCore {
             for (a, _) in &p.addrs {
                 if self.by_addr.get(a) == Some(&key) {
                     self.by_addr.remove(a);
+                    self.socket.forget_source(a);
                 }
             }
             self.metrics.relay_connections.dec();

@@ -7,7 +7,7 @@
 //! Both buffers are allocated once and reused: nothing here allocates per datagram.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -36,6 +36,12 @@ pub struct MediaSocket {
     /// A GSO send failed with EIO (a device that cannot segment): runs go one datagram per
     /// message from then on.
     gso_failed: std::sync::atomic::AtomicBool,
+    /// Bound to 0.0.0.0 or [::]: the kernel would pick each reply's source address by its routes,
+    /// which on a host with several addresses may not be the one the client sent to (and the
+    /// client drops what comes from another). Replies to these destinations leave from the local
+    /// address their datagrams arrived at (IP_PKTINFO / IPV6_PKTINFO).
+    sources: rustc_hash::FxHashMap<SocketAddr, IpAddr>,
+    wildcard: bool,
 }
 
 impl MediaSocket {
@@ -44,6 +50,7 @@ impl MediaSocket {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let v6 = socket.local_addr()?.is_ipv6();
+        let wildcard = socket.local_addr()?.ip().is_unspecified();
         // SAFETY: the registered descriptor is the socket's own; the `AsyncFd` owns the socket,
         // so the descriptor stays open and the same until the registration is dropped with it.
         let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
@@ -53,7 +60,27 @@ impl MediaSocket {
             state,
             v6,
             gso_failed: Default::default(),
+            sources: Default::default(),
+            wildcard,
         })
+    }
+
+    /// Bound to 0.0.0.0 or [::] (see [`MediaSocket::set_source`]).
+    pub fn is_wildcard(&self) -> bool {
+        self.wildcard
+    }
+
+    /// On a wildcard socket: send what goes to `to` from the local address `src` (where `to`'s
+    /// datagrams arrive). A no-op on a socket bound to one address.
+    pub fn set_source(&mut self, to: SocketAddr, src: IpAddr) {
+        if self.wildcard {
+            self.sources.insert(to, src);
+        }
+    }
+
+    /// `to` is no longer a peer's address.
+    pub fn forget_source(&mut self, to: &SocketAddr) {
+        self.sources.remove(to);
     }
 
     /// The address the socket is bound to.
@@ -146,12 +173,23 @@ impl MediaSocket {
 
     /// One datagram now, outside any batch (STUN answers to strangers).
     pub fn try_send_one(&self, to: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        self.try_send_one_from(to, None, bytes)
+    }
+
+    /// As [`MediaSocket::try_send_one`], from the local address `src` on a wildcard socket (the
+    /// one the datagram it answers arrived at).
+    pub fn try_send_one_from(
+        &self,
+        to: SocketAddr,
+        src: Option<IpAddr>,
+        bytes: &[u8],
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: to,
             ecn: None,
             contents: bytes,
             segment_size: None,
-            src_ip: None,
+            src_ip: src.filter(|_| self.wildcard).map(|ip| self.for_socket(ip)),
         };
         self.state.try_send(self.socket.get_ref().into(), &transmit)
     }
@@ -191,10 +229,11 @@ impl MediaSocket {
     fn send_runs_mmsg(&self, tx: &TxBatch, out: &mut SendOutcome) {
         use std::mem::MaybeUninit;
         use std::os::fd::AsRawFd;
-        /// Room for one `cmsghdr` with a `u16`, aligned as the kernel reads it.
+        /// Room for a `cmsghdr` with a `u16` (UDP_SEGMENT) and one with an `in6_pktinfo` (the
+        /// source address), aligned as the kernel reads them.
         #[derive(Clone, Copy)]
         #[repr(C, align(8))]
-        struct Control([u8; 32]);
+        struct Control([u8; 72]);
         let fd = self.socket.as_raw_fd();
         // Only the entries a call fills are initialised (each as a whole, below): zeroing all
         // four arrays (~9 kB) cost more than the rest of a small send.
@@ -228,21 +267,35 @@ impl MediaSocket {
                 h.msg_namelen = namelen;
                 h.msg_iov = iov;
                 h.msg_iovlen = 1;
-                if r.count > 1 {
-                    let control = controls[n].write(Control([0; 32]));
+                let src = if self.wildcard {
+                    self.sources.get(&r.to).copied()
+                } else {
+                    None
+                };
+                if r.count > 1 || src.is_some() {
+                    let control = controls[n].write(Control([0; 72]));
                     h.msg_control = control.0.as_mut_ptr().cast();
-                    // SAFETY: CMSG_SPACE of a u16 (24) fits the 32-byte, 8-aligned buffer the
-                    // header points to; the cmsg macros stay inside it.
+                    // SAFETY: CMSG_SPACE of a u16 (24) plus that of an in6_pktinfo (40) fit the
+                    // 72-byte, 8-aligned buffer the header points to; msg_controllen is set to
+                    // what is written before each CMSG_NXTHDR, so the cmsg macros stay inside it.
                     unsafe {
-                        h.msg_controllen = libc::CMSG_SPACE(2) as _;
-                        let c = libc::CMSG_FIRSTHDR(h);
-                        (*c).cmsg_level = libc::SOL_UDP;
-                        (*c).cmsg_type = libc::UDP_SEGMENT;
-                        (*c).cmsg_len = libc::CMSG_LEN(2) as _;
-                        std::ptr::write_unaligned(
-                            libc::CMSG_DATA(c).cast::<u16>(),
-                            r.segment as u16,
-                        );
+                        let mut len = 0;
+                        if r.count > 1 {
+                            h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                            let c = libc::CMSG_FIRSTHDR(h);
+                            (*c).cmsg_level = libc::SOL_UDP;
+                            (*c).cmsg_type = libc::UDP_SEGMENT;
+                            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                            std::ptr::write_unaligned(
+                                libc::CMSG_DATA(c).cast::<u16>(),
+                                r.segment as u16,
+                            );
+                            len += libc::CMSG_SPACE(2) as usize;
+                        }
+                        if let Some(src) = src {
+                            len += write_pktinfo(h, len, self.for_socket(src));
+                        }
+                        h.msg_controllen = len as _;
                     }
                 }
                 sent_runs[n] = i;
@@ -285,6 +338,61 @@ impl MediaSocket {
                     }
                 }
                 k += 1;
+            }
+        }
+    }
+}
+
+impl MediaSocket {
+    /// `ip` as this socket's family writes it (an IPv4 address v4-mapped on an IPv6 socket).
+    fn for_socket(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) if self.v6 => IpAddr::V6(v4.to_ipv6_mapped()),
+            ip => ip,
+        }
+    }
+}
+
+/// Appends an IP_PKTINFO (IPv4) or IPV6_PKTINFO control message asking the kernel to send from
+/// `src`, `at` bytes into `h`'s control buffer; the space it took.
+///
+/// # Safety
+/// `h.msg_control` must point to a buffer of at least `at + CMSG_SPACE(in6_pktinfo)` bytes,
+/// aligned for `cmsghdr`.
+#[cfg(target_os = "linux")]
+unsafe fn write_pktinfo(h: &mut libc::msghdr, at: usize, src: IpAddr) -> usize {
+    // SAFETY: per the contract, the buffer has room at `at` for the header and its data.
+    unsafe {
+        let c = h.msg_control.cast::<u8>().add(at).cast::<libc::cmsghdr>();
+        match src {
+            IpAddr::V4(v4) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                let size = std::mem::size_of::<libc::in_pktinfo>() as u32;
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), info);
+                libc::CMSG_SPACE(size) as usize
+            }
+            IpAddr::V6(v6) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                let size = std::mem::size_of::<libc::in6_pktinfo>() as u32;
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), info);
+                libc::CMSG_SPACE(size) as usize
             }
         }
     }
@@ -373,6 +481,12 @@ impl RxBatch {
 
     /// The datagrams of the last receive, GRO chains split back into their datagrams.
     pub fn datagrams(&self) -> impl Iterator<Item = (&[u8], SocketAddr)> + '_ {
+        self.received().map(|(d, from, _)| (d, from))
+    }
+
+    /// As [`RxBatch::datagrams`], with the local address each arrived at (where the kernel says;
+    /// what a wildcard socket needs), IPv4-mapped addresses as IPv4.
+    pub fn received(&self) -> impl Iterator<Item = (&[u8], SocketAddr, Option<IpAddr>)> + '_ {
         self.meta[..self.filled]
             .iter()
             .zip(self.bufs.iter())
@@ -380,9 +494,11 @@ impl RxBatch {
                 let stride = m.stride.max(1);
                 // An empty datagram is a datagram too (it is counted as malformed).
                 let count = m.len.div_ceil(stride).max(1);
+                let from = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());
+                let to = m.dst_ip.map(|ip| ip.to_canonical());
                 (0..count).map(move |i| {
                     let start = (i * stride).min(m.len);
-                    (&buf[start..m.len.min(start + stride)], m.addr)
+                    (&buf[start..m.len.min(start + stride)], from, to)
                 })
             })
     }
