@@ -108,7 +108,7 @@ struct Call {
 }
 
 async fn start_call() -> Call {
-    let s = spawn(test_config()).await;
+    let s = spawn(deployed_config()).await;
     // Each user has a browser of their own, as in life.
     let mut ba = Browser::launch().await;
     let mut bb = Browser::launch().await;
@@ -328,6 +328,17 @@ async fn frames(br: &mut Browser, page: &Page, remote: &str) -> f64 {
     r["frames"].as_f64().unwrap_or(0.0)
 }
 
+/// The server as docs/deploy.md has operators run it: the media port on every address
+/// (`0.0.0.0`) with `announce` naming the address clients reach it at (here loopback: the test's
+/// namespace has nothing else). HTTP stays on 127.0.0.1, where the pages are opened.
+fn deployed_config() -> ferry::config::Config {
+    ferry::config::Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap()],
+        ..test_config()
+    }
+}
+
 /// Prepare a browser test: true when this process should run its body (inside the loopback-only
 /// namespace, with the programs it needs), false when the outer run is done or it was skipped.
 fn runs_here(test: &str, tools: &[(&str, &str)]) -> bool {
@@ -532,7 +543,7 @@ async fn turn_credentials_from_the_welcome_work_with_coturn() {
     }
     let secret = "shared-turn-secret-for-tests";
     let turn = Coturn::start(secret).await.expect("start coturn");
-    let mut cfg = test_config();
+    let mut cfg = deployed_config();
     cfg.turn_servers = vec![ferry::config::TurnServer {
         urls: vec![format!("turn:127.0.0.1:{}?transport=udp", turn.port)],
         secret: secret.into(),
@@ -688,7 +699,7 @@ async fn relay_with_gcm_only_profiles() {
     if !runs_here("relay_with_gcm_only_profiles", &[]) {
         return;
     }
-    let mut config = test_config();
+    let mut config = deployed_config();
     config.srtp_profiles = vec![
         SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
         SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm,
@@ -738,7 +749,7 @@ async fn relay_room_carries_media_through_ferry() {
         .with_env_filter(std::env::var("FERRY_LOG").unwrap_or_else(|_| "ferry=warn".into()))
         .with_test_writer()
         .try_init();
-    let s = spawn(test_config()).await;
+    let s = spawn(deployed_config()).await;
     // Debugging aid: FERRY_PCAP=/tmp/relay.pcap captures the namespace's UDP (needs tcpdump).
     let _pcap = std::env::var("FERRY_PCAP").ok().map(|f| {
         KillOnDrop(
@@ -892,7 +903,7 @@ async fn failed_direct_path_falls_back_to_the_relay() {
     ) {
         return;
     }
-    let s = spawn(test_config()).await;
+    let s = spawn(deployed_config()).await;
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
     let media = s.media_addr.port().to_string();
@@ -960,7 +971,7 @@ async fn three_members_relay_then_back_to_p2p() {
     if !runs_here("three_members_relay_then_back_to_p2p", &[]) {
         return;
     }
-    let s = spawn(test_config()).await;
+    let s = spawn(deployed_config()).await;
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
     let (mut bc, c) = member_page(&s, "carol").await;
@@ -1029,7 +1040,7 @@ async fn relay_carries_vp9_and_h264() {
     if !runs_here("relay_carries_vp9_and_h264", &[]) {
         return;
     }
-    let s = spawn(test_config()).await;
+    let s = spawn(deployed_config()).await;
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
     for codec in ["VP9", "H264"] {
@@ -1078,7 +1089,10 @@ async fn modes_are_per_pair() {
     if !runs_here("modes_are_per_pair", &[]) {
         return;
     }
-    let mut cfg = secured_config();
+    let mut cfg = ferry::config::Config {
+        api: secured_config().api,
+        ..deployed_config()
+    };
     cfg.p2p_max_peers = 3;
     let s = spawn(cfg).await;
     let token = |name: &str, relay_only: bool| {
