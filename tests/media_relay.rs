@@ -711,7 +711,21 @@ fn server_media_port(c: &MediaClient) -> u16 {
 /// own) and each room's media flows through its shard, intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_are_spread_over_media_shards() {
-    let mut cfg = test_config();
+    shards_carry_their_rooms(test_config()).await;
+}
+
+/// The same with the media ports bound to 0.0.0.0 and announced (docs/deploy.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_spread_over_wildcard_bound_media_shards() {
+    shards_carry_their_rooms(Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+}
+
+async fn shards_carry_their_rooms(mut cfg: Config) {
     cfg.media_shards = 2;
     let s = spawn(cfg).await;
     let (mut p1, mut s1) = relayed_pair(&s).await;
@@ -1098,4 +1112,163 @@ async fn relayed_media_flows_through_a_wildcard_bound_media_port() {
         publ.relay_addr().unwrap().ip().is_loopback(),
         "media sent to the announced address"
     );
+}
+
+/// Named network namespaces a test made, deleted when it ends.
+struct Namespaces(&'static [&'static str]);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+/// A UDP socket bound to `addr` inside the named network namespace `ns` (a thread enters it,
+/// binds, and ends; the socket stays in that namespace).
+fn socket_in(ns: &str, addr: &str) -> std::net::UdpSocket {
+    use std::os::fd::AsRawFd;
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
+        // SAFETY: a valid network namespace descriptor; only this short-lived thread moves.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+        std::net::UdpSocket::bind(&addr).expect("bind in the namespace")
+    })
+    .join()
+    .unwrap()
+}
+
+/// A relayed room whose two members' media sockets are `publ_socket` and `sub_socket`; streams
+/// 50 packets and checks what the subscriber got.
+async fn relay_between(
+    s: &TestServer,
+    announced: std::net::IpAddr,
+    publ_socket: std::net::UdpSocket,
+    sub_socket: std::net::UdpSocket,
+) {
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("subscribe", json!({"userId": a.user_id}))
+        .await
+        .unwrap();
+    let mut publ = MediaClient::connect_on(a, true, publ_socket).await;
+    let mut sub = MediaClient::connect_on(b, false, sub_socket).await;
+    for _ in 0..1000 {
+        settle(&mut publ, &mut sub, 1).await;
+        if publ.connected && sub.connected {
+            break;
+        }
+    }
+    assert!(
+        publ.connected && sub.connected,
+        "relay connections did not come up (publisher {}, subscriber {})",
+        publ.connected,
+        sub.connected
+    );
+    stream(&mut publ, &mut sub, 0, 50).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    assert!(got.len() >= 45, "{} of 50 relayed", got.len());
+    // Everything came from the address the members sent to (a browser drops the rest).
+    for c in [&publ, &sub] {
+        let relay = std::net::SocketAddr::new(announced, server_media_port(c));
+        assert_eq!(
+            c.heard_from.iter().collect::<Vec<_>>(),
+            vec![&relay],
+            "answered from another address"
+        );
+    }
+}
+
+/// A host with two addresses on two networks, the media port on 0.0.0.0 announcing the second:
+/// a member on the first network reaches it through its router and must get its answers from
+/// the address it sent to, not from the one the kernel would pick for its route (the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_homed_server_answers_from_the_address_each_client_used() {
+    const TEST: &str = "a_multi_homed_server_answers_from_the_address_each_client_used";
+    let setup = "for n in ferry-mh-c1 ferry-mh-c2; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
+        && ip link add s1 type veth peer name e0 netns ferry-mh-c1 \
+        && ip link add s2 type veth peer name e0 netns ferry-mh-c2 \
+        && ip addr add 10.201.0.1/24 dev s1 && ip link set s1 up \
+        && ip addr add 10.202.0.1/24 dev s2 && ip link set s2 up \
+        && ip -n ferry-mh-c1 addr add 10.201.0.2/24 dev e0 && ip -n ferry-mh-c1 link set e0 up \
+        && ip -n ferry-mh-c1 route add default via 10.201.0.1 \
+        && ip -n ferry-mh-c2 addr add 10.202.0.2/24 dev e0 && ip -n ferry-mh-c2 link set e0 up \
+        && ip -n ferry-mh-c2 route add default via 10.202.0.1";
+    match common::netns::in_new_netns(TEST, setup, None) {
+        common::netns::Place::Inside => {}
+        _ => return,
+    }
+    let _ns = Namespaces(&["ferry-mh-c1", "ferry-mh-c2"]);
+    let s = spawn(Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["10.202.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    // The publisher on the first network (its route to 10.202.0.1 goes through 10.201.0.1), the
+    // subscriber on the second.
+    relay_between(
+        &s,
+        "10.202.0.1".parse().unwrap(),
+        socket_in("ferry-mh-c1", "10.201.0.2:0"),
+        socket_in("ferry-mh-c2", "10.202.0.2:0"),
+    )
+    .await;
+}
+
+/// The server behind a 1:1 NAT: the media port on 0.0.0.0 with a private address, `announce`
+/// set to the outside address a router namespace translates to it (DNAT). Members outside reach
+/// the relay at the announced address and media flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_behind_a_one_to_one_nat_relays_at_its_announced_address() {
+    const TEST: &str = "a_server_behind_a_one_to_one_nat_relays_at_its_announced_address";
+    let missing = std::process::Command::new("iptables")
+        .arg("-V")
+        .output()
+        .is_err()
+        .then_some("iptables is missing (apt-get install iptables)");
+    let r = "ip netns exec ferry-nat-r";
+    let setup = format!(
+        "for n in ferry-nat-r ferry-nat-c; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
+        && ip link add si type veth peer name ri netns ferry-nat-r \
+        && ip -n ferry-nat-r link add ro type veth peer name co netns ferry-nat-c \
+        && ip addr add 10.203.0.1/24 dev si && ip link set si up && ip route add default via 10.203.0.2 \
+        && ip -n ferry-nat-r addr add 10.203.0.2/24 dev ri && ip -n ferry-nat-r link set ri up \
+        && ip -n ferry-nat-r addr add 10.204.0.1/24 dev ro && ip -n ferry-nat-r addr add 10.204.0.100/32 dev ro \
+        && ip -n ferry-nat-r link set ro up && ip -n ferry-nat-r link set lo up \
+        && {r} sysctl -qw net.ipv4.ip_forward=1 \
+        && {r} iptables -t nat -A PREROUTING -d 10.204.0.100 -j DNAT --to-destination 10.203.0.1 \
+        && ip -n ferry-nat-c addr add 10.204.0.2/24 dev co && ip -n ferry-nat-c link set co up \
+        && ip -n ferry-nat-c route add default via 10.204.0.1"
+    );
+    match common::netns::in_new_netns(TEST, &setup, missing) {
+        common::netns::Place::Inside => {}
+        _ => return,
+    }
+    let _ns = Namespaces(&["ferry-nat-r", "ferry-nat-c"]);
+    let s = spawn(Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["10.204.0.100".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    relay_between(
+        &s,
+        "10.204.0.100".parse().unwrap(),
+        socket_in("ferry-nat-c", "10.204.0.2:0"),
+        socket_in("ferry-nat-c", "10.204.0.2:0"),
+    )
+    .await;
 }

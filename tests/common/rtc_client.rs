@@ -73,6 +73,8 @@ pub struct MediaClient {
     relay: Option<SocketAddr>,
     /// Data channels that opened on this connection.
     pub data_channels_open: usize,
+    /// Every address a datagram came from.
+    pub heard_from: std::collections::HashSet<SocketAddr>,
 }
 
 /// Extensions the test peers register when asked to (before rtc's defaults, so that their IDs
@@ -117,7 +119,14 @@ impl MediaClient {
         extensions: bool,
         srtp_profiles: Vec<SrtpProtectionProfile>,
     ) -> MediaClient {
-        MediaClient::connect_full(ws, publish, ssrc, extensions, srtp_profiles, None).await
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        MediaClient::connect_full(ws, publish, ssrc, extensions, srtp_profiles, None, socket).await
+    }
+
+    /// As [`MediaClient::connect`], on `socket` (bound elsewhere: another address, another
+    /// network namespace).
+    pub async fn connect_on(ws: Client, publish: bool, socket: std::net::UdpSocket) -> MediaClient {
+        MediaClient::connect_full(ws, publish, 0x0bad_cafe, false, Vec::new(), None, socket).await
     }
 
     /// As [`MediaClient::connect`], but the offer is handed to `deliver` instead of being sent
@@ -127,7 +136,17 @@ impl MediaClient {
         publish: bool,
         deliver: Box<dyn FnOnce(String) + Send>,
     ) -> MediaClient {
-        MediaClient::connect_full(ws, publish, 0x0bad_cafe, false, Vec::new(), Some(deliver)).await
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        MediaClient::connect_full(
+            ws,
+            publish,
+            0x0bad_cafe,
+            false,
+            Vec::new(),
+            Some(deliver),
+            socket,
+        )
+        .await
     }
 
     async fn connect_full(
@@ -137,8 +156,10 @@ impl MediaClient {
         extensions: bool,
         srtp_profiles: Vec<SrtpProtectionProfile>,
         deliver: Option<Box<dyn FnOnce(String) + Send>>,
+        socket: std::net::UdpSocket,
     ) -> MediaClient {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let socket = UdpSocket::from_std(socket).unwrap();
         let local = socket.local_addr().unwrap();
         let mut media_engine = MediaEngine::default();
         media_engine
@@ -277,6 +298,7 @@ impl MediaClient {
             sent_rtp: Vec::new(),
             relay: None,
             data_channels_open: 0,
+            heard_from: Default::default(),
         }
     }
 
@@ -331,6 +353,7 @@ impl MediaClient {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => {
                     let (n, from) = r.unwrap();
+                    self.heard_from.insert(from);
                     if (128..192).contains(&buf[0]) && buf.get(1).is_some_and(|pt| !(192..224).contains(pt)) {
                         self.rtp_seen += 1;
                         if self.drop_every > 0 && self.rtp_seen.is_multiple_of(self.drop_every) {
