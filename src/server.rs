@@ -280,6 +280,10 @@ async fn start_shard(
 fn bind_media(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` takes IPv4 too (v4-mapped), whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(false)?;
+    }
     // Best effort: a smaller buffer is not a reason to refuse to start.
     let _ = socket.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
     let _ = socket.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);

@@ -1147,7 +1147,7 @@ fn socket_in(ns: &str, addr: &str) -> std::net::UdpSocket {
 /// 50 packets and checks what the subscriber got.
 async fn relay_between(
     s: &TestServer,
-    announced: std::net::IpAddr,
+    announced: Option<std::net::IpAddr>,
     publ_socket: std::net::UdpSocket,
     sub_socket: std::net::UdpSocket,
 ) {
@@ -1182,6 +1182,7 @@ async fn relay_between(
     assert!(got.len() >= 45, "{} of 50 relayed", got.len());
     // Everything came from the address the members sent to (a browser drops the rest).
     for c in [&publ, &sub] {
+        let Some(announced) = announced else { break };
         let relay = std::net::SocketAddr::new(announced, server_media_port(c));
         assert_eq!(
             c.heard_from.iter().collect::<Vec<_>>(),
@@ -1221,7 +1222,7 @@ async fn a_multi_homed_server_answers_from_the_address_each_client_used() {
     // subscriber on the second.
     relay_between(
         &s,
-        "10.202.0.1".parse().unwrap(),
+        "10.202.0.1".parse().ok(),
         socket_in("ferry-mh-c1", "10.201.0.2:0"),
         socket_in("ferry-mh-c2", "10.202.0.2:0"),
     )
@@ -1266,9 +1267,24 @@ async fn a_server_behind_a_one_to_one_nat_relays_at_its_announced_address() {
     .await;
     relay_between(
         &s,
-        "10.204.0.100".parse().unwrap(),
+        "10.204.0.100".parse().ok(),
         socket_in("ferry-nat-c", "10.204.0.2:0"),
         socket_in("ferry-nat-c", "10.204.0.2:0"),
     )
     .await;
+}
+
+/// The media port bound dual-stack (`[::]`), announced on an IPv6 and an IPv4 address: a member
+/// with only IPv6 and one with only IPv4 meet in one relayed room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_media_port_relays_between_ipv6_and_ipv4_members() {
+    let s = spawn(Config {
+        media_listen: "[::]:0".parse().unwrap(),
+        announce: vec!["::1".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+    let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    relay_between(&s, None, v6, v4).await;
 }

@@ -26,8 +26,9 @@ pub fn classify(buf: &[u8]) -> Kind {
 }
 
 /// The media addresses to advertise: the `announce` addresses on the bound port; else the bound
-/// address; else (bound to 0.0.0.0 or ::) every interface address of that family, loopback
-/// only when there is nothing else.
+/// address; else every interface address the socket receives on (0.0.0.0: IPv4; `[::]`, which
+/// the media port binds dual-stack: IPv4 and IPv6), loopback only when there is nothing else.
+/// Link-local IPv6 addresses are left out (a candidate cannot carry their scope).
 pub fn advertised(bound: SocketAddr, announce: &[std::net::IpAddr]) -> Vec<SocketAddr> {
     if !announce.is_empty() {
         return announce
@@ -42,7 +43,11 @@ pub fn advertised(bound: SocketAddr, announce: &[std::net::IpAddr]) -> Vec<Socke
         .unwrap_or_default()
         .into_iter()
         .map(|i| i.ip())
-        .filter(|ip| ip.is_ipv4() == bound.is_ipv4())
+        .filter(|ip| bound.is_ipv6() || ip.is_ipv4())
+        .filter(|ip| match ip {
+            std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            std::net::IpAddr::V4(_) => true,
+        })
         .collect();
     let public: Vec<_> = ips.iter().filter(|ip| !ip.is_loopback()).collect();
     let chosen: Vec<_> = if public.is_empty() {
@@ -102,5 +107,8 @@ mod tests {
             any.iter()
                 .all(|a| a.is_ipv4() && a.port() == 3478 && !a.ip().is_unspecified())
         );
+        // Dual-stack: the IPv4 addresses too.
+        let both = advertised("[::]:3478".parse().unwrap(), &[]);
+        assert!(any.iter().all(|a| both.contains(a)), "{any:?} in {both:?}");
     }
 }
