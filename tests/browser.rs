@@ -1175,3 +1175,47 @@ async fn modes_are_per_pair() {
     // (with every relayed member subscribed to the whole room it would be exactly 2).
     assert!(out_video < 1.8 * in_video, "{in_video} in, {out_video} out");
 }
+
+/// IPv6 only: the page and signaling on [::1], the media port dual-stack on [::] announcing only
+/// an IPv6 address. Two browsers in a relayed room decode each other through Ferry, over IPv6 (the relay's
+/// only candidate), and the selected pair says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_call_over_ipv6_only() {
+    // Chromium gathers IPv6 candidates only where the host has an IPv6 route: an interface
+    // (a veth pair, both ends inside) with a unique-local address and the default route.
+    let setup = "ip link add v6a type veth peer name v6b && ip link set v6a up && ip link set v6b up \
+        && ip -6 addr add fd00:f3::1/64 dev v6a nodad && ip -6 route add default dev v6a";
+    let missing = common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)");
+    match common::netns::in_new_netns("relay_call_over_ipv6_only", setup, missing) {
+        Place::Inside => {}
+        _ => return,
+    }
+    let s = spawn(ferry::config::Config {
+        http_listen: "[::1]:0".parse().unwrap(),
+        media_listen: "[::]:0".parse().unwrap(),
+        announce: vec!["fd00:f3::1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (_, a_id, b_id, _) =
+        alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{ mode: 'relay' }").await;
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 10), &b_id).await;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 10), &a_id).await;
+    // The remote candidate of the selected pair is the relay's IPv6 one.
+    let remote = format!(
+        "(async () => {{ const r = await window.demo.ferry.getStats({b_id:?}); let pair, out; \
+         r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
+         r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
+         let addr; r.forEach((x) => {{ if (x.id === out) addr = x.address; }}); return addr; }})()"
+    );
+    let addr = ba.eval(&a, &remote).await;
+    assert_eq!(
+        addr,
+        Value::String("fd00:f3::1".into()),
+        "selected remote candidate"
+    );
+}
