@@ -137,6 +137,12 @@ pub struct ServeArgs {
     /// aes128-cm-sha1-80 (default: all three).
     #[arg(long, env = "FERRY_SRTP_PROFILES", value_delimiter = ',')]
     pub srtp_profiles: Option<Vec<String>>,
+    /// Also take the relay's media over TCP (ICE-TCP) on the media port's number: true or false.
+    #[arg(long, env = "FERRY_MEDIA_TCP")]
+    pub media_tcp: Option<bool>,
+    /// Most TCP connections to the media port at once, per shard.
+    #[arg(long, env = "FERRY_MEDIA_TCP_MAX_CONNECTIONS")]
+    pub media_tcp_max_connections: Option<usize>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -197,6 +203,8 @@ pub struct FileConfig {
     pub empty_room_ttl: Option<String>,
     pub log_format: Option<String>,
     pub srtp_profiles: Option<Vec<String>>,
+    pub media_tcp: Option<bool>,
+    pub media_tcp_max_connections: Option<usize>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -239,6 +247,10 @@ pub struct Config {
     pub srtp_profiles: Vec<SrtpProtectionProfile>,
     pub ice_servers: Vec<IceServer>,
     pub turn_servers: Vec<TurnServer>,
+    /// ICE-TCP: the relay also takes media over TCP, on a TCP port of the media port's number.
+    pub media_tcp: bool,
+    /// Most TCP connections to one shard's media port at once.
+    pub media_tcp_max_connections: usize,
 }
 
 impl Default for Config {
@@ -266,6 +278,8 @@ impl Default for Config {
             srtp_profiles: crate::media::srtp::PROFILES.to_vec(),
             ice_servers: Vec::new(),
             turn_servers: Vec::new(),
+            media_tcp: true,
+            media_tcp_max_connections: 1000,
         }
     }
 }
@@ -465,6 +479,11 @@ impl Config {
             srtp_profiles,
             ice_servers: file.ice_servers,
             turn_servers,
+            media_tcp: args.media_tcp.or(file.media_tcp).unwrap_or(d.media_tcp),
+            media_tcp_max_connections: args
+                .media_tcp_max_connections
+                .or(file.media_tcp_max_connections)
+                .unwrap_or(d.media_tcp_max_connections),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -37,7 +37,7 @@ pub const MESSAGE_TYPES: [&str; 14] = [
 pub const EXTRA_ERROR_CODES: [&str; 1] = ["too_many_connections"];
 
 /// `ferry_media_dropped_total{reason}`: every reason the media path drops for.
-pub const DROP_REASONS: [&str; 13] = [
+pub const DROP_REASONS: [&str; 14] = [
     "malformed",
     "unexpected_stun",
     "unknown_peer",
@@ -51,6 +51,7 @@ pub const DROP_REASONS: [&str; 13] = [
     "rate_limited",
     "too_many_streams",
     "not_publisher",
+    "tcp_overflow",
 ];
 
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.
@@ -102,6 +103,10 @@ pub struct Metrics {
     /// decrypted) by the relay's own packet-in path, or by rtc's receive pipeline.
     pub srtp_opened_by_relay: IntCounter,
     pub srtp_opened_by_rtc: IntCounter,
+    /// `ferry_media_tcp_connections`: clients connected to the media port over TCP (ICE-TCP).
+    pub media_tcp_connections: IntGauge,
+    /// `ferry_media_tcp_refused_total`: TCP connections to the media port refused at the cap.
+    pub media_tcp_refused: IntCounter,
 }
 
 /// `ferry_srtp_profiles_total`'s `profile` values.
@@ -325,8 +330,20 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let media_tcp_connections = IntGauge::new(
+            "ferry_media_tcp_connections",
+            "Clients connected to the media port over TCP (ICE-TCP, for networks without UDP).",
+        )
+        .expect("valid metric");
+        let media_tcp_refused = IntCounter::new(
+            "ferry_media_tcp_refused_total",
+            "TCP connections to the media port refused because media_tcp_max_connections were open.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(media_tcp_connections.clone()),
+            Box::new(media_tcp_refused.clone()),
             Box::new(rooms.clone()),
             Box::new(room_members.clone()),
             Box::new(signal_messages.clone()),
@@ -388,6 +405,8 @@ impl Metrics {
             srtp_profiles,
             srtp_opened_by_relay,
             srtp_opened_by_rtc,
+            media_tcp_connections,
+            media_tcp_refused,
         }
     }
 

@@ -33,6 +33,8 @@ struct MediaShard {
     addrs: Vec<SocketAddr>,
     commands: tokio::sync::mpsc::Receiver<crate::media::Command>,
     control: tokio::sync::mpsc::UnboundedReceiver<crate::media::Command>,
+    /// The ICE-TCP listener on the UDP port's number (`media_tcp`).
+    tcp: Option<std::net::TcpListener>,
 }
 
 /// Starts the drain of a running [`Server`]; cheap to clone.
@@ -71,7 +73,25 @@ impl Server {
             let socket = bind_media(addr).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot bind the media port {addr}: {e}"))
             })?;
-            let addrs = crate::net::advertised(socket.local_addr()?, &config.announce);
+            let bound = socket.local_addr()?;
+            let addrs = crate::net::advertised(bound, &config.announce);
+            let tcp = if config.media_tcp {
+                // With port 0 the UDP port is ephemeral: its number may be taken for TCP.
+                let same_number = bind_media_tcp(bound).or_else(|e| match addr.port() {
+                    0 => bind_media_tcp(SocketAddr::new(bound.ip(), 0)),
+                    _ => Err(e),
+                });
+                Some(same_number.map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot listen for media over TCP on {bound} (media_tcp = false turns it off): {e}"
+                        ),
+                    )
+                })?)
+            } else {
+                None
+            };
             let (tx, commands) = tokio::sync::mpsc::channel(1024);
             let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
             senders.push(crate::media::MediaControl {
@@ -83,6 +103,7 @@ impl Server {
                 addrs,
                 commands,
                 control,
+                tcp,
             });
         }
         // Clients use shard 0's port for STUN; each relay connection gets its shard's candidates.
@@ -113,6 +134,14 @@ impl Server {
     /// Shard 0's media port (the STUN port clients are told about).
     pub fn media_addr(&self) -> SocketAddr {
         self.media_addrs()[0]
+    }
+
+    /// Every shard's ICE-TCP port (`media_tcp`), by shard index.
+    pub fn media_tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.media
+            .iter()
+            .filter_map(|m| m.tcp.as_ref().and_then(|t| t.local_addr().ok()))
+            .collect()
     }
 
     /// Every shard's media port, by shard index.
@@ -242,6 +271,7 @@ async fn start_shard(
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (metrics, sink, shutdown) = (hub.metrics.clone(), hub.clone(), hub.shutdown.clone());
     let srtp_profiles = hub.config.srtp_profiles.clone();
+    let tcp_max = hub.config.media_tcp_max_connections;
     std::thread::Builder::new()
         .name(format!("ferry-media-{index}"))
         .spawn(move || {
@@ -253,17 +283,39 @@ async fn start_shard(
                 .build()
                 .and_then(|rt| {
                     let core = rt.block_on(async {
+                        let tcp = match shard.tcp {
+                            Some(l) => {
+                                l.set_nonblocking(true)?;
+                                let l = tokio::net::TcpListener::from_std(l)?;
+                                let port = l.local_addr()?.port();
+                                let (tx, rx) =
+                                    tokio::sync::mpsc::channel(crate::net::tcp::EVENT_QUEUE);
+                                tokio::spawn(crate::net::tcp::accept(
+                                    l,
+                                    tcp_max,
+                                    tx,
+                                    metrics.clone(),
+                                    shutdown.clone(),
+                                ));
+                                Some((port, rx))
+                            }
+                            None => None,
+                        };
                         let mut core =
                             crate::media::MediaCore::new(shard.socket, shard.addrs, metrics, sink)?;
                         core.set_srtp_profiles(srtp_profiles);
-                        Ok::<_, std::io::Error>(core)
+                        let tcp = tcp.map(|(port, rx)| {
+                            core.set_tcp_port(port);
+                            rx
+                        });
+                        Ok::<_, std::io::Error>((core, tcp))
                     })?;
                     Ok((rt, core))
                 });
             match started {
-                Ok((rt, core)) => {
+                Ok((rt, (core, tcp))) => {
                     let _ = ready_tx.send(Ok(()));
-                    rt.block_on(core.run(shard.commands, shard.control, shutdown));
+                    rt.block_on(core.run(shard.commands, shard.control, tcp, shutdown));
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -275,6 +327,19 @@ async fn start_shard(
         .await
         .map_err(|_| std::io::Error::other("media shard thread ended before starting"))??;
     Ok(done_rx)
+}
+
+/// The ICE-TCP listener of a media port bound at `udp` (the same address and port number).
+fn bind_media_tcp(udp: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(udp), Type::STREAM, Some(Protocol::TCP))?;
+    if udp.is_ipv6() && udp.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&udp.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 fn bind_media(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {

@@ -1219,3 +1219,50 @@ async fn relay_call_over_ipv6_only() {
         "selected remote candidate"
     );
 }
+
+/// A network that lets no UDP through (iptables drops every UDP datagram in the test's
+/// namespace): the relay is reached over TCP (ICE-TCP, the relay's passive candidates on the
+/// media port's number). Two members of an ordinary room try P2P, which cannot work, fall back to
+/// the relay by themselves, and decode each other through it over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_udp_members_fall_back_to_the_relay_over_tcp() {
+    if !runs_here(
+        "without_udp_members_fall_back_to_the_relay_over_tcp",
+        &[("iptables", "-V")],
+    ) {
+        return;
+    }
+    iptables(&["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+    iptables(&["-A", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (_, a_id, b_id, started) = alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{}").await;
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 10), &b_id).await;
+    let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 10), &a_id).await;
+    eprintln!(
+        "relayed over TCP, decoded on both sides {} ms after bob joined: alice {va} bob {vb}",
+        started.elapsed().as_millis()
+    );
+    for (br, page, remote) in [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)] {
+        let pair = format!(
+            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
+             r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
+             r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
+             let c; r.forEach((x) => {{ if (x.id === out) c = x.protocol; }}); return c; }})()"
+        );
+        assert_eq!(br.eval(page, &pair).await, Value::String("tcp".into()));
+        let mode = br
+            .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return m && m.reason; })()")
+            .await;
+        assert!(
+            ["p2p_timeout", "ice_failed"].contains(&mode.as_str().unwrap_or("")),
+            "[{}] fell back for {mode}",
+            page.name
+        );
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(2.0), "{m}");
+    iptables(&["-F", "INPUT"]);
+    iptables(&["-F", "OUTPUT"]);
+}

@@ -436,6 +436,12 @@ pub struct MediaCore {
     left: HashMap<String, u64>,
     /// When learned addresses are next checked for consent.
     next_consent_sweep: Instant,
+    /// The datagram being handled came over TCP.
+    rx_tcp: bool,
+    /// The ICE-TCP port (see [`crate::net::tcp`]), when the relay takes media over TCP.
+    tcp_port: Option<u16>,
+    /// Clients connected over TCP, by address: where their framed datagrams go.
+    tcp: FxHashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
 }
 
 /// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and
@@ -742,6 +748,11 @@ impl MediaCore {
         }
     }
 
+    /// Offer a passive TCP candidate on `port` (ICE-TCP) in every new connection's answer.
+    pub fn set_tcp_port(&mut self, port: u16) {
+        self.tcp_port = Some(port);
+    }
+
     /// Takes over the media port's `socket` (registered with the current tokio runtime).
     pub fn new(
         socket: std::net::UdpSocket,
@@ -780,6 +791,9 @@ impl MediaCore {
             scratch: Vec::new(),
             left: HashMap::new(),
             next_consent_sweep: Instant::now() + Duration::from_secs(1),
+            tcp_port: None,
+            tcp: FxHashMap::default(),
+            rx_tcp: false,
         })
     }
 
@@ -788,6 +802,7 @@ impl MediaCore {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut control: mpsc::UnboundedReceiver<Command>,
+        mut tcp: Option<mpsc::Receiver<net::tcp::TcpEvent>>,
         shutdown: CancellationToken,
     ) {
         info!(addr = %self.local_addr, "media port (UDP) listening: STUN and relay");
@@ -818,6 +833,12 @@ impl MediaCore {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(c) = control.recv() => self.handle_command(c, Instant::now()),
+                Some(ev) = async {
+                    match tcp.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.handle_tcp(ev, Instant::now()),
                 c = commands.recv() => match c {
                     Some(c) => self.handle_command(c, Instant::now()),
                     None => break,
@@ -931,25 +952,69 @@ impl MediaCore {
     /// it: on a socket bound to one address, that address; on a wildcard socket, the advertised
     /// candidate with that IP, or (behind a 1:1 NAT, `announce` set) the advertised one of the
     /// same family; what rtc's ICE agent checks against its local candidates.
-    fn local_for(&self, to: Option<IpAddr>, from: &SocketAddr) -> SocketAddr {
-        if !self.socket.is_wildcard() {
+    fn local_for(&self, to: Option<IpAddr>, from: &SocketAddr, tcp: bool) -> SocketAddr {
+        if !tcp && !self.socket.is_wildcard() {
             return self.local_addr;
         }
-        let port = self.local_addr.port();
-        let same_ip = to.and_then(|ip| {
-            self.advertised
-                .iter()
-                .find(|a| a.ip() == ip && a.port() == port)
-        });
+        let port = match (tcp, self.tcp_port) {
+            (true, Some(p)) => p,
+            _ => self.local_addr.port(),
+        };
+        let same_ip = to.and_then(|ip| self.advertised.iter().find(|a| a.ip() == ip));
         let same_family = || {
             self.advertised
                 .iter()
                 .find(|a| a.is_ipv4() == from.is_ipv4())
         };
-        match same_ip.or_else(same_family) {
-            Some(a) => *a,
-            None => SocketAddr::new(to.unwrap_or(self.local_addr.ip()), port),
+        let ip = same_ip
+            .or_else(same_family)
+            .map(|a| a.ip())
+            .or(to)
+            .unwrap_or(self.local_addr.ip());
+        SocketAddr::new(ip, port)
+    }
+
+    /// What a client connected over TCP did (see [`net::tcp`]).
+    fn handle_tcp(&mut self, ev: net::tcp::TcpEvent, now: Instant) {
+        match ev {
+            net::tcp::TcpEvent::Opened { peer, writer, .. } => {
+                self.tcp.insert(peer, writer);
+            }
+            net::tcp::TcpEvent::Frame { peer, local, data } => {
+                self.rx_tcp = true;
+                self.handle_datagram(&data, peer, Some(local.ip()), now);
+                self.rx_tcp = false;
+            }
+            net::tcp::TcpEvent::Closed { peer } => {
+                self.tcp.remove(&peer);
+                if let Some(k) = self.by_addr.remove(&peer)
+                    && let Some(p) = self.peers.get_mut(&k)
+                {
+                    p.addrs.retain(|(a, _)| *a != peer);
+                }
+            }
         }
+        self.flush();
+    }
+
+    /// Queue `datagram` for the client connected over TCP from `to`; false when `to` is not one.
+    fn send_tcp(
+        tcp: &FxHashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+        metrics: &Metrics,
+        to: SocketAddr,
+        datagram: &[u8],
+    ) -> bool {
+        let Some(w) = tcp.get(&to) else {
+            return false;
+        };
+        let sent = net::tcp::frame(datagram).is_some_and(|f| w.try_send(f).is_ok());
+        if !sent {
+            metrics
+                .media_dropped
+                .with_label_values(&["tcp_overflow"])
+                .inc();
+        }
+        true
     }
 
     fn handle_datagram(&mut self, buf: &[u8], from: SocketAddr, to: Option<IpAddr>, now: Instant) {
@@ -970,7 +1035,9 @@ impl MediaCore {
                 match action {
                     stun::StunAction::Reply(bytes) => {
                         self.metrics.stun_bindings.inc();
-                        if self.socket.try_send_one_from(from, to, &bytes).is_err() {
+                        if self.rx_tcp {
+                            Self::send_tcp(&self.tcp, &self.metrics, from, &bytes);
+                        } else if self.socket.try_send_one_from(from, to, &bytes).is_err() {
                             drop(&self.metrics, "send_buffer_full");
                         }
                         return;
@@ -1006,7 +1073,7 @@ impl MediaCore {
             },
             Kind::Unknown => return drop(&self.metrics, "malformed"),
         };
-        let local_addr = self.local_for(to, &from);
+        let local_addr = self.local_for(to, &from, self.rx_tcp);
         let Some(p) = self.peers.get_mut(&key) else {
             return drop(&self.metrics, "unknown_peer");
         };
@@ -1014,7 +1081,11 @@ impl MediaCore {
             local_addr,
             peer_addr: from,
             ecn: None,
-            transport_protocol: TransportProtocol::UDP,
+            transport_protocol: if self.rx_tcp {
+                TransportProtocol::TCP
+            } else {
+                TransportProtocol::UDP
+            },
         };
         // A media packet of a stream the own path opens (see `Peer::inbound`).
         if let Some(rtp @ (_, ssrc, _)) = srtp::rtp_header(buf)
@@ -1071,6 +1142,11 @@ impl MediaCore {
     /// Hand this drain's datagrams to the kernel. Never waits on the socket: what a full send
     /// buffer does not take is dropped (counted) rather than stalling every other peer.
     fn send_batch(&mut self) {
+        if !self.tcp.is_empty() && !self.tx.is_empty() {
+            let (tcp, metrics) = (&self.tcp, &self.metrics);
+            self.tx
+                .take_matching(|to, d| Self::send_tcp(tcp, metrics, to, d));
+        }
         if !self.tx.is_empty() {
             let out = self.socket.send(&mut self.tx);
             if out.would_block > 0 {
@@ -2129,6 +2205,12 @@ impl MediaCore {
             .build(now)?;
         for addr in &self.advertised {
             pc.add_local_candidate(net::host_candidate(*addr)?)?;
+        }
+        if let Some(port) = self.tcp_port {
+            for addr in &self.advertised {
+                let addr = SocketAddr::new(addr.ip(), port);
+                pc.add_local_candidate(net::tcp_host_candidate(addr)?)?;
+            }
         }
         let key = self.next_key;
         self.next_key += 1;

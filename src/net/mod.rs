@@ -3,6 +3,7 @@
 //! owned by the media task ([`crate::media::MediaCore`]).
 
 pub mod stun;
+pub mod tcp;
 pub mod udp;
 
 use std::net::SocketAddr;
@@ -76,6 +77,25 @@ pub fn host_candidate(
             ..Default::default()
         },
         ..Default::default()
+    }
+    .new_candidate_host()?;
+    RTCIceCandidate::from(&cand).to_json()
+}
+
+/// A passive TCP host candidate for `addr` (ICE-TCP, RFC 6544): the relay's media port over TCP.
+pub fn tcp_host_candidate(
+    addr: SocketAddr,
+) -> rtc::shared::error::Result<rtc::peer_connection::transport::RTCIceCandidateInit> {
+    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+    let cand = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "tcp".to_owned(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            component: 1,
+            ..Default::default()
+        },
+        tcp_type: rtc::ice::tcp_type::TcpType::Passive,
     }
     .new_candidate_host()?;
     RTCIceCandidate::from(&cand).to_json()

@@ -564,6 +564,14 @@ impl TxBatch {
         self.items.len()
     }
 
+    /// Hands each queued datagram to `take` (its destination and bytes) and removes those it
+    /// took (true): the ones that go another way than this socket (a client over TCP).
+    pub fn take_matching(&mut self, mut take: impl FnMut(SocketAddr, &[u8]) -> bool) {
+        let data = &self.data;
+        self.items
+            .retain(|(to, start, len)| !take(*to, &data[*start..*start + *len]));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
