@@ -769,6 +769,10 @@ async fn relay_room_carries_media_through_ferry() {
         "relayed video decoded on both sides {} ms after bob joined: alice {va} bob {vb}",
         started.elapsed().as_millis()
     );
+    eprintln!(
+        "relayed over UDP: {:.1} µs of CPU per relayed packet",
+        cpu_per_relayed_packet(&s, 5).await
+    );
     // It keeps flowing.
     ba.wait_for(
         &a,
@@ -1261,6 +1265,58 @@ async fn without_udp_members_fall_back_to_the_relay_over_tcp() {
             page.name
         );
     }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(2.0), "{m}");
+    iptables(&["-F", "INPUT"]);
+    iptables(&["-F", "OUTPUT"]);
+}
+
+/// The server process's CPU time per relayed packet (in and out) over `secs` seconds of a call,
+/// in microseconds (the test process: the server and this test's idle CDP client).
+async fn cpu_per_relayed_packet(s: &TestServer, secs: u64) -> f64 {
+    let sample = || async {
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        let cpu = metric(&m, "process_cpu_seconds_total").unwrap_or(0.0);
+        let packets: f64 = ["in", "out"]
+            .iter()
+            .flat_map(|d| ["audio", "video"].map(move |k| (d, k)))
+            .filter_map(|(d, k)| {
+                metric(
+                    &m,
+                    &format!("ferry_media_packets_total{{direction=\"{d}\",kind=\"{k}\"}}"),
+                )
+            })
+            .sum();
+        (cpu, packets)
+    };
+    let (c0, p0) = sample().await;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (c1, p1) = sample().await;
+    (c1 - c0) / (p1 - p0).max(1.0) * 1e6
+}
+
+/// A relayed room (no P2P attempt) on a network without UDP: both members decode each other
+/// over TCP; prints the set-up time for docs/performance.md (compare
+/// `relay_room_carries_media_through_ferry` over UDP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_room_over_tcp_without_udp() {
+    if !runs_here("relay_room_over_tcp_without_udp", &[("iptables", "-V")]) {
+        return;
+    }
+    iptables(&["-A", "INPUT", "-p", "udp", "-j", "DROP"]);
+    iptables(&["-A", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (_, a_id, b_id, started) =
+        alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{ mode: 'relay' }").await;
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 0), &b_id).await;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 0), &a_id).await;
+    eprintln!(
+        "relayed video over TCP decoded on both sides {} ms after bob joined; {:.1} µs of CPU per relayed packet",
+        started.elapsed().as_millis(),
+        cpu_per_relayed_packet(&s, 5).await
+    );
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(2.0), "{m}");
     iptables(&["-F", "INPUT"]);

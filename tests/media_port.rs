@@ -149,3 +149,112 @@ async fn a_real_stun_client_learns_its_address() {
     );
     assert!(s.hub.metrics.stun_bindings.get() >= 1);
 }
+
+/// `bytes` with its RFC 4571 length prefix.
+fn framed(bytes: &[u8]) -> Vec<u8> {
+    let mut f = (bytes.len() as u16).to_be_bytes().to_vec();
+    f.extend_from_slice(bytes);
+    f
+}
+
+/// Read until the server closes the connection (EOF or reset); false if it stays open.
+async fn closed_by_server(c: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The media port over TCP (ICE-TCP): a framed STUN binding request gets a framed answer with
+/// the client's address.
+#[tokio::test]
+async fn stun_over_tcp_is_answered_in_frames() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = spawn(test_config()).await;
+    let tcp = s.media_tcp_addr.expect("media over TCP is on by default");
+    assert_eq!(tcp.ip(), s.media_addr.ip());
+    let mut c = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    let mut req = Message::new();
+    req.build(&[Box::new(BINDING_REQUEST) as Box<dyn Setter>])
+        .unwrap();
+    req.new_transaction_id().unwrap();
+    c.write_all(&framed(&req.raw)).await.unwrap();
+    let mut len = [0u8; 2];
+    tokio::time::timeout(WAIT, c.read_exact(&mut len))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+    c.read_exact(&mut body).await.unwrap();
+    let mut resp = Message::new();
+    resp.unmarshal_binary(&body).unwrap();
+    assert_eq!(resp.typ, BINDING_SUCCESS);
+    let mut xor = XorMappedAddress::default();
+    xor.get_from(&resp).unwrap();
+    assert_eq!(SocketAddr::new(xor.ip, xor.port), c.local_addr().unwrap());
+}
+
+/// Bad input over TCP: a frame longer than the relay takes closes that connection (counted), and
+/// connections past `media_tcp_max_connections` are closed at once (counted); the others stay.
+#[tokio::test]
+async fn tcp_clients_cannot_take_more_than_their_share() {
+    use tokio::io::AsyncWriteExt;
+    let s = spawn(ferry::config::Config {
+        media_tcp_max_connections: 3,
+        ..test_config()
+    })
+    .await;
+    let tcp = s.media_tcp_addr.unwrap();
+    let mut long = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    long.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+    assert!(
+        closed_by_server(&mut long).await,
+        "a 64 KiB frame was accepted"
+    );
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(tcp).await.unwrap());
+    }
+    // Let the server count them before the next one.
+    for _ in 0..100 {
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        if metric(&m, "ferry_media_tcp_connections") == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut extra = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    assert!(
+        closed_by_server(&mut extra).await,
+        "the fourth connection was kept"
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_media_tcp_refused_total"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(3.0), "{m}");
+    assert!(
+        metric(&m, "ferry_media_dropped_total{reason=\"malformed\"}").unwrap() >= 1.0,
+        "{m}"
+    );
+    // The three held connections are still served.
+    let mut c = held.pop().unwrap();
+    let mut req = Message::new();
+    req.build(&[Box::new(BINDING_REQUEST) as Box<dyn Setter>])
+        .unwrap();
+    req.new_transaction_id().unwrap();
+    c.write_all(&framed(&req.raw)).await.unwrap();
+    let mut len = [0u8; 2];
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(WAIT, c.read_exact(&mut len))
+        .await
+        .expect("a held connection is answered")
+        .unwrap();
+}

@@ -32,6 +32,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestServer {
     pub addr: SocketAddr,
     pub media_addr: SocketAddr,
+    /// Shard 0's ICE-TCP port, when `media_tcp` is on.
+    pub media_tcp_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub hub: Arc<Hub>,
     pub shutdown: ShutdownHandle,
@@ -57,6 +59,7 @@ pub async fn spawn(cfg: Config) -> TestServer {
     let server = Server::bind(cfg).await.expect("bind test server");
     let addr = server.local_addr();
     let media_addr = server.media_addr();
+    let media_tcp_addr = server.media_tcp_addrs().first().copied();
     let metrics_addr = server.metrics_addr();
     let hub = server.hub();
     let shutdown = server.shutdown_handle();
@@ -64,6 +67,7 @@ pub async fn spawn(cfg: Config) -> TestServer {
     TestServer {
         addr,
         media_addr,
+        media_tcp_addr,
         metrics_addr,
         hub,
         shutdown,
