@@ -14,3 +14,8 @@ pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod signal;
+
+/// The log filter when `FERRY_LOG` is not set: Ferry's own lines from `info` up, and what the
+/// engine says that an operator must act on. rtc's DTLS handshake warns about every extension
+/// it does not know in a browser's hello (harmless: they are ignored), so it speaks from `error`.
+pub const DEFAULT_LOG_FILTER: &str = "info,rtc_dtls::handshake=error";

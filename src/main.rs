@@ -152,7 +152,7 @@ fn token(t: TokenArgs) -> ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(ferry::DEFAULT_LOG_FILTER));
     // Colours only on a terminal: not in files, pipes or the journal.
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()

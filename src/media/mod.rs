@@ -480,10 +480,11 @@ fn relay_interceptors(
     receive_side: ReceiveSide,
 ) -> rtc::shared::error::Result<Registry> {
     use rtc::interceptor::NackResponderBuilder;
-    use rtc::peer_connection::configuration::interceptor_registry::{
-        configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
+    use rtc::interceptor::SenderReportBuilder;
+    use rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers;
+    use rtc::rtp_transceiver::rtp_sender::{
+        RTCPFeedback, RTCRtpHeaderExtensionCapability, TYPE_RTCP_FB_NACK, TYPE_RTCP_FB_TRANSPORT_CC,
     };
-    use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, TYPE_RTCP_FB_NACK};
     for parameter in ["", "pli"] {
         media_engine.register_feedback(
             RTCPFeedback {
@@ -504,11 +505,29 @@ fn relay_interceptors(
         )
         .with(Slot::NackGenerator, receive_side);
     configure_simulcast_extension_headers(media_engine)?;
-    // For the media engine (transport-cc offered) and the sender reports; the slots of the
-    // receiving two then pass everything on: `receive_side` has them.
-    let registry = configure_twcc_receiver_only(registry, media_engine)?;
+    // Transport-wide CC offered on both kinds (what rtc's `configure_twcc_receiver_only` does to
+    // the media engine) and rtc's sender reports; the slots of the TWCC receiver and the receiver
+    // reports pass everything on, since `receive_side` has them (filled once: a slot filled
+    // twice is a warning per connection).
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media_engine.register_feedback(
+            RTCPFeedback {
+                typ: TYPE_RTCP_FB_TRANSPORT_CC.to_owned(),
+                ..Default::default()
+            },
+            kind,
+        );
+        media_engine.register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.to_owned(),
+            },
+            kind,
+            None,
+        )?;
+    }
     let pass = || Tap::new(|_: &mut TaggedPacket| {}, |_: &TaggedPacket| {});
-    Ok(configure_rtcp_reports(registry)
+    Ok(registry
+        .with(Slot::SenderReport, SenderReportBuilder::new().build())
         .with(Slot::TwccReceiver, pass())
         .with(Slot::ReceiverReport, pass()))
 }

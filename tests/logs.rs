@@ -1,0 +1,88 @@
+//! What the server logs at its default level (`FERRY_LOG` unset) while a relayed call comes up and
+//! carries media: only what an operator must act on, so no WARN line for an ordinary call. Its own
+//! test binary: the log subscriber is global to the process.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::rtc_client::MediaClient;
+use common::*;
+use serde_json::json;
+
+/// Log lines written by the server's threads, whole.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordinary_relayed_call_logs_no_warnings_at_the_default_level() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            ferry::DEFAULT_LOG_FILTER,
+        ))
+        .with_thread_names(true)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .init();
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("subscribe", json!({"userId": a.user_id}))
+        .await
+        .unwrap();
+    let mut publ = MediaClient::connect(a, true).await;
+    let mut sub = MediaClient::connect(b, false).await;
+    let slice = Duration::from_millis(5);
+    for _ in 0..1000 {
+        publ.pump(slice).await;
+        sub.pump(slice).await;
+        if publ.connected && sub.connected {
+            break;
+        }
+    }
+    assert!(publ.connected && sub.connected);
+    for i in 0..100u16 {
+        publ.send(i, Bytes::from(vec![i as u8; 900]));
+        publ.pump(slice).await;
+        sub.pump(slice).await;
+    }
+    assert!(!sub.received.is_empty(), "media relayed");
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // The server's lines: its media threads and the signaling spans (not the test's own peers).
+    let server_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ferry-media") || l.contains("ferry::"))
+        .collect();
+    assert!(
+        server_lines.iter().any(|l| l.contains("INFO")),
+        "the capture works: {text}"
+    );
+    // The dev-mode warning is one an operator must act on (this test runs without a secret).
+    let warnings: Vec<&&str> = server_lines
+        .iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| !l.contains("DEV MODE"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
