@@ -1288,3 +1288,38 @@ async fn a_dual_stack_media_port_relays_between_ipv6_and_ipv4_members() {
     let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     relay_between(&s, None, v6, v4).await;
 }
+
+/// The relay's SDP lists its candidates for component 1 only (rtcp-mux is required: there is no
+/// component 2), UDP and TCP, in the BUNDLE's first m-section.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_sdp_has_no_rtcp_component_candidates() {
+    let s = spawn(test_config()).await;
+    let (mut publ, mut sub) = relayed_pair(&s).await;
+    stream(&mut publ, &mut sub, 0, 5).await;
+    let answer = publ.pc.remote_description().unwrap().sdp.clone();
+    let offer = sub
+        .server_offers
+        .last()
+        .expect("an offer to the subscriber")
+        .clone();
+    for sdp in [answer, offer] {
+        let candidates: Vec<&str> = sdp
+            .lines()
+            .filter(|l| l.starts_with("a=candidate:"))
+            .collect();
+        assert!(
+            candidates
+                .iter()
+                .all(|c| c.split_whitespace().nth(1) == Some("1")),
+            "{candidates:#?}"
+        );
+        assert!(candidates.iter().any(|c| c.contains(" udp ")), "{sdp}");
+        assert!(
+            candidates
+                .iter()
+                .any(|c| c.contains(" tcp ") && c.contains("tcptype passive")),
+            "{sdp}"
+        );
+        assert!(sdp.contains("a=rtcp-mux"), "{sdp}");
+    }
+}

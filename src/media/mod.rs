@@ -1919,7 +1919,10 @@ impl MediaCore {
             warn!(user = %p.user_id, error = %e, "cannot set our offer");
             return;
         }
-        let sdp = p.pc.local_description().map(|d| d.sdp).unwrap_or_default();
+        let sdp =
+            p.pc.local_description()
+                .map(|d| without_rtcp_candidates(&d.sdp))
+                .unwrap_or_default();
         let meta = json!({ "streams": p.stream_meta });
         self.sink.send_to(
             &p.user_id,
@@ -2145,7 +2148,10 @@ impl MediaCore {
             );
             return;
         }
-        let sdp = p.pc.local_description().map(|d| d.sdp).unwrap_or_default();
+        let sdp =
+            p.pc.local_description()
+                .map(|d| without_rtcp_candidates(&d.sdp))
+                .unwrap_or_default();
         debug!(user = %user_id, %sdp, "relay answer");
         let meta = json!({ "streams": p.stream_meta });
         self.sink.send_to(
@@ -2316,6 +2322,23 @@ impl MediaCore {
             self.timers.remove(&(t, key));
         }
     }
+}
+
+/// `sdp` without component-2 (RTCP) candidates: rtc lists each candidate for both components,
+/// but the relay requires rtcp-mux (RTP and RTCP on one transport), so the second is noise a
+/// client could try to pair.
+fn without_rtcp_candidates(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let rtcp = line
+            .strip_prefix("a=candidate:")
+            .and_then(|c| c.split_whitespace().nth(1))
+            == Some("2");
+        if !rtcp {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 fn kind_name(kind: RtpCodecKind) -> &'static str {
