@@ -1042,16 +1042,17 @@ impl MediaCore {
         let kind = net::classify(buf);
         let key = match kind {
             Kind::Stun => {
-                let action = stun::handle(buf, from);
-                // Requests cost a reply or an HMAC: each source gets its share.
-                if matches!(
-                    action,
-                    stun::StunAction::Reply(_) | stun::StunAction::Peer(_)
-                ) && !self.stun_limiter.allow(from.ip(), now)
+                // Requests cost a parse and a reply or an HMAC: each source address gets its
+                // share, counted before anything is parsed (a flood then costs a hash per
+                // datagram). An address a connection already uses is not counted: a flood from
+                // its IP (the same NAT) must not cut its consent checks.
+                if stun::is_request(buf)
+                    && !self.by_addr.contains_key(&from)
+                    && !self.stun_limiter.allow(from.ip(), now)
                 {
                     return drop(&self.metrics, "rate_limited");
                 }
-                match action {
+                match stun::handle(buf, from) {
                     stun::StunAction::Reply(bytes) => {
                         self.metrics.stun_bindings.inc();
                         if self.rx_tcp {

@@ -30,6 +30,12 @@ pub enum StunAction {
     Drop(&'static str),
 }
 
+/// Whether `buf` claims to be a STUN request (the class bits of its message type, RFC 5389 6),
+/// read without parsing the rest.
+pub fn is_request(buf: &[u8]) -> bool {
+    buf.len() >= 2 && u16::from_be_bytes([buf[0], buf[1]]) & 0x0110 == 0
+}
+
 /// Decide what to do with a datagram that looks like STUN (see [`super::classify`]).
 pub fn handle(buf: &[u8], from: SocketAddr) -> StunAction {
     let mut msg = Message::new();
@@ -174,6 +180,16 @@ mod tests {
         let mut tampered = good.clone();
         tampered[24] ^= 1;
         assert!(!authentic(&tampered, "our-password"));
+    }
+
+    #[test]
+    fn requests_are_told_by_their_class_bits() {
+        assert!(is_request(&request(vec![])));
+        let mut m = Message::new();
+        m.build(&[Box::new(BINDING_SUCCESS) as Box<dyn Setter>])
+            .unwrap();
+        assert!(!is_request(&m.raw));
+        assert!(!is_request(&[0]));
     }
 
     #[test]
