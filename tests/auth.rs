@@ -127,6 +127,25 @@ async fn valid_tokens_in_query_or_hello_set_identity_and_grants() {
         .await
         .unwrap_err();
     assert_eq!(e.0, "forbidden");
+    // What a line-by-line check let through: a direction attribute with a value (webrtc-rs reads
+    // `a=sendrecv:x` as sendrecv), and an m-section with no direction (sendrecv by default); to a
+    // peer and to the relay, in offers and in answers.
+    for sdp in [
+        "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv:x\r\n",
+        "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n",
+    ] {
+        for (ty, to) in [
+            ("offer", uid.as_str()),
+            ("answer", uid.as_str()),
+            ("offer", "server"),
+        ] {
+            let e = b
+                .request(ty, json!({"to": to, "sdp": sdp}))
+                .await
+                .unwrap_err();
+            assert_eq!(e.0, "forbidden", "{ty} to {to}: {sdp:?}");
+        }
+    }
     b.request(
         "answer",
         json!({"to": uid, "sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\n"}),

@@ -648,26 +648,79 @@ impl From<SignalError> for Reject {
     }
 }
 
-/// A client may only send media if granted `publish`, and receive if granted `subscribe`.
-/// The SDP's media directions say which it intends.
+/// What one m-section of an SDP does with media, by its effective direction (RFC 8866 6.7: a
+/// media-level direction attribute, else the session-level one, else `sendrecv`; RFC 8843 /
+/// RFC 3264 6: a port of 0 disables the m-section).
+#[derive(Debug, PartialEq, Eq)]
+struct MediaSection {
+    sends: bool,
+    receives: bool,
+}
+
+/// The audio and video m-sections of `sdp`, each with its effective direction. An attribute is
+/// read as RFC 8866 5.13 writes it, `a=<name>[:<value>]`: `a=sendrecv:x` is a `sendrecv`
+/// attribute (webrtc-rs reads it so), whatever follows the colon.
+fn media_sections(sdp: &str) -> Vec<MediaSection> {
+    fn direction(line: &str) -> Option<(bool, bool)> {
+        let attr = line.strip_prefix("a=")?;
+        let name = attr.split(':').next().unwrap_or(attr).trim();
+        match name {
+            "sendrecv" => Some((true, true)),
+            "sendonly" => Some((true, false)),
+            "recvonly" => Some((false, true)),
+            "inactive" => Some((false, false)),
+            _ => None,
+        }
+    }
+    let mut session = None;
+    // (carries media, port is 0, direction)
+    let mut sections: Vec<(bool, bool, Option<(bool, bool)>)> = Vec::new();
+    for line in sdp.lines().map(str::trim) {
+        if let Some(m) = line.strip_prefix("m=") {
+            let mut parts = m.split_whitespace();
+            let media = parts.next().unwrap_or_default();
+            let port = parts.next().unwrap_or_default();
+            let disabled = port.split('/').next() == Some("0");
+            sections.push((matches!(media, "audio" | "video"), disabled, None));
+        } else if let Some(d) = direction(line) {
+            match sections.last_mut() {
+                Some(section) => section.2 = Some(d),
+                None => session = Some(d),
+            }
+        }
+    }
+    sections
+        .into_iter()
+        .filter(|(media, _, _)| *media)
+        .map(|(_, disabled, d)| {
+            let (sends, receives) = d.or(session).unwrap_or((true, true));
+            MediaSection {
+                sends: sends && !disabled,
+                receives: receives && !disabled,
+            }
+        })
+        .collect()
+}
+
+/// A client may only send media if granted `publish`, and receive if granted `subscribe`: each
+/// audio and video m-section of an offer or answer it sends, by its effective direction.
 fn check_sdp_grants(sdp: &str, grants: &Grants) -> Result<(), SignalError> {
     if grants.publish && grants.subscribe {
         return Ok(());
     }
-    for line in sdp.lines() {
-        let dir = line.trim();
-        let sends = dir == "a=sendrecv" || dir == "a=sendonly";
-        let receives = dir == "a=sendrecv" || dir == "a=recvonly";
-        if sends && !grants.publish {
+    for m in media_sections(sdp) {
+        if m.sends && !grants.publish {
             return Err(SignalError::new(
                 ErrorCode::Forbidden,
-                "this token may not publish: the SDP sends media",
+                "this token may not publish: an audio or video m-section sends media \
+                 (sendrecv or sendonly, or no direction at all: sendrecv by default)",
             ));
         }
-        if receives && !grants.subscribe {
+        if m.receives && !grants.subscribe {
             return Err(SignalError::new(
                 ErrorCode::Forbidden,
-                "this token may not subscribe: the SDP receives media",
+                "this token may not subscribe: an audio or video m-section receives media \
+                 (sendrecv or recvonly, or no direction at all: sendrecv by default)",
             ));
         }
     }
@@ -695,9 +748,11 @@ mod tests {
             publish: false,
             ..Grants::default()
         };
-        assert!(check_sdp_grants("v=0\r\na=recvonly\r\n", &viewer).is_ok());
+        assert!(
+            check_sdp_grants("v=0\r\nm=video 9 RTP/SAVPF 96\r\na=recvonly\r\n", &viewer).is_ok()
+        );
         assert_eq!(
-            check_sdp_grants("v=0\r\na=sendrecv\r\n", &viewer)
+            check_sdp_grants("v=0\r\nm=video 9 RTP/SAVPF 96\r\na=sendrecv\r\n", &viewer)
                 .unwrap_err()
                 .code,
             ErrorCode::Forbidden
@@ -706,7 +761,62 @@ mod tests {
             subscribe: false,
             ..Grants::default()
         };
-        assert!(check_sdp_grants("a=sendonly\r\n", &sender).is_ok());
-        assert!(check_sdp_grants("a=recvonly\r\n", &sender).is_err());
+        assert!(
+            check_sdp_grants("m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n", &sender).is_ok()
+        );
+        assert!(
+            check_sdp_grants("m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\n", &sender).is_err()
+        );
+    }
+
+    /// The ways around a line-by-line check that an adversarial pass found, and the cases that
+    /// must still pass: per m-section, by effective direction.
+    #[test]
+    fn sdp_directions_are_read_per_m_section_as_rtc_reads_them() {
+        let viewer = Grants {
+            publish: false,
+            ..Grants::default()
+        };
+        let video = "v=0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n";
+        let refused = [
+            // A direction attribute with a value is still that direction.
+            format!("{video}a=sendrecv:x\r\n"),
+            format!("{video}a=sendonly:whatever\r\n"),
+            // No direction at all: sendrecv.
+            video.to_string(),
+            // Session-level sendrecv applies to an m-section without its own.
+            format!("v=0\r\na=sendrecv\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"),
+            // A second m-section that sends, after a recvonly one.
+            format!("{video}a=recvonly\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"),
+        ];
+        for sdp in &refused {
+            assert_eq!(
+                check_sdp_grants(sdp, &viewer).map_err(|e| e.code),
+                Err(ErrorCode::Forbidden),
+                "{sdp:?}"
+            );
+        }
+        let allowed = [
+            format!("{video}a=recvonly\r\n"),
+            format!("{video}a=inactive\r\n"),
+            // A disabled m-section (port 0) carries nothing.
+            "v=0\r\nm=video 0 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\n".to_string(),
+            // A data channel only: no media direction.
+            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n".to_string(),
+            // Session-level recvonly, no media-level attribute.
+            format!("v=0\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"),
+        ];
+        for sdp in &allowed {
+            assert!(check_sdp_grants(sdp, &viewer).is_ok(), "{sdp:?}");
+        }
+        let no_subscribe = Grants {
+            subscribe: false,
+            ..Grants::default()
+        };
+        assert!(
+            check_sdp_grants(video, &no_subscribe).is_err(),
+            "no direction receives too"
+        );
+        assert!(check_sdp_grants(&format!("{video}a=sendonly\r\n"), &no_subscribe).is_ok());
     }
 }
