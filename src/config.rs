@@ -143,6 +143,12 @@ pub struct ServeArgs {
     /// Most TCP connections to the media port at once, per shard.
     #[arg(long, env = "FERRY_MEDIA_TCP_MAX_CONNECTIONS")]
     pub media_tcp_max_connections: Option<usize>,
+    /// Most rooms the server holds at once.
+    #[arg(long, env = "FERRY_MAX_ROOMS")]
+    pub max_rooms: Option<usize>,
+    /// Most rooms one session may have created that still exist.
+    #[arg(long, env = "FERRY_MAX_ROOMS_PER_SESSION")]
+    pub max_rooms_per_session: Option<usize>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -205,6 +211,8 @@ pub struct FileConfig {
     pub srtp_profiles: Option<Vec<String>>,
     pub media_tcp: Option<bool>,
     pub media_tcp_max_connections: Option<usize>,
+    pub max_rooms: Option<usize>,
+    pub max_rooms_per_session: Option<usize>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -251,6 +259,10 @@ pub struct Config {
     pub media_tcp: bool,
     /// Most TCP connections to one shard's media port at once.
     pub media_tcp_max_connections: usize,
+    /// Most rooms at once.
+    pub max_rooms: usize,
+    /// Most rooms one session may have created that still exist.
+    pub max_rooms_per_session: usize,
 }
 
 impl Default for Config {
@@ -280,6 +292,8 @@ impl Default for Config {
             turn_servers: Vec::new(),
             media_tcp: true,
             media_tcp_max_connections: 1000,
+            max_rooms: 10_000,
+            max_rooms_per_session: 20,
         }
     }
 }
@@ -484,6 +498,11 @@ impl Config {
                 .media_tcp_max_connections
                 .or(file.media_tcp_max_connections)
                 .unwrap_or(d.media_tcp_max_connections),
+            max_rooms: args.max_rooms.or(file.max_rooms).unwrap_or(d.max_rooms),
+            max_rooms_per_session: args
+                .max_rooms_per_session
+                .or(file.max_rooms_per_session)
+                .unwrap_or(d.max_rooms_per_session),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -303,3 +303,35 @@ async fn keepalive_both_ways() {
         }
     }
 }
+
+/// One session cannot hold more than `max_rooms_per_session` rooms it created, nor the server
+/// more than `max_rooms`: a clear `too_many_rooms` error each time, and other sessions unaffected
+/// by one session's cap.
+#[tokio::test]
+async fn room_creation_is_capped_per_session_and_in_total() {
+    let s = spawn(ferry::config::Config {
+        max_rooms: 5,
+        max_rooms_per_session: 3,
+        ..test_config()
+    })
+    .await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    for _ in 0..3 {
+        a.create_room(json!({})).await;
+    }
+    let e = a.request("createRoom", json!({})).await.unwrap_err();
+    assert_eq!(e.0, "too_many_rooms", "{e:?}");
+    assert!(e.1.contains("max_rooms_per_session"), "{e:?}");
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    b.create_room(json!({})).await;
+    b.create_room(json!({})).await;
+    let e = b.request("createRoom", json!({})).await.unwrap_err();
+    assert_eq!(e.0, "too_many_rooms", "{e:?}");
+    assert!(e.1.contains("max_rooms"), "{e:?}");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_signal_errors_total{code=\"too_many_rooms\"}"),
+        Some(2.0)
+    );
+    assert_eq!(metric(&m, "ferry_rooms"), Some(5.0));
+}

@@ -51,6 +51,8 @@ fn relayed(a: &Member, b: &Member) -> bool {
 struct Room {
     /// The media shard whose core carries this room's relayed media.
     shard: usize,
+    /// The session that created it (its rooms count against `max_rooms_per_session`).
+    creator: String,
     max_peers: u32,
     mode: RoomMode,
     members: Vec<Member>,
@@ -98,6 +100,12 @@ pub struct Hub {
     pub media_addrs: Vec<std::net::SocketAddr>,
     /// Commands to the media shards (the relay), by shard index; a room is pinned to one.
     media: Vec<crate::media::MediaControl>,
+    /// Rooms and members pinned to each shard: where a new room goes (O(shards), not O(rooms)).
+    shard_load: Vec<AtomicUsize>,
+    /// Rooms that exist (checked against `max_rooms` before one is made).
+    room_count: AtomicUsize,
+    /// Rooms that exist, by the session that created them.
+    created_by: DashMap<String, usize>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -155,7 +163,10 @@ impl Hub {
             metrics,
             verifier,
             media_addrs,
+            shard_load: media.iter().map(|_| AtomicUsize::new(0)).collect(),
             media,
+            room_count: AtomicUsize::new(0),
+            created_by: DashMap::new(),
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -234,7 +245,12 @@ impl Hub {
         }
     }
 
-    pub fn create_room(&self, grants: &Grants, req: CreateRoom) -> Result<Value, SignalError> {
+    pub fn create_room(
+        &self,
+        creator: &str,
+        grants: &Grants,
+        req: CreateRoom,
+    ) -> Result<Value, SignalError> {
         if self.is_draining() {
             return Err(SignalError::new(
                 ErrorCode::Draining,
@@ -267,8 +283,48 @@ impl Hub {
             (None, None) => None,
         };
         let mode = req.mode.unwrap_or_default();
+        let per_session = self.config.max_rooms_per_session;
+        if self
+            .created_by
+            .get(creator)
+            .is_some_and(|n| *n >= per_session)
+        {
+            return Err(SignalError::new(
+                ErrorCode::TooManyRooms,
+                format!(
+                    "this session created {per_session} rooms that still exist \
+                     (max_rooms_per_session): use one of them, or wait until an empty one expires"
+                ),
+            ));
+        }
+        // Counted first, given back below if no room is made: the cap holds under concurrency.
+        let max = self.config.max_rooms;
+        if self.room_count.fetch_add(1, Ordering::SeqCst) >= max {
+            self.room_count.fetch_sub(1, Ordering::SeqCst);
+            return Err(SignalError::new(
+                ErrorCode::TooManyRooms,
+                format!("the server holds {max} rooms (max_rooms): try again later"),
+            ));
+        }
+        let made = self.make_room(creator, max_peers, mode, requested);
+        if made.is_err() {
+            self.room_count.fetch_sub(1, Ordering::SeqCst);
+        }
+        let room_id = made?;
+        Ok(json!({ "roomId": room_id, "maxPeers": max_peers, "mode": mode }))
+    }
+
+    /// Insert a room (with `requested` as its id, or a fresh one) on the quietest shard.
+    fn make_room(
+        &self,
+        creator: &str,
+        max_peers: u32,
+        mode: RoomMode,
+        requested: Option<String>,
+    ) -> Result<String, SignalError> {
         let shard = self.quietest_shard();
         let room = || Room {
+            creator: creator.to_string(),
             shard,
             max_peers,
             mode,
@@ -305,16 +361,30 @@ impl Hub {
             },
         };
         self.metrics.rooms.inc();
-        Ok(json!({ "roomId": room_id, "maxPeers": max_peers, "mode": mode }))
+        self.shard_load[shard].fetch_add(1, Ordering::Relaxed);
+        *self.created_by.entry(creator.to_string()).or_insert(0) += 1;
+        Ok(room_id)
     }
 
-    /// The shard with the least rooms and members pinned to it (control path only).
+    /// The shard with the least rooms and members pinned to it (control path only; O(shards)).
     fn quietest_shard(&self) -> usize {
-        let mut load = vec![0usize; self.media.len()];
-        for r in self.rooms.iter() {
-            load[r.shard] += 1 + r.members.len();
+        (0..self.shard_load.len())
+            .min_by_key(|&i| self.shard_load[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// A room is gone: its counts go with it.
+    fn forget_room(&self, room: &Room) {
+        self.room_count.fetch_sub(1, Ordering::SeqCst);
+        self.shard_load[room.shard].fetch_sub(1, Ordering::Relaxed);
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) =
+            self.created_by.entry(room.creator.clone())
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
         }
-        (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0)
     }
 
     /// The media shard a room is pinned to (0 for an unknown room).
@@ -391,6 +461,7 @@ impl Hub {
             });
             self.adjust_pairs(before, room.pairs());
             room.empty_since = None;
+            self.shard_load[room.shard].fetch_add(1, Ordering::Relaxed);
             let others: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
             (
                 Joined {
@@ -432,6 +503,7 @@ impl Hub {
                 m.relay_with.remove(user_id);
             }
             self.adjust_pairs(before, room.pairs());
+            self.shard_load[room.shard].fetch_sub(1, Ordering::Relaxed);
             if room.members.is_empty() {
                 room.empty_since = Some(Instant::now());
             }
@@ -557,9 +629,13 @@ impl Hub {
         let ttl = self.config.empty_room_ttl;
         let before = self.rooms.len();
         self.rooms.retain(|_, r| {
-            !(r.members.is_empty()
+            let expired = r.members.is_empty()
                 && r.empty_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl))
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ttl);
+            if expired {
+                self.forget_room(r);
+            }
+            !expired
         });
         let gone = before.saturating_sub(self.rooms.len());
         self.metrics.rooms.sub(gone as i64);
@@ -600,22 +676,89 @@ mod tests {
     use super::*;
 
     fn hub() -> Arc<Hub> {
+        hub_with(Config::default(), 1)
+    }
+
+    fn hub_with(cfg: Config, shards: usize) -> Arc<Hub> {
         Hub::new(
-            Arc::new(Config::default()),
+            Arc::new(cfg),
             Arc::new(Metrics::new()),
             Vec::new(),
-            vec![crate::media::MediaControl {
-                commands: mpsc::channel(1).0,
-                control: mpsc::unbounded_channel().0,
-            }],
+            (0..shards)
+                .map(|_| crate::media::MediaControl {
+                    commands: mpsc::channel(1).0,
+                    control: mpsc::unbounded_channel().0,
+                })
+                .collect(),
         )
+    }
+
+    fn create(h: &Hub, creator: &str) -> Result<String, ErrorCode> {
+        h.create_room(creator, &Grants::default(), CreateRoom::default())
+            .map(|v| v["roomId"].as_str().unwrap().to_string())
+            .map_err(|e| e.code)
+    }
+
+    #[test]
+    fn rooms_are_capped_in_total_and_per_session_until_they_expire() {
+        let h = hub_with(
+            Config {
+                max_rooms: 4,
+                max_rooms_per_session: 2,
+                ..Config::default()
+            },
+            1,
+        );
+        create(&h, "a").unwrap();
+        create(&h, "a").unwrap();
+        assert_eq!(create(&h, "a"), Err(ErrorCode::TooManyRooms), "per session");
+        create(&h, "b").unwrap();
+        create(&h, "c").unwrap();
+        assert_eq!(create(&h, "d"), Err(ErrorCode::TooManyRooms), "in total");
+        // Expired, they count no more.
+        assert_eq!(h.reap_rooms(Instant::now() + Duration::from_secs(301)), 4);
+        let named = |id: &str| {
+            h.create_room(
+                "e",
+                &Grants::default(),
+                CreateRoom {
+                    room_id: Some(id.into()),
+                    ..CreateRoom::default()
+                },
+            )
+            .map_err(|e| e.code)
+        };
+        named("x").unwrap();
+        // A create refused for a taken id gives its place back.
+        assert_eq!(named("x").map(|_| ()), Err(ErrorCode::RoomExists));
+        create(&h, "a").unwrap();
+        create(&h, "a").unwrap();
+        create(&h, "d").unwrap();
+        assert_eq!(create(&h, "f"), Err(ErrorCode::TooManyRooms));
+    }
+
+    #[test]
+    fn new_rooms_go_to_the_shard_with_the_least_rooms_and_members() {
+        let h = hub_with(Config::default(), 2);
+        let r1 = create(&h, "a").unwrap();
+        let r2 = create(&h, "a").unwrap();
+        assert_ne!(h.room_shard(&r1), h.room_shard(&r2));
+        // Two members in r1's shard: the next two rooms go to the other one... then balance.
+        h.join_room("u1", "u1", &Grants::default(), &r1).unwrap();
+        h.join_room("u2", "u2", &Grants::default(), &r1).unwrap();
+        let r3 = create(&h, "b").unwrap();
+        assert_eq!(h.room_shard(&r3), h.room_shard(&r2));
+        h.leave_room("u1", &r1, "left");
+        h.leave_room("u2", &r1, "left");
+        let r4 = create(&h, "b").unwrap();
+        assert_eq!(h.room_shard(&r4), h.room_shard(&r1));
     }
 
     #[test]
     fn empty_rooms_are_reaped_after_ttl_only() {
         let h = hub();
         let r = h
-            .create_room(&Grants::default(), CreateRoom::default())
+            .create_room("u-test", &Grants::default(), CreateRoom::default())
             .unwrap();
         let id = r["roomId"].as_str().unwrap().to_string();
         let now = Instant::now();
@@ -629,7 +772,7 @@ mod tests {
     fn rooms_with_members_are_kept() {
         let h = hub();
         let r = h
-            .create_room(&Grants::default(), CreateRoom::default())
+            .create_room("u-test", &Grants::default(), CreateRoom::default())
             .unwrap();
         let id = r["roomId"].as_str().unwrap();
         h.join_room("u", "a", &Grants::default(), id).unwrap();

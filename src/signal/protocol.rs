@@ -29,10 +29,11 @@ pub enum ErrorCode {
     TargetNotFound,
     Draining,
     MediaUnavailable,
+    TooManyRooms,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MessageTooLarge,
@@ -50,6 +51,7 @@ impl ErrorCode {
         ErrorCode::TargetNotFound,
         ErrorCode::Draining,
         ErrorCode::MediaUnavailable,
+        ErrorCode::TooManyRooms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +73,7 @@ impl ErrorCode {
             ErrorCode::TargetNotFound => "target_not_found",
             ErrorCode::Draining => "draining",
             ErrorCode::MediaUnavailable => "media_unavailable",
+            ErrorCode::TooManyRooms => "too_many_rooms",
         }
     }
 }

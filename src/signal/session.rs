@@ -367,7 +367,7 @@ impl Session {
         match ty {
             RequestType::CreateRoom => {
                 let req: CreateRoom = fields(ty, obj)?;
-                Ok(hub.create_room(&auth.grants, req)?)
+                Ok(hub.create_room(&auth.user_id, &auth.grants, req)?)
             }
             RequestType::JoinRoom => {
                 let req: JoinRoom = fields(ty, obj)?;
