@@ -661,7 +661,7 @@ struct MediaSection {
 /// read as RFC 8866 5.13 writes it, `a=<name>[:<value>]`: `a=sendrecv:x` is a `sendrecv`
 /// attribute (webrtc-rs reads it so), whatever follows the colon.
 fn media_sections(sdp: &str) -> Vec<MediaSection> {
-    fn direction(line: &str) -> Option<(bool, bool)> {
+    fn direction(line: &str) -> Option<Direction> {
         let attr = line.strip_prefix("a=")?;
         let name = attr.split(':').next().unwrap_or(attr).trim();
         match name {
@@ -672,9 +672,11 @@ fn media_sections(sdp: &str) -> Vec<MediaSection> {
             _ => None,
         }
     }
+    /// (sends, receives)
+    type Direction = (bool, bool);
     let mut session = None;
     // (carries media, port is 0, direction)
-    let mut sections: Vec<(bool, bool, Option<(bool, bool)>)> = Vec::new();
+    let mut sections: Vec<(bool, bool, Option<Direction>)> = Vec::new();
     for line in sdp.lines().map(str::trim) {
         if let Some(m) = line.strip_prefix("m=") {
             let mut parts = m.split_whitespace();
