@@ -787,7 +787,7 @@ mod tests {
             // No direction at all: sendrecv.
             video.to_string(),
             // Session-level sendrecv applies to an m-section without its own.
-            format!("v=0\r\na=sendrecv\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"),
+            "v=0\r\na=sendrecv\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n".to_string(),
             // A second m-section that sends, after a recvonly one.
             format!("{video}a=recvonly\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"),
         ];
@@ -806,7 +806,7 @@ mod tests {
             // A data channel only: no media direction.
             "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n".to_string(),
             // Session-level recvonly, no media-level attribute.
-            format!("v=0\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"),
+            "v=0\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n".to_string(),
         ];
         for sdp in &allowed {
             assert!(check_sdp_grants(sdp, &viewer).is_ok(), "{sdp:?}");
