@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -169,6 +170,10 @@ async fn messages_many_read_chunks_long_arrive_whole() {
     a.request("ping", json!({})).await.unwrap();
 }
 
+/// Every frame counts against the rate limit. Past it a client gets one `rate_limited` error for
+/// a run of refused messages and no answer to the rest; one that keeps sending (more than twice
+/// `rate_burst` refused in a row) is closed with 1008. Another connection is unaffected, and a
+/// client that paused is served again.
 #[tokio::test]
 async fn message_flood_is_rate_limited_and_recovers() {
     let mut cfg = test_config();
@@ -177,32 +182,93 @@ async fn message_flood_is_rate_limited_and_recovers() {
     let s = spawn(cfg).await;
     let mut a = Client::joined_hello(s.addr, "a").await;
     let mut b = Client::joined_hello(s.addr, "b").await;
+    let mut c = Client::joined_hello(s.addr, "c").await;
 
-    for i in 0..30 {
+    for i in 0..200 {
         a.send_raw(&json!({"id": 100 + i, "type": "ping"}).to_string())
             .await;
     }
-    let mut ok = 0;
-    let mut limited = 0;
-    for i in 0..30 {
-        match a.response_for(&json!(100 + i)).await {
-            Ok(_) => ok += 1,
-            Err((code, _)) => {
-                assert_eq!(code, "rate_limited");
-                limited += 1;
+    let (mut ok, mut limited) = (0, 0);
+    let closed = loop {
+        match tokio::time::timeout(WAIT, a.ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                match v["error"]["code"].as_str() {
+                    None => ok += 1,
+                    Some("rate_limited") => limited += 1,
+                    Some(other) => panic!("{other}"),
+                }
             }
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
         }
-    }
-    assert_eq!(ok + limited, 30, "every request gets exactly one response");
+    };
+    assert_eq!(closed, Some(1008), "a client that keeps flooding is closed");
+    // The burst (one token went to hello), and what refilled meanwhile.
+    assert!((4..50).contains(&ok), "{ok} answered");
     assert!(
-        limited >= 20,
-        "flood was limited: {ok} ok, {limited} limited"
+        (1..10).contains(&limited),
+        "{limited} rate_limited errors for 200 messages"
     );
+
     // Another connection is unaffected.
     b.request("ping", json!({})).await.unwrap();
-    // After a pause the bucket has refilled.
+    // A short burst over the limit: refused, not closed; served again after a pause.
+    for i in 0..8 {
+        c.send_raw(&json!({"id": 300 + i, "type": "ping"}).to_string())
+            .await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    a.request("ping", json!({})).await.unwrap();
+    c.request("ping", json!({})).await.unwrap();
+}
+
+/// Invalid messages (malformed JSON, unknown types, binary frames) count against the rate limit
+/// like any other, and a session that sends more than 32 is closed with 1008: one connection
+/// cannot make the server answer junk at full speed.
+#[tokio::test]
+async fn junk_is_answered_a_bounded_number_of_times_then_closed() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    for i in 0..300 {
+        match i % 3 {
+            0 => a.send_raw("{not json").await,
+            1 => {
+                a.send_raw(&json!({"id": i, "type": "nope"}).to_string())
+                    .await
+            }
+            _ => a.send_message(Message::Binary(vec![1, 2, 3].into())).await,
+        }
+    }
+    let mut answered = 0;
+    let closed = loop {
+        match tokio::time::timeout(WAIT, a.ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Text(_))) => answered += 1,
+            Some(Ok(Message::Close(f))) => {
+                break f.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    let (code, reason) = closed.expect("a close frame");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("invalid"), "{reason}");
+    assert_eq!(
+        answered, 32,
+        "each invalid message up to the limit is answered"
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(metric(&m, "ferry_signal_messages_total{type=\"invalid\"}").unwrap() >= 22.0);
+    // The server still serves others.
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    b.request("ping", json!({})).await.unwrap();
 }
 
 #[tokio::test]
@@ -371,4 +437,67 @@ async fn bad_subscriptions_and_pair_reports() {
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "ferry_pairs{mode=\"p2p\"}"), Some(1.0), "{m}");
+}
+
+/// A text frame that is not UTF-8 closes the connection with 1007 (invalid frame payload data,
+/// RFC 6455 7.4.1), not with a generic protocol error.
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let bad = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    a.send_message(Message::Frame(bad)).await;
+    let (code, reason) = a.expect_close().await;
+    assert_eq!(code, 1007, "{reason}");
+}
+
+/// A client's Close frame is answered with a Close (RFC 6455 5.5.1) before the connection ends.
+#[tokio::test]
+async fn a_clients_close_is_answered_with_a_close() {
+    use futures_util::SinkExt;
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    a.ws.send(Message::Close(None)).await.unwrap();
+    let mut answered = false;
+    while let Ok(Some(m)) = tokio::time::timeout(WAIT, a.ws.next()).await {
+        match m {
+            Ok(Message::Close(_)) => {
+                answered = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(answered, "no Close came back");
+}
+
+/// A member whose connection ends, cleanly (Close) or not (the TCP connection just goes), leaves
+/// its room with reason `disconnected`, as docs/protocol.md says.
+#[tokio::test]
+async fn a_member_whose_socket_goes_leaves_as_disconnected() {
+    use futures_util::SinkExt;
+    let s = spawn(test_config()).await;
+    let (mut a, b, room) = two_in_a_room(s.addr, "a", "b").await;
+    let mut c = Client::joined_hello(s.addr, "c").await;
+    c.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let _ = a.event_where(|e| e["event"] == "join").await;
+    // b: the TCP connection goes without a closing handshake.
+    let b_id = b.user_id.clone();
+    drop(b);
+    let ev = a
+        .event_where(|e| e["event"] == "leave" && e["userId"] == b_id.as_str())
+        .await;
+    assert_eq!(ev["reason"], "disconnected", "{ev}");
+    // c: a clean Close.
+    let c_id = c.user_id.clone();
+    c.ws.send(Message::Close(None)).await.unwrap();
+    let ev = a
+        .event_where(|e| e["event"] == "leave" && e["userId"] == c_id.as_str())
+        .await;
+    assert_eq!(ev["reason"], "disconnected", "{ev}");
 }

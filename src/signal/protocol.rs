@@ -110,6 +110,11 @@ pub mod close {
     pub const PING_TIMEOUT: u16 = 4003;
     /// The client does not read its messages fast enough (outbound queue full).
     pub const SLOW_CONSUMER: u16 = 4004;
+    /// Standard (policy violation): the client kept sending past its rate limit, or sent too many
+    /// invalid messages.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// Standard: a text frame that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
 }
 
 /// The request types, with their metric label.

@@ -24,6 +24,9 @@ use crate::signal::protocol::{
 
 /// A send that does not complete within this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Invalid messages (malformed, unknown type, binary, oversized) a session may send in all; the
+/// next closes it with 1008.
+pub const MAX_INVALID_MESSAGES: u32 = 32;
 
 /// Refuse a connection right after the upgrade, with a close code and reason.
 pub async fn refuse(mut socket: WebSocket, code: u16, reason: &str) {
@@ -77,6 +80,12 @@ enum Flow {
     Close(u16, String),
 }
 
+/// Whether a frame may be handled (see [`Session::admit`]).
+enum Admit {
+    Yes,
+    No(Flow),
+}
+
 struct Session {
     hub: Arc<Hub>,
     socket: WebSocket,
@@ -94,6 +103,13 @@ struct Session {
     /// How many rooms this session joined: the media shard tells a join's commands from the
     /// next one's by it.
     joins: u64,
+    /// Messages refused by the rate limiter since the last one it let through (only the first
+    /// is answered; more than twice `rate_burst` of them close the connection).
+    refused_in_a_row: u32,
+    /// Invalid messages so far (see [`MAX_INVALID_MESSAGES`]).
+    invalid: u32,
+    /// The client sent a Close frame.
+    client_closed: bool,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -138,6 +154,9 @@ pub async fn run(
             kick,
             limiter,
             joins: 0,
+            refused_in_a_row: 0,
+            invalid: 0,
+            client_closed: false,
         };
         let (code, reason) = s.run_loop().await;
         s.finish(code, &reason).await;
@@ -192,15 +211,36 @@ impl Session {
                                 self.count_error(ErrorCode::MessageTooLarge);
                                 return (close::MESSAGE_TOO_BIG, "message too large".into());
                             }
+                            if text.to_ascii_lowercase().contains("utf-8") {
+                                self.count_error(ErrorCode::BadRequest);
+                                return (close::INVALID_PAYLOAD, "text frame is not valid UTF-8".into());
+                            }
+                            // The client's side went away without a closing handshake (reset,
+                            // broken pipe): a disconnect like a clean close.
+                            if ["reset", "without closing handshake", "broken pipe", "connection"]
+                                .iter()
+                                .any(|w| text.to_ascii_lowercase().contains(w))
+                            {
+                                return (1000, String::new());
+                            }
                             return (1002, "protocol error".into());
                         }
-                        Some(Ok(Message::Text(t))) => self.handle_text(t.as_str()).await,
-                        Some(Ok(Message::Binary(_))) => {
-                            self.metrics_message("invalid");
-                            let err = SignalError::new(ErrorCode::BadRequest, "binary frames are not supported: send JSON text");
-                            self.reply(&Value::Null, Err(err)).await
+                        Some(Ok(Message::Text(t))) => match self.admit().await {
+                            Admit::Yes => self.handle_text(t.as_str()).await,
+                            Admit::No(flow) => flow,
+                        },
+                        Some(Ok(Message::Binary(_))) => match self.admit().await {
+                            Admit::Yes => {
+                                self.metrics_message("invalid");
+                                let err = SignalError::new(ErrorCode::BadRequest, "binary frames are not supported: send JSON text");
+                                self.invalid_message(&Value::Null, err).await
+                            }
+                            Admit::No(flow) => flow,
+                        },
+                        Some(Ok(Message::Close(_))) => {
+                            self.client_closed = true;
+                            return (1000, String::new());
                         }
-                        Some(Ok(Message::Close(_))) => return (1000, String::new()),
                         Some(Ok(_)) => Flow::Continue, // ping/pong: answered by the library
                     };
                     if let Flow::Close(c, r) = flow {
@@ -243,6 +283,25 @@ impl Session {
                 reason: reason.into(),
             }));
             let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(frame)).await;
+            // Read what the client still sends until its Close (at most a second): closing the
+            // socket with unread data would reset the connection, and the client would lose
+            // the close frame and its reason.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(Ok(m)) = self.socket.recv().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        } else if self.client_closed {
+            // RFC 6455 5.5.1: answer the client's Close with one (the library queued it when
+            // it read theirs; this sends it).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                futures_util::SinkExt::flush(&mut self.socket),
+            )
+            .await;
         }
     }
 
@@ -286,6 +345,52 @@ impl Session {
         self.send_text(text.into()).await
     }
 
+    /// Every frame from the client takes a token from its rate limiter, whatever it holds. Past
+    /// the limit a frame is dropped: the first of a run gets a `rate_limited` error, the others
+    /// no answer, and more than twice `rate_burst` refused in a row close the connection (1008).
+    async fn admit(&mut self) -> Admit {
+        if self.limiter.allow(Instant::now()) {
+            self.refused_in_a_row = 0;
+            return Admit::Yes;
+        }
+        self.refused_in_a_row += 1;
+        self.count_error(ErrorCode::RateLimited);
+        let limit = self.hub.config.rate_limit;
+        if self.refused_in_a_row > 2 * self.hub.config.rate_burst.max(1) {
+            return Admit::No(Flow::Close(
+                close::POLICY_VIOLATION,
+                format!("kept sending past the rate limit ({limit} messages per second)"),
+            ));
+        }
+        if self.refused_in_a_row > 1 {
+            return Admit::No(Flow::Continue);
+        }
+        let err = SignalError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {limit} messages per second: this message and the next ones past \
+                 the limit are dropped unanswered"
+            ),
+        );
+        // Counted above: sent without counting again.
+        let text = protocol::response_err(&Value::Null, &err);
+        Admit::No(self.send_text(text.into()).await)
+    }
+
+    /// Answer an invalid message with `err`, and close the connection at the
+    /// [`MAX_INVALID_MESSAGES`]th.
+    async fn invalid_message(&mut self, id: &Value, err: SignalError) -> Flow {
+        self.invalid += 1;
+        if self.invalid > MAX_INVALID_MESSAGES {
+            self.count_error(err.code);
+            return Flow::Close(
+                close::POLICY_VIOLATION,
+                format!("more than {MAX_INVALID_MESSAGES} invalid messages"),
+            );
+        }
+        self.reply(id, Err(err)).await
+    }
+
     async fn handle_text(&mut self, text: &str) -> Flow {
         if text.len() > self.hub.config.max_message_bytes {
             self.metrics_message("invalid");
@@ -297,14 +402,14 @@ impl Session {
                     self.hub.config.max_message_bytes
                 ),
             );
-            return self.reply(&Value::Null, Err(err)).await;
+            return self.invalid_message(&Value::Null, err).await;
         }
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
                 self.metrics_message("invalid");
                 let err = SignalError::new(ErrorCode::BadRequest, format!("malformed JSON: {e}"));
-                return self.reply(&Value::Null, Err(err)).await;
+                return self.invalid_message(&Value::Null, err).await;
             }
         };
         let protocol::Envelope {
@@ -315,7 +420,7 @@ impl Session {
             Ok(parts) => parts,
             Err((id, err)) => {
                 self.metrics_message("invalid");
-                return self.reply(&id, Err(err)).await;
+                return self.invalid_message(&id, err).await;
             }
         };
         let Some(ty) = RequestType::parse(&ty) else {
@@ -324,19 +429,9 @@ impl Session {
                 ErrorCode::UnknownType,
                 format!("unknown message type {ty:?}"),
             );
-            return self.reply(&id, Err(err)).await;
+            return self.invalid_message(&id, err).await;
         };
         self.metrics_message(ty.as_str());
-        if !self.limiter.allow(Instant::now()) {
-            let err = SignalError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second: request dropped",
-                    self.hub.config.rate_limit
-                ),
-            );
-            return self.reply(&id, Err(err)).await;
-        }
         match self.dispatch(ty, obj) {
             Ok(v) => self.reply(&id, Ok(v)).await,
             Err(Reject::Error(e)) => self.reply(&id, Err(e)).await,
