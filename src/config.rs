@@ -149,6 +149,19 @@ pub struct ServeArgs {
     /// Most rooms one session may have created that still exist.
     #[arg(long, env = "FERRY_MAX_ROOMS_PER_SESSION")]
     pub max_rooms_per_session: Option<usize>,
+    /// Time a client has to send a whole HTTP request head, and most time idle between requests
+    /// (e.g. "10s").
+    #[arg(long, env = "FERRY_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<String>,
+    /// Most TCP connections to the HTTP port from one IP address.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Most WebSocket connections that have not said hello yet.
+    #[arg(long, env = "FERRY_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
+    /// Most WebSocket connections from one IP address that have not said hello yet.
+    #[arg(long, env = "FERRY_MAX_PENDING_PER_IP")]
+    pub max_pending_per_ip: Option<usize>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -213,6 +226,10 @@ pub struct FileConfig {
     pub media_tcp_max_connections: Option<usize>,
     pub max_rooms: Option<usize>,
     pub max_rooms_per_session: Option<usize>,
+    pub http_header_timeout: Option<String>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_pending_connections: Option<usize>,
+    pub max_pending_per_ip: Option<usize>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -263,6 +280,13 @@ pub struct Config {
     pub max_rooms: usize,
     /// Most rooms one session may have created that still exist.
     pub max_rooms_per_session: usize,
+    /// A connection to the HTTP port without a whole request head this long is closed (and one
+    /// idle this long between requests).
+    pub http_header_timeout: Duration,
+    pub max_connections_per_ip: usize,
+    /// WebSockets before `hello` (they need no token): their own cap, apart from `max_connections`.
+    pub max_pending_connections: usize,
+    pub max_pending_per_ip: usize,
 }
 
 impl Default for Config {
@@ -294,6 +318,10 @@ impl Default for Config {
             media_tcp_max_connections: 1000,
             max_rooms: 10_000,
             max_rooms_per_session: 20,
+            http_header_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 4096,
+            max_pending_connections: 1000,
+            max_pending_per_ip: 32,
         }
     }
 }
@@ -499,6 +527,26 @@ impl Config {
                 .or(file.media_tcp_max_connections)
                 .unwrap_or(d.media_tcp_max_connections),
             max_rooms: args.max_rooms.or(file.max_rooms).unwrap_or(d.max_rooms),
+            http_header_timeout: match args
+                .http_header_timeout
+                .clone()
+                .or(file.http_header_timeout)
+            {
+                Some(s) => parse_duration("http_header_timeout", &s)?,
+                None => d.http_header_timeout,
+            },
+            max_connections_per_ip: args
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(d.max_connections_per_ip),
+            max_pending_connections: args
+                .max_pending_connections
+                .or(file.max_pending_connections)
+                .unwrap_or(d.max_pending_connections),
+            max_pending_per_ip: args
+                .max_pending_per_ip
+                .or(file.max_pending_per_ip)
+                .unwrap_or(d.max_pending_per_ip),
             max_rooms_per_session: args
                 .max_rooms_per_session
                 .or(file.max_rooms_per_session)

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::config::HARD_MESSAGE_LIMIT_FACTOR;
-use crate::signal::hub::Hub;
+use crate::signal::hub::{Hub, Refused};
 use crate::signal::protocol::close;
 use crate::signal::session;
 
@@ -107,17 +107,34 @@ async fn ws(
             session::refuse(socket, close::TRY_AGAIN_LATER, "server is draining").await;
             return;
         }
-        let Some(slot) = hub.try_connect() else {
-            hub.metrics
-                .signal_errors
-                .with_label_values(&["too_many_connections"])
-                .inc();
-            let reason = format!(
-                "too many connections (max_connections = {})",
-                hub.config.max_connections
-            );
-            session::refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
-            return;
+        let slot = match hub.try_connect(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let (label, reason) = match why {
+                    Refused::Pending => (
+                        "pending",
+                        format!(
+                            "too many connections waiting for hello (max_pending_connections = {})",
+                            hub.config.max_pending_connections
+                        ),
+                    ),
+                    Refused::PendingPerIp => (
+                        "pending_per_ip",
+                        format!(
+                            "too many connections from your address waiting for hello \
+                             (max_pending_per_ip = {})",
+                            hub.config.max_pending_per_ip
+                        ),
+                    ),
+                };
+                hub.metrics.http_refused.with_label_values(&[label]).inc();
+                hub.metrics
+                    .signal_errors
+                    .with_label_values(&["too_many_connections"])
+                    .inc();
+                session::refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
+                return;
+            }
         };
         session::run(hub, socket, slot, token, remote).await;
     })

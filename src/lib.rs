@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod listener;
 pub mod loadgen;
 pub mod media;
 pub mod metrics;

@@ -164,7 +164,25 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Raise the open-file limit to what the system allows: each WebSocket, HTTP connection and
+/// ICE-TCP client takes a descriptor, and the default soft limit (often 1024) would be reached
+/// long before the connection caps.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
+    raise_fd_limit();
     let cfg = match Config::load(&args) {
         Ok(c) => c,
         Err(e) => {

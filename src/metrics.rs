@@ -34,7 +34,7 @@ pub const MESSAGE_TYPES: [&str; 14] = [
 
 /// `ferry_signal_errors_total{code}` beyond the protocol's error codes: a connection refused for
 /// `max_connections`.
-pub const EXTRA_ERROR_CODES: [&str; 1] = ["too_many_connections"];
+pub const EXTRA_ERROR_CODES: [&str; 0] = [];
 
 /// `ferry_media_dropped_total{reason}`: every reason the media path drops for.
 pub const DROP_REASONS: [&str; 14] = [
@@ -53,6 +53,9 @@ pub const DROP_REASONS: [&str; 14] = [
     "not_publisher",
     "tcp_overflow",
 ];
+
+/// `ferry_http_refused_total{reason}`'s values.
+pub const HTTP_REFUSALS: [&str; 3] = ["per_ip", "pending", "pending_per_ip"];
 
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.
 pub const PEER_STATES: [&str; 5] = ["new", "connecting", "connected", "disconnected", "failed"];
@@ -107,6 +110,8 @@ pub struct Metrics {
     pub media_tcp_connections: IntGauge,
     /// `ferry_media_tcp_refused_total`: TCP connections to the media port refused at the cap.
     pub media_tcp_refused: IntCounter,
+    /// `ferry_http_refused_total{reason}`: connections to the HTTP port closed at a limit.
+    pub http_refused: IntCounterVec,
 }
 
 /// `ferry_srtp_profiles_total`'s `profile` values.
@@ -340,8 +345,20 @@ impl Metrics {
             "TCP connections to the media port refused because media_tcp_max_connections were open.",
         )
         .expect("valid metric");
+        let http_refused = IntCounterVec::new(
+            Opts::new(
+                "ferry_http_refused_total",
+                "Connections to the HTTP port closed at a limit: per_ip (max_connections_per_ip TCP connections from one address), pending (max_pending_connections WebSockets before hello), pending_per_ip (max_pending_per_ip of them from one address).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for r in HTTP_REFUSALS {
+            http_refused.with_label_values(&[r]);
+        }
         for c in [
             Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_refused.clone()),
             Box::new(media_tcp_connections.clone()),
             Box::new(media_tcp_refused.clone()),
             Box::new(rooms.clone()),
@@ -407,6 +424,7 @@ impl Metrics {
             srtp_opened_by_rtc,
             media_tcp_connections,
             media_tcp_refused,
+            http_refused,
         }
     }
 

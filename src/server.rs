@@ -194,29 +194,30 @@ impl Server {
 
         let mut stop_rx = shutdown_tx.subscribe();
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
+        let limits = crate::listener::HttpLimits {
+            header_timeout: cfg.http_header_timeout,
+            max_per_ip: cfg.max_connections_per_ip,
+        };
         let mut metrics_task = None;
         if let Some(ml) = metrics {
             info!(addr = %ml.local_addr()?, "metrics listening");
             let app = http::metrics_router(hub.clone());
-            let mut rx = http_stop_rx.clone();
-            metrics_task = Some(tokio::spawn(async move {
-                axum::serve(ml, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|v| *v).await;
-                    })
-                    .await
-            }));
+            metrics_task = Some(tokio::spawn(crate::listener::serve(
+                ml,
+                app,
+                limits,
+                hub.metrics.clone(),
+                http_stop_rx.clone(),
+            )));
         }
-        let app = http::router(hub.clone(), metrics_task.is_none())
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let mut rx = http_stop_rx;
-        let serve = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|v| *v).await;
-                })
-                .await
-        });
+        let app = http::router(hub.clone(), metrics_task.is_none());
+        let serve = tokio::spawn(crate::listener::serve(
+            listener,
+            app,
+            limits,
+            hub.metrics.clone(),
+            http_stop_rx,
+        ));
 
         let _ = stop_rx.wait_for(|v| *v).await;
         let sessions = hub.connection_count();

@@ -278,10 +278,14 @@ async fn too_many_connections_are_refused_with_a_reason() {
     let s = spawn(cfg).await;
     let a = Client::joined_hello(s.addr, "a").await;
     let _b = Client::joined_hello(s.addr, "b").await;
+    // A third connection may say hello (connections before hello have their own cap), and is
+    // refused then.
     let mut c = Client::connect(s.addr).await;
+    let e = c.request("hello", json!({})).await.unwrap_err();
+    assert_eq!(e.0, "too_many_connections", "{e:?}");
     let (code, reason) = c.expect_close().await;
     assert_eq!(code, 1013);
-    assert!(reason.contains("too many connections"), "{reason}");
+    assert!(reason.contains("too many sessions"), "{reason}");
     drop(a);
     // The slot comes back once a's session has ended.
     let mut tries = 0;
@@ -500,4 +504,53 @@ async fn a_member_whose_socket_goes_leaves_as_disconnected() {
         .event_where(|e| e["event"] == "leave" && e["userId"] == c_id.as_str())
         .await;
     assert_eq!(ev["reason"], "disconnected", "{ev}");
+}
+
+/// A WebSocket connected from `local` (a loopback address of this machine), without hello.
+async fn raw_ws_from(local: &str, server: std::net::SocketAddr) -> Option<Client> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(server).await.ok()?;
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{server}/ws"), stream)
+        .await
+        .ok()?;
+    Some(Client::from_stream(ws))
+}
+
+/// Connections that never say hello (they need no token) cannot crowd out real sessions: they
+/// have their own cap, and one address may hold only `max_pending_per_ip` of them; the rest are
+/// closed with 1013 and counted, while a client from another address connects and works.
+#[tokio::test]
+async fn connections_without_hello_cannot_crowd_out_sessions() {
+    let s = spawn(ferry::config::Config {
+        max_connections: 10,
+        max_pending_per_ip: 8,
+        ..test_config()
+    })
+    .await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let mut c = raw_ws_from("127.0.0.2", s.addr).await.expect("connect");
+        if held.len() < 8 {
+            held.push(c);
+            continue;
+        }
+        let (code, reason) = c.expect_close().await;
+        assert_eq!(code, 1013, "{reason}");
+        assert!(reason.contains("max_pending_per_ip"), "{reason}");
+        refused += 1;
+    }
+    assert_eq!(refused, 12);
+    // A client from another address gets in, 20 times over.
+    for i in 0..20 {
+        let mut c = Client::joined_hello(s.addr, &format!("real-{i}")).await;
+        c.request("ping", json!({})).await.unwrap();
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_http_refused_total{reason=\"pending_per_ip\"}"),
+        Some(12.0)
+    );
 }

@@ -106,6 +106,10 @@ pub struct Hub {
     room_count: AtomicUsize,
     /// Rooms that exist, by the session that created them.
     created_by: DashMap<String, usize>,
+    /// WebSocket connections before `hello`, in all and by address; sessions after it.
+    pending: AtomicUsize,
+    pending_by_ip: DashMap<std::net::IpAddr, usize>,
+    sessions_open: AtomicUsize,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -116,16 +120,51 @@ pub struct Hub {
     pub shutdown: CancellationToken,
 }
 
-/// Keeps the connection count right however a session ends.
+/// Keeps the connection counts right however a session ends: a connection counts as pending
+/// (`max_pending_connections`, and per address) until its `hello` makes it a session
+/// (`max_connections`).
 pub struct ConnectionSlot {
     hub: Arc<Hub>,
+    ip: std::net::IpAddr,
+    session: bool,
+}
+
+impl ConnectionSlot {
+    /// The connection said hello: count it as a session. False when `max_connections` are open.
+    pub fn promote(&mut self) -> bool {
+        if self.session {
+            return true;
+        }
+        let max = self.hub.config.max_connections as usize;
+        if self.hub.sessions_open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.hub.sessions_open.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        self.hub.release_pending(self.ip);
+        self.session = true;
+        true
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        if self.session {
+            self.hub.sessions_open.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.hub.release_pending(self.ip);
+        }
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
         self.hub.metrics.ws_connections.dec();
     }
+}
+
+/// Why [`Hub::try_connect`] refused a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `max_pending_connections` connections have not said hello.
+    Pending,
+    /// As many from this address (`max_pending_per_ip`).
+    PendingPerIp,
 }
 
 const ID_ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyz23456789";
@@ -167,6 +206,9 @@ impl Hub {
             media,
             room_count: AtomicUsize::new(0),
             created_by: DashMap::new(),
+            pending: AtomicUsize::new(0),
+            pending_by_ip: DashMap::new(),
+            sessions_open: AtomicUsize::new(0),
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -177,15 +219,39 @@ impl Hub {
     }
 
     /// Take a connection slot, or `None` when `max_connections` are open.
-    pub fn try_connect(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        let max = self.config.max_connections as usize;
-        let prev = self.connections.fetch_add(1, Ordering::AcqRel);
-        if prev >= max {
-            self.connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
+    /// Count a new WebSocket connection from `ip` as pending (before `hello`).
+    pub fn try_connect(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<ConnectionSlot, Refused> {
+        let ip = ip.to_canonical();
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.config.max_pending_connections {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Pending);
         }
+        {
+            let mut n = self.pending_by_ip.entry(ip).or_insert(0);
+            if *n >= self.config.max_pending_per_ip {
+                drop(n);
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused::PendingPerIp);
+            }
+            *n += 1;
+        }
+        self.connections.fetch_add(1, Ordering::AcqRel);
         self.metrics.ws_connections.inc();
-        Some(ConnectionSlot { hub: self.clone() })
+        Ok(ConnectionSlot {
+            hub: self.clone(),
+            ip,
+            session: false,
+        })
+    }
+
+    fn release_pending(&self, ip: std::net::IpAddr) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        if let Entry::Occupied(mut e) = self.pending_by_ip.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     pub fn connection_count(&self) -> usize {
@@ -786,20 +852,26 @@ mod tests {
     fn connection_slots_are_capped_and_returned() {
         let cfg = Config {
             max_connections: 1,
+            max_pending_connections: 3,
+            max_pending_per_ip: 2,
             ..Config::default()
         };
-        let h = Hub::new(
-            Arc::new(cfg),
-            Arc::new(Metrics::new()),
-            Vec::new(),
-            vec![crate::media::MediaControl {
-                commands: mpsc::channel(1).0,
-                control: mpsc::unbounded_channel().0,
-            }],
-        );
-        let a = h.try_connect().unwrap();
-        assert!(h.try_connect().is_none());
+        let h = hub_with(cfg, 1);
+        let (ip1, ip2): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let mut a = h.try_connect(ip1).unwrap();
+        let b = h.try_connect(ip1).unwrap();
+        assert_eq!(h.try_connect(ip1).err(), Some(Refused::PendingPerIp));
+        let mut c = h.try_connect(ip2).unwrap();
+        assert_eq!(h.try_connect(ip2).err(), Some(Refused::Pending));
+        // A session leaves the pending count; sessions have their own cap.
+        assert!(a.promote());
+        assert!(!c.promote(), "max_connections sessions are open");
+        assert!(h.try_connect(ip1).is_ok(), "a's pending place is free");
         drop(a);
-        assert!(h.try_connect().is_some());
+        assert!(c.promote());
+        drop((b, c));
+        assert_eq!(h.connection_count(), 0);
+        assert!(h.pending_by_ip.is_empty());
     }
 }

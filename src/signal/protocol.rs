@@ -30,10 +30,11 @@ pub enum ErrorCode {
     Draining,
     MediaUnavailable,
     TooManyRooms,
+    TooManyConnections,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MessageTooLarge,
@@ -52,6 +53,7 @@ impl ErrorCode {
         ErrorCode::Draining,
         ErrorCode::MediaUnavailable,
         ErrorCode::TooManyRooms,
+        ErrorCode::TooManyConnections,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +76,7 @@ impl ErrorCode {
             ErrorCode::Draining => "draining",
             ErrorCode::MediaUnavailable => "media_unavailable",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }

@@ -110,6 +110,8 @@ struct Session {
     invalid: u32,
     /// The client sent a Close frame.
     client_closed: bool,
+    /// Its place among the connections (pending until `hello`).
+    slot: ConnectionSlot,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -123,7 +125,6 @@ pub async fn run(
     let span =
         info_span!("session", %remote, user = tracing::field::Empty, room = tracing::field::Empty);
     async move {
-        let _slot = slot;
         let query_claims = match (&hub.verifier, query_token) {
             (Some(v), Some(t)) => match v.verify(&t) {
                 Ok(c) => Some(c),
@@ -157,6 +158,7 @@ pub async fn run(
             refused_in_a_row: 0,
             invalid: 0,
             client_closed: false,
+            slot,
         };
         let (code, reason) = s.run_loop().await;
         s.finish(code, &reason).await;
@@ -705,6 +707,19 @@ impl Session {
                 )
             }
         };
+        if !self.slot.promote() {
+            self.count_error(ErrorCode::TooManyConnections);
+            return Err(Reject::Close(
+                SignalError::new(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "too many sessions (max_connections = {}): try again later or another node",
+                        self.hub.config.max_connections
+                    ),
+                ),
+                close::TRY_AGAIN_LATER,
+            ));
+        }
         let (tx, kick) = self.pending.take().expect("hello registers once");
         let user_id = self.hub.register(SessionHandle { tx, kick });
         tracing::Span::current().record("user", user_id.as_str());

@@ -106,6 +106,16 @@ impl Client {
         }
     }
 
+    /// A client over an already open WebSocket.
+    pub fn from_stream(ws: Ws) -> Client {
+        Client {
+            ws,
+            next_id: 1,
+            events: VecDeque::new(),
+            user_id: String::new(),
+        }
+    }
+
     /// Connect and say hello (dev mode); returns the client with its user id set.
     pub async fn joined_hello(addr: SocketAddr, identity: &str) -> Client {
         let mut c = Client::connect(addr).await;
