@@ -49,6 +49,9 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default)]
     pub iat: u64,
+    /// Not valid before this time (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default)]
     pub grants: Grants,
 }
@@ -66,6 +69,19 @@ pub enum TokenError {
     UnknownKey,
     #[error("access token malformed")]
     Malformed,
+    #[error("access token not valid yet (nbf, or iat in the future)")]
+    NotYetValid,
+}
+
+/// Clock difference allowed between the token's issuer and this server for `nbf` and `iat`.
+pub const CLOCK_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Verifies tokens for one API key/secret pair.
@@ -93,6 +109,7 @@ impl Verifier {
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        validation.validate_nbf = false; // checked below, with the clock leeway
         validation.set_required_spec_claims(&["exp", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(
             |e| match e.kind() {
@@ -103,6 +120,10 @@ impl Verifier {
         )?;
         if data.claims.sub.is_empty() || data.claims.sub.len() > 256 {
             return Err(TokenError::Malformed);
+        }
+        let latest = unix_now() + CLOCK_LEEWAY.as_secs();
+        if data.claims.nbf.is_some_and(|nbf| nbf > latest) || data.claims.iat > latest {
+            return Err(TokenError::NotYetValid);
         }
         Ok(data.claims)
     }
@@ -124,6 +145,7 @@ pub fn mint(
         sub: identity.to_string(),
         iat: now,
         exp: now + ttl.as_secs().max(1),
+        nbf: None,
         grants,
     };
     let mut header = Header::new(Algorithm::HS256);
@@ -178,5 +200,53 @@ mod tests {
         .unwrap();
         assert_eq!(v.verify(&wrong_kid).unwrap_err(), TokenError::UnknownKey);
         assert!(v.verify(&t).is_ok());
+    }
+
+    fn signed(claims: &Claims) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k".into());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_from_the_future_are_refused() {
+        let v = Verifier::new("k", SECRET);
+        let now = unix_now();
+        let base = Claims {
+            sub: "a".into(),
+            exp: now + 3600,
+            iat: now,
+            nbf: None,
+            grants: Grants::default(),
+        };
+        assert!(v.verify(&signed(&base)).is_ok());
+        let later = Claims {
+            nbf: Some(now + 600),
+            ..base.clone()
+        };
+        assert_eq!(
+            v.verify(&signed(&later)).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        let issued_later = Claims {
+            iat: now + 600,
+            ..base.clone()
+        };
+        assert_eq!(
+            v.verify(&signed(&issued_later)).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        // Within the clock leeway: accepted.
+        let skewed = Claims {
+            nbf: Some(now + 30),
+            iat: now + 30,
+            ..base
+        };
+        assert!(v.verify(&signed(&skewed)).is_ok());
     }
 }

@@ -162,6 +162,10 @@ pub struct ServeArgs {
     /// Most WebSocket connections from one IP address that have not said hello yet.
     #[arg(long, env = "FERRY_MAX_PENDING_PER_IP")]
     pub max_pending_per_ip: Option<usize>,
+    /// Web origins whose pages may open /ws (e.g. https://app.example.com), comma-separated;
+    /// none = any.
+    #[arg(long, env = "FERRY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -230,6 +234,7 @@ pub struct FileConfig {
     pub max_connections_per_ip: Option<usize>,
     pub max_pending_connections: Option<usize>,
     pub max_pending_per_ip: Option<usize>,
+    pub allowed_origins: Option<Vec<String>>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -287,6 +292,8 @@ pub struct Config {
     /// WebSockets before `hello` (they need no token): their own cap, apart from `max_connections`.
     pub max_pending_connections: usize,
     pub max_pending_per_ip: usize,
+    /// Origins whose pages may open `/ws` (lower case, no trailing slash); empty = any.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -322,6 +329,7 @@ impl Default for Config {
             max_connections_per_ip: 4096,
             max_pending_connections: 1000,
             max_pending_per_ip: 32,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -547,6 +555,15 @@ impl Config {
                 .max_pending_per_ip
                 .or(file.max_pending_per_ip)
                 .unwrap_or(d.max_pending_per_ip),
+            allowed_origins: args
+                .allowed_origins
+                .clone()
+                .or(file.allowed_origins)
+                .unwrap_or_default()
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
             max_rooms_per_session: args
                 .max_rooms_per_session
                 .or(file.max_rooms_per_session)

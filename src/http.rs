@@ -89,8 +89,28 @@ async fn ws(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // Pages of other sites may not open a session (`allowed_origins`; empty: any). Clients that
+    // are not browsers send no Origin and are not concerned.
+    let allowed = &hub.config.allowed_origins;
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !allowed.is_empty()
+    {
+        let origin = origin.to_str().unwrap_or_default().to_ascii_lowercase();
+        if !allowed.iter().any(|a| *a == origin) {
+            hub.metrics
+                .http_refused
+                .with_label_values(&["origin"])
+                .inc();
+            return (
+                StatusCode::FORBIDDEN,
+                format!("origin {origin:?} is not in allowed_origins\n"),
+            )
+                .into_response();
+        }
+    }
     let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
     // tungstenite zero-fills its read buffer up to `read_buffer_size` on every read, and the
     // buffer stays allocated (and touched) for the connection's life: the default 128 KiB was

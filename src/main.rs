@@ -197,8 +197,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         let handle = server.shutdown_handle();
         tokio::spawn(async move {
             wait_for_signal().await;
-            tracing::info!("shutdown signal received");
+            tracing::info!("shutdown signal received: draining (send it again to stop now)");
             handle.shutdown();
+            wait_for_signal().await;
+            tracing::info!("second shutdown signal: closing every session now");
+            handle.shutdown_now();
         });
         server.run().await
     });

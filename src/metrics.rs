@@ -55,7 +55,7 @@ pub const DROP_REASONS: [&str; 14] = [
 ];
 
 /// `ferry_http_refused_total{reason}`'s values.
-pub const HTTP_REFUSALS: [&str; 3] = ["per_ip", "pending", "pending_per_ip"];
+pub const HTTP_REFUSALS: [&str; 4] = ["per_ip", "pending", "pending_per_ip", "origin"];
 
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.
 pub const PEER_STATES: [&str; 5] = ["new", "connecting", "connected", "disconnected", "failed"];

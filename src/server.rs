@@ -24,6 +24,8 @@ pub struct Server {
     media: Vec<MediaShard>,
     metrics: Option<TcpListener>,
     shutdown_tx: watch::Sender<bool>,
+    /// Set by [`ShutdownHandle::shutdown_now`].
+    shutdown_now_tx: watch::Sender<bool>,
     media_thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -41,11 +43,18 @@ struct MediaShard {
 #[derive(Clone)]
 pub struct ShutdownHandle {
     tx: watch::Sender<bool>,
+    now: watch::Sender<bool>,
 }
 
 impl ShutdownHandle {
     pub fn shutdown(&self) {
         self.tx.send_replace(true);
+    }
+
+    /// Cut a drain short: close every session now (1001) and stop (a second SIGTERM).
+    pub fn shutdown_now(&self) {
+        self.tx.send_replace(true);
+        self.now.send_replace(true);
     }
 }
 
@@ -110,12 +119,14 @@ impl Server {
         let media_addrs = media[0].addrs.clone();
         let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs, senders);
         let (shutdown_tx, _) = watch::channel(false);
+        let (shutdown_now_tx, _) = watch::channel(false);
         Ok(Server {
             hub,
             http,
             media,
             metrics,
             shutdown_tx,
+            shutdown_now_tx,
             media_thread_start: None,
         })
     }
@@ -165,6 +176,7 @@ impl Server {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             tx: self.shutdown_tx.clone(),
+            now: self.shutdown_now_tx.clone(),
         }
     }
 
@@ -176,6 +188,7 @@ impl Server {
             media,
             metrics,
             shutdown_tx,
+            shutdown_now_tx,
             media_thread_start,
         } = self;
         let cfg = hub.config.clone();
@@ -225,7 +238,11 @@ impl Server {
         hub.start_drain();
         hub.metrics.ready.set(0);
         let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
-        while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        let now_rx = shutdown_now_tx.subscribe();
+        while hub.connection_count() > 0
+            && tokio::time::Instant::now() < deadline
+            && !*now_rx.borrow()
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = hub.connection_count();

@@ -130,3 +130,61 @@ async fn sigterm_drains_the_real_binary() {
     });
     assert!(status.success(), "{status:?}");
 }
+
+/// A second SIGTERM during a drain cuts it short: with a client still connected and a drain
+/// timeout of five minutes, the binary closes the session (1001) and exits at once.
+#[tokio::test]
+async fn a_second_sigterm_cuts_the_drain_short() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "serve",
+            "--http-listen",
+            &addr.to_string(),
+            "--media-listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "300s",
+        ])
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_API_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    assert!(wait_for_listener(addr).await, "server did not start");
+    let mut a = Client::joined_hello(addr, "a").await;
+    let term = || {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    term();
+    assert_eq!(a.event().await["type"], "draining");
+    a.request("ping", json!({})).await.unwrap();
+    term();
+    let (code, _) = a.expect_close().await;
+    assert_eq!(code, 1001);
+    let mut status = None;
+    for _ in 0..800 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("ferry kept draining after a second SIGTERM");
+    });
+    assert!(status.success(), "{status:?}");
+}

@@ -153,3 +153,44 @@ async fn healthz_answers_under_a_half_open_flood_with_few_descriptors() {
         "/healthz answered {answered} of 10 times under the flood"
     );
 }
+
+/// A WebSocket handshake to `/ws` carrying `origin` (none: a client that is not a browser): the
+/// HTTP status the server answers with.
+async fn ws_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((_, resp)) => resp.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// `allowed_origins`: pages of other origins cannot open a session (403 before the upgrade,
+/// counted); the listed origin and clients without an Origin header can. Without the setting,
+/// any origin is let in.
+#[tokio::test]
+async fn only_allowed_origins_open_websockets() {
+    let s = spawn(ferry::config::Config {
+        allowed_origins: vec!["https://app.example".into()],
+        ..test_config()
+    })
+    .await;
+    assert_eq!(ws_status(s.addr, Some("https://evil.example")).await, 403);
+    assert_eq!(ws_status(s.addr, Some("https://app.example")).await, 101);
+    assert_eq!(ws_status(s.addr, Some("HTTPS://APP.EXAMPLE")).await, 101);
+    assert_eq!(ws_status(s.addr, None).await, 101);
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_http_refused_total{reason=\"origin\"}"),
+        Some(1.0)
+    );
+    let open = spawn(test_config()).await;
+    assert_eq!(
+        ws_status(open.addr, Some("https://evil.example")).await,
+        101
+    );
+}
