@@ -99,7 +99,7 @@ async fn ws(
         && !allowed.is_empty()
     {
         let origin = origin.to_str().unwrap_or_default().to_ascii_lowercase();
-        if !allowed.iter().any(|a| *a == origin) {
+        if !allowed.contains(&origin) {
             hub.metrics
                 .http_refused
                 .with_label_values(&["origin"])
