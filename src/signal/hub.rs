@@ -110,6 +110,8 @@ pub struct Hub {
     pending: AtomicUsize,
     pending_by_ip: DashMap<std::net::IpAddr, usize>,
     sessions_open: AtomicUsize,
+    /// Log lines about refused tokens: the second they are counted in, and how many then.
+    refusal_log: std::sync::Mutex<(u64, u64)>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -157,6 +159,9 @@ impl Drop for ConnectionSlot {
         self.hub.metrics.ws_connections.dec();
     }
 }
+
+/// Log lines about refused tokens per second (a client without a token can make thousands).
+pub const REFUSAL_LINES_PER_SECOND: u64 = 5;
 
 /// Why [`Hub::try_connect`] refused a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -209,6 +214,7 @@ impl Hub {
             pending: AtomicUsize::new(0),
             pending_by_ip: DashMap::new(),
             sessions_open: AtomicUsize::new(0),
+            refusal_log: std::sync::Mutex::new((0, 0)),
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -242,6 +248,23 @@ impl Hub {
             ip,
             session: false,
         })
+    }
+
+    /// A token was refused: `Some(n)` when a log line is due (at most [`REFUSAL_LINES_PER_SECOND`]
+    /// a second, the next one counting those not logged meanwhile: `n` refusals in all).
+    pub fn log_refusal(&self) -> Option<u64> {
+        let now = crate::auth::unix_now();
+        // No `.await` under this lock.
+        let mut log = self.refusal_log.lock().unwrap_or_else(|e| e.into_inner());
+        let (second, count) = &mut *log;
+        if *second != now {
+            let missed = count.saturating_sub(REFUSAL_LINES_PER_SECOND);
+            *second = now;
+            *count = 1;
+            return Some(1 + missed);
+        }
+        *count += 1;
+        (*count <= REFUSAL_LINES_PER_SECOND).then_some(1)
     }
 
     fn release_pending(&self, ip: std::net::IpAddr) {

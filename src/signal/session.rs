@@ -112,6 +112,9 @@ struct Session {
     client_closed: bool,
     /// Its place among the connections (pending until `hello`).
     slot: ConnectionSlot,
+    /// The room it was last in (for the log line of its end; a session's span does not carry
+    /// the room: a field recorded again is appended to every later line of the text format).
+    last_room: Option<String>,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -122,8 +125,7 @@ pub async fn run(
     query_token: Option<String>,
     remote: std::net::SocketAddr,
 ) {
-    let span =
-        info_span!("session", %remote, user = tracing::field::Empty, room = tracing::field::Empty);
+    let span = info_span!("session", %remote, user = tracing::field::Empty);
     async move {
         let query_claims = match (&hub.verifier, query_token) {
             (Some(v), Some(t)) => match v.verify(&t) {
@@ -133,7 +135,9 @@ pub async fn run(
                         .signal_errors
                         .with_label_values(&[ErrorCode::Unauthorized.as_str()])
                         .inc();
-                    info!(reason = %e, "refused token");
+                    if let Some(n) = hub.log_refusal() {
+                        info!(reason = %e, refused = n, "refused token (counts refusals since the last line)");
+                    }
                     refuse(socket, close::UNAUTHORIZED, &e.to_string()).await;
                     return;
                 }
@@ -159,6 +163,7 @@ pub async fn run(
             invalid: 0,
             client_closed: false,
             slot,
+            last_room: None,
         };
         let (code, reason) = s.run_loop().await;
         s.finish(code, &reason).await;
@@ -277,7 +282,12 @@ impl Session {
         }
         if let Some(auth) = &self.auth {
             self.hub.unregister(&auth.user_id);
-            info!(code, reason, "session ended");
+            info!(
+                code,
+                reason,
+                room = self.last_room.as_deref(),
+                "session ended"
+            );
         }
         if code != 1000 {
             let frame = Message::Close(Some(CloseFrame {
@@ -477,9 +487,9 @@ impl Session {
                 }
                 let joined =
                     hub.join_room(&auth.user_id, &auth.identity, &auth.grants, &req.room_id)?;
-                tracing::Span::current().record("room", req.room_id.as_str());
                 info!(room = %req.room_id, "joined room");
                 self.room = Some(req.room_id.clone());
+                self.last_room = Some(req.room_id.clone());
                 self.shard = hub.room_shard(&req.room_id);
                 self.joins += 1;
                 Ok(json!({
