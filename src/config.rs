@@ -336,7 +336,9 @@ impl Default for Config {
 
 /// The WebSocket layer closes a connection outright above this multiple of `max_message_bytes`;
 /// between the two, a message gets a `message_too_large` error and the connection survives.
-pub const HARD_MESSAGE_LIMIT_FACTOR: usize = 16;
+/// (The transport buffers a frame up to it: 4 keeps a connection that sends one slowly, before
+/// `hello` too, to 256 KiB at the default `max_message_bytes`.)
+pub const HARD_MESSAGE_LIMIT_FACTOR: usize = 4;
 
 impl Config {
     /// Merge flags/env over the file named by `--config` (if any) over the defaults, and validate.

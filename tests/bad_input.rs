@@ -138,8 +138,8 @@ async fn oversized_messages() {
     assert!(msg.contains("4096"), "{msg}");
     a.request("ping", json!({})).await.unwrap();
 
-    // Far above it (the transport limit, 16x): the connection is closed with 1009.
-    let huge = "x".repeat(4096 * 16 + 1);
+    // Far above it (the transport limit): the connection is closed with 1009.
+    let huge = "x".repeat(4096 * ferry::config::HARD_MESSAGE_LIMIT_FACTOR + 1);
     a.send_raw(&huge).await;
     let (code, _) = a.expect_close().await;
     assert_eq!(code, 1009);
