@@ -1323,3 +1323,77 @@ async fn the_relays_sdp_has_no_rtcp_component_candidates() {
         assert!(sdp.contains("a=rtcp-mux"), "{sdp}");
     }
 }
+
+/// A client that is not a browser, written from the protocol alone, joins a relayed room after a
+/// member published: the `joinRoom` answer lists the tracks at the relay, it subscribes to the
+/// publisher it names, and receives its media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_is_told_the_tracks_at_the_relay_and_receives_them() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut publ = MediaClient::connect(a, true).await;
+    // Published at the relay: until then nobody could be told.
+    for _ in 0..400 {
+        publ.pump(SLICE).await;
+        publ.send(0, payload(0));
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        if metric(
+            &m,
+            "ferry_media_packets_total{direction=\"in\",kind=\"video\"}",
+        )
+        .unwrap_or(0.0)
+            > 0.0
+        {
+            break;
+        }
+    }
+    let mut late = Client::joined_hello(s.addr, "late").await;
+    let joined = late
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let tracks = joined["tracks"].as_array().expect("tracks in the answer");
+    assert_eq!(
+        tracks,
+        &vec![json!({"userId": publ.ws.user_id, "streamType": "cam", "kind": "video"})],
+        "{joined}"
+    );
+    let publisher = tracks[0]["userId"].as_str().unwrap().to_string();
+    late.request("subscribe", json!({"userId": publisher}))
+        .await
+        .unwrap();
+    let mut sub = MediaClient::connect(late, false).await;
+    for _ in 0..1000 {
+        settle(&mut publ, &mut sub, 1).await;
+        if sub.connected && !sub.tracks.is_empty() {
+            break;
+        }
+    }
+    stream(&mut publ, &mut sub, 1, 40).await;
+    let got = check_received(&sub, publ.sender.unwrap().1);
+    assert!(got.len() >= 30, "received {} of 40", got.len());
+    // When the publisher's connection goes, its track leaves the list.
+    publ.ws
+        .request("bye", json!({"to": "server"}))
+        .await
+        .unwrap();
+    let mut c = Client::joined_hello(s.addr, "later").await;
+    let mut left = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let j = c
+            .request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        c.request("leaveRoom", json!({})).await.unwrap();
+        if j["tracks"] == json!([]) {
+            left = true;
+            break;
+        }
+    }
+    assert!(left, "the track stayed listed after its connection closed");
+}

@@ -263,14 +263,14 @@ async fn sigterm_behind_nginx_turns_readyz_503_and_the_call_goes_on() {
     assert!(status.success(), "{status:?}: {}", s.log("ferry.log"));
     assert_eq!(http_get(s.lb, "/healthz").await.0, 502);
 
-    // JSON logs, one span per session carrying the user and the room.
+    // JSON logs, one span per session carrying the user; the lines about a room name it.
     let lines = s.log_lines();
     let in_session = |user: &str, message: &str| {
         lines.iter().any(|l| {
             l["fields"]["message"] == message
                 && l["span"]["name"] == "session"
                 && l["span"]["user"] == user
-                && l["span"]["room"] == room.as_str()
+                && l["fields"]["room"] == room.as_str()
         })
     };
     assert!(

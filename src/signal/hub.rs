@@ -112,6 +112,9 @@ pub struct Hub {
     sessions_open: AtomicUsize,
     /// Log lines about refused tokens: the second they are counted in, and how many then.
     refusal_log: std::sync::Mutex<(u64, u64)>,
+    /// The tracks published at the relay, by room (as the `track` events the relay sends say):
+    /// what a member who joins later is told in its `joinRoom` answer.
+    relay_tracks: DashMap<String, Vec<Value>>,
     sessions: DashMap<String, SessionHandle>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
@@ -215,6 +218,7 @@ impl Hub {
             pending_by_ip: DashMap::new(),
             sessions_open: AtomicUsize::new(0),
             refusal_log: std::sync::Mutex::new((0, 0)),
+            relay_tracks: DashMap::new(),
             sessions: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
@@ -248,6 +252,32 @@ impl Hub {
             ip,
             session: false,
         })
+    }
+
+    /// Keep [`Hub::relay_tracks`] current from a `track` event.
+    fn note_track(&self, room_id: &str, ev: &Value) {
+        let track = json!({
+            "userId": ev["userId"], "streamType": ev["streamType"], "kind": ev["kind"],
+        });
+        let mut tracks = self.relay_tracks.entry(room_id.to_string()).or_default();
+        tracks.retain(|t| *t != track);
+        if ev["event"] == "published" {
+            tracks.push(track);
+        }
+        if tracks.is_empty() {
+            drop(tracks);
+            self.relay_tracks.remove_if(room_id, |_, t| t.is_empty());
+        }
+    }
+
+    /// The tracks published at the relay in a room: `[{userId, streamType, kind}]`.
+    pub fn relay_tracks(&self, room_id: &str) -> Value {
+        Value::Array(
+            self.relay_tracks
+                .get(room_id)
+                .map(|t| t.clone())
+                .unwrap_or_default(),
+        )
     }
 
     /// A token was refused: `Some(n)` when a log line is due (at most [`REFUSAL_LINES_PER_SECOND`]
@@ -751,6 +781,9 @@ impl crate::media::ClientSink for Hub {
     }
 
     fn send_to_room(&self, room_id: &str, except: &str, message: Value) {
+        if message["type"] == "track" {
+            self.note_track(room_id, &message);
+        }
         let text: Utf8Bytes = message.to_string().into();
         for m in self.room_members(room_id) {
             if m != except {

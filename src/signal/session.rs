@@ -497,6 +497,7 @@ impl Session {
                     "members": joined.members,
                     "maxPeers": joined.max_peers,
                     "mode": joined.mode,
+                    "tracks": hub.relay_tracks(&req.room_id),
                 }))
             }
             RequestType::LeaveRoom => {
