@@ -1045,9 +1045,46 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// Figures for docs/operations.md, not a check: a connected member floods forged SRTP/SRTCP of new
-/// SSRCs for `FLOOD_SECONDS` (default 20); prints the process's RSS growth, the rate reached and
-/// the refusals counted, then checks that the member's own media still arrives.
+/// The inside-server forwarding latency histogram: (upper bound in seconds, cumulative count).
+fn latency_buckets(m: &str) -> Vec<(f64, f64)> {
+    m.lines()
+        .filter_map(|l| l.strip_prefix("ferry_forward_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            Some((
+                le.parse().unwrap_or(f64::INFINITY),
+                count.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The 99th percentile's bucket bound of what was counted between two scrapes.
+fn p99_between(before: &str, after: &str) -> f64 {
+    let (b, a) = (latency_buckets(before), latency_buckets(after));
+    let total = a.last().unwrap().1 - b.last().unwrap().1;
+    a.iter()
+        .zip(&b)
+        .find(|((_, ca), (_, cb))| ca - cb >= 0.99 * total)
+        .map_or(f64::INFINITY, |((le, _), _)| *le)
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+/// Figures for docs/operations.md, not a check: a connected member of one room floods forged
+/// SRTP/SRTCP of new SSRCs for `FLOOD_SECONDS` (default 20) while a member of another room
+/// streams to its subscriber; prints the process's RSS growth, the flood's rate, the refusals
+/// counted, the CPU per refused packet, and the other room's inside-server p99 before and during
+/// the flood; then checks that the flooding member's own media still arrives.
 /// `cargo test --release --test media_relay -- --ignored forged_media_flood_figures --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run by hand"]
@@ -1058,35 +1095,60 @@ async fn forged_media_flood_figures() {
         .unwrap_or(20);
     let s = spawn(test_config()).await;
     let (mut publ, mut sub) = relayed_pair(&s).await;
+    let (mut other_publ, mut other_sub) = relayed_pair(&s).await;
     stream(&mut publ, &mut sub, 0, 20).await;
+    // The other room alone: its latency without the flood.
+    let (_, m0) = http_get(s.addr, "/metrics").await;
+    stream(&mut other_publ, &mut other_sub, 0, 200).await;
+    let (_, m1) = http_get(s.addr, "/metrics").await;
+    let quiet_p99 = p99_between(&m0, &m1);
     let rss0 = rss_kib();
-    let start = std::time::Instant::now();
-    let mut sent = 0u64;
-    let mut i = 0u32;
-    while start.elapsed() < Duration::from_secs(secs) {
-        for d in forged_media(64) {
-            // A new SSRC for every packet.
-            let mut d = d;
-            d[8..12].copy_from_slice(&i.to_be_bytes());
-            d[4..8].copy_from_slice(&i.wrapping_mul(31).to_be_bytes());
-            i = i.wrapping_add(1);
-            publ.send_raw(&d).await;
-            sent += 1;
+    let cpu0 = cpu_seconds();
+    let flood = tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        let mut i = 0u32;
+        while start.elapsed() < Duration::from_secs(secs) {
+            for d in forged_media(64) {
+                // A new SSRC for every packet.
+                let mut d = d;
+                d[8..12].copy_from_slice(&i.to_be_bytes());
+                d[4..8].copy_from_slice(&i.wrapping_mul(31).to_be_bytes());
+                i = i.wrapping_add(1);
+                publ.send_raw(&d).await;
+                sent += 1;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
+        (publ, sent, start.elapsed().as_secs_f64())
+    });
+    // The other room streams through the flood.
+    let (_, m2) = http_get(s.addr, "/metrics").await;
+    let mut n: u16 = 200;
+    while !flood.is_finished() {
+        stream(&mut other_publ, &mut other_sub, n, 50).await;
+        n = n.wrapping_add(50);
     }
-    let elapsed = start.elapsed().as_secs_f64();
+    let (_, m3) = http_get(s.addr, "/metrics").await;
+    let flood_p99 = p99_between(&m2, &m3);
+    let (mut publ, sent, elapsed) = flood.await.unwrap();
+    let cpu = cpu_seconds() - cpu0;
     settle(&mut publ, &mut sub, 40).await;
     let (_, m) = http_get(s.addr, "/metrics").await;
+    let refused = dropped(&m, "undecryptable");
     println!(
         "flood: {sent} packets in {elapsed:.1} s ({:.0}/s); RSS {} -> {} KiB (+{} KiB); \
-         refused undecryptable {}, too_many_streams {}",
+         refused undecryptable {refused}, too_many_streams {}; process CPU {cpu:.1} s \
+         ({:.2} µs per packet, the flooding client included); other room's inside-server p99 \
+         {:.1} ms quiet, {:.1} ms during the flood",
         sent as f64 / elapsed,
         rss0,
         rss_kib(),
         rss_kib().saturating_sub(rss0),
-        dropped(&m, "undecryptable"),
-        dropped(&m, "too_many_streams")
+        dropped(&m, "too_many_streams"),
+        cpu / sent as f64 * 1e6,
+        quiet_p99 * 1e3,
+        flood_p99 * 1e3,
     );
     stream(&mut publ, &mut sub, 20, 20).await;
     let got = check_received(&sub, publ.sender.unwrap().1);
