@@ -1,10 +1,12 @@
-//! The command line (`ferry loadgen`'s flags: target, shape, load) and the report for people.
+//! The command line: `ferry loadgen`'s flags (target, shape, load) and their checks.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
-use serde_json::{Value, json};
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+
+use super::peer::STAMP;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Shape {
@@ -114,81 +116,36 @@ impl Default for LoadgenArgs {
     }
 }
 
-/// Print a report for people.
-pub fn print_human(r: &Value) {
-    let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
-    let mb = |v: &Value, unit: f64| f(&v.as_f64().map_or(Value::Null, |x| json!(x / unit)));
-    println!(
-        "ferry loadgen ({}): {} x ({} -> {}) {} for {:.0} s",
-        r["target"].as_str().unwrap_or(""),
-        r["rooms"],
-        r["publishers_per_room"],
-        r["subscribers_per_room"],
-        r["shape"].as_str().unwrap_or(""),
-        r["seconds"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "  forwarded by the server: {} packets/s; received by subscribers: {} packets/s",
-        f(&r["server_forwarded_per_s"]),
-        f(&r["packets_received_per_s"])
-    );
-    println!(
-        "  loss: {}%, delivered {}% (receiving clients: {}, without any media: {})",
-        f(&r["loss_percent"]),
-        f(&r["delivered_percent"]),
-        r["receiving_clients"],
-        r["clients_without_media"]
-    );
-    println!(
-        "  latency publisher -> subscriber (µs, bucket upper bounds): p50 {} p99 {} max {}",
-        r["latency_us"]["p50"], r["latency_us"]["p99"], r["latency_us"]["max"]
-    );
-    if r["server_cpu_seconds"].is_number() {
-        println!(
-            "  inside the server (s, bucket upper bounds): p50 {} p99 {}; {} % within 1 ms",
-            r["server_forward_latency_s"]["p50"],
-            r["server_forward_latency_s"]["p99"],
-            f(&r["server_forward_latency_s"]["within_1ms_percent"])
-        );
-        println!(
-            "  server CPU (its metrics): {} µs per forwarded packet ({} s in all); RSS {} MB, {} kB more per subscriber",
-            f(&r["server_cpu_us_per_forwarded_packet"]),
-            f(&r["server_cpu_seconds"]),
-            mb(&r["server_rss_bytes"], 1e6),
-            mb(&r["server_rss_bytes_per_subscriber"], 1e3),
-        );
+impl LoadgenArgs {
+    /// The flags checked; the SRTP profiles the clients offer, when given.
+    pub(super) fn check(&self) -> Result<Option<Vec<SrtpProtectionProfile>>, String> {
+        if self.packet_bytes < STAMP || self.packet_bytes > 1400 {
+            return Err("--packet-bytes must be between 16 and 1400".into());
+        }
+        let srtp_profiles = match &self.srtp_profiles {
+            Some(names) => Some(
+                crate::config::parse_srtp_profiles(names)
+                    .map_err(|e| format!("--srtp-profiles: {e}"))?,
+            ),
+            None => None,
+        };
+        if !(self.pacing == 0.0 || (1.0..=100.0).contains(&self.pacing)) {
+            return Err("--pacing must be 0 (a frame at once) or between 1 and 100".into());
+        }
+        if self.fps == 0 || self.fps > 120 {
+            return Err("--fps must be between 1 and 120".into());
+        }
+        Ok(srtp_profiles)
     }
-    let p = &r["server_process"];
-    if p.is_object() {
-        println!(
-            "  server process {} (/proc): {} s CPU, {} µs per packet received; RSS {} MB, {} kB more per subscriber",
-            p["pid"],
-            f(&p["cpu_seconds"]),
-            f(&p["cpu_us_per_received_packet"]),
-            mb(&p["rss_bytes"], 1e6),
-            mb(&p["rss_bytes_per_subscriber"], 1e3),
-        );
-    }
-    println!(
-        "  server CPU per packet received by subscribers: {} µs",
-        f(&r["server_cpu_us_per_received_packet"])
-    );
-    println!(
-        "  machine CPU in the window: {} s busy, of which this loadgen {} s and other processes {} s",
-        f(&r["machine_busy_cpu_seconds"]),
-        f(&r["loadgen_cpu_seconds"]),
-        f(&r["other_cpu_seconds"]),
-    );
-    println!(
-        "  join -> first media (ms): p50 {} p99 {} (n = {})",
-        f(&r["join_ms"]["p50"]),
-        f(&r["join_ms"]["p99"]),
-        r["join_ms"]["n"]
-    );
-    if r["corrupt_payloads"].as_u64().unwrap_or(0) > 0 {
-        println!("  CORRUPT payloads: {}", r["corrupt_payloads"]);
-    }
-    for e in r["errors"].as_array().into_iter().flatten() {
-        println!("  error: {e}");
+
+    /// The server's address, the target's default when not given.
+    pub(super) fn server_url(&self) -> String {
+        self.url.clone().unwrap_or_else(|| {
+            match self.target {
+                Target::Ferry => "http://127.0.0.1:8080",
+                Target::Janus => "ws://127.0.0.1:8188",
+            }
+            .to_string()
+        })
     }
 }
