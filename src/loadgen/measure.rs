@@ -256,8 +256,11 @@ pub(super) fn parse_metrics(text: &str) -> MetricsSample {
     s
 }
 
+/// A Prometheus histogram's cumulative buckets: (upper bound `le`, count up to it).
+pub(super) type Buckets = [(f64, f64)];
+
 /// A cumulative histogram's counts over the window: (upper bound, count up to it).
-pub(super) fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+fn histogram_delta(before: &Buckets, after: &Buckets) -> Vec<(f64, f64)> {
     after
         .iter()
         .map(|(le, v)| {
@@ -272,11 +275,7 @@ pub(super) fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Ve
 
 /// The percentage of a cumulative histogram delta's observations at or below `le` (one of its
 /// bucket bounds), or None when it has none.
-pub(super) fn histogram_share_within(
-    before: &[(f64, f64)],
-    after: &[(f64, f64)],
-    le: f64,
-) -> Option<f64> {
+pub(super) fn histogram_share_within(before: &Buckets, after: &Buckets, le: f64) -> Option<f64> {
     let deltas = histogram_delta(before, after);
     let total = deltas.last()?.1;
     let within = deltas.iter().find(|(l, _)| *l == le)?.1;
@@ -284,11 +283,7 @@ pub(super) fn histogram_share_within(
 }
 
 /// The `q` quantile of a cumulative histogram delta (upper bound of its bucket), seconds.
-pub(super) fn histogram_quantile(
-    before: &[(f64, f64)],
-    after: &[(f64, f64)],
-    q: f64,
-) -> Option<f64> {
+pub(super) fn histogram_quantile(before: &Buckets, after: &Buckets, q: f64) -> Option<f64> {
     let deltas = histogram_delta(before, after);
     let total = deltas.last()?.1;
     if total <= 0.0 {
