@@ -1,6 +1,7 @@
 //! One load-generator client's media side: a webrtc-rs (`rtc`, sans-I/O) peer connection to the
-//! server with its own UDP socket on a local address, driven here, whatever the server (the
-//! signaling is a [`Signal`]).
+//! server with its own UDP socket on a local address, driven here whatever the server; and
+//! [`Signal`], what a server's signaling does for it (Ferry's in `ferry.rs`, Janus's in
+//! `janus.rs`, both over a [`JsonWs`]).
 
 use std::collections::HashMap;
 use std::future::Future;
