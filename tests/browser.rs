@@ -824,7 +824,8 @@ async fn relay_room_carries_media_through_ferry() {
     );
     // Chromium's send-side estimate on the relay's TWCC feedback, reported, not asserted: it
     // settles in the first seconds, anywhere from 0.3 to 4 Mbit/s from run to run, in a debug
-    // build before the relay opened media itself as after (docs/performance.md, "Session 8").
+    // build before the relay opened media itself as after (docs/performance.md, "Call set-up
+    // times seen in the browser tests").
     // The feedback itself is asserted in tests/media_relay.rs.
     let estimate = format!(
         "(async () => {{ const r = await window.demo.ferry.getStats({b_id:?}); let bw = 0; \

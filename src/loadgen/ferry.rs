@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::peer::Peer;
-use super::ws::{JsonWs, Signal};
-use super::{ClientResult, Ctx, LoadgenArgs, Shape};
+use super::cli::{LoadgenArgs, Shape};
+use super::client::{ClientResult, Ctx};
+use super::peer::{Peer, Signal};
+use super::ws::JsonWs;
 
 /// One client's signaling connection to Ferry.
 pub struct Signaling {

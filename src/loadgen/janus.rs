@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::peer::Peer;
-use super::ws::{JsonWs, Signal};
-use super::{ClientResult, Ctx, LoadgenArgs, Shape};
+use super::cli::{LoadgenArgs, Shape};
+use super::client::{ClientResult, Ctx};
+use super::peer::{Peer, Signal};
+use super::ws::JsonWs;
 
 /// Janus's error code for a feed that does not exist or has no WebRTC up yet.
 const NO_SUCH_FEED: u64 = 428;

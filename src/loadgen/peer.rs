@@ -1,8 +1,10 @@
 //! One load-generator client's media side: a webrtc-rs (`rtc`, sans-I/O) peer connection to the
-//! server with its own UDP socket on a local address, driven here, whatever the server (the
-//! signaling is a [`Signal`]).
+//! server with its own UDP socket on a local address, driven here whatever the server; and
+//! [`Signal`], what a server's signaling does for it (Ferry's in `ferry.rs`, Janus's in
+//! `janus.rs`, both over a [`JsonWs`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,9 +28,10 @@ use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::Value;
 
-use super::ws::Signal;
-use super::{Shared, StreamLoss};
+use super::measure::{Shared, StreamLoss};
+use super::ws::JsonWs;
 use crate::media::{DeliverRtcp, single_ssrc_track, srtp};
 use crate::net::udp::{MediaSocket, RxBatch};
 
@@ -554,4 +557,16 @@ fn count_media(
     let now_us = shared.since_epoch(now).as_micros() as u64;
     shared.record_latency(now_us.saturating_sub(sent_us));
     loss.entry(stream).or_default().saw(counter);
+}
+
+/// A server's signaling protocol, as one load-generator client speaks it.
+pub trait Signal: Send + 'static {
+    /// Who this client is, for error messages.
+    fn who(&self) -> String;
+    /// Negotiate `peer`'s connection with the server: publish, or subscribe to what was planned.
+    fn open(&mut self, peer: &mut Peer) -> impl Future<Output = Result<(), String>> + Send;
+    /// Act on a message from the server that arrives while media flows (a renegotiation);
+    /// replies go through [`JsonWs::queue`].
+    fn on_message(&mut self, m: Value, peer: &mut Peer);
+    fn ws(&mut self) -> &mut JsonWs;
 }

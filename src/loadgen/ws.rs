@@ -1,17 +1,14 @@
-//! The signaling side every load-generator client shares, whatever the server: a WebSocket that
-//! carries JSON messages (Ferry's protocol or Janus's), and the [`Signal`] trait through which one
-//! peer and one client loop drive either server.
+//! The signaling transport every load-generator client shares, whatever the server: a WebSocket
+//! that carries JSON messages (Ferry's protocol or Janus's). What is said over it is a
+//! [`Signal`](super::peer::Signal).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-use super::peer::Peer;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -134,16 +131,4 @@ impl JsonWs {
             self.queued.push_back(v);
         }
     }
-}
-
-/// A server's signaling protocol, as one load-generator client speaks it.
-pub trait Signal: Send + 'static {
-    /// Who this client is, for error messages.
-    fn who(&self) -> String;
-    /// Negotiate `peer`'s connection with the server: publish, or subscribe to what was planned.
-    fn open(&mut self, peer: &mut Peer) -> impl Future<Output = Result<(), String>> + Send;
-    /// Act on a message from the server that arrives while media flows (a renegotiation);
-    /// replies go through [`JsonWs::queue`].
-    fn on_message(&mut self, m: Value, peer: &mut Peer);
-    fn ws(&mut self) -> &mut JsonWs;
 }

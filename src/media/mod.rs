@@ -737,7 +737,7 @@ impl PacketCounts {
 /// milliseconds) connection timers — RTCP reports, TWCC feedback, NACK scans, keyframe-request
 /// throttles — ride on packet wake-ups instead of waking the thread themselves: at 1 -> 10 about
 /// half the wake-ups were timers', and a wake-up costs ~20-30 µs of kernel and hypervisor time
-/// here (docs/performance.md, "Session 8"). Timers fire late by at most this, never early (rtc
+/// here (docs/performance.md, "Where the time goes"). Timers fire late by at most this, never early (rtc
 /// stamps what it sends with the time it is given).
 const TIMER_SLACK: Duration = Duration::from_millis(4);
 
