@@ -373,6 +373,28 @@ async fn bad_subscriptions_and_pair_reports() {
             "bad_request",
             "mode",
         ),
+        // Reasons that do not apply: this room is `auto`, nobody has relayOnly, p2pMaxPeers is
+        // 2, and a reason for one direction given with the other.
+        (
+            json!({"type": "reportMode", "mode": "relay", "reason": "room_mode", "userId": b.user_id}),
+            "bad_request",
+            "room_mode applies",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "relay", "reason": "policy", "userId": b.user_id}),
+            "bad_request",
+            "policy applies",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "relay", "reason": "room_shrunk", "userId": b.user_id}),
+            "bad_request",
+            "back to p2p",
+        ),
+        (
+            json!({"type": "reportMode", "mode": "p2p", "reason": "ice_failed", "userId": b.user_id}),
+            "bad_request",
+            "move to the relay",
+        ),
     ];
     for (i, (mut req, code, needle)) in cases.into_iter().enumerate() {
         req["id"] = json!(100 + i);
@@ -388,9 +410,16 @@ async fn bad_subscriptions_and_pair_reports() {
     a.request("unsubscribe", json!({"userId": "u-gone"}))
         .await
         .unwrap();
-    // None of that moved a pair; a valid report does, once per pair.
+    // None of that moved a pair or counted a fallback; a valid report does, once per pair.
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_pairs{mode=\"relay\"}"), Some(0.0), "{m}");
+    for r in ["room_mode", "policy"] {
+        assert_eq!(
+            metric(&m, &format!("ferry_fallbacks_total{{reason=\"{r}\"}}")),
+            Some(0.0),
+            "{m}"
+        );
+    }
     a.request(
         "reportMode",
         json!({"mode": "relay", "reason": "ice_failed", "userId": b.user_id}),

@@ -658,6 +658,33 @@ impl Hub {
         let Some(mut room) = self.rooms.get_mut(room_id) else {
             return Err(SignalError::new(ErrorCode::NotInRoom, "not in a room"));
         };
+        // A reason must fit the move and what the server knows of the room: a client cannot have
+        // fallbacks counted for reasons that do not apply.
+        let relay_only = |id: &str| room.members.iter().any(|m| m.user_id == id && m.relay_only);
+        let policy = self.config.p2p_max_peers == 0
+            || relay_only(user_id)
+            || peer.is_some_and(relay_only)
+            || (peer.is_none() && room.members.iter().any(|m| m.relay_only));
+        let why_not = match (reason, relayed) {
+            ("room_shrunk", true) => Some("room_shrunk is a move back to p2p"),
+            (
+                "room_mode" | "policy" | "room_size" | "p2p_timeout" | "ice_failed" | "p2p_failed",
+                false,
+            ) => Some("that reason is for a move to the relay"),
+            ("room_mode", true) if room.mode != RoomMode::Relay => {
+                Some("room_mode applies to rooms created with mode \"relay\" only")
+            }
+            ("policy", true) if !policy => {
+                Some("policy applies when p2pMaxPeers is 0 or a member of the pair has relayOnly")
+            }
+            _ => None,
+        };
+        if let Some(why) = why_not {
+            return Err(SignalError::new(
+                ErrorCode::BadRequest,
+                format!("reason {reason:?} does not apply: {why}"),
+            ));
+        }
         let targets: Vec<String> = match peer {
             Some(p) if p == user_id => {
                 return Err(SignalError::new(
