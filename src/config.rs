@@ -166,6 +166,12 @@ pub struct ServeArgs {
     /// none = any.
     #[arg(long, env = "FERRY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// Serve HTTPS and WSS on http_listen with this certificate chain (PEM); with tls_key.
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of tls_cert.
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -235,6 +241,8 @@ pub struct FileConfig {
     pub max_pending_connections: Option<usize>,
     pub max_pending_per_ip: Option<usize>,
     pub allowed_origins: Option<Vec<String>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -294,6 +302,8 @@ pub struct Config {
     pub max_pending_per_ip: usize,
     /// Origins whose pages may open `/ws` (lower case, no trailing slash); empty = any.
     pub allowed_origins: Vec<String>,
+    /// `(certificate chain, key)` PEM files: the HTTP port serves TLS (HTTPS and WSS).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Config {
@@ -330,6 +340,7 @@ impl Default for Config {
             max_pending_connections: 1000,
             max_pending_per_ip: 32,
             allowed_origins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -566,6 +577,14 @@ impl Config {
                 .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            tls: match (
+                args.tls_cert.clone().or(file.tls_cert),
+                args.tls_key.clone().or(file.tls_key),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => return Err(invalid("tls_cert", "set tls_cert and tls_key together")),
+            },
             max_rooms_per_session: args
                 .max_rooms_per_session
                 .or(file.max_rooms_per_session)

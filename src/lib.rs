@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod signal;
+pub mod tls;
 
 /// The log filter when `FERRY_LOG` is not set: Ferry's own lines from `info` up, and what the
 /// engine says that an operator must act on. rtc's DTLS handshake warns about every extension

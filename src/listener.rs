@@ -56,13 +56,15 @@ impl PerIp {
 }
 
 /// Serve `app` on `listener` until `stop` turns true; then stop accepting, let the requests in
-/// progress finish, and return.
+/// progress finish, and return. With `tls`, every connection is TLS (handshake within the header
+/// timeout).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -102,13 +104,28 @@ pub async fn serve(
             }
         });
         let stream = FirstByteDeadline::new(stream, limits.header_timeout);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let per_ip = per_ip.clone();
+        let (builder, per_ip, watcher) = (builder.clone(), per_ip.clone(), graceful.watcher());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let done = match acceptor {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = done {
                 debug!(error = %e, %remote, "HTTP connection ended");
             }
             per_ip.give_back(ip);
@@ -121,13 +138,13 @@ pub async fn serve(
 
 /// A connection whose first byte must arrive before a deadline (hyper's header timeout runs
 /// from the first byte of a request head: a connection that sends nothing would be kept).
-struct FirstByteDeadline {
-    inner: tokio::net::TcpStream,
+struct FirstByteDeadline<S> {
+    inner: S,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl FirstByteDeadline {
-    fn new(inner: tokio::net::TcpStream, within: Duration) -> Self {
+impl<S> FirstByteDeadline<S> {
+    fn new(inner: S, within: Duration) -> Self {
         FirstByteDeadline {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
@@ -135,7 +152,7 @@ impl FirstByteDeadline {
     }
 }
 
-impl tokio::io::AsyncRead for FirstByteDeadline {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -168,7 +185,7 @@ impl tokio::io::AsyncRead for FirstByteDeadline {
     }
 }
 
-impl tokio::io::AsyncWrite for FirstByteDeadline {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -195,6 +195,26 @@ fn serve(args: ServeArgs) -> ExitCode {
     let result = rt.block_on(async move {
         let server = Server::bind(cfg).await?;
         let handle = server.shutdown_handle();
+        if let Some(tls) = server.tls() {
+            tokio::spawn(async move {
+                #[cfg(unix)]
+                {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                        return;
+                    };
+                    while hup.recv().await.is_some() {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!("TLS certificate reloaded"),
+                            Err(e) => tracing::error!(
+                                error = %e,
+                                "TLS certificate not reloaded: the previous one stays in use"
+                            ),
+                        }
+                    }
+                }
+            });
+        }
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown signal received: draining (send it again to stop now)");

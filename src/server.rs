@@ -26,6 +26,8 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     /// Set by [`ShutdownHandle::shutdown_now`].
     shutdown_now_tx: watch::Sender<bool>,
+    /// TLS on the HTTP port (`tls_cert` / `tls_key`).
+    tls: Option<Arc<crate::tls::Tls>>,
     media_thread_start: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
@@ -61,6 +63,13 @@ impl ShutdownHandle {
 impl Server {
     pub async fn bind(config: Config) -> std::io::Result<Server> {
         let config = Arc::new(config);
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(
+                crate::tls::Tls::load(cert, key)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let http = TcpListener::bind(config.http_listen).await.map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -127,6 +136,7 @@ impl Server {
             metrics,
             shutdown_tx,
             shutdown_now_tx,
+            tls,
             media_thread_start: None,
         })
     }
@@ -169,6 +179,11 @@ impl Server {
             .map(|l| l.local_addr().expect("bound socket has an address"))
     }
 
+    /// The HTTP port's TLS (to reload its certificate), when it has one.
+    pub fn tls(&self) -> Option<Arc<crate::tls::Tls>> {
+        self.tls.clone()
+    }
+
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
     }
@@ -189,6 +204,7 @@ impl Server {
             metrics,
             shutdown_tx,
             shutdown_now_tx,
+            tls,
             media_thread_start,
         } = self;
         let cfg = hub.config.clone();
@@ -221,6 +237,7 @@ impl Server {
                 limits,
                 hub.metrics.clone(),
                 http_stop_rx.clone(),
+                None,
             )));
         }
         let app = http::router(hub.clone(), metrics_task.is_none());
@@ -230,6 +247,7 @@ impl Server {
             limits,
             hub.metrics.clone(),
             http_stop_rx,
+            tls,
         ));
 
         let _ = stop_rx.wait_for(|v| *v).await;
