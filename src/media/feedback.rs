@@ -1,0 +1,124 @@
+//! RTCP both ways: subscribers' NACKs answered from the history of what was sent, their keyframe
+//! requests relayed to the publisher (throttled), and keyframe requests when a subscriber is added.
+
+use super::*;
+
+impl MediaCore {
+    /// A subscriber on the own sealing path lost packets of one of our tracks: send them again
+    /// from the publisher's history (rtc's NACK responder answers for the other connections).
+    pub(super) fn retransmit(&mut self, sub: PeerKey, track_id: &str, lost: &[u16]) {
+        let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
+            s.sealer.as_ref()?;
+            let feed = s.relayed_tracks.get(track_id)?;
+            s.feeds.get(feed)?.bound.clone()
+        }) else {
+            return;
+        };
+        if publisher == sub {
+            return;
+        }
+        let Some(r) = self
+            .routes
+            .get_mut(&publisher)
+            .and_then(|t| t.get_mut(&ptrack))
+            .and_then(|routes| routes.iter_mut().find(|r| r.to == sub))
+        else {
+            return;
+        };
+        // The publisher's history and the subscriber's sealer at once (two different peers).
+        let [Some(p), Some(s)] = self.peers.get_disjoint_mut([&publisher, &sub]) else {
+            return;
+        };
+        let (Some(track), Some(sealer), Some(to)) =
+            (p.published.get(&ptrack), s.sealer.as_mut(), s.remote)
+        else {
+            return;
+        };
+        // Taken out while its route is read for the header, put back below.
+        let Some(mut sealed) = r.sealed.take() else {
+            return;
+        };
+        for &seq in lost {
+            let sent = sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER];
+            if !sent.used || sent.seq != seq {
+                continue;
+            }
+            let Some(original) = track.history.get(sent.publisher_ssrc, sent.publisher_seq) else {
+                continue;
+            };
+            let roc = sealed.rollover.roc_for(seq);
+            let header = CopyHeader {
+                from: &original.header,
+                payload_type: r.payload_type,
+                ssrc: r.ssrc,
+                ext_map: &r.ext_map,
+                seq,
+                ts: sent.timestamp,
+                extensions: &original.header.extensions,
+            };
+            if self.tx.push_with(to, |buf| {
+                write_sealed(buf, &header, &original.payload, sealer, roc)
+            }) {
+                self.metrics.retransmits.inc();
+            }
+        }
+        r.sealed = Some(sealed);
+    }
+
+    /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
+    pub(super) fn relay_keyframe_request(&mut self, sub: PeerKey, track_id: &str, now: Instant) {
+        let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
+            let feed = s.relayed_tracks.get(track_id)?;
+            s.feeds.get(feed)?.bound.clone()
+        }) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        if p.last_pli
+            .get(&ptrack)
+            .is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE)
+        {
+            return;
+        }
+        p.last_pli.insert(ptrack.clone(), now);
+        let Some(t) = p.published.get(&ptrack) else {
+            return;
+        };
+        let (rid, ssrc) = (t.receiver_id, t.ssrc);
+        if send_pli(&mut p.pc, rid, ssrc, now) {
+            self.metrics.keyframe_requests_relayed.inc();
+        }
+        self.dirty.insert(publisher);
+    }
+}
+
+pub(super) fn request_keyframes(p: &mut Peer, now: Instant) {
+    let targets: Vec<_> = p
+        .published
+        .values()
+        .filter(|t| t.kind == RtpCodecKind::Video)
+        .map(|t| (t.receiver_id, t.ssrc))
+        .collect();
+    for (rid, ssrc) in targets {
+        send_pli(&mut p.pc, rid, ssrc, now);
+    }
+}
+
+/// Ask a publisher for a keyframe on one of its tracks. False when the receiver is gone.
+pub(super) fn send_pli(
+    pc: &mut RTCPeerConnection,
+    receiver: rtc::rtp_transceiver::RTCRtpReceiverId,
+    media_ssrc: u32,
+    now: Instant,
+) -> bool {
+    let Some(mut r) = pc.rtp_receiver(receiver) else {
+        return false;
+    };
+    let pli = PictureLossIndication {
+        sender_ssrc: 0,
+        media_ssrc,
+    };
+    r.write_rtcp(now, vec![Box::new(pli)]).is_ok()
+}

@@ -1,0 +1,487 @@
+//! The forwarder: a publisher's packet to each subscriber's route: its header rewritten (SSRC,
+//! payload type, sequence number and timestamp through the munger, extensions under the
+//! subscriber's IDs) and sealed in place into the send batch, or through the subscriber's rtc
+//! connection before it has keys; what was sent kept for NACKs, sender reports due.
+
+use super::*;
+
+impl MediaCore {
+    pub(super) fn forward(
+        &mut self,
+        from: PeerKey,
+        track_id: &str,
+        mut packet: rtc::rtp::Packet,
+        now: Instant,
+    ) {
+        let kind = self
+            .peers
+            .get(&from)
+            .and_then(|p| p.published.get(track_id))
+            .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
+        let bytes = packet.payload.len() as u64;
+        self.counts.rtp_in[kind] += 1;
+        self.counts.bytes_in[kind] += bytes;
+        let Some(routes) = self.routes.get_mut(&from).and_then(|t| t.get_mut(track_id)) else {
+            return;
+        };
+        // The publisher's extensions are taken out once (the per-subscriber clone then copies no
+        // extension list) and each subscriber gets those it negotiated, under its own IDs. The
+        // payload is shared.
+        let extensions = std::mem::take(&mut packet.header.extensions);
+        let (extension, extension_profile) =
+            (packet.header.extension, packet.header.extension_profile);
+        packet.header.extension = false;
+        packet.header.extension_profile = 0;
+        for r in routes.iter_mut() {
+            let Some(sub) = self.peers.get_mut(&r.to) else {
+                continue;
+            };
+            // The own path: header written and the packet sealed straight into the send batch,
+            // from the moment the DTLS handshake gave the keys (and the address it ran on),
+            // which can be a few packets before rtc reports the connection connected.
+            if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
+                let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
+                let Some(report_due) = seal_copy(&mut self.tx, r, sealer, to, copy, now) else {
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["sender_refused"])
+                        .inc();
+                    continue;
+                };
+                if report_due && let Some(sealed) = r.sealed.as_ref() {
+                    let report = sender_report(r.ssrc, r.clock_rate, sealed, now);
+                    if let Some(mut s) = sub.pc.rtp_sender(r.sender_id) {
+                        let _ = s.write_rtcp(now, vec![Box::new(report)]);
+                        self.dirty.insert(r.to);
+                    }
+                }
+                self.counts.rtp_out[kind] += 1;
+                self.counts.bytes_out[kind] += bytes;
+                continue;
+            }
+            // No SRTP keys yet (its DTLS handshake has not finished): nothing could send it.
+            // rtc's pipeline would take the packet through its interceptors (the NACK
+            // responder's send buffer would be made for it) only to refuse it at SRTP.
+            // (Nothing mapped: the subscriber's numbering starts at the first packet it gets.)
+            if !sub.connected && sub.sealer.is_none() {
+                self.metrics
+                    .media_dropped
+                    .with_label_values(&["not_connected"])
+                    .inc();
+                continue;
+            }
+            let (seq, ts) = r.munger.map(
+                packet.header.ssrc,
+                packet.header.sequence_number,
+                packet.header.timestamp,
+            );
+            let mut out = packet.clone();
+            out.header.ssrc = r.ssrc;
+            out.header.payload_type = r.payload_type;
+            out.header.sequence_number = seq;
+            out.header.timestamp = ts;
+            remap_extensions(&extensions, &r.ext_map, &mut out.header);
+            // Once the subscriber's connection is up, the packet goes straight into its pipeline:
+            // `RTCRtpSender::write_rtp` would rebuild the sender's parameters (allocating) per
+            // packet only to check what the route already guarantees (our SSRC, a payload type
+            // and extension IDs taken from this sender's negotiated parameters). Before that,
+            // the checked path.
+            let written = if sub.connected {
+                sub.pc
+                    .handle_write(TaggedRTCMessage {
+                        now,
+                        message: RTCMessage::RtpPacket(String::new(), out),
+                    })
+                    .map(Some)
+            } else {
+                sub.pc
+                    .rtp_sender(r.sender_id)
+                    .map(|mut s| s.write_rtp(now, out))
+                    .transpose()
+            };
+            match written {
+                Ok(Some(())) => {
+                    r.last_sent = Some(now);
+                    self.counts.rtp_out[kind] += 1;
+                    self.counts.bytes_out[kind] += bytes;
+                }
+                Err(e) => {
+                    debug!(error = %e, "write_rtp refused");
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["sender_refused"])
+                        .inc();
+                }
+                Ok(None) => {
+                    r.munger.dropped(packet.header.sequence_number);
+                    self.metrics
+                        .media_dropped
+                        .with_label_values(&["no_sender"])
+                        .inc();
+                }
+            }
+            self.dirty.insert(r.to);
+        }
+        self.forwarded_rx.push(self.rx_at);
+        // Kept (extensions and all) for the subscribers' NACKs: moved, not copied.
+        packet.header.extensions = extensions;
+        packet.header.extension = extension;
+        packet.header.extension_profile = extension_profile;
+        if let Some(t) = self
+            .peers
+            .get_mut(&from)
+            .and_then(|p| p.published.get_mut(track_id))
+        {
+            t.history.store(packet);
+        }
+    }
+}
+
+/// Give `out` the extensions of `from` this subscriber negotiated, under its IDs (`map`).
+pub(super) fn remap_extensions(
+    from: &[rtc::rtp::header::Extension],
+    map: &[u8; 256],
+    out: &mut rtc::rtp::header::Header,
+) {
+    out.extensions.clear();
+    // The publisher's padding belongs to its own extension block.
+    out.extensions_padding = 0;
+    for e in from {
+        let id = map[usize::from(e.id)];
+        if id != 0 {
+            out.extensions.push(rtc::rtp::header::Extension {
+                id,
+                payload: e.payload.clone(),
+            });
+        }
+    }
+    if out.extensions.is_empty() {
+        out.extension = false;
+        out.extension_profile = 0;
+    } else {
+        out.extension = true;
+        // One-byte headers (RFC 8285) carry IDs 1-14 and up to 16 bytes each.
+        let one_byte = out
+            .extensions
+            .iter()
+            .all(|e| e.id <= 14 && !e.payload.is_empty() && e.payload.len() <= 16);
+        out.extension_profile = if one_byte { 0xBEDE } else { 0x1000 };
+    }
+}
+
+/// One subscriber's header for a publisher's packet, as an rtc `Header` (the reference
+/// [`write_header`] is tested against).
+#[cfg(test)]
+pub(super) fn rewrite_header(
+    h: &mut rtc::rtp::header::Header,
+    from: &rtc::rtp::header::Header,
+    r: &Route,
+    seq: u16,
+    ts: u32,
+    extensions: &[rtc::rtp::header::Extension],
+) {
+    h.version = 2;
+    h.padding = from.padding;
+    h.marker = from.marker;
+    h.payload_type = r.payload_type;
+    h.sequence_number = seq;
+    h.timestamp = ts;
+    h.ssrc = r.ssrc;
+    h.csrc.clear();
+    h.csrc.extend_from_slice(&from.csrc);
+    remap_extensions(extensions, &r.ext_map, h);
+}
+
+/// A publisher's packet as one route forwards it: its header (extensions taken out), payload and
+/// extensions, and the route's sequence number and timestamp for it.
+#[derive(Clone, Copy)]
+pub(super) struct SealedCopy<'a> {
+    pub(super) from: &'a rtc::rtp::header::Header,
+    pub(super) payload: &'a [u8],
+    pub(super) extensions: &'a [rtc::rtp::header::Extension],
+    pub(super) seq: u16,
+    pub(super) ts: u32,
+}
+
+impl<'a> SealedCopy<'a> {
+    /// The route's copy of `packet` (whose extensions were taken out into `extensions`), its
+    /// sequence number and timestamp from the route's munger.
+    pub(super) fn mapped(
+        munger: &mut Munger,
+        packet: &'a rtc::rtp::Packet,
+        extensions: &'a [rtc::rtp::header::Extension],
+    ) -> SealedCopy<'a> {
+        let (seq, ts) = munger.map(
+            packet.header.ssrc,
+            packet.header.sequence_number,
+            packet.header.timestamp,
+        );
+        SealedCopy {
+            from: &packet.header,
+            payload: &packet.payload,
+            extensions,
+            seq,
+            ts,
+        }
+    }
+}
+
+/// The own path's work for one subscriber's copy: header written and the packet sealed into the
+/// send batch, recorded for NACKs and sender reports. `None`: the sealer refused it (nothing
+/// queued). `Some(true)`: the route's sender report is due (see [`sender_report`]).
+pub(super) fn seal_copy(
+    tx: &mut TxBatch,
+    r: &mut Route,
+    sealer: &mut srtp::Sealer,
+    to: SocketAddr,
+    copy: SealedCopy<'_>,
+    now: Instant,
+) -> Option<bool> {
+    let SealedCopy {
+        from,
+        payload,
+        extensions,
+        seq,
+        ts,
+    } = copy;
+    let header = CopyHeader {
+        from,
+        payload_type: r.payload_type,
+        ssrc: r.ssrc,
+        ext_map: &r.ext_map,
+        seq,
+        ts,
+        extensions,
+    };
+    let sealed = r.sealed.get_or_insert_with(|| Sealed {
+        rollover: Default::default(),
+        sent: Box::new([Sent::default(); RETRANSMIT_BUFFER]),
+        packets: 0,
+        octets: 0,
+        last_ts: (ts, now),
+        next_report: now,
+    });
+    let roc = sealed.rollover.roc_for(seq);
+    if !tx.push_with(to, |buf| write_sealed(buf, &header, payload, sealer, roc)) {
+        return None;
+    }
+    sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
+        seq,
+        publisher_seq: from.sequence_number,
+        publisher_ssrc: from.ssrc,
+        timestamp: ts,
+        used: true,
+    };
+    sealed.packets = sealed.packets.wrapping_add(1);
+    sealed.octets = sealed.octets.wrapping_add(payload.len() as u32);
+    if sealed.last_ts.0 != ts {
+        sealed.last_ts = (ts, now);
+    }
+    r.last_sent = Some(now);
+    let report_due = now >= sealed.next_report;
+    if report_due {
+        sealed.next_report = now + SENDER_REPORT_INTERVAL;
+    }
+    Some(report_due)
+}
+
+/// What a copy's RTP header carries: the publisher's packet's marker, padding and CSRCs, the
+/// route's payload type, SSRC, sequence number and timestamp, and the publisher's extensions this
+/// subscriber negotiated, under its IDs.
+pub(super) struct CopyHeader<'a> {
+    pub(super) from: &'a rtc::rtp::header::Header,
+    pub(super) payload_type: u8,
+    pub(super) ssrc: u32,
+    pub(super) ext_map: &'a [u8; 256],
+    pub(super) seq: u16,
+    pub(super) ts: u32,
+    pub(super) extensions: &'a [rtc::rtp::header::Extension],
+}
+
+/// Appends a copy's RTP header to `buf` (RFC 3550 5.1; extensions RFC 8285, one-byte form when
+/// every one fits it, else two-byte), byte for byte as rtc marshals the same header; its length.
+/// Nothing is allocated: the publisher's extension payloads are copied straight in.
+pub(super) fn write_header(buf: &mut Vec<u8>, c: &CopyHeader<'_>) -> usize {
+    let start = buf.len();
+    let csrc = &c.from.csrc[..c.from.csrc.len().min(15)];
+    let forwarded = || {
+        c.extensions.iter().filter_map(|e| {
+            let id = c.ext_map[usize::from(e.id)];
+            (id != 0 && e.payload.len() <= 255).then_some((id, &e.payload[..]))
+        })
+    };
+    let (mut any, mut one_byte) = (false, true);
+    for (id, payload) in forwarded() {
+        any = true;
+        one_byte &= id <= 14 && !payload.is_empty() && payload.len() <= 16;
+    }
+    buf.push(0x80 | u8::from(c.from.padding) << 5 | u8::from(any) << 4 | csrc.len() as u8);
+    buf.push(u8::from(c.from.marker) << 7 | (c.payload_type & 0x7f));
+    buf.extend_from_slice(&c.seq.to_be_bytes());
+    buf.extend_from_slice(&c.ts.to_be_bytes());
+    buf.extend_from_slice(&c.ssrc.to_be_bytes());
+    for x in csrc {
+        buf.extend_from_slice(&x.to_be_bytes());
+    }
+    if any {
+        buf.extend_from_slice(if one_byte {
+            &[0xBE, 0xDE]
+        } else {
+            &[0x10, 0x00]
+        });
+        let length_at = buf.len();
+        buf.extend_from_slice(&[0, 0]);
+        let body = buf.len();
+        for (id, payload) in forwarded() {
+            if one_byte {
+                buf.push(id << 4 | (payload.len() - 1) as u8);
+            } else {
+                buf.push(id);
+                buf.push(payload.len() as u8);
+            }
+            buf.extend_from_slice(payload);
+        }
+        let words = (buf.len() - body).div_ceil(4);
+        buf.resize(body + 4 * words, 0);
+        buf[length_at..length_at + 2].copy_from_slice(&(words as u16).to_be_bytes());
+    }
+    buf.len() - start
+}
+
+/// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place.
+pub(super) fn write_sealed(
+    buf: &mut Vec<u8>,
+    c: &CopyHeader<'_>,
+    payload: &[u8],
+    sealer: &mut srtp::Sealer,
+    roc: u32,
+) -> bool {
+    let start = buf.len();
+    let header_len = write_header(buf, c);
+    buf.extend_from_slice(payload);
+    if c.from.padding {
+        let pad = match payload.len() % 4 {
+            0 => 4,
+            n => 4 - n,
+        };
+        buf.resize(buf.len() + pad - 1, 0);
+        buf.push(pad as u8);
+    }
+    sealer
+        .seal(buf, start, header_len, c.ssrc, c.seq, roc)
+        .is_ok()
+}
+
+/// A sender report for a sealed route: its counts, and its last timestamp carried forward to now
+/// (what rtc's report interceptor sends for the streams it sees).
+pub(super) fn sender_report(
+    ssrc: u32,
+    clock_rate: u32,
+    sealed: &Sealed,
+    now: Instant,
+) -> rtc::rtcp::sender_report::SenderReport {
+    let elapsed = now.saturating_duration_since(sealed.last_ts.1);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // NTP: seconds since 1900 in the high 32 bits, the fraction in the low 32.
+    let ntp_secs = since_epoch.as_secs() + 2_208_988_800;
+    let ntp_frac = (u64::from(since_epoch.subsec_nanos()) << 32) / 1_000_000_000;
+    rtc::rtcp::sender_report::SenderReport {
+        ssrc,
+        ntp_time: (ntp_secs << 32) | ntp_frac,
+        rtp_time: sealed
+            .last_ts
+            .0
+            .wrapping_add((elapsed.as_secs_f64() * f64::from(clock_rate)) as u32),
+        packet_count: sealed.packets,
+        octet_count: sealed.octets,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rtc::rtp::header::{Extension, Header};
+    use rtc::shared::marshal::{Marshal, MarshalSize};
+
+    fn ext(id: u8, len: usize) -> Extension {
+        Extension {
+            id,
+            payload: Bytes::from((0..len).map(|i| id ^ i as u8).collect::<Vec<u8>>()),
+        }
+    }
+
+    /// `write_header` against rtc's marshal of the same rewritten header, over the forms a
+    /// forwarded header takes.
+    #[test]
+    fn copy_headers_are_written_as_rtc_marshals_them() {
+        let mut ext_map = Box::new([0u8; 256]);
+        ext_map[1] = 5; // one-byte id -> one-byte id
+        ext_map[3] = 7;
+        ext_map[4] = 15; // -> an id only the two-byte form carries
+        ext_map[6] = 2;
+        ext_map[9] = 9;
+        let route = Route {
+            to: 1,
+            sender_id: RTCRtpSenderId::default(),
+            ssrc: 0x0102_0304,
+            payload_type: 111,
+            munger: Munger::default(),
+            ext_map,
+            clock_rate: 90_000,
+            last_sent: None,
+            sealed: None,
+        };
+        let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
+            (vec![], vec![], false, false),
+            (vec![], vec![7, 8], true, false),
+            // 2 unmapped in the middle; 3 + 1 + 4 bytes of mapped ones: padded to 12.
+            (vec![ext(1, 2), ext(2, 1), ext(3, 3)], vec![], true, false),
+            (vec![ext(3, 16), ext(1, 1)], vec![9], false, true),
+            // Two-byte form: an id above 14, a payload above 16 bytes, an empty payload.
+            (vec![ext(1, 2), ext(4, 3)], vec![], false, false),
+            (vec![ext(6, 17), ext(3, 1)], vec![], true, false),
+            (vec![ext(9, 0), ext(1, 4)], vec![], false, false),
+            // Nothing mapped: no extension block.
+            (vec![ext(2, 4), ext(8, 1)], vec![], false, false),
+        ];
+        for (extensions, csrc, marker, padding) in cases {
+            let from = Header {
+                version: 2,
+                padding,
+                marker,
+                payload_type: 96,
+                sequence_number: 4000,
+                timestamp: 123_456,
+                ssrc: 0xdead_beef,
+                csrc,
+                ..Default::default()
+            };
+            let (seq, ts) = (65_000, 0xfeed_f00d);
+            let mut expected_header = Header::default();
+            rewrite_header(&mut expected_header, &from, &route, seq, ts, &extensions);
+            let mut expected = vec![0u8; expected_header.marshal_size()];
+            expected_header.marshal_to(&mut expected).unwrap();
+            let mut got = vec![0xee; 3];
+            let n = write_header(
+                &mut got,
+                &CopyHeader {
+                    from: &from,
+                    payload_type: route.payload_type,
+                    ssrc: route.ssrc,
+                    ext_map: &route.ext_map,
+                    seq,
+                    ts,
+                    extensions: &extensions,
+                },
+            );
+            assert_eq!(n, got.len() - 3);
+            assert_eq!(&got[3..], &expected[..], "{extensions:?}");
+        }
+    }
+}
