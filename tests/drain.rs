@@ -116,19 +116,27 @@ async fn sigterm_drains_the_real_binary() {
     );
 
     a.ws.close(None).await.unwrap();
-    let mut status = None;
-    for _ in 0..400 {
+    let status = exited_within(&mut child, Duration::from_secs(10))
+        .await
+        .expect("ferry did not exit after its last client left");
+    assert!(status.success(), "{status:?}");
+}
+
+/// The child's exit status once it exits, within `within`; `None` (and the child killed) if it
+/// does not.
+async fn exited_within(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
         if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
+            return Some(s);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("ferry did not exit after its last client left");
-    });
-    assert!(status.success(), "{status:?}");
+    let _ = child.kill();
+    None
 }
 
 /// A second SIGTERM during a drain cuts it short: with a client still connected and a drain
@@ -174,17 +182,8 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     term();
     let (code, _) = a.expect_close().await;
     assert_eq!(code, 1001);
-    let mut status = None;
-    for _ in 0..800 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("ferry kept draining after a second SIGTERM");
-    });
+    let status = exited_within(&mut child, Duration::from_secs(20))
+        .await
+        .expect("ferry kept draining after a second SIGTERM");
     assert!(status.success(), "{status:?}");
 }

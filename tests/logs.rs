@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::rtc_client::MediaClient;
+use common::rtc_client::{RoomSockets, relay_room_on};
 use common::*;
 use serde_json::json;
 
@@ -108,29 +108,12 @@ async fn refused_tokens_are_logged_a_few_times_a_second() {
 async fn an_ordinary_relayed_call_logs_no_warnings_at_the_default_level() {
     let captured = captured();
     let s = spawn(test_config()).await;
-    let mut a = Client::joined_hello(s.addr, "publisher").await;
-    let room = a.create_room(json!({"mode": "relay"})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    let mut b = Client::joined_hello(s.addr, "subscriber").await;
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("subscribe", json!({"userId": a.user_id}))
-        .await
-        .unwrap();
-    let mut publ = MediaClient::connect(a, true).await;
-    let mut sub = MediaClient::connect(b, false).await;
+    let sockets = RoomSockets {
+        publisher: None,
+        subscriber: None,
+    };
+    let (mut publ, mut sub, _) = relay_room_on(s.addr, true, false, Vec::new(), sockets).await;
     let slice = Duration::from_millis(5);
-    for _ in 0..1000 {
-        publ.pump(slice).await;
-        sub.pump(slice).await;
-        if publ.connected && sub.connected {
-            break;
-        }
-    }
-    assert!(publ.connected && sub.connected);
     for i in 0..100u16 {
         publ.send(i, Bytes::from(vec![i as u8; 900]));
         publ.pump(slice).await;

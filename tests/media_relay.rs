@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::rtc_client::MediaClient;
+use common::rtc_client::{MediaClient, RoomSockets, relay_room_on};
 use common::*;
 use ferry::config::Config;
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
@@ -465,31 +465,11 @@ async fn relay_room_in(
     extensions: bool,
     profiles: Vec<SrtpProtectionProfile>,
 ) -> (MediaClient, MediaClient, String) {
-    let mut a = Client::joined_hello(s.addr, "publisher").await;
-    let room = a.create_room(json!({"mode": "relay"})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    let mut b = Client::joined_hello(s.addr, "subscriber").await;
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    if subscribed {
-        b.request("subscribe", json!({"userId": a.user_id}))
-            .await
-            .unwrap();
-    }
-    let mut publ =
-        MediaClient::connect_offering(a, true, 0x0bad_cafe, extensions, profiles.clone()).await;
-    let mut sub = MediaClient::connect_offering(b, false, 1, extensions, profiles).await;
-    for _ in 0..1000 {
-        publ.pump(SLICE).await;
-        sub.pump(SLICE).await;
-        if publ.connected && sub.connected {
-            return (publ, sub, room);
-        }
-    }
-    panic!("relay connections did not come up");
+    let sockets = RoomSockets {
+        publisher: None,
+        subscriber: None,
+    };
+    relay_room_on(s.addr, subscribed, extensions, profiles, sockets).await
 }
 
 /// The relay's data channel (the one a member who publishes nothing opens the connection with)
@@ -1160,12 +1140,7 @@ async fn forged_media_flood_figures() {
 /// match the announced candidate, and media flows both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relayed_media_flows_through_a_wildcard_bound_media_port() {
-    let s = spawn(Config {
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["127.0.0.1".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
+    let s = announcing("127.0.0.1").await;
     let (mut publ, mut sub) = relayed_pair(&s).await;
     stream(&mut publ, &mut sub, 0, 50).await;
     let got = check_received(&sub, publ.sender.unwrap().1);
@@ -1174,6 +1149,25 @@ async fn relayed_media_flows_through_a_wildcard_bound_media_port() {
         publ.relay_addr().unwrap().ip().is_loopback(),
         "media sent to the announced address"
     );
+}
+
+/// A server with its media port bound to 0.0.0.0 (as docs/deploy.md has it) announcing `ip`.
+async fn announcing(ip: &str) -> TestServer {
+    spawn(Config {
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec![ip.parse().unwrap()],
+        ..test_config()
+    })
+    .await
+}
+
+/// Whether this process runs the test's body: inside the network namespace `setup` made (see
+/// common::netns), not the outer run, nor a skipped one.
+fn inside_netns(test: &str, setup: &str, missing: Option<&str>) -> bool {
+    matches!(
+        common::netns::in_new_netns(test, setup, missing),
+        common::netns::Place::Inside
+    )
 }
 
 /// Named network namespaces a test made, deleted when it ends.
@@ -1213,32 +1207,11 @@ async fn relay_between(
     publ_socket: std::net::UdpSocket,
     sub_socket: std::net::UdpSocket,
 ) {
-    let mut a = Client::joined_hello(s.addr, "publisher").await;
-    let room = a.create_room(json!({"mode": "relay"})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    let mut b = Client::joined_hello(s.addr, "subscriber").await;
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("subscribe", json!({"userId": a.user_id}))
-        .await
-        .unwrap();
-    let mut publ = MediaClient::connect_on(a, true, publ_socket).await;
-    let mut sub = MediaClient::connect_on(b, false, sub_socket).await;
-    for _ in 0..1000 {
-        settle(&mut publ, &mut sub, 1).await;
-        if publ.connected && sub.connected {
-            break;
-        }
-    }
-    assert!(
-        publ.connected && sub.connected,
-        "relay connections did not come up (publisher {}, subscriber {})",
-        publ.connected,
-        sub.connected
-    );
+    let sockets = RoomSockets {
+        publisher: Some(publ_socket),
+        subscriber: Some(sub_socket),
+    };
+    let (mut publ, mut sub, _) = relay_room_on(s.addr, true, false, Vec::new(), sockets).await;
     stream(&mut publ, &mut sub, 0, 50).await;
     let got = check_received(&sub, publ.sender.unwrap().1);
     assert!(got.len() >= 45, "{} of 50 relayed", got.len());
@@ -1269,17 +1242,11 @@ async fn a_multi_homed_server_answers_from_the_address_each_client_used() {
         && ip -n ferry-mh-c1 route add default via 10.201.0.1 \
         && ip -n ferry-mh-c2 addr add 10.202.0.2/24 dev e0 && ip -n ferry-mh-c2 link set e0 up \
         && ip -n ferry-mh-c2 route add default via 10.202.0.1";
-    match common::netns::in_new_netns(TEST, setup, None) {
-        common::netns::Place::Inside => {}
-        _ => return,
+    if !inside_netns(TEST, setup, None) {
+        return;
     }
     let _ns = Namespaces(&["ferry-mh-c1", "ferry-mh-c2"]);
-    let s = spawn(Config {
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["10.202.0.1".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
+    let s = announcing("10.202.0.1").await;
     // The publisher on the first network (its route to 10.202.0.1 goes through 10.201.0.1), the
     // subscriber on the second.
     relay_between(
@@ -1316,17 +1283,11 @@ async fn a_server_behind_a_one_to_one_nat_relays_at_its_announced_address() {
         && ip -n ferry-nat-c addr add 10.204.0.2/24 dev co && ip -n ferry-nat-c link set co up \
         && ip -n ferry-nat-c route add default via 10.204.0.1"
     );
-    match common::netns::in_new_netns(TEST, &setup, missing) {
-        common::netns::Place::Inside => {}
-        _ => return,
+    if !inside_netns(TEST, &setup, missing) {
+        return;
     }
     let _ns = Namespaces(&["ferry-nat-r", "ferry-nat-c"]);
-    let s = spawn(Config {
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["10.204.0.100".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
+    let s = announcing("10.204.0.100").await;
     relay_between(
         &s,
         "10.204.0.100".parse().ok(),

@@ -149,7 +149,9 @@ impl MediaClient {
         .await
     }
 
-    async fn connect_full(
+    /// The most general way in: `deliver` the offer some other way than signaling when given,
+    /// and use `socket` (bound anywhere).
+    pub async fn connect_full(
         mut ws: Client,
         publish: bool,
         ssrc: u32,
@@ -475,4 +477,64 @@ impl MediaClient {
             let _ = self.socket.send_to(&t.message, t.transport.peer_addr).await;
         }
     }
+}
+
+/// Sockets for the two members of [`relay_room_on`] (`None`: 127.0.0.1).
+pub struct RoomSockets {
+    pub publisher: Option<std::net::UdpSocket>,
+    pub subscriber: Option<std::net::UdpSocket>,
+}
+
+/// A relayed room on the server at `addr`: a publisher (one VP8 track, SSRC 0x0badcafe) and a
+/// second member (subscribed to the publisher before connecting when `subscribed`), both
+/// connected to the relay, offering `profiles` (empty: rtc's defaults) and the test extensions
+/// when `extensions`. Returns them and the room's id.
+pub async fn relay_room_on(
+    addr: SocketAddr,
+    subscribed: bool,
+    extensions: bool,
+    profiles: Vec<SrtpProtectionProfile>,
+    sockets: RoomSockets,
+) -> (MediaClient, MediaClient, String) {
+    let mut a = Client::joined_hello(addr, "publisher").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(addr, "subscriber").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    if subscribed {
+        b.request("subscribe", json!({"userId": a.user_id}))
+            .await
+            .unwrap();
+    }
+    let local = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let publisher = sockets.publisher.unwrap_or_else(local);
+    let subscriber = sockets.subscriber.unwrap_or_else(local);
+    let mut publ = MediaClient::connect_full(
+        a,
+        true,
+        0x0bad_cafe,
+        extensions,
+        profiles.clone(),
+        None,
+        publisher,
+    )
+    .await;
+    let mut sub =
+        MediaClient::connect_full(b, false, 1, extensions, profiles, None, subscriber).await;
+    let slice = Duration::from_millis(5);
+    for _ in 0..1000 {
+        publ.pump(slice).await;
+        sub.pump(slice).await;
+        if publ.connected && sub.connected {
+            return (publ, sub, room);
+        }
+    }
+    panic!(
+        "relay connections did not come up (publisher {}, subscriber {})",
+        publ.connected, sub.connected
+    );
 }
