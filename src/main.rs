@@ -195,26 +195,30 @@ fn serve(args: ServeArgs) -> ExitCode {
     let result = rt.block_on(async move {
         let server = Server::bind(cfg).await?;
         let handle = server.shutdown_handle();
-        if let Some(tls) = server.tls() {
-            tokio::spawn(async move {
-                #[cfg(unix)]
-                {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                        return;
-                    };
-                    while hup.recv().await.is_some() {
-                        match tls.reload() {
-                            Ok(()) => tracing::info!("TLS certificate reloaded"),
-                            Err(e) => tracing::error!(
-                                error = %e,
-                                "TLS certificate not reloaded: the previous one stays in use"
-                            ),
-                        }
+        // SIGHUP reloads the TLS certificate; without TLS it is only logged (its default action
+        // would end the process, e.g. on a `systemctl reload`).
+        let tls = server.tls();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match tls.as_ref().map(|t| t.reload()) {
+                        None => tracing::info!("SIGHUP: nothing to reload (no tls_cert)"),
+                        Some(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                        Some(Err(e)) => tracing::error!(
+                            error = %e,
+                            "TLS certificate not reloaded: the previous one stays in use"
+                        ),
                     }
                 }
-            });
-        }
+            }
+            #[cfg(not(unix))]
+            drop(tls);
+        });
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown signal received: draining (send it again to stop now)");

@@ -204,3 +204,35 @@ fn bad_tls_settings_are_named_at_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SIGHUP (a `systemctl reload`) on a server without TLS changes nothing: it keeps serving.
+#[tokio::test]
+async fn sighup_without_tls_keeps_the_server_running() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--http-listen", &addr.to_string()])
+        .args(["--media-listen", "127.0.0.1:0"])
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_API_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_listener(addr).await, "ferry did not start");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let alive = child.try_wait().unwrap().is_none();
+    let health = http_get(addr, "/healthz").await.0;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "SIGHUP ended the process");
+    assert_eq!(health, 200);
+}
