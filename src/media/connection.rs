@@ -5,116 +5,26 @@
 use super::*;
 
 impl MediaCore {
-    pub(super) fn handle_event(&mut self, key: PeerKey, ev: RTCPeerConnectionEvent, _now: Instant) {
+    /// What rtc reported of `key`'s connection.
+    pub(super) fn handle_event(&mut self, key: PeerKey, ev: RTCPeerConnectionEvent, now: Instant) {
         match ev {
-            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
-                let Some(p) = self.peers.get_mut(&key) else {
-                    return;
-                };
-                // rtc reports a track again after each renegotiation; it is routed already (keep
-                // its SSRC current for keyframe requests).
-                if let Some(t) = p.published.get_mut(&init.track_id) {
-                    t.ssrc = init.ssrc;
-                    self.refresh_ext_maps(key);
-                    return;
-                }
-                if !p.may_publish {
-                    warn!(user = %p.user_id, track = %init.track_id,
-                          "track refused: the member's token does not grant publish");
-                    return;
-                }
-                let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
-                    return;
-                };
-                let track = receiver.track();
-                let kind = track.kind();
-                let Some(codec) = track.codec(init.ssrc).cloned() else {
-                    warn!(user = %p.user_id, "published track without a codec");
-                    return;
-                };
-                let client_stream = init.stream_ids.first().cloned().unwrap_or_default();
-                let ty = p
-                    .stream_types
-                    .get(&client_stream)
-                    .cloned()
-                    .unwrap_or_else(|| "cam".into());
-                let stream_id = format!("{}~{}", p.user_id, ty);
-                info!(user = %p.user_id, track = %init.track_id, mime = %codec.mime_type, %stream_id, "track published to the relay");
-                // A stream the own path opens that now belongs to this track.
-                for (ssrc, track) in p.inbound.iter_mut() {
-                    if *ssrc == init.ssrc {
-                        *track = Arc::from(init.track_id.as_str());
-                    }
-                }
-                p.published.insert(
-                    init.track_id.clone(),
-                    Published {
-                        kind,
-                        codec,
-                        ssrc: init.ssrc,
-                        receiver_id: init.receiver_id,
-                        ty: ty.clone(),
-                        stream_id,
-                        history: History::default(),
-                    },
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init))
+                if self.on_track_open(key, &init) =>
+            {
+                self.router.attach_to_subscribers(
+                    &mut self.peers,
+                    &mut self.out,
+                    key,
+                    &init.track_id,
+                    now,
                 );
-                let (room, user) = (p.room_id.clone(), p.user_id.clone());
-                self.sink.send_to_room(
-                    &room,
-                    &user,
-                    json!({"type": "track", "event": "published", "userId": user,
-                           "streamType": ty, "kind": kind_name(kind)}),
-                );
-                let subs: Vec<PeerKey> = self
-                    .peers
-                    .iter()
-                    .filter(|(k, q)| {
-                        **k != key && q.room_id == room && self.wants(&q.user_id, &user, &ty)
-                    })
-                    .map(|(k, _)| *k)
-                    .collect();
-                for s in subs {
-                    self.attach(s, key, &init.track_id);
-                }
             }
             RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
-                self.unpublish(key, &track_id, Instant::now());
+                self.unpublish(key, &track_id, now);
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
-                let Some(p) = self.peers.get_mut(&key) else {
-                    return;
-                };
-                info!(user = %p.user_id, %state, "relay connection state");
-                let label = state.to_string();
-                p.connected = state == RTCPeerConnectionState::Connected;
-                if p.connected && p.sealer.is_none() && !p.sealed_by_rtc {
-                    // DTLS done without captured AES-GCM keys (an AES-CM profile): rtc seals.
-                    p.sealed_by_rtc = true;
-                    self.metrics.srtp_sealed_by_rtc.inc();
-                    self.metrics
-                        .srtp_profiles
-                        .with_label_values(&["unknown"])
-                        .inc();
-                }
-                self.metrics
-                    .peer_connections
-                    .with_label_values(&[&p.state])
-                    .dec();
-                self.metrics
-                    .peer_connections
-                    .with_label_values(&[&label])
-                    .inc();
-                p.state = label;
-                if state == RTCPeerConnectionState::Failed {
-                    self.metrics
-                        .media_dropped
-                        .with_label_values(&["connection_failed"])
-                        .inc();
-                    if p.ice_failed {
-                        self.metrics.failures_ice.inc();
-                    } else {
-                        self.metrics.failures_dtls.inc();
-                    }
+                if let Some(p) = self.peers.get_mut(&key) {
+                    on_state_change(p, state, &self.metrics);
                 }
             }
             RTCPeerConnectionEvent::OnIceConnectionStateChangeEvent(state) => {
@@ -128,100 +38,92 @@ impl MediaCore {
         }
     }
 
-    /// Recompute the header-extension maps of every route from or to `key` (after a
-    /// negotiation: IDs are known, and stay as they are, once negotiated).
-    pub(super) fn refresh_ext_maps(&mut self, key: PeerKey) {
-        let mut receivers: HashMap<(PeerKey, String), Vec<(String, u16)>> = HashMap::new();
-        let mut todo = Vec::new();
-        for (publisher, tracks) in &self.routes {
-            for (track, routes) in tracks {
-                for (i, r) in routes.iter().enumerate() {
-                    if *publisher == key || r.to == key {
-                        todo.push((*publisher, track.clone(), i));
-                    }
-                }
+    /// rtc opened a track on `key`'s connection: published (and announced to the room) if the
+    /// member may publish. True when it is a new published track, to attach to subscribers.
+    fn on_track_open(
+        &mut self,
+        key: PeerKey,
+        init: &rtc::peer_connection::event::RTCTrackEventInit,
+    ) -> bool {
+        let Some(p) = self.peers.get_mut(&key) else {
+            return false;
+        };
+        // rtc reports a track again after each renegotiation; it is routed already (keep its
+        // SSRC current for keyframe requests).
+        if let Some(t) = p.published.get_mut(&init.track_id) {
+            t.ssrc = init.ssrc;
+            self.router.refresh_ext_maps(&mut self.peers, key);
+            return false;
+        }
+        if !p.may_publish {
+            warn!(user = %p.user_id, track = %init.track_id,
+                  "track refused: the member's token does not grant publish");
+            return false;
+        }
+        let Some(receiver) = p.pc.rtp_receiver(init.receiver_id) else {
+            return false;
+        };
+        let track = receiver.track();
+        let kind = track.kind();
+        let Some(codec) = track.codec(init.ssrc).cloned() else {
+            warn!(user = %p.user_id, "published track without a codec");
+            return false;
+        };
+        let client_stream = init.stream_ids.first().cloned().unwrap_or_default();
+        let ty = p
+            .stream_types
+            .get(&client_stream)
+            .cloned()
+            .unwrap_or_else(|| "cam".into());
+        let stream_id = format!("{}~{}", p.user_id, ty);
+        info!(user = %p.user_id, track = %init.track_id, mime = %codec.mime_type, %stream_id, "track published to the relay");
+        // A stream the own path opens that now belongs to this track.
+        for (ssrc, track) in p.inbound.iter_mut() {
+            if *ssrc == init.ssrc {
+                *track = Arc::from(init.track_id.as_str());
             }
         }
-        for (publisher, track, i) in todo {
-            let pub_exts = receivers
-                .entry((publisher, track.clone()))
-                .or_insert_with(|| {
-                    let Some(p) = self.peers.get_mut(&publisher) else {
-                        return Vec::new();
-                    };
-                    let Some(t) = p.published.get(&track) else {
-                        return Vec::new();
-                    };
-                    let kind = t.kind;
-                    p.pc.rtp_receiver(t.receiver_id)
-                        .map(|mut r| {
-                            r.get_parameters()
-                                .rtp_parameters
-                                .header_extensions
-                                .iter()
-                                .filter(|h| {
-                                    FORWARDED_EXTENSIONS
-                                        .iter()
-                                        .any(|(u, k)| *u == h.uri && *k == kind)
-                                })
-                                .map(|h| (h.uri.clone(), h.id))
-                                .collect()
-                        })
-                        .unwrap_or_default()
-                })
-                .clone();
-            let Some(r) = self
-                .routes
-                .get_mut(&publisher)
-                .and_then(|t| t.get_mut(&track))
-                .and_then(|rs| rs.get_mut(i))
-            else {
-                continue;
-            };
-            let Some(s) = self.peers.get_mut(&r.to) else {
-                continue;
-            };
-            let mime = s
-                .feeds
-                .values()
-                .find(|f| f.sender_id == r.sender_id)
-                .map(|f| f.mime.clone())
-                .unwrap_or_default();
-            let (sub_exts, payload_type): (Vec<(String, u16)>, Option<u8>) =
-                s.pc.rtp_sender(r.sender_id)
-                    .map(|mut snd| {
-                        let params = &snd.get_parameters().rtp_parameters;
-                        (
-                            params
-                                .header_extensions
-                                .iter()
-                                .map(|h| (h.uri.clone(), h.id))
-                                .collect(),
-                            params
-                                .codecs
-                                .iter()
-                                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
-                                .map(|c| c.payload_type),
-                        )
-                    })
-                    .unwrap_or_default();
-            // The payload type as negotiated (the subscriber may number the codec its own way).
-            if let Some(pt) = payload_type {
-                r.payload_type = pt;
-            }
-            let mut map = [0u8; 256];
-            for (uri, id) in &pub_exts {
-                if let Some((_, sid)) = sub_exts.iter().find(|(u, _)| u == uri)
-                    && let (Ok(from), Ok(to)) = (u8::try_from(*id), u8::try_from(*sid))
-                {
-                    map[usize::from(from)] = to;
-                }
-            }
-            *r.ext_map = map;
-        }
+        self.sink.send_to_room(
+            &p.room_id,
+            &p.user_id,
+            json!({"type": "track", "event": "published", "userId": p.user_id,
+                   "streamType": ty, "kind": kind_name(kind)}),
+        );
+        p.published.insert(
+            init.track_id.clone(),
+            Published {
+                kind,
+                codec,
+                ssrc: init.ssrc,
+                receiver_id: init.receiver_id,
+                ty,
+                stream_id,
+            },
+        );
+        true
     }
 
-    pub(super) fn negotiate(&mut self, key: PeerKey) {
+    /// `publisher`'s track went: announced to the room; its subscribers' feeds wait for a
+    /// republish ([`Router::unpublish`]).
+    pub(super) fn unpublish(&mut self, publisher: PeerKey, track_id: &str, now: Instant) {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return;
+        };
+        let Some(t) = p.published.remove(track_id) else {
+            return;
+        };
+        self.sink.send_to_room(
+            &p.room_id,
+            &p.user_id,
+            json!({"type": "track", "event": "unpublished", "userId": p.user_id,
+                   "streamType": t.ty, "kind": kind_name(t.kind)}),
+        );
+        self.router
+            .unpublish(&mut self.peers, &mut self.out, publisher, track_id, now);
+    }
+
+    /// Send the server's offer on `key`'s connection (its feeds changed).
+    pub(super) fn negotiate(&mut self, key: PeerKey, now: Instant) {
         let Some(p) = self.peers.get_mut(&key) else {
             return;
         };
@@ -233,7 +135,7 @@ impl MediaCore {
                 return;
             }
         };
-        if let Err(e) = p.pc.set_local_description(Instant::now(), offer) {
+        if let Err(e) = p.pc.set_local_description(now, offer) {
             warn!(user = %p.user_id, error = %e, "cannot set our offer");
             return;
         }
@@ -246,26 +148,42 @@ impl MediaCore {
             &p.user_id,
             json!({ "type": "offer", "from": SERVER_ID, "sdp": sdp, "meta": meta }),
         );
-        self.dirty.insert(key);
+        self.out.needs_poll.insert(key);
     }
 
+    /// The client's answer to the server's offer.
+    pub(super) fn apply_answer(&mut self, user_id: &str, sdp: String, now: Instant) {
+        let Some(k) = self.peers.key_of(user_id) else {
+            return;
+        };
+        let p = self.peers.get_mut(&k).expect("indexed peer exists");
+        let res =
+            RTCSessionDescription::answer(sdp).and_then(|d| p.pc.set_remote_description(now, d));
+        if let Err(e) = res {
+            warn!(user = %user_id, error = %e, "client answer refused");
+        }
+        self.out.needs_poll.insert(k);
+        self.router.refresh_ext_maps(&mut self.peers, k);
+    }
+
+    /// A client's offer: its connection made if it has none (or has one in another room),
+    /// answered; a new connection receives what its member subscribed to.
     pub(super) fn handle_offer(
         &mut self,
-        user_id: String,
-        room_id: String,
+        (user_id, room_id): (String, String),
         sdp: String,
         meta: Option<Value>,
         may_publish: bool,
         now: Instant,
     ) {
         // A client that moved to another room starts afresh.
-        if let Some(&k) = self.by_user.get(&user_id)
+        if let Some(k) = self.peers.key_of(&user_id)
             && self.peers.get(&k).is_some_and(|p| p.room_id != room_id)
         {
             self.remove_peer(&user_id, now);
         }
-        let key = match self.by_user.get(&user_id) {
-            Some(&k) => k,
+        let key = match self.peers.key_of(&user_id) {
+            Some(k) => k,
             None => match self.new_peer(&user_id, &room_id, may_publish, now) {
                 Ok(k) => k,
                 Err(e) => {
@@ -274,11 +192,8 @@ impl MediaCore {
                 }
             },
         };
-        let fresh = self
-            .peers
-            .get(&key)
-            .is_some_and(|p| p.pc.remote_description().is_none());
         let p = self.peers.get_mut(&key).expect("peer exists");
+        let fresh = p.pc.remote_description().is_none();
         if let Some(streams) = meta
             .as_ref()
             .and_then(|m| m.get("streams"))
@@ -295,49 +210,32 @@ impl MediaCore {
             debug!(user = %user_id, "ignoring a client offer that crossed ours");
             return;
         }
-        let answer = RTCSessionDescription::offer(sdp)
-            .and_then(|d| p.pc.set_remote_description(now, d))
-            .and_then(|_| p.pc.create_answer(None))
-            .and_then(|a| p.pc.set_local_description(now, a));
-        if let Err(e) = answer {
-            warn!(user = %user_id, error = %e, "client offer refused");
-            self.sink.send_to(
-                &user_id,
-                json!({ "type": "bye", "from": SERVER_ID, "reason": format!("offer refused: {e}") }),
-            );
-            return;
-        }
-        let sdp =
-            p.pc.local_description()
-                .map(|d| without_rtcp_candidates(&d.sdp))
-                .unwrap_or_default();
-        debug!(user = %user_id, %sdp, "relay answer");
-        let meta = json!({ "streams": p.stream_meta });
-        self.sink.send_to(
-            &user_id,
-            json!({ "type": "answer", "from": SERVER_ID, "sdp": sdp, "meta": meta }),
-        );
-        self.dirty.insert(key);
-        self.refresh_ext_maps(key);
-        if fresh {
-            // A new relay connection receives what its client subscribed to.
-            let existing: Vec<(PeerKey, String)> = self
-                .peers
-                .iter()
-                .filter(|(k, q)| **k != key && q.room_id == room_id)
-                .flat_map(|(k, q)| {
-                    q.published
-                        .iter()
-                        .filter(|(_, t)| self.wants(&user_id, &q.user_id, &t.ty))
-                        .map(move |(t, _)| (*k, t.clone()))
-                })
-                .collect();
-            for (publisher, track) in existing {
-                self.attach(key, publisher, &track);
+        let reply = match answer(p, sdp, now) {
+            Ok(sdp) => {
+                debug!(user = %user_id, %sdp, "relay answer");
+                json!({ "type": "answer", "from": SERVER_ID, "sdp": sdp,
+                        "meta": { "streams": p.stream_meta } })
             }
+            Err(e) => {
+                warn!(user = %user_id, error = %e, "client offer refused");
+                let reason = format!("offer refused: {e}");
+                self.sink.send_to(
+                    &user_id,
+                    json!({ "type": "bye", "from": SERVER_ID, "reason": reason }),
+                );
+                return;
+            }
+        };
+        self.sink.send_to(&user_id, reply);
+        self.out.needs_poll.insert(key);
+        self.router.refresh_ext_maps(&mut self.peers, key);
+        if fresh {
+            self.router
+                .attach_existing(&mut self.peers, &mut self.out, key, now);
         }
     }
 
+    /// A relay connection for `user_id` in `room_id`.
     pub(super) fn new_peer(
         &mut self,
         user_id: &str,
@@ -345,48 +243,14 @@ impl MediaCore {
         may_publish: bool,
         now: Instant,
     ) -> rtc::shared::error::Result<PeerKey> {
-        let ufrag = loop {
-            let u = random_token(8);
-            if !self.by_ufrag.contains_key(&u) {
-                break u;
-            }
-        };
-        let pwd = random_token(24);
-        let setting_engine = SettingEngineBuilder::new()
-            .with_lite(true)
-            .with_answering_dtls_role(RTCDtlsRole::Server)
-            .with_ice_credentials(ufrag.clone(), pwd.clone())
-            .with_crypto_provider(self.crypto.clone())
-            .with_srtp_protection_profiles(self.srtp_profiles.clone())
-            // The relay's data channel only opens the connection (the SDK creates it so that a
-            // member who publishes nothing still negotiates); nothing is sent on it. rtc keeps a
-            // working buffer of the negotiated message size per connection, zero-filled at the
-            // start (64 KiB by default), and lets a peer fill a 1 MiB receive window.
-            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(SCTP_MAX_MESSAGE_BYTES))
-            .with_sctp_max_receive_buffer_size(SCTP_RECEIVE_WINDOW_BYTES)
-            .build();
-        let mut media_engine = MediaEngine::default();
-        media_engine.register_default_codecs()?;
-        for (uri, kind) in FORWARDED_EXTENSIONS {
-            media_engine.register_header_extension(
-                rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
-                    uri: uri.to_string(),
-                },
-                kind,
-                None,
-            )?;
-        }
-        let registry = Registry::new()
-            .with(Slot::from(14_000), DeliverRtcp::relay_feedback())
-            .with(Slot::from(3_500), count_feedback(&self.metrics));
-        let receive_side = ReceiveSide::new();
-        let registry = relay_interceptors(registry, &mut media_engine, receive_side.clone())?;
-        let mut pc = RTCPeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_setting_engine(setting_engine)
-            .with_media_engine(media_engine)
-            .with_interceptor_registry(registry)
-            .build(now)?;
+        let credentials = (self.peers.fresh_ufrag(), random_token(24));
+        let (mut pc, receive_side) = build_connection(
+            &self.crypto,
+            self.srtp_profiles.clone(),
+            &self.metrics,
+            credentials.clone(),
+            now,
+        )?;
         for addr in &self.advertised {
             pc.add_local_candidate(net::host_candidate(*addr)?)?;
         }
@@ -396,42 +260,9 @@ impl MediaCore {
                 pc.add_local_candidate(net::tcp_host_candidate(addr)?)?;
             }
         }
-        let key = self.next_key;
-        self.next_key += 1;
-        self.peers.insert(
-            key,
-            Peer {
-                user_id: user_id.to_string(),
-                room_id: room_id.to_string(),
-                pc,
-                ufrag: ufrag.clone(),
-                stream_types: HashMap::new(),
-                published: FxHashMap::default(),
-                feeds: HashMap::new(),
-                stream_meta: BTreeMap::new(),
-                negotiation_needed: false,
-                pli_at: Vec::new(),
-                relayed_tracks: HashMap::new(),
-                last_pli: HashMap::new(),
-                state: "new".to_string(),
-                ice_failed: false,
-                connected: false,
-                parked_deadline: None,
-                sealer: None,
-                remote: None,
-                sealed_by_rtc: false,
-                opener: None,
-                inbound: Vec::new(),
-                receive_side,
-                pwd,
-                addrs: Vec::new(),
-                admission: guard::Admission::default(),
-                refusals: guard::RefusalLog::default(),
-                may_publish,
-            },
-        );
-        self.by_user.insert(user_id.to_string(), key);
-        self.by_ufrag.insert(ufrag, key);
+        let (ufrag, pwd) = credentials;
+        let peer = Peer::new(user_id, room_id, pc, receive_side, ufrag, pwd, may_publish);
+        let key = self.peers.insert(peer);
         self.metrics.relay_connections.inc();
         self.metrics
             .peer_connections
@@ -441,8 +272,9 @@ impl MediaCore {
         Ok(key)
     }
 
+    /// Close `user_id`'s relay connection: its tracks unpublished, its copies of others' gone.
     pub(super) fn remove_peer(&mut self, user_id: &str, now: Instant) {
-        let Some(key) = self.by_user.remove(user_id) else {
+        let Some(key) = self.peers.key_of(user_id) else {
             return;
         };
         let tracks: Vec<String> = self
@@ -453,22 +285,10 @@ impl MediaCore {
         for t in tracks {
             self.unpublish(key, &t, now);
         }
-        // Its copies of others' tracks.
-        self.routes.remove(&key);
-        for tracks in self.routes.values_mut() {
-            for routes in tracks.values_mut() {
-                routes.retain(|r| r.to != key);
-            }
-        }
-        if let Some(mut p) = self.peers.remove(&key) {
+        self.router.remove_connection(key);
+        let socket = &mut self.socket;
+        if let Some(mut p) = self.peers.remove(key, |a| socket.forget_source(a)) {
             let _ = p.pc.close();
-            self.by_ufrag.remove(&p.ufrag);
-            for (a, _) in &p.addrs {
-                if self.by_addr.get(a) == Some(&key) {
-                    self.by_addr.remove(a);
-                    self.socket.forget_source(a);
-                }
-            }
             self.metrics.relay_connections.dec();
             self.metrics
                 .peer_connections
@@ -476,9 +296,142 @@ impl MediaCore {
                 .dec();
             info!(user = %user_id, "relay connection closed");
         }
-        self.dirty.remove(&key);
+        self.out.needs_poll.remove(&key);
         if let Some(t) = self.deadlines.remove(&key) {
             self.timers.remove(&(t, key));
+        }
+    }
+}
+
+/// Answer the client offer `sdp` on `p`'s connection: the answer's SDP, as sent.
+fn answer(p: &mut Peer, sdp: String, now: Instant) -> rtc::shared::error::Result<String> {
+    let offer = RTCSessionDescription::offer(sdp)?;
+    p.pc.set_remote_description(now, offer)?;
+    let answer = p.pc.create_answer(None)?;
+    p.pc.set_local_description(now, answer)?;
+    Ok(p.pc
+        .local_description()
+        .map(|d| without_rtcp_candidates(&d.sdp))
+        .unwrap_or_default())
+}
+
+/// The connection's state changed: kept as its metric label; failures counted as ICE or DTLS.
+fn on_state_change(p: &mut Peer, state: RTCPeerConnectionState, metrics: &Metrics) {
+    info!(user = %p.user_id, %state, "relay connection state");
+    let label = state.to_string();
+    p.connected = state == RTCPeerConnectionState::Connected;
+    if p.connected && p.sealer.is_none() && !p.sealed_by_rtc {
+        // DTLS done without captured AES-GCM keys (an AES-CM profile): rtc seals.
+        p.sealed_by_rtc = true;
+        metrics.srtp_sealed_by_rtc.inc();
+        metrics.srtp_profiles.with_label_values(&["unknown"]).inc();
+    }
+    metrics
+        .peer_connections
+        .with_label_values(&[&p.state])
+        .dec();
+    metrics.peer_connections.with_label_values(&[&label]).inc();
+    p.state = label;
+    if state == RTCPeerConnectionState::Failed {
+        metrics
+            .media_dropped
+            .with_label_values(&["connection_failed"])
+            .inc();
+        if p.ice_failed {
+            metrics.failures_ice.inc();
+        } else {
+            metrics.failures_dtls.inc();
+        }
+    }
+}
+
+/// A relay connection's rtc peer: ICE-lite with `(ufrag, pwd)`, the DTLS server, the relay's
+/// codecs, forwarded extensions and interceptors; and its receiving interceptors, which the own
+/// packet-in path also feeds.
+pub(super) fn build_connection(
+    crypto: &Arc<srtp::KeyCapture>,
+    srtp_profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
+    metrics: &Arc<Metrics>,
+    (ufrag, pwd): (String, String),
+    now: Instant,
+) -> rtc::shared::error::Result<(RTCPeerConnection, ReceiveSide)> {
+    let setting_engine = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_answering_dtls_role(RTCDtlsRole::Server)
+        .with_ice_credentials(ufrag, pwd)
+        .with_crypto_provider(crypto.clone())
+        .with_srtp_protection_profiles(srtp_profiles)
+        // The relay's data channel only opens the connection (the SDK creates it so that a
+        // member who publishes nothing still negotiates); nothing is sent on it. rtc keeps a
+        // working buffer of the negotiated message size per connection, zero-filled at the
+        // start (64 KiB by default), and lets a peer fill a 1 MiB receive window.
+        .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(SCTP_MAX_MESSAGE_BYTES))
+        .with_sctp_max_receive_buffer_size(SCTP_RECEIVE_WINDOW_BYTES)
+        .build();
+    let mut media_engine = MediaEngine::default();
+    media_engine.register_default_codecs()?;
+    for (uri, kind) in FORWARDED_EXTENSIONS {
+        media_engine.register_header_extension(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+                uri: uri.to_string(),
+            },
+            kind,
+            None,
+        )?;
+    }
+    let registry = Registry::new()
+        .with(Slot::from(14_000), DeliverRtcp::relay_feedback())
+        .with(Slot::from(3_500), count_feedback(metrics));
+    let receive_side = ReceiveSide::new();
+    let registry = relay_interceptors(registry, &mut media_engine, receive_side.clone())?;
+    let pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(setting_engine)
+        .with_media_engine(media_engine)
+        .with_interceptor_registry(registry)
+        .build(now)?;
+    Ok((pc, receive_side))
+}
+
+impl Peer {
+    /// A new connection's state: nothing published, received or learned yet.
+    pub(super) fn new(
+        user_id: &str,
+        room_id: &str,
+        pc: RTCPeerConnection,
+        receive_side: ReceiveSide,
+        ufrag: String,
+        pwd: String,
+        may_publish: bool,
+    ) -> Peer {
+        Peer {
+            user_id: user_id.to_string(),
+            room_id: room_id.to_string(),
+            pc,
+            ufrag,
+            stream_types: HashMap::new(),
+            published: FxHashMap::default(),
+            feeds: HashMap::new(),
+            stream_meta: BTreeMap::new(),
+            negotiation_needed: false,
+            pli_at: Vec::new(),
+            relayed_tracks: HashMap::new(),
+            last_pli: HashMap::new(),
+            state: "new".to_string(),
+            ice_failed: false,
+            connected: false,
+            parked_deadline: None,
+            sealer: None,
+            remote: None,
+            sealed_by_rtc: false,
+            opener: None,
+            inbound: Vec::new(),
+            receive_side,
+            pwd,
+            addrs: Vec::new(),
+            admission: guard::Admission::default(),
+            refusals: guard::RefusalLog::default(),
+            may_publish,
         }
     }
 }
@@ -513,36 +466,6 @@ pub(super) fn without_rtcp_candidates(sdp: &str) -> String {
 /// opens that SSRC's packets ([`Peer::open_own`]), continuing after this one. This is
 /// the stream's first packet rtc delivered, so its rollover counter is still 0 (streams start
 /// after DTLS, which is when the opener is made).
-/// An address an authenticated ICE check came from: datagrams from it go to `p` (key `k`) until
-/// its consent expires ([`CONSENT_TIMEOUT`]).
-pub(super) fn learn_address(
-    p: &mut Peer,
-    by_addr: &mut FxHashMap<SocketAddr, PeerKey>,
-    k: PeerKey,
-    from: SocketAddr,
-    now: Instant,
-) {
-    if let Some(a) = p.addrs.iter_mut().find(|(a, _)| *a == from) {
-        a.1 = now;
-        by_addr.insert(from, k);
-        return;
-    }
-    if p.addrs.len() >= MAX_ADDRESSES_PER_CONNECTION {
-        let (i, _) = p
-            .addrs
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (_, t))| *t)
-            .expect("not empty");
-        let (old, _) = p.addrs.swap_remove(i);
-        if by_addr.get(&old) == Some(&k) {
-            by_addr.remove(&old);
-        }
-    }
-    p.addrs.push((from, now));
-    by_addr.insert(from, k);
-}
-
 pub(super) fn learn_inbound(p: &mut Peer, track_id: &str, h: &rtc::rtp::header::Header) {
     let Some(opener) = p.opener.as_mut() else {
         return;

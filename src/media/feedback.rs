@@ -14,55 +14,14 @@ impl MediaCore {
         }) else {
             return;
         };
-        if publisher == sub {
-            return;
-        }
-        let Some(r) = self
-            .routes
-            .get_mut(&publisher)
-            .and_then(|t| t.get_mut(&ptrack))
-            .and_then(|routes| routes.iter_mut().find(|r| r.to == sub))
-        else {
+        let (Some(track), Some(s)) = (
+            self.router.track_mut(publisher, &ptrack),
+            self.peers.get_mut(&sub),
+        ) else {
             return;
         };
-        // The publisher's history and the subscriber's sealer at once (two different peers).
-        let [Some(p), Some(s)] = self.peers.get_disjoint_mut([&publisher, &sub]) else {
-            return;
-        };
-        let (Some(track), Some(sealer), Some(to)) =
-            (p.published.get(&ptrack), s.sealer.as_mut(), s.remote)
-        else {
-            return;
-        };
-        // Taken out while its route is read for the header, put back below.
-        let Some(mut sealed) = r.sealed.take() else {
-            return;
-        };
-        for &seq in lost {
-            let sent = sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER];
-            if !sent.used || sent.seq != seq {
-                continue;
-            }
-            let Some(original) = track.history.get(sent.publisher_ssrc, sent.publisher_seq) else {
-                continue;
-            };
-            let roc = sealed.rollover.roc_for(seq);
-            let header = CopyHeader {
-                from: &original.header,
-                payload_type: r.payload_type,
-                ssrc: r.ssrc,
-                ext_map: &r.ext_map,
-                seq,
-                ts: sent.timestamp,
-                extensions: &original.header.extensions,
-            };
-            if self.tx.push_with(to, |buf| {
-                write_sealed(buf, &header, &original.payload, sealer, roc)
-            }) {
-                self.metrics.retransmits.inc();
-            }
-        }
-        r.sealed = Some(sealed);
+        let sent = resend(track, sub, s, &mut self.out.tx, lost);
+        self.metrics.retransmits.inc_by(sent);
     }
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
@@ -90,10 +49,58 @@ impl MediaCore {
         if send_pli(&mut p.pc, rid, ssrc, now) {
             self.metrics.keyframe_requests_relayed.inc();
         }
-        self.dirty.insert(publisher);
+        self.out.needs_poll.insert(publisher);
     }
 }
 
+/// Queue again the packets `lost` that `track`'s route to `sub` (connection `s`) sent, sealed
+/// as they were first sent; how many were queued.
+fn resend(
+    track: &mut RoutedTrack,
+    sub: PeerKey,
+    s: &mut Peer,
+    tx: &mut TxBatch,
+    lost: &[u16],
+) -> u64 {
+    let (Some(sealer), Some(to)) = (s.sealer.as_mut(), s.remote) else {
+        return 0;
+    };
+    let RoutedTrack { routes, history } = track;
+    let Some(r) = routes.iter_mut().find(|r| r.to == sub) else {
+        return 0;
+    };
+    let Some(sealed) = r.sealed.as_mut() else {
+        return 0;
+    };
+    let mut queued = 0;
+    for &seq in lost {
+        let sent = sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER];
+        if !sent.used || sent.seq != seq {
+            continue;
+        }
+        let Some(original) = history.get(sent.publisher_ssrc, sent.publisher_seq) else {
+            continue;
+        };
+        let roc = sealed.rollover.roc_for(seq);
+        let header = CopyHeader {
+            from: &original.header,
+            payload_type: r.payload_type,
+            ssrc: r.ssrc,
+            ext_map: &r.ext_map,
+            seq,
+            ts: sent.timestamp,
+            extensions: &original.header.extensions,
+        };
+        if tx.push_with(to, |buf| {
+            write_sealed(buf, &header, &original.payload, sealer, roc)
+        }) {
+            queued += 1;
+        }
+    }
+    queued
+}
+
+/// Ask for a keyframe on each of `p`'s published video tracks.
 pub(super) fn request_keyframes(p: &mut Peer, now: Instant) {
     let targets: Vec<_> = p
         .published

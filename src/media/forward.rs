@@ -6,11 +6,13 @@
 use super::*;
 
 impl MediaCore {
+    /// A packet of `from`'s published `track_id`, opened (by the relay or by rtc): counted, and
+    /// copied to the track's subscribers.
     pub(super) fn forward(
         &mut self,
         from: PeerKey,
         track_id: &str,
-        mut packet: rtc::rtp::Packet,
+        packet: rtc::rtp::Packet,
         now: Instant,
     ) {
         let kind = self
@@ -18,124 +20,167 @@ impl MediaCore {
             .get(&from)
             .and_then(|p| p.published.get(track_id))
             .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
-        let bytes = packet.payload.len() as u64;
-        self.counts.rtp_in[kind] += 1;
-        self.counts.bytes_in[kind] += bytes;
-        let Some(routes) = self.routes.get_mut(&from).and_then(|t| t.get_mut(track_id)) else {
+        self.out.counts.rtp_in[kind] += 1;
+        self.out.counts.bytes_in[kind] += packet.payload.len() as u64;
+        let Some(track) = self.router.track_mut(from, track_id) else {
             return;
         };
-        // The publisher's extensions are taken out once (the per-subscriber clone then copies no
-        // extension list) and each subscriber gets those it negotiated, under its own IDs. The
-        // payload is shared.
-        let extensions = std::mem::take(&mut packet.header.extensions);
-        let (extension, extension_profile) =
-            (packet.header.extension, packet.header.extension_profile);
-        packet.header.extension = false;
-        packet.header.extension_profile = 0;
-        for r in routes.iter_mut() {
-            let Some(sub) = self.peers.get_mut(&r.to) else {
-                continue;
-            };
+        let copy = Incoming {
+            kind,
+            rx_at: self.rx_at,
+            now,
+        };
+        forward(
+            track,
+            &mut self.peers,
+            &mut self.out,
+            &self.metrics,
+            packet,
+            copy,
+        );
+    }
+}
+
+/// What the forwarder needs to know of a packet besides its bytes.
+#[derive(Clone, Copy)]
+pub(super) struct Incoming {
+    /// 0 audio, 1 video (the counters' index).
+    pub(super) kind: usize,
+    /// When its datagram arrived (forwarding latency).
+    pub(super) rx_at: Instant,
+    pub(super) now: Instant,
+}
+
+/// One published packet to each of `track`'s routes, then into its history (for NACKs). Only the
+/// subscribers' connections are touched.
+pub(super) fn forward(
+    track: &mut RoutedTrack,
+    peers: &mut Peers,
+    out: &mut Outbox,
+    metrics: &Metrics,
+    mut packet: rtc::rtp::Packet,
+    inc: Incoming,
+) {
+    // The publisher's extensions are taken out once (the per-subscriber clone then copies no
+    // extension list) and each subscriber gets those it negotiated, under its own IDs. The
+    // payload is shared.
+    let extensions = std::mem::take(&mut packet.header.extensions);
+    let (extension, extension_profile) = (packet.header.extension, packet.header.extension_profile);
+    packet.header.extension = false;
+    packet.header.extension_profile = 0;
+    let bytes = packet.payload.len() as u64;
+    for r in track.routes.iter_mut() {
+        let Some(sub) = peers.get_mut(&r.to) else {
+            continue;
+        };
+        let sent = if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
             // The own path: header written and the packet sealed straight into the send batch,
             // from the moment the DTLS handshake gave the keys (and the address it ran on),
             // which can be a few packets before rtc reports the connection connected.
-            if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
-                let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
-                let Some(report_due) = seal_copy(&mut self.tx, r, sealer, to, copy, now) else {
-                    r.munger.dropped(packet.header.sequence_number);
-                    self.metrics
-                        .media_dropped
-                        .with_label_values(&["sender_refused"])
-                        .inc();
-                    continue;
-                };
-                if report_due && let Some(sealed) = r.sealed.as_ref() {
-                    let report = sender_report(r.ssrc, r.clock_rate, sealed, now);
-                    if let Some(mut s) = sub.pc.rtp_sender(r.sender_id) {
-                        let _ = s.write_rtcp(now, vec![Box::new(report)]);
-                        self.dirty.insert(r.to);
+            let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
+            match seal_copy(&mut out.tx, r, sealer, to, copy, inc.now) {
+                Some(report_due) => {
+                    if report_due {
+                        send_sender_report(r, sub, out, inc.now);
                     }
+                    Ok(())
                 }
-                self.counts.rtp_out[kind] += 1;
-                self.counts.bytes_out[kind] += bytes;
-                continue;
+                None => Err("sender_refused"),
             }
+        } else if !sub.connected && sub.sealer.is_none() {
             // No SRTP keys yet (its DTLS handshake has not finished): nothing could send it.
             // rtc's pipeline would take the packet through its interceptors (the NACK
             // responder's send buffer would be made for it) only to refuse it at SRTP.
             // (Nothing mapped: the subscriber's numbering starts at the first packet it gets.)
-            if !sub.connected && sub.sealer.is_none() {
-                self.metrics
-                    .media_dropped
-                    .with_label_values(&["not_connected"])
-                    .inc();
-                continue;
+            metrics
+                .media_dropped
+                .with_label_values(&["not_connected"])
+                .inc();
+            continue;
+        } else {
+            let sent = copy_via_rtc(r, sub, &packet, &extensions, inc.now);
+            out.needs_poll.insert(r.to);
+            sent
+        };
+        match sent {
+            Ok(()) => {
+                out.counts.rtp_out[inc.kind] += 1;
+                out.counts.bytes_out[inc.kind] += bytes;
             }
-            let (seq, ts) = r.munger.map(
-                packet.header.ssrc,
-                packet.header.sequence_number,
-                packet.header.timestamp,
-            );
-            let mut out = packet.clone();
-            out.header.ssrc = r.ssrc;
-            out.header.payload_type = r.payload_type;
-            out.header.sequence_number = seq;
-            out.header.timestamp = ts;
-            remap_extensions(&extensions, &r.ext_map, &mut out.header);
-            // Once the subscriber's connection is up, the packet goes straight into its pipeline:
-            // `RTCRtpSender::write_rtp` would rebuild the sender's parameters (allocating) per
-            // packet only to check what the route already guarantees (our SSRC, a payload type
-            // and extension IDs taken from this sender's negotiated parameters). Before that,
-            // the checked path.
-            let written = if sub.connected {
-                sub.pc
-                    .handle_write(TaggedRTCMessage {
-                        now,
-                        message: RTCMessage::RtpPacket(String::new(), out),
-                    })
-                    .map(Some)
-            } else {
-                sub.pc
-                    .rtp_sender(r.sender_id)
-                    .map(|mut s| s.write_rtp(now, out))
-                    .transpose()
-            };
-            match written {
-                Ok(Some(())) => {
-                    r.last_sent = Some(now);
-                    self.counts.rtp_out[kind] += 1;
-                    self.counts.bytes_out[kind] += bytes;
-                }
-                Err(e) => {
-                    debug!(error = %e, "write_rtp refused");
-                    r.munger.dropped(packet.header.sequence_number);
-                    self.metrics
-                        .media_dropped
-                        .with_label_values(&["sender_refused"])
-                        .inc();
-                }
-                Ok(None) => {
-                    r.munger.dropped(packet.header.sequence_number);
-                    self.metrics
-                        .media_dropped
-                        .with_label_values(&["no_sender"])
-                        .inc();
-                }
+            Err(reason) => {
+                r.munger.dropped(packet.header.sequence_number);
+                metrics.media_dropped.with_label_values(&[reason]).inc();
             }
-            self.dirty.insert(r.to);
         }
-        self.forwarded_rx.push(self.rx_at);
-        // Kept (extensions and all) for the subscribers' NACKs: moved, not copied.
-        packet.header.extensions = extensions;
-        packet.header.extension = extension;
-        packet.header.extension_profile = extension_profile;
-        if let Some(t) = self
-            .peers
-            .get_mut(&from)
-            .and_then(|p| p.published.get_mut(track_id))
-        {
-            t.history.store(packet);
+    }
+    out.forwarded_rx.push(inc.rx_at);
+    // Kept (extensions and all) for the subscribers' NACKs: moved, not copied.
+    packet.header.extensions = extensions;
+    packet.header.extension = extension;
+    packet.header.extension_profile = extension_profile;
+    track.history.store(packet);
+}
+
+/// A sealed route's sender report, through its subscriber's connection (rtc seals RTCP).
+fn send_sender_report(r: &Route, sub: &mut Peer, out: &mut Outbox, now: Instant) {
+    let Some(sealed) = r.sealed.as_ref() else {
+        return;
+    };
+    let report = sender_report(r.ssrc, r.clock_rate, sealed, now);
+    if let Some(mut s) = sub.pc.rtp_sender(r.sender_id) {
+        let _ = s.write_rtcp(now, vec![Box::new(report)]);
+        out.needs_poll.insert(r.to);
+    }
+}
+
+/// A copy for a subscriber whose packets rtc seals (before the relay has its keys, or with a
+/// profile the relay does not seal): the rewritten packet into its connection. The reason
+/// (a `ferry_media_dropped_total` label) when it is refused.
+fn copy_via_rtc(
+    r: &mut Route,
+    sub: &mut Peer,
+    packet: &rtc::rtp::Packet,
+    extensions: &[rtc::rtp::header::Extension],
+    now: Instant,
+) -> Result<(), &'static str> {
+    let (seq, ts) = r.munger.map(
+        packet.header.ssrc,
+        packet.header.sequence_number,
+        packet.header.timestamp,
+    );
+    let mut copy = packet.clone();
+    copy.header.ssrc = r.ssrc;
+    copy.header.payload_type = r.payload_type;
+    copy.header.sequence_number = seq;
+    copy.header.timestamp = ts;
+    remap_extensions(extensions, &r.ext_map, &mut copy.header);
+    // Once the subscriber's connection is up, the packet goes straight into its pipeline:
+    // `RTCRtpSender::write_rtp` would rebuild the sender's parameters (allocating) per packet
+    // only to check what the route already guarantees (our SSRC, a payload type and extension
+    // IDs taken from this sender's negotiated parameters). Before that, the checked path.
+    let written = if sub.connected {
+        sub.pc
+            .handle_write(TaggedRTCMessage {
+                now,
+                message: RTCMessage::RtpPacket(String::new(), copy),
+            })
+            .map(Some)
+    } else {
+        sub.pc
+            .rtp_sender(r.sender_id)
+            .map(|mut s| s.write_rtp(now, copy))
+            .transpose()
+    };
+    match written {
+        Ok(Some(())) => {
+            r.last_sent = Some(now);
+            Ok(())
         }
+        Err(e) => {
+            debug!(error = %e, "write_rtp refused");
+            Err("sender_refused")
+        }
+        Ok(None) => Err("no_sender"),
     }
 }
 

@@ -64,6 +64,7 @@ mod forward;
 mod guard;
 mod interceptors;
 mod munger;
+mod peers;
 mod router;
 mod shard;
 pub mod srtp;
@@ -77,6 +78,8 @@ use forward::*;
 use interceptors::*;
 pub use interceptors::{BindOnFirstWrite, DeliverRtcp, Tap};
 pub use munger::Munger;
+use peers::Peers;
+use router::*;
 use stats::*;
 
 /// The `to`/`from` id that names the server in signaling.
@@ -164,8 +167,6 @@ struct Published {
     ty: String,
     /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
     stream_id: String,
-    /// Its recent packets, to answer subscribers' NACKs on the own sealing path.
-    history: History,
 }
 
 /// Packets kept per published track (and entries per route) to answer NACKs: ~2 s of
@@ -177,7 +178,8 @@ pub const SCTP_MAX_MESSAGE_BYTES: u32 = 16 * 1024;
 /// A relay connection's SCTP receive window (rtc's default is 1 MiB).
 const SCTP_RECEIVE_WINDOW_BYTES: u32 = 64 * 1024;
 
-/// A published track's last [`RETRANSMIT_BUFFER`] packets, by sequence number.
+/// A published track's last [`RETRANSMIT_BUFFER`] packets, by sequence number (to answer
+/// subscribers' NACKs on the own sealing path).
 #[derive(Default)]
 struct History {
     slots: Vec<Option<rtc::rtp::Packet>>,
@@ -406,31 +408,21 @@ impl Peer {
 /// Keyframe requests from one subscriber reach the publisher at most this often per track.
 const PLI_THROTTLE: Duration = Duration::from_millis(500);
 
+/// One shard's relay: its connections, its router, its timers, and what they produce. The
+/// shard's loop (`shard.rs`) feeds it datagrams, commands and timeouts and sends its [`Outbox`];
+/// the parts it owns are separate fields so that each step borrows only what it touches.
 pub struct MediaCore {
     socket: MediaSocket,
-    /// Datagrams produced by the current drain, sent in one batch at its end.
-    tx: TxBatch,
-    /// Receive times of the packets forwarded in the current drain (latency is observed once
-    /// they are handed to the kernel).
-    forwarded_rx: Vec<Instant>,
-    /// Packet counters of the current drain, added to the shared metrics once at its end (the
-    /// shards would otherwise contend on the same atomics for every packet).
-    counts: PacketCounts,
+    /// What this drain produced, sent at its end.
+    out: Outbox,
     local_addr: SocketAddr,
     advertised: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
     sink: Arc<dyn ClientSink>,
-    next_key: PeerKey,
-    peers: FxHashMap<PeerKey, Peer>,
-    by_user: HashMap<String, PeerKey>,
-    by_ufrag: HashMap<String, PeerKey>,
-    by_addr: FxHashMap<SocketAddr, PeerKey>,
-    /// Subscriber user id -> (publisher user id, source or every source) it wants through the
-    /// relay. Kept while the subscriber is in the room, across its relay connections.
-    interests: HashMap<String, HashSet<(String, Option<String>)>>,
-    /// publisher -> its track id -> subscribers (nested so the packet path looks up by `&str`).
-    routes: FxHashMap<PeerKey, FxHashMap<String, Vec<Route>>>,
-    dirty: FxHashSet<PeerKey>,
+    /// The relayed connections and their indexes.
+    peers: Peers,
+    /// Who receives which published track, and the copies' state.
+    router: Router,
     /// Every peer's next timer, ordered, and the entry each peer has in it.
     timers: std::collections::BTreeSet<(Instant, PeerKey)>,
     deadlines: FxHashMap<PeerKey, Instant>,
@@ -456,6 +448,79 @@ pub struct MediaCore {
     tcp_port: Option<u16>,
     /// Clients connected over TCP, by address: where their framed datagrams go.
     tcp: FxHashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+}
+
+impl MediaCore {
+    /// A command from signaling (see [`Command`]).
+    pub fn handle_command(&mut self, c: Command, now: Instant) {
+        let (peers, out) = (&mut self.peers, &mut self.out);
+        match c {
+            Command::Offer {
+                user_id,
+                room_id,
+                sdp,
+                meta,
+                join,
+                publish,
+            } => {
+                if self.has_left(&user_id, join) {
+                    debug!(user = %user_id, "offer of a member who left: ignored");
+                    return;
+                }
+                self.handle_offer((user_id, room_id), sdp, meta, publish, now)
+            }
+            Command::Answer { user_id, sdp } => self.apply_answer(&user_id, sdp, now),
+            Command::Candidate { user_id, candidate } => {
+                let Some(k) = peers.key_of(&user_id) else {
+                    return;
+                };
+                let p = peers.get_mut(&k).expect("indexed peer exists");
+                if let Ok(c) = serde_json::from_value::<RTCIceCandidateInit>(candidate)
+                    && !c.candidate.is_empty()
+                {
+                    let _ = p.pc.add_remote_candidate(c);
+                }
+                out.needs_poll.insert(k);
+            }
+            Command::Subscribe {
+                user_id,
+                room_id,
+                publisher,
+                stream_type,
+                join,
+            } => {
+                if !self.has_left(&user_id, join) {
+                    self.router.subscribe(
+                        &mut self.peers,
+                        &mut self.out,
+                        (user_id, room_id),
+                        (publisher, stream_type),
+                        now,
+                    )
+                }
+            }
+            Command::Unsubscribe {
+                user_id,
+                publisher,
+                stream_type,
+            } => self
+                .router
+                .unsubscribe(peers, out, &user_id, &publisher, stream_type.as_deref()),
+            Command::Close { user_id } => self.remove_peer(&user_id, now),
+            Command::Leave { user_id, join } => {
+                let latest = self.left.entry(user_id.clone()).or_insert(join);
+                *latest = (*latest).max(join);
+                self.remove_peer(&user_id, now);
+                self.router
+                    .forget_member(&mut self.peers, &mut self.out, &user_id);
+            }
+        }
+    }
+
+    /// A command of `user_id`'s join `join`, which has left already.
+    fn has_left(&self, user_id: &str, join: u64) -> bool {
+        self.left.get(user_id).is_some_and(|l| join <= *l)
+    }
 }
 
 /// A track sent as one encoding, in `codec`, with our own `ssrc` (the relay's outgoing tracks, and

@@ -1,148 +1,110 @@
-//! The router: who receives what. Subscriptions (kept across relay connections), the feeds a
-//! subscriber's connection carries, attaching a published track to them and parking it across a
-//! republish; the commands from signaling.
+//! The router: who receives what. It owns the subscriptions (kept across a member's relay
+//! connections) and, per published track, its routes (one per subscriber: the copy's SSRC,
+//! numbering and extension map) and the history that answers their NACKs. It attaches a published
+//! track to a subscriber's feed, parks the feed across a republish, and drops it. The feeds
+//! themselves (the subscriber's outgoing tracks) belong to the subscriber's connection, which the
+//! router is lent with the connection table.
 
 use super::*;
 
-impl MediaCore {
+/// Sources a member asked for: (publisher, one source or every source).
+type Wanted = HashSet<(String, Option<String>)>;
+
+#[derive(Default)]
+pub(super) struct Router {
+    /// Subscriber user id -> what it wants through the relay. Kept while the subscriber is in the
+    /// room, across its relay connections.
+    subscriptions: HashMap<String, Wanted>,
+    /// Publisher -> its track id -> the track's routes (nested so the packet path looks up by
+    /// `&str`). Made at a track's first attach, so history is kept only for routed tracks.
+    tracks: FxHashMap<PeerKey, FxHashMap<String, RoutedTrack>>,
+}
+
+/// A published track with at least one subscriber: its copies, and its recent packets.
+#[derive(Default)]
+pub(super) struct RoutedTrack {
+    pub(super) routes: Vec<Route>,
+    pub(super) history: History,
+}
+
+/// What a subscriber's new feed is made from: one published track.
+struct Source {
+    publisher: String,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    stream_id: String,
+    ty: String,
+}
+
+impl Router {
     /// Whether `sub` asked for `publisher`'s `ty` source.
     pub(super) fn wants(&self, sub: &str, publisher: &str, ty: &str) -> bool {
-        self.interests.get(sub).is_some_and(|i| {
+        self.subscriptions.get(sub).is_some_and(|i| {
             i.contains(&(publisher.to_string(), None))
                 || i.contains(&(publisher.to_string(), Some(ty.to_string())))
         })
     }
 
+    /// The routes of `publisher`'s `track_id`, if anyone receives it.
+    pub(super) fn track_mut(
+        &mut self,
+        publisher: PeerKey,
+        track_id: &str,
+    ) -> Option<&mut RoutedTrack> {
+        self.tracks.get_mut(&publisher)?.get_mut(track_id)
+    }
+
     /// Give subscriber `sub` a copy of `publisher`'s track: on the feed this source had if it is
-    /// waiting for a republished track, else on a new one.
-    pub(super) fn attach(&mut self, sub: PeerKey, publisher: PeerKey, track_id: &str) {
-        let Some(pubp) = self.peers.get(&publisher) else {
+    /// waiting for a republished track, else on a new one. The publisher is asked for keyframes.
+    pub(super) fn attach(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        (sub, publisher): (PeerKey, PeerKey),
+        track_id: &str,
+        now: Instant,
+    ) {
+        let Some(source) = peers.get(&publisher).and_then(|p| {
+            let t = p.published.get(track_id)?;
+            Some(Source {
+                publisher: p.user_id.clone(),
+                kind: t.kind,
+                codec: t.codec.clone(),
+                stream_id: t.stream_id.clone(),
+                ty: t.ty.clone(),
+            })
+        }) else {
             return;
         };
-        let Some(t) = pubp.published.get(track_id) else {
+        let Some(s) = peers.get_mut(&sub) else {
             return;
         };
-        let (kind, codec, stream_id, ty) =
-            (t.kind, t.codec.clone(), t.stream_id.clone(), t.ty.clone());
-        let publisher_user = pubp.user_id.clone();
         let bound = Some((publisher, track_id.to_string()));
-        let Some(s) = self.peers.get_mut(&sub) else {
-            return;
-        };
         if s.feeds.values().any(|f| f.bound == bound) {
             return;
         }
-        let base = FeedKey {
-            publisher: publisher_user.clone(),
-            ty: ty.clone(),
-            kind,
-            n: 0,
-        };
-        let now = Instant::now();
-        // A feed of this source waiting for its publisher to come back, with the same codec.
-        let waiting = s
-            .feeds
-            .iter()
-            .find(|(k, f)| {
-                k.publisher == base.publisher
-                    && k.ty == base.ty
-                    && k.kind == base.kind
-                    && f.parked.is_some()
-                    && f.mime.eq_ignore_ascii_case(&codec.mime_type)
-            })
-            .map(|(k, _)| k.clone());
-        if let Some(fk) = waiting {
-            let f = s.feeds.get_mut(&fk).expect("feed found above");
-            let (mut route, _) = f.parked.take().expect("a parked route");
-            f.bound = bound;
-            s.update_parked_deadline();
-            // The new track's numbering continues the old one's; its timestamps advance by the
-            // time the subscriber saw nothing.
-            let gap = route.last_sent.map_or(0, |t| {
-                let secs = now.saturating_duration_since(t).as_secs_f64();
-                (secs * f64::from(route.clock_rate)) as u32
-            });
-            route.munger.restart(gap);
-            info!(user = %s.user_id, publisher = %publisher_user, %ty, "relayed track continues on a republished track");
-            self.routes
-                .entry(publisher)
-                .or_default()
-                .entry(track_id.to_string())
-                .or_default()
-                .push(route);
-            self.refresh_ext_maps(sub);
-        } else {
-            let mut key = base;
-            // A feed key whose feed is still in use by another live track of this source and
-            // kind, or waiting with another codec: take the next number.
-            while s.feeds.contains_key(&key) {
-                key.n += 1;
-            }
-            let ssrc: u32 = rand::random();
-            let out_track_id = format!("{stream_id}~{}", random_token(6));
-            let out_track = single_ssrc_track(
-                stream_id.clone(),
-                out_track_id.clone(),
-                format!("{publisher_user} {ty}"),
-                kind,
-                codec.clone(),
-                ssrc,
-            );
-            let sender_id = match s.pc.add_track(out_track) {
-                Ok(id) => id,
-                Err(e) => {
-                    warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
+        let route = match parked_feed(s, &source) {
+            Some(key) => resume_parked(s, &key, bound, now),
+            None => {
+                let Some(route) = open_feed(s, sub, source, bound) else {
                     return;
-                }
-            };
-            let payload_type =
-                s.pc.rtp_sender(sender_id)
-                    .and_then(|mut snd| {
-                        snd.get_parameters()
-                            .rtp_parameters
-                            .codecs
-                            .iter()
-                            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type))
-                            .map(|c| c.payload_type)
-                    })
-                    .unwrap_or(0);
-            s.relayed_tracks.insert(out_track_id, key.clone());
-            s.feeds.insert(
-                key,
-                Feed {
-                    sender_id,
-                    stream_id: stream_id.clone(),
-                    mime: codec.mime_type.clone(),
-                    bound,
-                    parked: None,
-                },
-            );
-            s.stream_meta
-                .insert(stream_id, json!({ "userId": publisher_user, "type": ty }));
-            s.negotiation_needed = true;
-            self.dirty.insert(sub);
-            self.routes
-                .entry(publisher)
-                .or_default()
-                .entry(track_id.to_string())
-                .or_default()
-                .push(Route {
-                    to: sub,
-                    sender_id,
-                    ssrc,
-                    payload_type,
-                    munger: Munger::default(),
-                    ext_map: Box::new([0; 256]),
-                    clock_rate: codec.clock_rate.max(1),
-                    last_sent: None,
-                    sealed: None,
-                });
-            self.refresh_ext_maps(sub);
-        }
+                };
+                out.needs_poll.insert(sub);
+                route
+            }
+        };
+        self.tracks
+            .entry(publisher)
+            .or_default()
+            .entry(track_id.to_string())
+            .or_default()
+            .routes
+            .push(route);
+        self.refresh_ext_maps(peers, sub);
         // A new subscriber needs a keyframe: ask now and again shortly (its DTLS may still be
         // coming up).
-        if let Some(p) = self.peers.get_mut(&publisher) {
-            self.dirty.insert(publisher);
+        if let Some(p) = peers.get_mut(&publisher) {
+            out.needs_poll.insert(publisher);
             p.pli_at.extend([
                 now,
                 now + Duration::from_millis(500),
@@ -151,33 +113,81 @@ impl MediaCore {
         }
     }
 
+    /// A track was published on `publisher`'s connection: every member of its room who wants it
+    /// gets a copy.
+    pub(super) fn attach_to_subscribers(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        publisher: PeerKey,
+        track_id: &str,
+        now: Instant,
+    ) {
+        let Some(p) = peers.get(&publisher) else {
+            return;
+        };
+        let Some(ty) = p.published.get(track_id).map(|t| &t.ty) else {
+            return;
+        };
+        let subs: Vec<PeerKey> = peers
+            .iter()
+            .filter(|(k, q)| {
+                **k != publisher && q.room_id == p.room_id && self.wants(&q.user_id, &p.user_id, ty)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for s in subs {
+            self.attach(peers, out, (s, publisher), track_id, now);
+        }
+    }
+
+    /// A new relay connection (`sub`) receives what its member subscribed to.
+    pub(super) fn attach_existing(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        sub: PeerKey,
+        now: Instant,
+    ) {
+        let Some(s) = peers.get(&sub) else {
+            return;
+        };
+        let existing: Vec<(PeerKey, String)> = peers
+            .iter()
+            .filter(|(k, q)| **k != sub && q.room_id == s.room_id)
+            .flat_map(|(k, q)| {
+                q.published
+                    .iter()
+                    .filter(|(_, t)| self.wants(&s.user_id, &q.user_id, &t.ty))
+                    .map(move |(t, _)| (*k, t.clone()))
+            })
+            .collect();
+        for (publisher, track) in existing {
+            self.attach(peers, out, (sub, publisher), &track, now);
+        }
+    }
+
     /// A publisher's track went: its subscribers' feeds wait [`REPUBLISH_GRACE`] for the same
     /// source to come back before their tracks are removed.
-    pub(super) fn unpublish(&mut self, publisher: PeerKey, track_id: &str, now: Instant) {
-        let Some(p) = self.peers.get_mut(&publisher) else {
-            return;
-        };
-        let Some(t) = p.published.remove(track_id) else {
-            return;
-        };
-        let (room, user) = (p.room_id.clone(), p.user_id.clone());
-        self.sink.send_to_room(
-            &room,
-            &user,
-            json!({"type": "track", "event": "unpublished", "userId": user,
-                   "streamType": t.ty, "kind": kind_name(t.kind)}),
-        );
-        let Some(routes) = self
-            .routes
+    pub(super) fn unpublish(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        publisher: PeerKey,
+        track_id: &str,
+        now: Instant,
+    ) {
+        let Some(track) = self
+            .tracks
             .get_mut(&publisher)
             .and_then(|t| t.remove(track_id))
         else {
             return;
         };
         let bound = Some((publisher, track_id.to_string()));
-        for r in routes {
+        for r in track.routes {
             let to = r.to;
-            let Some(s) = self.peers.get_mut(&to) else {
+            let Some(s) = peers.get_mut(&to) else {
                 continue;
             };
             if let Some(f) = s.feeds.values_mut().find(|f| f.bound == bound) {
@@ -185,13 +195,20 @@ impl MediaCore {
                 f.parked = Some((r, now + REPUBLISH_GRACE));
                 s.update_parked_deadline();
             }
-            self.refresh_timer(to);
+            // Its next timer is re-read when it is drained.
+            out.needs_poll.insert(to);
         }
     }
 
     /// Remove one of `sub`'s feeds: its route, its track (renegotiated).
-    pub(super) fn drop_feed(&mut self, sub: PeerKey, key: &FeedKey) {
-        let Some(s) = self.peers.get_mut(&sub) else {
+    pub(super) fn drop_feed(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        sub: PeerKey,
+        key: &FeedKey,
+    ) {
+        let Some(s) = peers.get_mut(&sub) else {
             return;
         };
         let Some(f) = s.feeds.remove(key) else {
@@ -199,12 +216,9 @@ impl MediaCore {
         };
         s.update_parked_deadline();
         if let Some((publisher, track)) = &f.bound
-            && let Some(rs) = self
-                .routes
-                .get_mut(publisher)
-                .and_then(|t| t.get_mut(track))
+            && let Some(t) = self.track_mut(*publisher, track)
         {
-            rs.retain(|r| r.to != sub);
+            t.routes.retain(|r| r.to != sub);
         }
         s.relayed_tracks.retain(|_, k| k != key);
         if !s.feeds.values().any(|g| g.stream_id == f.stream_id) {
@@ -212,121 +226,58 @@ impl MediaCore {
         }
         let _ = s.pc.remove_track(f.sender_id);
         s.negotiation_needed = true;
-        self.dirty.insert(sub);
+        out.needs_poll.insert(sub);
     }
 
-    pub fn handle_command(&mut self, c: Command, now: Instant) {
-        match c {
-            Command::Offer {
-                user_id,
-                room_id,
-                sdp,
-                meta,
-                join,
-                publish,
-            } => {
-                if self.has_left(&user_id, join) {
-                    debug!(user = %user_id, "offer of a member who left: ignored");
-                    return;
-                }
-                self.handle_offer(user_id, room_id, sdp, meta, publish, now)
-            }
-            Command::Answer { user_id, sdp } => {
-                let Some(&k) = self.by_user.get(&user_id) else {
-                    return;
-                };
-                let p = self.peers.get_mut(&k).expect("indexed peer exists");
-                let res = RTCSessionDescription::answer(sdp)
-                    .and_then(|d| p.pc.set_remote_description(now, d));
-                if let Err(e) = res {
-                    warn!(user = %user_id, error = %e, "client answer refused");
-                }
-                self.dirty.insert(k);
-                self.refresh_ext_maps(k);
-            }
-            Command::Candidate { user_id, candidate } => {
-                let Some(&k) = self.by_user.get(&user_id) else {
-                    return;
-                };
-                let p = self.peers.get_mut(&k).expect("indexed peer exists");
-                if let Ok(c) = serde_json::from_value::<RTCIceCandidateInit>(candidate)
-                    && !c.candidate.is_empty()
-                {
-                    let _ = p.pc.add_remote_candidate(c);
-                }
-                self.dirty.insert(k);
-            }
-            Command::Subscribe {
-                user_id,
-                room_id,
-                publisher,
-                stream_type,
-                join,
-            } => {
-                if !self.has_left(&user_id, join) {
-                    self.subscribe(user_id, room_id, publisher, stream_type)
-                }
-            }
-            Command::Unsubscribe {
-                user_id,
-                publisher,
-                stream_type,
-            } => self.unsubscribe(&user_id, &publisher, stream_type.as_deref()),
-            Command::Close { user_id } => self.remove_peer(&user_id, now),
-            Command::Leave { user_id, join } => {
-                let latest = self.left.entry(user_id.clone()).or_insert(join);
-                *latest = (*latest).max(join);
-                self.remove_peer(&user_id, now);
-                self.interests.remove(&user_id);
-                for i in self.interests.values_mut() {
-                    i.retain(|(p, _)| *p != user_id);
-                }
-                // Feeds of this member at the others go at once: it is not coming back.
-                let gone: Vec<(PeerKey, FeedKey)> = self
-                    .peers
+    /// Drop `sub`'s feeds whose publisher did not come back within [`REPUBLISH_GRACE`].
+    pub(super) fn expire_parked(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        sub: PeerKey,
+        now: Instant,
+    ) {
+        let expired: Vec<FeedKey> = peers
+            .get(&sub)
+            .map(|p| {
+                p.feeds
                     .iter()
-                    .flat_map(|(k, p)| {
-                        p.feeds
-                            .keys()
-                            .filter(|f| f.publisher == user_id)
-                            .map(move |f| (*k, f.clone()))
-                    })
-                    .collect();
-                for (k, f) in gone {
-                    self.drop_feed(k, &f);
-                }
-            }
+                    .filter(|(_, f)| f.parked.as_ref().is_some_and(|(_, t)| *t <= now))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in expired {
+            self.drop_feed(peers, out, sub, &f);
         }
     }
 
-    /// A command of `user_id`'s join `join`, which has left already.
-    pub(super) fn has_left(&self, user_id: &str, join: u64) -> bool {
-        self.left.get(user_id).is_some_and(|l| join <= *l)
-    }
-
+    /// `user_id` subscribes to `publisher`'s `stream_type` (or every source): kept, and attached
+    /// now if both have relay connections in `room_id`.
     pub(super) fn subscribe(
         &mut self,
-        user_id: String,
-        room_id: String,
-        publisher: String,
-        stream_type: Option<String>,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        (user_id, room_id): (String, String),
+        (publisher, stream_type): (String, Option<String>),
+        now: Instant,
     ) {
         debug!(user = %user_id, %publisher, ?stream_type, "subscribe");
-        self.interests
+        self.subscriptions
             .entry(user_id.clone())
             .or_default()
             .insert((publisher.clone(), stream_type));
-        let Some(&sub) = self.by_user.get(&user_id) else {
+        let Some(sub) = peers.key_of(&user_id) else {
             // Attached when its relay connection comes.
             return;
         };
-        if self.peers.get(&sub).is_none_or(|p| p.room_id != room_id) {
+        if peers.get(&sub).is_none_or(|p| p.room_id != room_id) {
             return;
         }
-        let Some(&publ) = self.by_user.get(&publisher) else {
+        let Some(publ) = peers.key_of(&publisher) else {
             return;
         };
-        let tracks: Vec<String> = match self.peers.get(&publ) {
+        let tracks: Vec<String> = match peers.get(&publ) {
             Some(p) if p.room_id == room_id => p
                 .published
                 .iter()
@@ -336,18 +287,20 @@ impl MediaCore {
             _ => return,
         };
         for t in tracks {
-            self.attach(sub, publ, &t);
+            self.attach(peers, out, (sub, publ), &t, now);
         }
     }
 
     pub(super) fn unsubscribe(
         &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
         user_id: &str,
         publisher: &str,
         stream_type: Option<&str>,
     ) {
         debug!(user = %user_id, %publisher, ?stream_type, "unsubscribe");
-        if let Some(i) = self.interests.get_mut(user_id) {
+        if let Some(i) = self.subscriptions.get_mut(user_id) {
             match stream_type {
                 None => i.retain(|(p, _)| p != publisher),
                 Some(ty) => {
@@ -360,11 +313,10 @@ impl MediaCore {
                 }
             }
         }
-        let Some(&sub) = self.by_user.get(user_id) else {
+        let Some(sub) = peers.key_of(user_id) else {
             return;
         };
-        let gone: Vec<FeedKey> = self
-            .peers
+        let gone: Vec<FeedKey> = peers
             .get(&sub)
             .map(|p| {
                 p.feeds
@@ -375,7 +327,246 @@ impl MediaCore {
             })
             .unwrap_or_default();
         for f in gone {
-            self.drop_feed(sub, &f);
+            self.drop_feed(peers, out, sub, &f);
         }
     }
+
+    /// `user_id` left its room: its subscriptions, the others' subscriptions to it and their
+    /// feeds of it go at once (it is not coming back).
+    pub(super) fn forget_member(&mut self, peers: &mut Peers, out: &mut Outbox, user_id: &str) {
+        self.subscriptions.remove(user_id);
+        for i in self.subscriptions.values_mut() {
+            i.retain(|(p, _)| *p != user_id);
+        }
+        let gone: Vec<(PeerKey, FeedKey)> = peers
+            .iter()
+            .flat_map(|(k, p)| {
+                p.feeds
+                    .keys()
+                    .filter(|f| f.publisher == user_id)
+                    .map(move |f| (*k, f.clone()))
+            })
+            .collect();
+        for (k, f) in gone {
+            self.drop_feed(peers, out, k, &f);
+        }
+    }
+
+    /// `key`'s connection closed: its tracks' routes (after [`Router::unpublish`]) and its copies
+    /// of others' tracks go.
+    pub(super) fn remove_connection(&mut self, key: PeerKey) {
+        self.tracks.remove(&key);
+        for tracks in self.tracks.values_mut() {
+            for t in tracks.values_mut() {
+                t.routes.retain(|r| r.to != key);
+            }
+        }
+    }
+
+    /// Recompute the payload types and header-extension maps of every route from or to `key`
+    /// (after a negotiation: IDs are known, and stay as they are, once negotiated).
+    pub(super) fn refresh_ext_maps(&mut self, peers: &mut Peers, key: PeerKey) {
+        let mut publisher_exts: HashMap<(PeerKey, &str), Vec<(String, u16)>> = HashMap::new();
+        for (publisher, tracks) in self.tracks.iter_mut() {
+            for (track, t) in tracks.iter_mut() {
+                for r in t.routes.iter_mut() {
+                    if *publisher != key && r.to != key {
+                        continue;
+                    }
+                    let from = publisher_exts
+                        .entry((*publisher, track.as_str()))
+                        .or_insert_with(|| forwarded_extensions(peers, *publisher, track));
+                    if let Some(s) = peers.get_mut(&r.to) {
+                        map_route(r, from, s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A feed of `source` waiting for its publisher to come back, with the same codec.
+fn parked_feed(s: &Peer, source: &Source) -> Option<FeedKey> {
+    s.feeds
+        .iter()
+        .find(|(k, f)| {
+            k.publisher == source.publisher
+                && k.ty == source.ty
+                && k.kind == source.kind
+                && f.parked.is_some()
+                && f.mime.eq_ignore_ascii_case(&source.codec.mime_type)
+        })
+        .map(|(k, _)| k.clone())
+}
+
+/// Bind the parked feed `key` of `s` to the republished track `bound`: its route, whose numbering
+/// continues the old track's; timestamps advance by the time the subscriber saw nothing.
+fn resume_parked(
+    s: &mut Peer,
+    key: &FeedKey,
+    bound: Option<(PeerKey, String)>,
+    now: Instant,
+) -> Route {
+    let f = s.feeds.get_mut(key).expect("a parked feed");
+    let (mut route, _) = f.parked.take().expect("a parked route");
+    f.bound = bound;
+    s.update_parked_deadline();
+    let gap = route.last_sent.map_or(0, |t| {
+        let secs = now.saturating_duration_since(t).as_secs_f64();
+        (secs * f64::from(route.clock_rate)) as u32
+    });
+    route.munger.restart(gap);
+    info!(user = %s.user_id, publisher = %key.publisher, ty = %key.ty, "relayed track continues on a republished track");
+    route
+}
+
+/// A new feed on `s` (subscriber `sub`) for `source`: an outgoing track with our own SSRC, added
+/// to its connection (renegotiated), and the route that feeds it.
+fn open_feed(
+    s: &mut Peer,
+    sub: PeerKey,
+    source: Source,
+    bound: Option<(PeerKey, String)>,
+) -> Option<Route> {
+    let Source {
+        publisher,
+        kind,
+        codec,
+        stream_id,
+        ty,
+    } = source;
+    let mut key = FeedKey {
+        publisher,
+        ty,
+        kind,
+        n: 0,
+    };
+    // A feed key whose feed is still in use by another live track of this source and kind, or
+    // waiting with another codec: take the next number.
+    while s.feeds.contains_key(&key) {
+        key.n += 1;
+    }
+    let ssrc: u32 = rand::random();
+    let out_track_id = format!("{stream_id}~{}", random_token(6));
+    let out_track = single_ssrc_track(
+        stream_id.clone(),
+        out_track_id.clone(),
+        format!("{} {}", key.publisher, key.ty),
+        kind,
+        codec.clone(),
+        ssrc,
+    );
+    let sender_id = match s.pc.add_track(out_track) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
+            return None;
+        }
+    };
+    let payload_type =
+        s.pc.rtp_sender(sender_id)
+            .and_then(|mut snd| {
+                snd.get_parameters()
+                    .rtp_parameters
+                    .codecs
+                    .iter()
+                    .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&codec.mime_type))
+                    .map(|c| c.payload_type)
+            })
+            .unwrap_or(0);
+    s.stream_meta.insert(
+        stream_id.clone(),
+        json!({ "userId": key.publisher, "type": key.ty }),
+    );
+    s.relayed_tracks.insert(out_track_id, key.clone());
+    s.feeds.insert(
+        key,
+        Feed {
+            sender_id,
+            stream_id,
+            mime: codec.mime_type.clone(),
+            bound,
+            parked: None,
+        },
+    );
+    s.negotiation_needed = true;
+    Some(Route {
+        to: sub,
+        sender_id,
+        ssrc,
+        payload_type,
+        munger: Munger::default(),
+        ext_map: Box::new([0; 256]),
+        clock_rate: codec.clock_rate.max(1),
+        last_sent: None,
+        sealed: None,
+    })
+}
+
+/// The header extensions of `publisher`'s `track` that are forwarded, with its IDs.
+fn forwarded_extensions(peers: &mut Peers, publisher: PeerKey, track: &str) -> Vec<(String, u16)> {
+    let Some(p) = peers.get_mut(&publisher) else {
+        return Vec::new();
+    };
+    let Some(t) = p.published.get(track) else {
+        return Vec::new();
+    };
+    let kind = t.kind;
+    p.pc.rtp_receiver(t.receiver_id)
+        .map(|mut r| {
+            r.get_parameters()
+                .rtp_parameters
+                .header_extensions
+                .iter()
+                .filter(|h| {
+                    FORWARDED_EXTENSIONS
+                        .iter()
+                        .any(|(u, k)| *u == h.uri && *k == kind)
+                })
+                .map(|h| (h.uri.clone(), h.id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Set route `r`'s payload type and extension map from what its subscriber `s` negotiated:
+/// the publisher's extension `from` IDs map to the subscriber's IDs for the same URIs.
+fn map_route(r: &mut Route, from: &[(String, u16)], s: &mut Peer) {
+    let mime = s
+        .feeds
+        .values()
+        .find(|f| f.sender_id == r.sender_id)
+        .map(|f| f.mime.clone())
+        .unwrap_or_default();
+    let (sub_exts, payload_type): (Vec<(String, u16)>, Option<u8>) =
+        s.pc.rtp_sender(r.sender_id)
+            .map(|mut snd| {
+                let params = &snd.get_parameters().rtp_parameters;
+                (
+                    params
+                        .header_extensions
+                        .iter()
+                        .map(|h| (h.uri.clone(), h.id))
+                        .collect(),
+                    params
+                        .codecs
+                        .iter()
+                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&mime))
+                        .map(|c| c.payload_type),
+                )
+            })
+            .unwrap_or_default();
+    // The payload type as negotiated (the subscriber may number the codec its own way).
+    if let Some(pt) = payload_type {
+        r.payload_type = pt;
+    }
+    let mut map = [0u8; 256];
+    for (uri, id) in from {
+        if let Some((_, sid)) = sub_exts.iter().find(|(u, _)| u == uri)
+            && let (Ok(from), Ok(to)) = (u8::try_from(*id), u8::try_from(*sid))
+        {
+            map[usize::from(from)] = to;
+        }
+    }
+    *r.ext_map = map;
 }

@@ -31,21 +31,13 @@ impl MediaCore {
         let local_addr = socket.local_addr()?;
         Ok(MediaCore {
             socket: MediaSocket::new(socket)?,
-            tx: TxBatch::default(),
-            forwarded_rx: Vec::new(),
-            counts: PacketCounts::default(),
+            out: Outbox::default(),
             local_addr,
             advertised,
             metrics,
             sink,
-            next_key: 1,
-            peers: FxHashMap::default(),
-            by_user: HashMap::new(),
-            by_ufrag: HashMap::new(),
-            by_addr: FxHashMap::default(),
-            interests: HashMap::new(),
-            routes: FxHashMap::default(),
-            dirty: FxHashSet::default(),
+            peers: Peers::default(),
+            router: Router::default(),
             timers: Default::default(),
             deadlines: FxHashMap::default(),
             rx_at: Instant::now(),
@@ -186,34 +178,18 @@ impl MediaCore {
                 self.metrics.keyframe_requests_new_subscriber.inc();
             }
             if p.parked_deadline.is_some_and(|t| t <= now) {
-                let expired: Vec<FeedKey> = p
-                    .feeds
-                    .iter()
-                    .filter(|(_, f)| f.parked.as_ref().is_some_and(|(_, t)| *t <= now))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for f in expired {
-                    self.drop_feed(k, &f);
-                }
+                self.router
+                    .expire_parked(&mut self.peers, &mut self.out, k, now);
             }
             // Draining it re-reads its next timer.
-            self.dirty.insert(k);
+            self.out.needs_poll.insert(k);
         }
     }
 
     /// Forget the addresses no authenticated check came from within [`CONSENT_TIMEOUT`].
     pub(super) fn expire_consent(&mut self, now: Instant) {
-        for (k, p) in self.peers.iter_mut() {
-            p.addrs.retain(|(a, t)| {
-                let fresh = now.saturating_duration_since(*t) < CONSENT_TIMEOUT;
-                if !fresh && self.by_addr.get(a) == Some(k) {
-                    debug!(user = %p.user_id, addr = %a, "address lost ICE consent");
-                    self.by_addr.remove(a);
-                    self.socket.forget_source(a);
-                }
-                fresh
-            });
-        }
+        let socket = &mut self.socket;
+        self.peers.expire_consent(now, |a| socket.forget_source(a));
     }
 
     /// The local address a datagram that arrived at `to` was sent to, as the connections know
@@ -255,11 +231,7 @@ impl MediaCore {
             }
             net::tcp::TcpEvent::Closed { peer } => {
                 self.tcp.remove(&peer);
-                if let Some(k) = self.by_addr.remove(&peer)
-                    && let Some(p) = self.peers.get_mut(&k)
-                {
-                    p.addrs.retain(|(a, _)| *a != peer);
-                }
+                self.peers.forget_address(&peer);
             }
         }
         self.flush();
@@ -285,6 +257,9 @@ impl MediaCore {
         true
     }
 
+    /// A datagram from `from` to our `to` (wildcard sockets), or a frame of an ICE-TCP client:
+    /// to its connection ([`Self::demux`]); media of a stream the own path opens is opened and
+    /// forwarded here, the rest goes through the connection (authenticated first).
     pub(super) fn handle_datagram(
         &mut self,
         buf: &[u8],
@@ -295,65 +270,13 @@ impl MediaCore {
         self.rx_at = now;
         let drop = |m: &Metrics, reason: &str| m.media_dropped.with_label_values(&[reason]).inc();
         let kind = net::classify(buf);
-        let key = match kind {
-            Kind::Stun => {
-                // Requests cost a parse and a reply or an HMAC: each source address gets its
-                // share, counted before anything is parsed (a flood then costs a hash per
-                // datagram). An address a connection already uses is not counted: a flood from
-                // its IP (the same NAT) must not cut its consent checks.
-                if stun::is_request(buf)
-                    && !self.by_addr.contains_key(&from)
-                    && !self.stun_limiter.allow(from.ip(), now)
-                {
-                    return drop(&self.metrics, "rate_limited");
-                }
-                match stun::handle(buf, from) {
-                    stun::StunAction::Reply(bytes) => {
-                        self.metrics.stun_bindings.inc();
-                        if self.rx_tcp {
-                            Self::send_tcp(&self.tcp, &self.metrics, from, &bytes);
-                        } else if self.socket.try_send_one_from(from, to, &bytes).is_err() {
-                            drop(&self.metrics, "send_buffer_full");
-                        }
-                        return;
-                    }
-                    stun::StunAction::Peer(ufrag) => match self.by_ufrag.get(&ufrag) {
-                        Some(&k) => {
-                            let Some(p) = self.peers.get_mut(&k) else {
-                                return drop(&self.metrics, "unknown_peer");
-                            };
-                            // The ufrag is in every check in the clear: only a check signed
-                            // with our password shows that the sender has the SDP.
-                            if !stun::authentic(buf, &p.pwd) {
-                                return drop(&self.metrics, "unauthenticated");
-                            }
-                            learn_address(p, &mut self.by_addr, k, from, now);
-                            if let Some(local) = to {
-                                self.socket.set_source(from, local);
-                            }
-                            k
-                        }
-                        None => return drop(&self.metrics, "unknown_peer"),
-                    },
-                    stun::StunAction::ByAddress => match self.by_addr.get(&from) {
-                        Some(k) => *k,
-                        None => return drop(&self.metrics, "unexpected_stun"),
-                    },
-                    stun::StunAction::Drop(reason) => return drop(&self.metrics, reason),
-                }
-            }
-            Kind::Dtls | Kind::RtpRtcp => match self.by_addr.get(&from) {
-                Some(k) => *k,
-                None => return drop(&self.metrics, "unknown_peer"),
-            },
-            Kind::Unknown => return drop(&self.metrics, "malformed"),
-        };
-        let local_addr = self.local_for(to, &from, self.rx_tcp);
-        let Some(p) = self.peers.get_mut(&key) else {
-            return drop(&self.metrics, "unknown_peer");
+        let key = match self.demux(kind, buf, from, to, now) {
+            Ok(Some(k)) => k,
+            Ok(None) => return,
+            Err(reason) => return drop(&self.metrics, reason),
         };
         let transport = TransportContext {
-            local_addr,
+            local_addr: self.local_for(to, &from, self.rx_tcp),
             peer_addr: from,
             ecn: None,
             transport_protocol: if self.rx_tcp {
@@ -362,6 +285,9 @@ impl MediaCore {
                 TransportProtocol::UDP
             },
         };
+        let Some(p) = self.peers.get_mut(&key) else {
+            return drop(&self.metrics, "unknown_peer");
+        };
         // A media packet of a stream the own path opens (see `Peer::inbound`).
         if let Some(rtp @ (_, ssrc, _)) = srtp::rtp_header(buf)
             && let Some(i) = p.inbound.iter().position(|(s, _)| *s == ssrc)
@@ -369,7 +295,7 @@ impl MediaCore {
             let track = p.inbound[i].1.clone();
             match p.open_own(buf, rtp, transport, now) {
                 Ok(packet) => {
-                    self.counts.opened[0] += 1;
+                    self.out.counts.opened[0] += 1;
                     self.forward(key, &track, packet, now);
                 }
                 Err(reason) => drop(&self.metrics, reason),
@@ -397,15 +323,74 @@ impl MediaCore {
             drop(&self.metrics, "undecryptable");
         }
         take_srtp_keys(p, &self.metrics);
-        self.dirty.insert(key);
+        self.out.needs_poll.insert(key);
+    }
+
+    /// Which connection a datagram belongs to: STUN checks by their ufrag (learning the address
+    /// when the check is signed with that connection's password), everything else by the
+    /// address. `Ok(None)`: answered here (a plain binding request); `Err`: the drop reason.
+    fn demux(
+        &mut self,
+        kind: Kind,
+        buf: &[u8],
+        from: SocketAddr,
+        to: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Option<PeerKey>, &'static str> {
+        match kind {
+            Kind::Stun => {}
+            Kind::Dtls | Kind::RtpRtcp => {
+                return self.peers.by_addr(&from).map(Some).ok_or("unknown_peer");
+            }
+            Kind::Unknown => return Err("malformed"),
+        }
+        // Requests cost a parse and a reply or an HMAC: each source address gets its share,
+        // counted before anything is parsed (a flood then costs a hash per datagram). An address
+        // a connection already uses is not counted: a flood from its IP (the same NAT) must not
+        // cut its consent checks.
+        if stun::is_request(buf)
+            && self.peers.by_addr(&from).is_none()
+            && !self.stun_limiter.allow(from.ip(), now)
+        {
+            return Err("rate_limited");
+        }
+        match stun::handle(buf, from) {
+            stun::StunAction::Reply(bytes) => {
+                self.metrics.stun_bindings.inc();
+                if self.rx_tcp {
+                    Self::send_tcp(&self.tcp, &self.metrics, from, &bytes);
+                } else if self.socket.try_send_one_from(from, to, &bytes).is_err() {
+                    return Err("send_buffer_full");
+                }
+                Ok(None)
+            }
+            stun::StunAction::Peer(ufrag) => {
+                let k = self.peers.by_ufrag(&ufrag).ok_or("unknown_peer")?;
+                let p = self.peers.get(&k).ok_or("unknown_peer")?;
+                // The ufrag is in every check in the clear: only a check signed with our
+                // password shows that the sender has the SDP.
+                if !stun::authentic(buf, &p.pwd) {
+                    return Err("unauthenticated");
+                }
+                self.peers.learn_address(k, from, now);
+                if let Some(local) = to {
+                    self.socket.set_source(from, local);
+                }
+                Ok(Some(k))
+            }
+            stun::StunAction::ByAddress => {
+                self.peers.by_addr(&from).map(Some).ok_or("unexpected_stun")
+            }
+            stun::StunAction::Drop(reason) => Err(reason),
+        }
     }
 
     /// Drain every connection that may have output: transmits, events, received media.
     pub(super) fn flush(&mut self) {
         // The key list is reused: no allocation per datagram.
         let mut keys = std::mem::take(&mut self.scratch_keys);
-        while !self.dirty.is_empty() {
-            keys.extend(self.dirty.drain());
+        while !self.out.needs_poll.is_empty() {
+            keys.extend(self.out.needs_poll.drain());
             for k in keys.drain(..) {
                 self.drain_peer(k);
             }
@@ -417,13 +402,14 @@ impl MediaCore {
     /// Hand this drain's datagrams to the kernel. Never waits on the socket: what a full send
     /// buffer does not take is dropped (counted) rather than stalling every other peer.
     pub(super) fn send_batch(&mut self) {
-        if !self.tcp.is_empty() && !self.tx.is_empty() {
+        if !self.tcp.is_empty() && !self.out.tx.is_empty() {
             let (tcp, metrics) = (&self.tcp, &self.metrics);
-            self.tx
+            self.out
+                .tx
                 .take_matching(|to, d| Self::send_tcp(tcp, metrics, to, d));
         }
-        if !self.tx.is_empty() {
-            let out = self.socket.send(&mut self.tx);
+        if !self.out.tx.is_empty() {
+            let out = self.socket.send(&mut self.out.tx);
             if out.would_block > 0 {
                 self.metrics
                     .media_dropped
@@ -434,10 +420,10 @@ impl MediaCore {
                 debug!(error = %e, datagrams = out.failed, "media send failed");
             }
         }
-        self.counts.publish(&self.metrics);
-        if !self.forwarded_rx.is_empty() {
+        self.out.counts.publish(&self.metrics);
+        if !self.out.forwarded_rx.is_empty() {
             let sent = Instant::now();
-            for rx_at in self.forwarded_rx.drain(..) {
+            for rx_at in self.out.forwarded_rx.drain(..) {
                 self.metrics
                     .forward_latency
                     .observe(sent.saturating_duration_since(rx_at).as_secs_f64());
@@ -471,7 +457,7 @@ impl MediaCore {
                         .inc();
                 }
                 RTCMessage::RtpPacket(track_id, packet) => {
-                    self.counts.opened[1] += 1;
+                    self.out.counts.opened[1] += 1;
                     learn_inbound(p, &track_id, &packet.header);
                     self.forward(key, &track_id, packet, now)
                 }
@@ -501,13 +487,13 @@ impl MediaCore {
             if t.message.first().is_some_and(|b| *b > 3) {
                 p.remote = Some(t.transport.peer_addr);
             }
-            self.tx.push(t.transport.peer_addr, &t.message);
+            self.out.tx.push(t.transport.peer_addr, &t.message);
         }
         if p.negotiation_needed
             && p.pc.pending_local_description().is_none()
             && p.pc.pending_remote_description().is_none()
         {
-            self.negotiate(key);
+            self.negotiate(key, now);
         }
         self.refresh_timer(key);
     }

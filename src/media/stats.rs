@@ -35,3 +35,17 @@ impl PacketCounts {
         *self = PacketCounts::default();
     }
 }
+
+/// What the core produced since the loop last sent: the datagrams to send, the counters and
+/// latency samples to publish, and the connections with output waiting in rtc (drained before
+/// the send).
+#[derive(Default)]
+pub(super) struct Outbox {
+    pub(super) tx: TxBatch,
+    pub(super) counts: PacketCounts,
+    /// Receive times of the packets forwarded (latency is observed once they are handed to the
+    /// kernel).
+    pub(super) forwarded_rx: Vec<Instant>,
+    /// Connections to drain: rtc may have transmits, events or received media for them.
+    pub(super) needs_poll: FxHashSet<PeerKey>,
+}
