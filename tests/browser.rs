@@ -780,6 +780,19 @@ async fn relay_room_carries_media_through_ferry() {
         LIMIT,
     )
     .await;
+    // On the relay connection every m-section goes one way: what the member publishes is
+    // send-only, what the relay forwards to it is receive-only (the relay offered send-only).
+    let directions = ba
+        .eval(
+            &a,
+            "window.demo.ferry._relay.pc.getTransceivers().filter((t) => t.currentDirection)\
+             .map((t) => `${t.receiver.track.kind}:${t.currentDirection}`).sort().join(' ')",
+        )
+        .await;
+    assert_eq!(
+        directions,
+        Value::String("audio:recvonly audio:sendonly video:recvonly video:sendonly".into())
+    );
     let (_, m) = http_get(s.addr, "/metrics").await;
     let out_video = metric(
         &m,

@@ -409,7 +409,17 @@ async fn a_publisher_leaving_removes_its_track() {
     stream(&mut publ, &mut sub, 0, 100).await;
     assert!(!sub.received.is_empty());
     let dir = video_direction(&sub);
-    assert!(dir == "sendonly" || dir == "sendrecv", "video {dir}");
+    assert_eq!(
+        dir, "sendonly",
+        "the relay only sends on the video section it offers"
+    );
+    // Every m-section that carries a relayed stream says so (the relay never receives on it).
+    let offer = sub.server_offers.last().unwrap();
+    for section in offer.split("\r\nm=").skip(1) {
+        if section.contains("a=msid:") {
+            assert!(section.contains("a=sendonly"), "m={section}");
+        }
+    }
     let offers = sub.server_offers.len();
     publ.ws.request("leaveRoom", json!({})).await.unwrap();
     for _ in 0..400 {

@@ -456,7 +456,7 @@ fn open_feed(
         codec.clone(),
         ssrc,
     );
-    let sender_id = match s.pc.add_track(out_track) {
+    let sender_id = match add_send_only_track(&mut s.pc, out_track) {
         Ok(id) => id,
         Err(e) => {
             warn!(user = %s.user_id, error = %e, "cannot add a relayed track");
@@ -501,6 +501,38 @@ fn open_feed(
         last_sent: None,
         sealed: None,
     })
+}
+
+/// Add one of the relay's outgoing tracks on an m-section that says `a=sendonly`: the relay
+/// only sends on it. rtc's `add_track` reuses an m-section whose sender went (ours, left by a
+/// dropped feed: it turns send-only again) or makes a `sendrecv` one; it would also take an
+/// m-section the client publishes on, where the client's own direction (the SDK's are
+/// send-only) would stop the relay's copy. Such a reuse is undone and a new m-section made.
+fn add_send_only_track(
+    pc: &mut RTCPeerConnection,
+    track: MediaStreamTrack,
+) -> rtc::shared::error::Result<RTCRtpSenderId> {
+    use rtc::rtp_transceiver::{RTCRtpTransceiverDirection as Dir, RTCRtpTransceiverInit};
+    let sender = pc.add_track(track.clone())?;
+    let Some(mut t) = pc.rtp_transceiver(sender.into()) else {
+        return Ok(sender);
+    };
+    match t.direction() {
+        Dir::Sendonly => Ok(sender),
+        _ if t.mid().is_none() => {
+            t.set_direction(Dir::Sendonly);
+            Ok(sender)
+        }
+        _ => {
+            pc.remove_track(sender)?;
+            let init = RTCRtpTransceiverInit {
+                direction: Dir::Sendonly,
+                streams: vec![],
+                send_encodings: vec![],
+            };
+            Ok(pc.add_transceiver_from_track(track, Some(init))?.into())
+        }
+    }
 }
 
 /// The header extensions of `publisher`'s `track` that are forwarded, with its IDs.

@@ -265,7 +265,11 @@ class Link {
     const canSubscribe = this.ferry._welcome.grants.subscribe;
     const codec = this.ferry._videoCodec;
     const senders = stream.getTracks().map((track) => {
-      const sender = this.pc.addTrack(track, stream);
+      // Towards the relay each published track has an m-section of its own, send-only: the
+      // relay sends what it forwards on m-sections it offers (send-only on its side).
+      const sender = this.isRelay
+        ? this.pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] }).sender
+        : this.pc.addTrack(track, stream);
       const t = this.pc.getTransceivers().find((x) => x.sender === sender);
       if (t && !canSubscribe) t.direction = 'sendonly';
       if (t && codec && track.kind === 'video') preferCodec(t, codec);
