@@ -1336,3 +1336,125 @@ async fn relay_room_over_tcp_without_udp() {
     iptables(&["-F", "INPUT"]);
     iptables(&["-F", "OUTPUT"]);
 }
+
+/// A cgroup (v2) directory for one browser's processes, removed on drop (its processes killed
+/// first): iptables matches its packets with `-m cgroup --path <name>`.
+struct BrowserCgroup {
+    dir: std::path::PathBuf,
+    name: String,
+}
+
+impl BrowserCgroup {
+    /// Where cgroup v2 is mounted, if it is (and writable: we are root).
+    fn root() -> Option<std::path::PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+        mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| std::path::PathBuf::from(f[1]))
+    }
+
+    fn create(root: &std::path::Path, test: &str) -> BrowserCgroup {
+        let name = format!("ferry-{test}-{}", std::process::id());
+        let dir = root.join(&name);
+        std::fs::create_dir_all(&dir).expect("create a cgroup");
+        BrowserCgroup { dir, name }
+    }
+}
+
+impl Drop for BrowserCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.split_whitespace() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", pid])
+                    .status();
+            }
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("cgroup {} left behind", self.dir.display());
+    }
+}
+
+/// A P2P pair where only one member's network lets no UDP out (bob's browser alone: iptables drops
+/// the UDP of its cgroup). The direct path cannot form (bob has only TCP candidates, and browsers
+/// do not connect to each other over TCP), so the pair goes to the relay by itself with the SDK's
+/// reason; bob reaches the relay over TCP, alice over UDP, and each decodes the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_without_udp_goes_to_the_relay_by_itself() {
+    const TEST: &str = "one_member_without_udp_goes_to_the_relay_by_itself";
+    let Some(root) = BrowserCgroup::root() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("{TEST} cannot run in CI: no cgroup v2 hierarchy is mounted");
+        }
+        eprintln!(
+            "SKIPPED {TEST}: no cgroup v2 hierarchy is mounted (needed to take one browser's UDP away)"
+        );
+        return;
+    };
+    if !runs_here(TEST, &[("iptables", "-V")]) {
+        return;
+    }
+    let cgroup = BrowserCgroup::create(&root, "no-udp");
+    iptables(&[
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-m",
+        "cgroup",
+        "--path",
+        &cgroup.name,
+        "-j",
+        "DROP",
+    ]);
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let mut bb = Browser::launch_in(Some(&cgroup.dir)).await;
+    bb.grant_media(&format!("http://{}", s.addr)).await;
+    let b = bb.open("bob", &format!("http://{}/", s.addr)).await;
+    enter_lobby(&mut bb, &b).await;
+    let (_, a_id, b_id, started) = alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{}").await;
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 10), &b_id).await;
+    let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 10), &a_id).await;
+    eprintln!(
+        "one side without UDP: relayed, decoded on both sides {} ms after bob joined: alice {va} bob {vb}",
+        started.elapsed().as_millis()
+    );
+    for (br, page, remote, protocol) in [(&mut ba, &a, &b_id, "udp"), (&mut bb, &b, &a_id, "tcp")] {
+        let pair = format!(
+            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
+             r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
+             r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
+             let c; r.forEach((x) => {{ if (x.id === out) c = x.protocol; }}); return c; }})()"
+        );
+        assert_eq!(
+            br.eval(page, &pair).await,
+            Value::String(protocol.into()),
+            "[{}] reaches the relay over {protocol}",
+            page.name
+        );
+        let mode = br
+            .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return m && m.reason; })()")
+            .await;
+        assert!(
+            ["p2p_timeout", "ice_failed"].contains(&mode.as_str().unwrap_or("")),
+            "[{}] fell back for {mode}",
+            page.name
+        );
+    }
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(1.0), "{m}");
+    let fallbacks: f64 = ["p2p_timeout", "ice_failed"]
+        .iter()
+        .filter_map(|r| metric(&m, &format!("ferry_fallbacks_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(fallbacks, 1.0, "one pair fell back: {m}");
+    drop(bb);
+    iptables(&["-F", "OUTPUT"]);
+}

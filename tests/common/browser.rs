@@ -63,6 +63,12 @@ pub struct Page {
 
 impl Browser {
     pub async fn launch() -> Browser {
+        Browser::launch_in(None).await
+    }
+
+    /// Launch Chromium with every process of it in the cgroup (v2) directory `cgroup`, so that
+    /// iptables' `-m cgroup --path` rules apply to this browser alone.
+    pub async fn launch_in(cgroup: Option<&std::path::Path>) -> Browser {
         let bin = chromium_path().expect("chromium");
         let profile = std::env::temp_dir().join(format!(
             "ferry-chromium-{}-{}",
@@ -70,7 +76,19 @@ impl Browser {
             rand_suffix()
         ));
         std::fs::create_dir_all(&profile).unwrap();
-        let child = Command::new(bin)
+        // In the cgroup from its first instruction: a shell joins it, then becomes Chromium.
+        let mut command = match cgroup {
+            Some(dir) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                    .arg(dir)
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args([
                 "--headless",
                 "--no-sandbox",
