@@ -1263,26 +1263,37 @@ async fn without_udp_members_fall_back_to_the_relay_over_tcp() {
         started.elapsed().as_millis()
     );
     for (br, page, remote) in [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)] {
-        let pair = format!(
-            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
-             r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
-             r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
-             let c; r.forEach((x) => {{ if (x.id === out) c = x.protocol; }}); return c; }})()"
-        );
-        assert_eq!(br.eval(page, &pair).await, Value::String("tcp".into()));
-        let mode = br
-            .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return m && m.reason; })()")
-            .await;
-        assert!(
-            ["p2p_timeout", "ice_failed"].contains(&mode.as_str().unwrap_or("")),
-            "[{}] fell back for {mode}",
-            page.name
-        );
+        assert_fell_back_over(br, page, remote, "tcp").await;
     }
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(2.0), "{m}");
     iptables(&["-F", "INPUT"]);
     iptables(&["-F", "OUTPUT"]);
+}
+
+/// `page`'s member fell back to the relay for its pair with `remote` by itself (`p2p_timeout` or
+/// `ice_failed`), and reaches the relay over `protocol` (the selected pair's remote candidate).
+async fn assert_fell_back_over(br: &mut Browser, page: &Page, remote: &str, protocol: &str) {
+    let pair = format!(
+        "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
+         r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
+         r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
+         let c; r.forEach((x) => {{ if (x.id === out) c = x.protocol; }}); return c; }})()"
+    );
+    assert_eq!(
+        br.eval(page, &pair).await,
+        Value::String(protocol.into()),
+        "[{}] reaches the relay over {protocol}",
+        page.name
+    );
+    let mode = br
+        .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return m && m.reason; })()")
+        .await;
+    assert!(
+        ["p2p_timeout", "ice_failed"].contains(&mode.as_str().unwrap_or("")),
+        "[{}] fell back for {mode}",
+        page.name
+    );
 }
 
 /// The server process's CPU time per relayed packet (in and out) over `secs` seconds of a call,
@@ -1427,26 +1438,7 @@ async fn one_member_without_udp_goes_to_the_relay_by_itself() {
         started.elapsed().as_millis()
     );
     for (br, page, remote, protocol) in [(&mut ba, &a, &b_id, "udp"), (&mut bb, &b, &a_id, "tcp")] {
-        let pair = format!(
-            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
-             r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
-             r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
-             let c; r.forEach((x) => {{ if (x.id === out) c = x.protocol; }}); return c; }})()"
-        );
-        assert_eq!(
-            br.eval(page, &pair).await,
-            Value::String(protocol.into()),
-            "[{}] reaches the relay over {protocol}",
-            page.name
-        );
-        let mode = br
-            .eval(page, "(() => { const m = window.events.find((e) => e.type === 'mode'); return m && m.reason; })()")
-            .await;
-        assert!(
-            ["p2p_timeout", "ice_failed"].contains(&mode.as_str().unwrap_or("")),
-            "[{}] fell back for {mode}",
-            page.name
-        );
+        assert_fell_back_over(br, page, remote, protocol).await;
     }
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(metric(&m, "ferry_media_tcp_connections"), Some(1.0), "{m}");
