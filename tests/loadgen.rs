@@ -60,6 +60,35 @@ async fn broadcast_reports_forwarded_media() {
     assert_eq!(r["join_ms"]["n"], 3, "{r}");
 }
 
+/// `--tcp`: every client reaches the relay over ICE-TCP (an active TCP candidate to the relay's
+/// passive one; the server counts them connected while the run lasts) and every payload arrives
+/// intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_tcp_receive_intact_media() {
+    let s = spawn(test_config()).await;
+    assert!(s.media_tcp_addr.is_some(), "the test server takes media over TCP");
+    let metrics = s.hub.metrics.clone();
+    let load = tokio::spawn(run(LoadgenArgs {
+        tcp: true,
+        ..args(&s, Shape::Broadcast, 1, 3)
+    }));
+    let mut most = 0;
+    while !load.is_finished() {
+        most = most.max(metrics.media_tcp_connections.get());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = load.await.unwrap().expect("loadgen runs");
+    eprintln!("{r:#}");
+    assert_eq!(most, 4, "the publisher and 3 subscribers over TCP");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["receiving_clients"], 3, "{r}");
+    assert_eq!(r["corrupt_payloads"], 0, "{r}");
+    let sent = r["packets_sent_per_s"].as_f64().unwrap();
+    let received = r["packets_received_per_s"].as_f64().unwrap();
+    assert!(sent > 10.0 && received > 2.0 * sent, "{r}");
+    assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
+}
+
 /// `--light-subscribers`: the subscribers open the relayed SRTP with their own handshake's keys
 /// (not through webrtc-rs's receive pipeline) and every payload still checks out, with AES-GCM
 /// (webrtc-rs's first choice) and with AES-CM/HMAC-SHA1 offered first (as Chrome does); the

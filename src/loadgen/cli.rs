@@ -91,6 +91,10 @@ pub struct LoadgenArgs {
     /// webrtc-rs's (AES-128-GCM first).
     #[arg(long, value_delimiter = ',')]
     pub srtp_profiles: Option<Vec<String>>,
+    /// The clients reach the relay over TCP (ICE-TCP: an active TCP candidate, RFC 4571 framing)
+    /// instead of UDP, as clients on networks without UDP do.
+    #[arg(long)]
+    pub tcp: bool,
     /// Clients joining per second.
     #[arg(long, default_value_t = 100)]
     pub join_rate: u32,

@@ -45,6 +45,8 @@ pub struct Shared {
     pub gro: bool,
     /// Receive-only clients open SRTP themselves (`--light-subscribers`).
     pub light: bool,
+    /// The clients reach the relay over ICE-TCP (`--tcp`).
+    pub tcp: bool,
     /// What the clients offer (`--srtp-profiles`).
     pub srtp_profiles: Option<Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>>,
     /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
@@ -67,6 +69,7 @@ impl Shared {
             verify_every: verify_every.max(1),
             gro: true,
             light: false,
+            tcp: false,
             srtp_profiles: None,
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_max: AtomicU64::new(0),

@@ -58,6 +58,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     let mut shared = Shared::new(args.verify_every);
     shared.gro = !args.no_gro;
     shared.light = args.light_subscribers;
+    shared.tcp = args.tcp;
     shared.srtp_profiles = srtp_profiles;
     let shared = Arc::new(shared);
     let ctx = Ctx {

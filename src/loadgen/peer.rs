@@ -109,8 +109,11 @@ pub struct Peer {
     pc: RTCPeerConnection,
     /// Received with `recvmmsg` (and GRO unless turned off), as the relay receives.
     socket: MediaSocket,
-    rx: RxBatch,
+    /// Taken out while its datagrams are handled.
+    rx: Option<RxBatch>,
     local: SocketAddr,
+    /// Its ICE-TCP side (`--tcp`), instead of UDP.
+    tcp: Option<TcpSide>,
     pub connected: bool,
     video: Option<Outgoing>,
     audio: Option<Outgoing>,
@@ -213,13 +216,19 @@ impl Peer {
                 audio = Some(track(RtpCodecKind::Audio, opus(), "audio").map_err(err)?);
             }
         }
-        pc.add_local_candidate(crate::net::host_candidate(local).map_err(err)?)
+        let tcp = shared.tcp.then(|| TcpSide::new(local_ip));
+        let candidate = match tcp {
+            Some(_) => crate::net::tcp_active_candidate(local_ip),
+            None => crate::net::host_candidate(local),
+        };
+        pc.add_local_candidate(candidate.map_err(err)?)
             .map_err(err)?;
         Ok(Peer {
             pc,
             socket,
-            rx,
+            rx: Some(rx),
             local,
+            tcp,
             connected: false,
             video,
             audio,
@@ -277,7 +286,10 @@ impl Peer {
 
     /// This peer's only ICE candidate (also in its SDP), for servers that want it trickled.
     pub fn candidate(&self) -> Result<RTCIceCandidateInit, String> {
-        crate::net::host_candidate(self.local).map_err(err)
+        match &self.tcp {
+            Some(t) => crate::net::tcp_active_candidate(t.ip).map_err(err),
+            None => crate::net::host_candidate(self.local).map_err(err),
+        }
     }
 
     /// Send one video frame (`bytes` split into packets), or an audio packet. With `gap`, a video
@@ -394,11 +406,21 @@ impl Peer {
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or(until)
                 .min(until);
+            let frames = self.tcp.as_mut().map(|t| &mut t.frames);
             tokio::select! {
                 r = self.socket.readable() => {
                     if r.is_ok() {
                         touched = self.receive();
                     }
+                }
+                Some((from, local, frame)) = async {
+                    match frames {
+                        Some(f) => f.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let transport = (local, TransportProtocol::TCP);
+                    touched = self.take_datagram(&frame, from, transport, Instant::now());
                 }
                 m = tokio::time::timeout_at(next, sig.ws().recv()) => {
                     if let Ok(Some(m)) = m {
@@ -420,60 +442,75 @@ impl Peer {
         }
     }
 
-    /// What the socket holds now (up to 16 receives), into the connection; a light subscriber's
-    /// SRTP packets are opened and counted here. Whether anything went into the connection.
+    /// What the socket holds now (up to 16 receives), into the connection. Whether anything
+    /// went into the connection.
     fn receive(&mut self) -> bool {
         let mut touched = false;
+        let mut rx = self.rx.take().expect("the receive batch");
         for _ in 0..16 {
-            match self.socket.try_recv(&mut self.rx) {
+            match self.socket.try_recv(&mut rx) {
                 Ok(n) if n > 0 => {}
-                _ => return touched,
+                _ => break,
             }
             let now = Instant::now();
-            for (datagram, from) in self.rx.datagrams() {
-                if let Some(opener) = self.opener.as_mut()
-                    && let Some((header_len, ssrc, seq)) = srtp::rtp_header(datagram)
-                {
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(datagram);
-                    match opener.open(&mut self.scratch, header_len, ssrc, seq) {
-                        Ok(range) => {
-                            self.shared.opened_light.fetch_add(1, Ordering::Relaxed);
-                            let mut payload = &self.scratch[range];
-                            // Padding (RFC 3550 5.1): its last byte says how many to drop.
-                            if datagram[0] & 0x20 != 0 {
-                                let pad = payload.last().map_or(0, |p| usize::from(*p));
-                                payload = &payload[..payload.len().saturating_sub(pad)];
-                            }
-                            count_media(
-                                &self.shared,
-                                &mut self.loss,
-                                &mut self.first_media_at,
-                                payload,
-                                now,
-                            );
-                        }
-                        Err(_) => {
-                            self.shared.malformed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    continue;
-                }
-                touched = true;
-                let _ = self.pc.handle_read(TaggedBytesMut {
-                    now,
-                    transport: TransportContext {
-                        local_addr: self.local,
-                        peer_addr: from,
-                        ecn: None,
-                        transport_protocol: TransportProtocol::UDP,
-                    },
-                    message: BytesMut::from(datagram),
-                });
-                take_keys(self.light, &mut self.opener);
+            for (datagram, from) in rx.datagrams() {
+                let transport = (self.local, TransportProtocol::UDP);
+                touched |= self.take_datagram(datagram, from, transport, now);
             }
         }
+        self.rx = Some(rx);
         touched
+    }
+
+    /// One datagram from the server (over UDP, or a TCP frame): a light subscriber's SRTP packets
+    /// are opened and counted here, the rest goes into the connection (true then).
+    fn take_datagram(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        (local_addr, transport_protocol): (SocketAddr, TransportProtocol),
+        now: Instant,
+    ) -> bool {
+        if let Some(opener) = self.opener.as_mut()
+            && let Some((header_len, ssrc, seq)) = srtp::rtp_header(datagram)
+        {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(datagram);
+            match opener.open(&mut self.scratch, header_len, ssrc, seq) {
+                Ok(range) => {
+                    self.shared.opened_light.fetch_add(1, Ordering::Relaxed);
+                    let mut payload = &self.scratch[range];
+                    // Padding (RFC 3550 5.1): its last byte says how many to drop.
+                    if datagram[0] & 0x20 != 0 {
+                        let pad = payload.last().map_or(0, |p| usize::from(*p));
+                        payload = &payload[..payload.len().saturating_sub(pad)];
+                    }
+                    count_media(
+                        &self.shared,
+                        &mut self.loss,
+                        &mut self.first_media_at,
+                        payload,
+                        now,
+                    );
+                }
+                Err(_) => {
+                    self.shared.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return false;
+        }
+        let _ = self.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol,
+            },
+            message: BytesMut::from(datagram),
+        });
+        take_keys(self.light, &mut self.opener);
+        true
     }
 
     async fn drain<S: Signal>(&mut self, sig: &mut S) {
@@ -508,8 +545,93 @@ impl Peer {
             }
         }
         while let Some(t) = self.pc.poll_write() {
-            let _ = self.socket.try_send_one(t.transport.peer_addr, &t.message);
+            match self.tcp.as_mut() {
+                Some(tcp) if t.transport.transport_protocol == TransportProtocol::TCP => {
+                    tcp.send(t.transport.peer_addr, &t.message).await;
+                }
+                _ => {
+                    let _ = self.socket.try_send_one(t.transport.peer_addr, &t.message);
+                }
+            }
         }
+    }
+}
+
+/// A client's ICE-TCP side: a TCP connection per passive candidate its agent checks (opened at the
+/// first datagram for it), datagrams framed as RFC 4571 says; what the server sends comes back
+/// through `frames` (its address, our end's address, the datagram).
+struct TcpSide {
+    ip: IpAddr,
+    writers: HashMap<SocketAddr, (SocketAddr, tokio::net::tcp::OwnedWriteHalf)>,
+    frames_tx: tokio::sync::mpsc::Sender<(SocketAddr, SocketAddr, bytes::Bytes)>,
+    frames: tokio::sync::mpsc::Receiver<(SocketAddr, SocketAddr, bytes::Bytes)>,
+}
+
+impl TcpSide {
+    fn new(ip: IpAddr) -> TcpSide {
+        let (frames_tx, frames) = tokio::sync::mpsc::channel(1024);
+        TcpSide {
+            ip,
+            writers: HashMap::new(),
+            frames_tx,
+            frames,
+        }
+    }
+
+    /// Send `datagram` to `to` over TCP, connecting first if needed; what fails is dropped (as
+    /// a datagram would be), and the connection with it.
+    async fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        if !self.writers.contains_key(&to) {
+            match self.connect(to).await {
+                Ok(w) => {
+                    self.writers.insert(to, w);
+                }
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "ICE-TCP connection failed");
+                    return;
+                }
+            }
+        }
+        let Some(frame) = crate::net::tcp::frame(datagram) else {
+            return;
+        };
+        let (_, w) = self.writers.get_mut(&to).expect("connected above");
+        if w.write_all(&frame).await.is_err() {
+            self.writers.remove(&to);
+        }
+    }
+
+    async fn connect(
+        &self,
+        to: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, tokio::net::tcp::OwnedWriteHalf)> {
+        use tokio::io::AsyncReadExt;
+        let socket = match to {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(self.ip, 0))?;
+        let stream =
+            tokio::time::timeout(std::time::Duration::from_secs(5), socket.connect(to)).await??;
+        stream.set_nodelay(true)?;
+        let local = stream.local_addr()?;
+        let (mut r, w) = stream.into_split();
+        let frames = self.frames_tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            while let Ok(len) = r.read_u16().await {
+                let len = usize::from(len);
+                if r.read_exact(&mut buf[..len]).await.is_err() {
+                    break;
+                }
+                let frame = bytes::Bytes::copy_from_slice(&buf[..len]);
+                if frames.send((to, local, frame)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((local, w))
     }
 }
 

@@ -101,6 +101,26 @@ pub fn tcp_host_candidate(
     RTCIceCandidate::from(&cand).to_json()
 }
 
+/// An active TCP host candidate on `ip` (ICE-TCP, RFC 6544): a client that opens TCP connections
+/// to passive candidates (port 9 by convention: it listens on none).
+pub fn tcp_active_candidate(
+    ip: std::net::IpAddr,
+) -> rtc::shared::error::Result<rtc::peer_connection::transport::RTCIceCandidateInit> {
+    use rtc::peer_connection::transport::{CandidateConfig, CandidateHostConfig, RTCIceCandidate};
+    let cand = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "tcp".to_owned(),
+            address: ip.to_string(),
+            port: 9,
+            component: 1,
+            ..Default::default()
+        },
+        tcp_type: rtc::ice::tcp_type::TcpType::Active,
+    }
+    .new_candidate_host()?;
+    RTCIceCandidate::from(&cand).to_json()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -570,6 +570,11 @@ impl TxBatch {
         let data = &self.data;
         self.items
             .retain(|(to, start, len)| !take(*to, &data[*start..*start + *len]));
+        // Nothing left to send: the bytes go too (a batch of only TCP destinations is never
+        // handed to `send`, which is where a batch is otherwise emptied).
+        if self.items.is_empty() {
+            self.data.clear();
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -691,6 +696,28 @@ mod tests {
             out.push(buf[..r.0].to_vec());
         }
         out
+    }
+
+    /// A batch whose datagrams all went another way (TCP clients) keeps none of their bytes: it
+    /// is never handed to `send`, which empties it otherwise.
+    #[test]
+    fn a_batch_taken_whole_by_another_transport_is_emptied() {
+        let tcp = SocketAddr::from(([10, 0, 0, 1], 4000));
+        let udp = SocketAddr::from(([10, 0, 0, 2], 4000));
+        let mut tx = TxBatch::default();
+        for _ in 0..100 {
+            tx.push(tcp, &[7; 1200]);
+        }
+        tx.push(udp, &[1; 100]);
+        let mut taken = 0;
+        tx.take_matching(|to, d| {
+            taken += usize::from(to == tcp && d.len() == 1200);
+            to == tcp
+        });
+        assert_eq!((taken, tx.len()), (100, 1), "only the UDP datagram is left");
+        tx.take_matching(|_, _| true);
+        assert!(tx.is_empty());
+        assert_eq!(tx.data.len(), 0, "the taken datagrams' bytes are released");
     }
 
     /// Datagrams keep their boundaries and order through GSO runs: same-size runs, a shorter last
