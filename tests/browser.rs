@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::browser::{Browser, Page, Place, in_loopback_netns};
+use common::browser::{Browser, Launch, Page, Place, in_loopback_netns};
 use common::*;
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use serde_json::Value;
@@ -1449,4 +1449,88 @@ async fn one_member_without_udp_goes_to_the_relay_by_itself() {
     assert_eq!(fallbacks, 1.0, "one pair fell back: {m}");
     drop(bb);
     iptables(&["-F", "OUTPUT"]);
+}
+
+/// The server behind a 1:1 NAT, deployed as docs/deploy.md says: the media port on `0.0.0.0` with
+/// a private address (10.203.0.1), `announce` set to the outside address (10.204.0.100) that a
+/// router namespace translates to it (DNAT). Two Chromium members outside (their own namespace,
+/// 10.204.0.2) reach the relay only at the announced address and decode each other through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_members_reach_a_relay_behind_a_one_to_one_nat() {
+    const TEST: &str = "chromium_members_reach_a_relay_behind_a_one_to_one_nat";
+    let r = "ip netns exec ferry-bnat-r";
+    let setup = format!(
+        "for n in ferry-bnat-r ferry-bnat-c; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
+        && ip link add si type veth peer name ri netns ferry-bnat-r \
+        && ip -n ferry-bnat-r link add ro type veth peer name co netns ferry-bnat-c \
+        && ip addr add 10.203.0.1/24 dev si && ip link set si up && ip route add default via 10.203.0.2 \
+        && ip -n ferry-bnat-r addr add 10.203.0.2/24 dev ri && ip -n ferry-bnat-r link set ri up \
+        && ip -n ferry-bnat-r addr add 10.204.0.1/24 dev ro && ip -n ferry-bnat-r addr add 10.204.0.100/32 dev ro \
+        && ip -n ferry-bnat-r link set ro up && ip -n ferry-bnat-r link set lo up \
+        && {r} sysctl -qw net.ipv4.ip_forward=1 \
+        && {r} iptables -t nat -A PREROUTING -d 10.204.0.100 -j DNAT --to-destination 10.203.0.1 \
+        && ip -n ferry-bnat-c addr add 10.204.0.2/24 dev co && ip -n ferry-bnat-c link set co up \
+        && ip -n ferry-bnat-c link set lo up && ip -n ferry-bnat-c route add default via 10.204.0.1"
+    );
+    let missing = common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)")
+        .or_else(|| {
+            let iptables = std::process::Command::new("iptables").arg("-V").output();
+            iptables
+                .is_err()
+                .then_some("iptables is missing (apt-get install iptables)")
+        });
+    match common::netns::in_new_netns(TEST, &setup, missing) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-bnat-r", "ferry-bnat-c"]);
+    let s = spawn(ferry::config::Config {
+        http_listen: "0.0.0.0:0".parse().unwrap(),
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["10.204.0.100".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    // The members open the app at the server's inside address (routed, not translated): a
+    // plain-HTTP origin Chromium is told to treat as secure, for the camera.
+    let origin = format!("http://10.203.0.1:{}", s.addr.port());
+    let mut members = Vec::new();
+    for name in ["alice", "bob"] {
+        let mut br = Browser::launch_with(Launch {
+            netns: Some("ferry-bnat-c"),
+            secure_origin: Some(&origin),
+            ..Launch::default()
+        })
+        .await;
+        br.grant_media(&origin).await;
+        let page = br.open(name, &format!("{origin}/")).await;
+        enter_lobby(&mut br, &page).await;
+        members.push((br, page));
+    }
+    let [(mut ba, a), (mut bb, b)]: [(Browser, Page); 2] = members.try_into().ok().unwrap();
+    let (_, a_id, b_id, started) =
+        alice_opens_bob_joins(&mut ba, &a, &mut bb, &b, "{ mode: 'relay' }").await;
+    let va = wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "relay", 10), &b_id).await;
+    let vb = wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "relay", 10), &a_id).await;
+    eprintln!(
+        "behind a 1:1 NAT: decoded on both sides {} ms after bob joined: alice {va} bob {vb}",
+        started.elapsed().as_millis()
+    );
+    // What each browser talks to is the announced address, over UDP.
+    for (br, page, remote) in [(&mut ba, &a, &b_id), (&mut bb, &b, &a_id)] {
+        let pair = format!(
+            "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); let pair, out; \
+             r.forEach((x) => {{ if (x.type === 'transport') pair = x.selectedCandidatePairId; }}); \
+             r.forEach((x) => {{ if (x.id === pair) out = x.remoteCandidateId; }}); \
+             let c; r.forEach((x) => {{ if (x.id === out) c = x.address + ' ' + x.protocol; }}); return c; }})()"
+        );
+        assert_eq!(
+            br.eval(page, &pair).await,
+            Value::String("10.204.0.100 udp".into()),
+            "[{}] selected remote candidate",
+            page.name
+        );
+    }
 }

@@ -66,7 +66,10 @@ async fn broadcast_reports_forwarded_media() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_over_tcp_receive_intact_media() {
     let s = spawn(test_config()).await;
-    assert!(s.media_tcp_addr.is_some(), "the test server takes media over TCP");
+    assert!(
+        s.media_tcp_addr.is_some(),
+        "the test server takes media over TCP"
+    );
     let metrics = s.hub.metrics.clone();
     let load = tokio::spawn(run(LoadgenArgs {
         tcp: true,

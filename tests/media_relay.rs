@@ -1180,19 +1180,6 @@ fn inside_netns(test: &str, setup: &str, missing: Option<&str>) -> bool {
     )
 }
 
-/// Named network namespaces a test made, deleted when it ends.
-struct Namespaces(&'static [&'static str]);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in self.0 {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .status();
-        }
-    }
-}
-
 /// A UDP socket bound to `addr` inside the named network namespace `ns` (a thread enters it,
 /// binds, and ends; the socket stays in that namespace).
 fn socket_in(ns: &str, addr: &str) -> std::net::UdpSocket {
@@ -1255,7 +1242,7 @@ async fn a_multi_homed_server_answers_from_the_address_each_client_used() {
     if !inside_netns(TEST, setup, None) {
         return;
     }
-    let _ns = Namespaces(&["ferry-mh-c1", "ferry-mh-c2"]);
+    let _ns = common::netns::Namespaces(&["ferry-mh-c1", "ferry-mh-c2"]);
     let s = announcing("10.202.0.1").await;
     // The publisher on the first network (its route to 10.202.0.1 goes through 10.201.0.1), the
     // subscriber on the second.
@@ -1296,7 +1283,7 @@ async fn a_server_behind_a_one_to_one_nat_relays_at_its_announced_address() {
     if !inside_netns(TEST, &setup, missing) {
         return;
     }
-    let _ns = Namespaces(&["ferry-nat-r", "ferry-nat-c"]);
+    let _ns = common::netns::Namespaces(&["ferry-nat-r", "ferry-nat-c"]);
     let s = announcing("10.204.0.100").await;
     relay_between(
         &s,

@@ -5,6 +5,7 @@
 //! namespace could send media to a non-loopback address. The test therefore re-executes itself
 //! under `unshare --net` (only `lo`, brought up), and runs the server and the browser there.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -54,6 +55,18 @@ pub struct Browser {
     pub console: Vec<(String, String)>,
 }
 
+/// Where and how a browser runs (default: as the test process does).
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Every process of it in this cgroup (v2) directory.
+    pub cgroup: Option<&'a std::path::Path>,
+    /// In this named network namespace (`ip netns`).
+    pub netns: Option<&'a str>,
+    /// An origin (`http://host:port`) Chromium treats as secure (cameras need a secure origin;
+    /// only localhost is one over plain HTTP).
+    pub secure_origin: Option<&'a str>,
+}
+
 /// One page (tab) of the browser, identified by its CDP session.
 #[derive(Clone)]
 pub struct Page {
@@ -63,12 +76,21 @@ pub struct Page {
 
 impl Browser {
     pub async fn launch() -> Browser {
-        Browser::launch_in(None).await
+        Browser::launch_with(Launch::default()).await
     }
 
     /// Launch Chromium with every process of it in the cgroup (v2) directory `cgroup`, so that
     /// iptables' `-m cgroup --path` rules apply to this browser alone.
     pub async fn launch_in(cgroup: Option<&std::path::Path>) -> Browser {
+        Browser::launch_with(Launch {
+            cgroup,
+            ..Launch::default()
+        })
+        .await
+    }
+
+    pub async fn launch_with(how: Launch<'_>) -> Browser {
+        let cgroup = how.cgroup;
         let bin = chromium_path().expect("chromium");
         let profile = std::env::temp_dir().join(format!(
             "ferry-chromium-{}-{}",
@@ -88,6 +110,20 @@ impl Browser {
             }
             None => Command::new(bin),
         };
+        // In another network namespace: `ip netns exec` enters it and becomes the command.
+        if let Some(ns) = how.netns {
+            let inner = command;
+            command = Command::new("ip");
+            command
+                .args(["netns", "exec", ns])
+                .arg(inner.get_program())
+                .args(inner.get_args());
+        }
+        if let Some(origin) = how.secure_origin {
+            command.arg(format!(
+                "--unsafely-treat-insecure-origin-as-secure={origin}"
+            ));
+        }
         let child = command
             .args([
                 "--headless",
@@ -133,9 +169,16 @@ impl Browser {
         let mut lines = contents.lines();
         let port: u16 = lines.next().unwrap().trim().parse().expect("DevTools port");
         let path = lines.next().unwrap().trim();
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}{path}"))
-            .await
-            .expect("connect to DevTools");
+        let url = format!("ws://127.0.0.1:{port}{path}");
+        let (ws, _) = match how.netns {
+            None => tokio_tungstenite::connect_async(url).await,
+            Some(ns) => {
+                // Its DevTools port is on that namespace's loopback: connect from inside it.
+                let stream = super::netns::connect_in(ns, SocketAddr::from(([127, 0, 0, 1], port)));
+                tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await
+            }
+        }
+        .expect("connect to DevTools");
         Browser {
             child,
             profile,

@@ -85,3 +85,32 @@ pub fn in_new_netns(test_name: &str, setup: &str, missing: Option<&str>) -> Plac
     );
     Place::Done
 }
+
+/// A TCP connection to `addr` made from inside the named network namespace `ns` (`ip netns`):
+/// its loopback, for instance, is not this process's.
+pub fn connect_in(ns: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use std::os::fd::AsRawFd;
+    let ns = ns.to_string();
+    let stream = std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
+        // SAFETY: a valid network namespace descriptor; only this short-lived thread moves.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::connect(addr).expect("connect in the namespace")
+    })
+    .join()
+    .unwrap();
+    stream.set_nonblocking(true).unwrap();
+    tokio::net::TcpStream::from_std(stream).unwrap()
+}
+
+/// Named network namespaces a test made, deleted when it ends.
+pub struct Namespaces(pub &'static [&'static str]);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
