@@ -15,7 +15,7 @@ use prometheus::{
 /// `ferry_signal_messages_total{type}`: the request types, then `unknown` (a type Ferry does not
 /// know) and `invalid` (not a request at all).
 /// A new request type belongs here too (a unit test checks that these parse).
-pub const MESSAGE_TYPES: [&str; 14] = [
+pub const MESSAGE_TYPES: [&str; 15] = [
     "hello",
     "ping",
     "createRoom",
@@ -28,6 +28,7 @@ pub const MESSAGE_TYPES: [&str; 14] = [
     "reportMode",
     "subscribe",
     "unsubscribe",
+    "setVideoQuality",
     "unknown",
     "invalid",
 ];
@@ -74,6 +75,10 @@ pub struct Metrics {
     /// `ferry_keyframe_requests_total{reason}`: new_subscriber | subscriber (a relayed PLI/FIR).
     pub keyframe_requests_new_subscriber: IntCounter,
     pub keyframe_requests_relayed: IntCounter,
+    /// `layer_switch`: a route waits for a keyframe of the simulcast layer it moves to.
+    pub keyframe_requests_layer_switch: IntCounter,
+    /// `ferry_layer_switches_total{direction}`: routes that moved to another simulcast layer.
+    pub layer_switches: IntCounterVec,
     /// `ferry_pairs{mode}`: pairs of room members by how their media travels.
     pub pairs_p2p: IntGauge,
     pub pairs_relay: IntGauge,
@@ -182,7 +187,7 @@ impl Metrics {
         let keyframe_requests = IntCounterVec::new(
             Opts::new(
                 "ferry_keyframe_requests_total",
-                "Keyframe requests (PLI) sent to publishers: reason new_subscriber, or subscriber (a subscriber's PLI/FIR relayed upstream, throttled).",
+                "Keyframe requests (PLI) sent to publishers: reason new_subscriber, subscriber (a subscriber's PLI/FIR relayed upstream, throttled), or layer_switch (a subscriber moves to another simulcast layer).",
             ),
             &["reason"],
         )
@@ -190,6 +195,18 @@ impl Metrics {
         let keyframe_requests_new_subscriber =
             keyframe_requests.with_label_values(&["new_subscriber"]);
         let keyframe_requests_relayed = keyframe_requests.with_label_values(&["subscriber"]);
+        let keyframe_requests_layer_switch = keyframe_requests.with_label_values(&["layer_switch"]);
+        let layer_switches = IntCounterVec::new(
+            Opts::new(
+                "ferry_layer_switches_total",
+                "Subscribers' routes that moved to another simulcast layer of a publisher's video: direction up or down.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        for d in ["up", "down"] {
+            layer_switches.with_label_values(&[d]);
+        }
         let relay_connections = IntGauge::new(
             "ferry_relay_connections",
             "Client connections to the relay (server-side peer connections).",
@@ -368,6 +385,7 @@ impl Metrics {
             Box::new(stun_bindings.clone()),
             Box::new(media_dropped.clone()),
             Box::new(keyframe_requests),
+            Box::new(layer_switches.clone()),
             Box::new(pairs),
             Box::new(fallbacks.clone()),
             Box::new(relay_connections.clone()),
@@ -402,6 +420,8 @@ impl Metrics {
             media_dropped,
             keyframe_requests_new_subscriber,
             keyframe_requests_relayed,
+            keyframe_requests_layer_switch,
+            layer_switches,
             pairs_p2p,
             pairs_relay,
             fallbacks,

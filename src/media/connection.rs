@@ -48,10 +48,21 @@ impl MediaCore {
         let Some(p) = self.peers.get_mut(&key) else {
             return false;
         };
-        // rtc reports a track again after each renegotiation; it is routed already (keep its
-        // SSRC current for keyframe requests).
+        let rid = init.rid.clone().unwrap_or_default();
+        // rtc reports a track again after each renegotiation, and once per simulcast layer: it
+        // is routed already (keep its layers' SSRCs current, for keyframe requests and for
+        // telling the layers' packets apart).
         if let Some(t) = p.published.get_mut(&init.track_id) {
-            t.ssrc = init.ssrc;
+            if rid.is_empty() {
+                // Without simulcast a new SSRC replaces the one layer.
+                t.layers.truncate(1);
+                if let Some(l) = t.layers.first_mut() {
+                    l.ssrc = init.ssrc;
+                }
+            } else {
+                learn_layer(&mut t.layers, &rid, init.ssrc);
+                info!(user = %p.user_id, track = %init.track_id, %rid, layers = t.layers.len(), "simulcast layer published to the relay");
+            }
             self.router.refresh_ext_maps(&mut self.peers, key);
             return false;
         }
@@ -94,7 +105,10 @@ impl MediaCore {
             Published {
                 kind,
                 codec,
-                ssrc: init.ssrc,
+                layers: vec![Layer {
+                    rid,
+                    ssrc: init.ssrc,
+                }],
                 receiver_id: init.receiver_id,
                 ty,
                 stream_id,

@@ -24,7 +24,8 @@ impl MediaCore {
         self.metrics.retransmits.inc_by(sent);
     }
 
-    /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher.
+    /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher, for
+    /// the layer that subscriber receives (the others' layers are not disturbed).
     pub(super) fn relay_keyframe_request(&mut self, sub: PeerKey, track_id: &str, now: Instant) {
         let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
             let feed = s.relayed_tracks.get(track_id)?;
@@ -32,24 +33,45 @@ impl MediaCore {
         }) else {
             return;
         };
-        let Some(p) = self.peers.get_mut(&publisher) else {
-            return;
-        };
-        if p.last_pli
-            .get(&ptrack)
-            .is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE)
-        {
-            return;
-        }
-        p.last_pli.insert(ptrack.clone(), now);
-        let Some(t) = p.published.get(&ptrack) else {
-            return;
-        };
-        let (rid, ssrc) = (t.receiver_id, t.ssrc);
-        if send_pli(&mut p.pc, rid, ssrc, now) {
+        let layer = self
+            .router
+            .track_mut(publisher, &ptrack)
+            .and_then(|t| t.routes.iter().find(|r| r.to == sub))
+            .and_then(|r| r.layer)
+            .unwrap_or(0);
+        if self.request_keyframe(publisher, &ptrack, layer, now) {
             self.metrics.keyframe_requests_relayed.inc();
         }
+    }
+
+    /// Ask `publisher` for a keyframe on `layer` of its `track`, at most once per
+    /// [`PLI_THROTTLE`]; whether it was asked.
+    pub(super) fn request_keyframe(
+        &mut self,
+        publisher: PeerKey,
+        track: &str,
+        layer: u8,
+        now: Instant,
+    ) -> bool {
+        let Some(p) = self.peers.get_mut(&publisher) else {
+            return false;
+        };
+        let Some(t) = p.published.get(track) else {
+            return false;
+        };
+        let Some(l) = t.layers.get(usize::from(layer)) else {
+            return false;
+        };
+        let (receiver, ssrc) = (t.receiver_id, l.ssrc);
+        if p.last_pli
+            .get(&ssrc)
+            .is_some_and(|t| now.saturating_duration_since(*t) < PLI_THROTTLE)
+        {
+            return false;
+        }
+        p.last_pli.insert(ssrc, now);
         self.out.needs_poll.insert(publisher);
+        send_pli(&mut p.pc, receiver, ssrc, now)
     }
 }
 
@@ -65,7 +87,9 @@ fn resend(
     let (Some(sealer), Some(to)) = (s.sealer.as_mut(), s.remote) else {
         return 0;
     };
-    let RoutedTrack { routes, history } = track;
+    let RoutedTrack {
+        routes, history, ..
+    } = track;
     let Some(r) = routes.iter_mut().find(|r| r.to == sub) else {
         return 0;
     };
@@ -78,7 +102,10 @@ fn resend(
         if !sent.used || sent.seq != seq {
             continue;
         }
-        let Some(original) = history.get(sent.publisher_ssrc, sent.publisher_seq) else {
+        let Some(original) = history
+            .iter()
+            .find_map(|h| h.get(sent.publisher_ssrc, sent.publisher_seq))
+        else {
             continue;
         };
         let roc = sealed.rollover.roc_for(seq);
@@ -100,13 +127,13 @@ fn resend(
     queued
 }
 
-/// Ask for a keyframe on each of `p`'s published video tracks.
+/// Ask for a keyframe on each of `p`'s published video tracks (every layer).
 pub(super) fn request_keyframes(p: &mut Peer, now: Instant) {
     let targets: Vec<_> = p
         .published
         .values()
         .filter(|t| t.kind == RtpCodecKind::Video)
-        .map(|t| (t.receiver_id, t.ssrc))
+        .flat_map(|t| t.layers.iter().map(|l| (t.receiver_id, l.ssrc)))
         .collect();
     for (rid, ssrc) in targets {
         send_pli(&mut p.pc, rid, ssrc, now);

@@ -15,22 +15,35 @@ impl MediaCore {
         packet: rtc::rtp::Packet,
         now: Instant,
     ) {
-        let kind = self
+        let Some(t) = self
             .peers
             .get(&from)
             .and_then(|p| p.published.get(track_id))
-            .map_or(0, |t| usize::from(t.kind == RtpCodecKind::Video));
-        self.out.counts.rtp_in[kind] += 1;
-        self.out.counts.bytes_in[kind] += packet.payload.len() as u64;
-        let Some(track) = self.router.track_mut(from, track_id) else {
+        else {
             return;
         };
+        let kind = usize::from(t.kind == RtpCodecKind::Video);
+        let (layers, simulcast) = (t.layers.len(), t.simulcast());
+        let layer = layer_of(&t.layers, packet.header.ssrc);
+        self.out.counts.rtp_in[kind] += 1;
+        self.out.counts.bytes_in[kind] += packet.payload.len() as u64;
+        let (Some(layer), Some(track)) = (layer, self.router.track_mut(from, track_id)) else {
+            return;
+        };
+        // Keyframes matter where a route may change layers: simulcast tracks (even before their
+        // other layers arrived) in a codec whose keyframes the relay recognizes (elsewhere a
+        // route takes any packet of its layer).
+        let gated = simulcast && track.keyframes != Keyframes::Unknown;
+        let keyframe = !gated || track.keyframes.starts_keyframe(&packet.payload);
         let copy = Incoming {
             kind,
             rx_at: self.rx_at,
             now,
+            layer,
+            layers,
+            keyframe,
         };
-        forward(
+        let wanted = forward(
             track,
             &mut self.peers,
             &mut self.out,
@@ -38,6 +51,12 @@ impl MediaCore {
             packet,
             copy,
         );
+        // Routes waiting to switch layers need a keyframe of theirs.
+        for l in 0..layers.min(8) as u8 {
+            if wanted & (1 << l) != 0 && self.request_keyframe(from, track_id, l, now) {
+                self.metrics.keyframe_requests_layer_switch.inc();
+            }
+        }
     }
 }
 
@@ -49,10 +68,16 @@ pub(super) struct Incoming {
     /// When its datagram arrived (forwarding latency).
     pub(super) rx_at: Instant,
     pub(super) now: Instant,
+    /// Its layer, of the track's `layers`.
+    pub(super) layer: u8,
+    pub(super) layers: usize,
+    /// It starts a keyframe (always true where keyframes do not matter).
+    pub(super) keyframe: bool,
 }
 
-/// One published packet to each of `track`'s routes, then into its history (for NACKs). Only the
-/// subscribers' connections are touched.
+/// One published packet to each of `track`'s routes that takes it (see [`route_takes`]), then
+/// into its layer's history (for NACKs). Only the subscribers' connections are touched. The
+/// layers (a bit each) some route is waiting for a keyframe of.
 pub(super) fn forward(
     track: &mut RoutedTrack,
     peers: &mut Peers,
@@ -60,7 +85,8 @@ pub(super) fn forward(
     metrics: &Metrics,
     mut packet: rtc::rtp::Packet,
     inc: Incoming,
-) {
+) -> u8 {
+    let mut wanted = 0u8;
     // The publisher's extensions are taken out once (the per-subscriber clone then copies no
     // extension list) and each subscriber gets those it negotiated, under its own IDs. The
     // payload is shared.
@@ -70,6 +96,31 @@ pub(super) fn forward(
     packet.header.extension_profile = 0;
     let bytes = packet.payload.len() as u64;
     for r in track.routes.iter_mut() {
+        if inc.kind == 1 {
+            let want = r
+                .quality
+                .layer()
+                .map(|l| l.min(inc.layers.saturating_sub(1) as u8));
+            match route_takes(r, inc.layer, inc.keyframe, want) {
+                Take::Forward => {}
+                Take::Skip => continue,
+                Take::SkipWantingKeyframe => {
+                    wanted |= want.map_or(0, |l| 1 << l.min(7));
+                    continue;
+                }
+                Take::ForwardWantingKeyframe => wanted |= want.map_or(0, |l| 1 << l.min(7)),
+                Take::Switched { up } => {
+                    // Timestamps go on from what the subscriber last got, by the time between.
+                    let gap = r.last_sent.map_or(0, |t| {
+                        let secs = inc.now.saturating_duration_since(t).as_secs_f64();
+                        (secs * f64::from(r.clock_rate)) as u32
+                    });
+                    r.munger.restart(gap);
+                    let direction = if up { "up" } else { "down" };
+                    metrics.layer_switches.with_label_values(&[direction]).inc();
+                }
+            }
+        }
         let Some(sub) = peers.get_mut(&r.to) else {
             continue;
         };
@@ -118,7 +169,12 @@ pub(super) fn forward(
     packet.header.extensions = extensions;
     packet.header.extension = extension;
     packet.header.extension_profile = extension_profile;
-    track.history.store(packet);
+    let layer = usize::from(inc.layer);
+    if track.history.len() <= layer {
+        track.history.resize_with(layer + 1, History::default);
+    }
+    track.history[layer].store(packet);
+    wanted
 }
 
 /// A sealed route's sender report, through its subscriber's connection (rtc seals RTCP).
@@ -481,6 +537,8 @@ mod tests {
             clock_rate: 90_000,
             last_sent: None,
             sealed: None,
+            layer: Some(0),
+            quality: Quality::High,
         };
         let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
             (vec![], vec![], false, false),

@@ -63,6 +63,7 @@ mod feedback;
 mod forward;
 mod guard;
 mod interceptors;
+mod layers;
 mod munger;
 mod peers;
 mod router;
@@ -77,6 +78,8 @@ use feedback::*;
 use forward::*;
 use interceptors::*;
 pub use interceptors::{BindOnFirstWrite, DeliverRtcp, Tap};
+pub use layers::Quality;
+use layers::*;
 pub use munger::Munger;
 use peers::Peers;
 use router::*;
@@ -118,6 +121,13 @@ pub enum Command {
         user_id: String,
         publisher: String,
         stream_type: Option<String>,
+    },
+    /// What `user_id` receives of `publisher`'s video (its simulcast layer, or none), now and
+    /// for the tracks it publishes later.
+    SetQuality {
+        user_id: String,
+        publisher: String,
+        quality: Quality,
     },
     /// The client closed its relay connection (`bye` to the server): drop the connection and its
     /// tracks; its subscriptions stay (it may open a fresh connection).
@@ -161,12 +171,20 @@ type PeerKey = u64;
 struct Published {
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
-    ssrc: u32,
+    /// Its encodings, lowest first: one, or its simulcast layers (see [`layers`]).
+    layers: Vec<Layer>,
     receiver_id: rtc::rtp_transceiver::RTCRtpReceiverId,
     /// 'cam' | 'screen'.
     ty: String,
     /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
     stream_id: String,
+}
+
+impl Published {
+    /// Sent as simulcast layers (rid-identified), however many have arrived yet.
+    fn simulcast(&self) -> bool {
+        self.layers.first().is_some_and(|l| !l.rid.is_empty())
+    }
 }
 
 /// Packets kept per published track (and entries per route) to answer NACKs: ~2 s of
@@ -263,6 +281,10 @@ struct Route {
     last_sent: Option<Instant>,
     /// Set once the subscriber's packets are sealed by the relay itself.
     sealed: Option<Sealed>,
+    /// The layer of the publisher's track it carries now (`None`: none yet, or off).
+    layer: Option<u8>,
+    /// What its subscriber asked for.
+    quality: Quality,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -321,8 +343,8 @@ struct Peer {
     relayed_tracks: HashMap<String, FeedKey>,
     /// Connection state, as its metric label.
     state: String,
-    /// When each of this publisher's tracks last got a keyframe request (throttle).
-    last_pli: HashMap<String, Instant>,
+    /// When each of this publisher's streams (by SSRC) last got a keyframe request (throttle).
+    last_pli: HashMap<u32, Instant>,
     /// ICE failed (so a failed connection failed at ICE, not at DTLS).
     ice_failed: bool,
     /// The connection is up (DTLS done): relayed packets skip `write_rtp`'s checks.
@@ -506,6 +528,13 @@ impl MediaCore {
             } => self
                 .router
                 .unsubscribe(peers, out, &user_id, &publisher, stream_type.as_deref()),
+            Command::SetQuality {
+                user_id,
+                publisher,
+                quality,
+            } => self
+                .router
+                .set_quality(peers, out, &user_id, &publisher, quality),
             Command::Close { user_id } => self.remove_peer(&user_id, now),
             Command::Leave { user_id, join } => {
                 let latest = self.left.entry(user_id.clone()).or_insert(join);
@@ -607,6 +636,8 @@ pub mod bench {
                     clock_rate: 90_000,
                     last_sent: None,
                     sealed: None,
+                    layer: Some(0),
+                    quality: Quality::High,
                 });
             }
             Fanout {

@@ -18,18 +18,26 @@ pub(super) struct Router {
     /// Publisher -> its track id -> the track's routes (nested so the packet path looks up by
     /// `&str`). Made at a track's first attach, so history is kept only for routed tracks.
     tracks: FxHashMap<PeerKey, FxHashMap<String, RoutedTrack>>,
+    /// (subscriber, publisher) user ids -> the video quality the subscriber asked for (absent:
+    /// the highest).
+    qualities: HashMap<(String, String), Quality>,
 }
 
-/// A published track with at least one subscriber: its copies, and its recent packets.
+/// A published track with at least one subscriber: its copies, and its recent packets (per
+/// layer).
 #[derive(Default)]
 pub(super) struct RoutedTrack {
     pub(super) routes: Vec<Route>,
-    pub(super) history: History,
+    pub(super) history: Vec<History>,
+    /// How its keyframes are recognized (for layer switches).
+    pub(super) keyframes: Keyframes,
 }
 
 /// What a subscriber's new feed is made from: one published track.
 struct Source {
     publisher: String,
+    /// It is sent as simulcast layers.
+    simulcast: bool,
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
     stream_id: String,
@@ -68,6 +76,7 @@ impl Router {
             let t = p.published.get(track_id)?;
             Some(Source {
                 publisher: p.user_id.clone(),
+                simulcast: t.simulcast(),
                 kind: t.kind,
                 codec: t.codec.clone(),
                 stream_id: t.stream_id.clone(),
@@ -83,7 +92,10 @@ impl Router {
         if s.feeds.values().any(|f| f.bound == bound) {
             return;
         }
-        let route = match parked_feed(s, &source) {
+        let quality = self.quality(&s.user_id, &source.publisher);
+        let keyframes = Keyframes::of(&source.codec.mime_type);
+        let simulcast = source.simulcast;
+        let mut route = match parked_feed(s, &source) {
             Some(key) => resume_parked(s, &key, bound, now),
             None => {
                 let Some(route) = open_feed(s, sub, source, bound) else {
@@ -93,13 +105,18 @@ impl Router {
                 route
             }
         };
-        self.tracks
+        route.quality = quality;
+        // A simulcast route starts at a keyframe of the layer it wants; a single encoding
+        // goes out from its next packet.
+        route.layer = (!simulcast).then_some(0);
+        let track = self
+            .tracks
             .entry(publisher)
             .or_default()
             .entry(track_id.to_string())
-            .or_default()
-            .routes
-            .push(route);
+            .or_default();
+        track.keyframes = keyframes;
+        track.routes.push(route);
         self.refresh_ext_maps(peers, sub);
         // A new subscriber needs a keyframe: ask now and again shortly (its DTLS may still be
         // coming up).
@@ -331,9 +348,52 @@ impl Router {
         }
     }
 
+    /// What `sub` receives of `publisher`'s video.
+    fn quality(&self, sub: &str, publisher: &str) -> Quality {
+        self.qualities
+            .get(&(sub.to_string(), publisher.to_string()))
+            .copied()
+            .unwrap_or(Quality::High)
+    }
+
+    /// `user_id` wants `quality` of `publisher`'s video: kept for its later tracks, applied to
+    /// the routes it has now (each moves at the next keyframe of its new layer).
+    pub(super) fn set_quality(
+        &mut self,
+        peers: &mut Peers,
+        out: &mut Outbox,
+        user_id: &str,
+        publisher: &str,
+        quality: Quality,
+    ) {
+        debug!(user = %user_id, %publisher, ?quality, "video quality");
+        let key = (user_id.to_string(), publisher.to_string());
+        if quality == Quality::High {
+            self.qualities.remove(&key);
+        } else {
+            self.qualities.insert(key, quality);
+        }
+        let (Some(sub), Some(publ)) = (peers.key_of(user_id), peers.key_of(publisher)) else {
+            return;
+        };
+        for t in self
+            .tracks
+            .get_mut(&publ)
+            .into_iter()
+            .flat_map(|t| t.values_mut())
+        {
+            for r in t.routes.iter_mut().filter(|r| r.to == sub) {
+                r.quality = quality;
+            }
+        }
+        out.needs_poll.insert(publ);
+    }
+
     /// `user_id` left its room: its subscriptions, the others' subscriptions to it and their
     /// feeds of it go at once (it is not coming back).
     pub(super) fn forget_member(&mut self, peers: &mut Peers, out: &mut Outbox, user_id: &str) {
+        self.qualities
+            .retain(|(s, p), _| s != user_id && p != user_id);
         self.subscriptions.remove(user_id);
         for i in self.subscriptions.values_mut() {
             i.retain(|(p, _)| *p != user_id);
@@ -434,6 +494,7 @@ fn open_feed(
         codec,
         stream_id,
         ty,
+        ..
     } = source;
     let mut key = FeedKey {
         publisher,
@@ -500,6 +561,8 @@ fn open_feed(
         clock_rate: codec.clock_rate.max(1),
         last_sent: None,
         sealed: None,
+        layer: None,
+        quality: Quality::High,
     })
 }
 

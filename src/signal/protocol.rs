@@ -135,6 +135,7 @@ pub enum RequestType {
     ReportMode,
     Subscribe,
     Unsubscribe,
+    SetVideoQuality,
 }
 
 impl RequestType {
@@ -152,6 +153,7 @@ impl RequestType {
             "reportMode" => RequestType::ReportMode,
             "subscribe" => RequestType::Subscribe,
             "unsubscribe" => RequestType::Unsubscribe,
+            "setVideoQuality" => RequestType::SetVideoQuality,
             _ => return None,
         })
     }
@@ -170,6 +172,7 @@ impl RequestType {
             RequestType::ReportMode => "reportMode",
             RequestType::Subscribe => "subscribe",
             RequestType::Unsubscribe => "unsubscribe",
+            RequestType::SetVideoQuality => "setVideoQuality",
         }
     }
 }
@@ -272,6 +275,34 @@ pub struct Subscription {
     pub user_id: String,
     #[serde(default)]
     pub stream_type: Option<StreamType>,
+}
+
+/// `setVideoQuality`: which simulcast layer of a member's video to receive through the relay.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetVideoQuality {
+    pub user_id: String,
+    pub quality: VideoQuality,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoQuality {
+    Low,
+    Medium,
+    High,
+    Off,
+}
+
+impl From<VideoQuality> for crate::media::Quality {
+    fn from(q: VideoQuality) -> Self {
+        match q {
+            VideoQuality::Low => crate::media::Quality::Low,
+            VideoQuality::Medium => crate::media::Quality::Medium,
+            VideoQuality::High => crate::media::Quality::High,
+            VideoQuality::Off => crate::media::Quality::Off,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -19,7 +19,8 @@ use crate::media::{Command, SERVER_ID};
 use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
 use crate::signal::protocol::{
     self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, MODE_REASONS, MediaMode,
-    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SignalError, Subscription, close, fields,
+    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SetVideoQuality, SignalError, Subscription,
+    close, fields,
 };
 
 /// A send that does not complete within this time means the client stopped reading.
@@ -651,6 +652,23 @@ impl Session {
                     }
                 };
                 self.to_media(cmd)?;
+                Ok(json!({}))
+            }
+            RequestType::SetVideoQuality => {
+                let req: SetVideoQuality = fields(ty, obj)?;
+                let room = self.require_room()?.to_string();
+                if !hub.is_member(&room, &req.user_id) || req.user_id == auth.user_id {
+                    return Err(SignalError::new(
+                        ErrorCode::TargetNotFound,
+                        format!("{:?} is not another member of your room", req.user_id),
+                    )
+                    .into());
+                }
+                self.to_media(Command::SetQuality {
+                    user_id: auth.user_id.clone(),
+                    publisher: req.user_id,
+                    quality: req.quality.into(),
+                })?;
                 Ok(json!({}))
             }
             RequestType::Hello | RequestType::Ping => unreachable!("handled above"),

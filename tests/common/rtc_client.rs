@@ -32,6 +32,22 @@ pub use ferry::loadgen::vp8;
 use ferry::media::single_ssrc_track;
 
 /// A member of a relayed room with a connection to Ferry's relay.
+/// What a [`MediaClient`] publishes on its relay connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    No,
+    /// One video encoding.
+    Yes,
+    /// Three simulcast encodings (rids q, h, f).
+    Simulcast,
+}
+
+impl From<bool> for Publish {
+    fn from(yes: bool) -> Publish {
+        if yes { Publish::Yes } else { Publish::No }
+    }
+}
+
 pub struct MediaClient {
     pub ws: Client,
     pub pc: RTCPeerConnection,
@@ -153,17 +169,24 @@ impl MediaClient {
     /// and use `socket` (bound anywhere).
     pub async fn connect_full(
         mut ws: Client,
-        publish: bool,
+        publish: impl Into<Publish>,
         ssrc: u32,
         extensions: bool,
         srtp_profiles: Vec<SrtpProtectionProfile>,
         deliver: Option<Box<dyn FnOnce(String) + Send>>,
         socket: std::net::UdpSocket,
     ) -> MediaClient {
+        let publish = publish.into();
         socket.set_nonblocking(true).unwrap();
         let socket = UdpSocket::from_std(socket).unwrap();
         let local = socket.local_addr().unwrap();
         let mut media_engine = MediaEngine::default();
+        if publish == Publish::Simulcast {
+            rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers(
+                &mut media_engine,
+            )
+            .unwrap();
+        }
         media_engine
             .register_codec(
                 RTCRtpCodecParameters {
@@ -244,7 +267,34 @@ impl MediaClient {
             .build(Instant::now())
             .unwrap();
         let mut sender = None;
-        if publish {
+        if publish == Publish::Simulcast {
+            // Three encodings (rids q, h, f: SSRCs ssrc, ssrc + 1, ssrc + 2), as the SDK sends a
+            // relayed camera.
+            let encodings = ["q", "h", "f"]
+                .iter()
+                .enumerate()
+                .map(
+                    |(i, rid)| rtc::rtp_transceiver::rtp_sender::RTCRtpEncodingParameters {
+                        rtp_coding_parameters:
+                            rtc::rtp_transceiver::rtp_sender::RTCRtpCodingParameters {
+                                rid: rid.to_string(),
+                                ssrc: Some(ssrc + i as u32),
+                                ..Default::default()
+                            },
+                        codec: vp8(),
+                        ..Default::default()
+                    },
+                )
+                .collect();
+            let track = rtc::media_stream::MediaStreamTrack::new(
+                "pub-stream".into(),
+                "pub-video".into(),
+                "synthetic".into(),
+                RtpCodecKind::Video,
+                encodings,
+            );
+            sender = Some((pc.add_track(track).unwrap(), ssrc));
+        } else if publish == Publish::Yes {
             let track = single_ssrc_track(
                 "pub-stream".into(),
                 "pub-video".into(),
@@ -329,6 +379,53 @@ impl MediaClient {
                         payload: payload.clone(),
                     })
                     .collect(),
+                ..Default::default()
+            },
+            payload,
+        };
+        let mut s = self.pc.rtp_sender(sid).expect("sender");
+        s.write_rtp(Instant::now(), packet).expect("write_rtp");
+    }
+
+    /// Send one RTP packet of simulcast layer `layer` (0 = q, 1 = h, 2 = f) of our published
+    /// track, with the mid and rid header extensions a browser puts on them.
+    pub fn send_layer(&mut self, layer: u32, seq: u16, payload: Bytes) {
+        let (sid, ssrc) = self.sender.expect("a publisher");
+        let mut s = self.pc.rtp_sender(sid).expect("sender");
+        let params = s.get_parameters().rtp_parameters.header_extensions.clone();
+        let id = |uri: &str| {
+            params
+                .iter()
+                .find(|h| h.uri == uri)
+                .map(|h| h.id as u8)
+                .expect("negotiated extension")
+        };
+        let mid = self
+            .pc
+            .rtp_transceiver(sid.into())
+            .and_then(|t| t.mid().clone())
+            .expect("a mid");
+        let rid = ["q", "h", "f"][layer as usize];
+        let packet = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                marker: true,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 3000,
+                ssrc: ssrc + layer,
+                extension: true,
+                extension_profile: 0xBEDE,
+                extensions: vec![
+                    rtc::rtp::header::Extension {
+                        id: id("urn:ietf:params:rtp-hdrext:sdes:mid"),
+                        payload: Bytes::from(mid),
+                    },
+                    rtc::rtp::header::Extension {
+                        id: id("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"),
+                        payload: Bytes::from_static(rid.as_bytes()),
+                    },
+                ],
                 ..Default::default()
             },
             payload,

@@ -1,0 +1,291 @@
+//! Simulcast at the relay: a published video track may arrive as several encodings (RFC 8853
+//! rid layers, lowest first), and each subscriber's route receives one of them. A route moves to
+//! the layer it wants only at a keyframe of that layer, so that its subscriber's decoder never
+//! sees a frame that refers to one it did not get; the munger keeps its numbering continuous.
+
+use super::*;
+
+/// The rids the SDK publishes, lowest first (quarter, half, full resolution). Other rids rank
+/// after these, in the order they first arrive.
+pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
+
+/// What a subscriber asked to receive of a publisher's video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
+    /// No video at all.
+    Off,
+}
+
+impl Quality {
+    /// The layer index asked for (clamped to the layers a track has when used), `None` for off.
+    pub(super) fn layer(self) -> Option<u8> {
+        match self {
+            Quality::Low => Some(0),
+            Quality::Medium => Some(1),
+            Quality::High => Some(2),
+            Quality::Off => None,
+        }
+    }
+}
+
+/// One encoding of a published track.
+#[derive(Clone, Debug)]
+pub(super) struct Layer {
+    /// Its rid (empty without simulcast).
+    pub(super) rid: String,
+    pub(super) ssrc: u32,
+}
+
+/// Add or update the layer `rid` (SSRC `ssrc`) of a track's `layers`, kept lowest first.
+pub(super) fn learn_layer(layers: &mut Vec<Layer>, rid: &str, ssrc: u32) {
+    if let Some(l) = layers.iter_mut().find(|l| l.rid == rid) {
+        l.ssrc = ssrc;
+        return;
+    }
+    layers.push(Layer {
+        rid: rid.to_string(),
+        ssrc,
+    });
+    let rank = |rid: &str| {
+        SIMULCAST_RIDS
+            .iter()
+            .position(|r| *r == rid)
+            .unwrap_or(SIMULCAST_RIDS.len())
+    };
+    // Stable: rids of unknown rank keep their arrival order.
+    layers.sort_by_key(|l| rank(&l.rid));
+}
+
+/// Which of `layers` a packet of SSRC `ssrc` belongs to (a track with one layer: that one).
+pub(super) fn layer_of(layers: &[Layer], ssrc: u32) -> Option<u8> {
+    if layers.len() <= 1 {
+        return Some(0);
+    }
+    layers
+        .iter()
+        .position(|l| l.ssrc == ssrc)
+        .and_then(|i| u8::try_from(i).ok())
+}
+
+/// The codecs whose keyframes the relay recognizes (to switch layers on them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Keyframes {
+    Vp8,
+    H264,
+    /// Not recognized: a route of such a track switches layers at any packet.
+    #[default]
+    Unknown,
+}
+
+impl Keyframes {
+    pub(super) fn of(mime: &str) -> Keyframes {
+        if mime.eq_ignore_ascii_case("video/VP8") {
+            Keyframes::Vp8
+        } else if mime.eq_ignore_ascii_case("video/H264") {
+            Keyframes::H264
+        } else {
+            Keyframes::Unknown
+        }
+    }
+
+    /// Whether `payload` starts a keyframe.
+    pub(super) fn starts_keyframe(self, payload: &[u8]) -> bool {
+        match self {
+            Keyframes::Vp8 => vp8_keyframe(payload),
+            Keyframes::H264 => h264_keyframe(payload),
+            Keyframes::Unknown => false,
+        }
+    }
+}
+
+/// RFC 7741: the payload descriptor, then (at the start of partition 0) the VP8 frame header,
+/// whose first bit is 0 for a key frame.
+fn vp8_keyframe(p: &[u8]) -> bool {
+    let Some(&b0) = p.first() else {
+        return false;
+    };
+    let (extended, start, partition) = (b0 & 0x80 != 0, b0 & 0x10 != 0, b0 & 0x07);
+    if !start || partition != 0 {
+        return false;
+    }
+    let mut i = 1;
+    if extended {
+        let Some(&x) = p.get(1) else {
+            return false;
+        };
+        i = 2;
+        if x & 0x80 != 0 {
+            // PictureID: 7 or 15 bits.
+            let Some(&m) = p.get(i) else {
+                return false;
+            };
+            i += if m & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            i += 1; // TL0PICIDX
+        }
+        if x & 0x30 != 0 {
+            i += 1; // TID / KEYIDX
+        }
+    }
+    p.get(i).is_some_and(|h| h & 0x01 == 0)
+}
+
+/// RFC 6184: an IDR slice (NAL type 5) or a sequence parameter set (7, sent before an IDR),
+/// alone, in a STAP-A (24) or at the start of a FU-A (28).
+fn h264_keyframe(p: &[u8]) -> bool {
+    let Some(&b0) = p.first() else {
+        return false;
+    };
+    let key = |t: u8| t == 5 || t == 7;
+    match b0 & 0x1f {
+        24 => {
+            let mut i = 1;
+            while i + 2 < p.len() {
+                let len = usize::from(u16::from_be_bytes([p[i], p[i + 1]]));
+                if key(p[i + 2] & 0x1f) {
+                    return true;
+                }
+                i += 2 + len;
+            }
+            false
+        }
+        28 => p.get(1).is_some_and(|h| h & 0x80 != 0 && key(h & 0x1f)),
+        t => key(t),
+    }
+}
+
+/// What one route does with a packet of `layer`: `want` is the layer its subscriber should get
+/// (clamped to the track's layers), `None` for none.
+pub(super) fn route_takes(r: &mut Route, layer: u8, keyframe: bool, want: Option<u8>) -> Take {
+    let Some(want) = want else {
+        r.layer = None;
+        return Take::Skip;
+    };
+    if r.layer == Some(layer) {
+        if want != layer {
+            return Take::ForwardWantingKeyframe;
+        }
+        return Take::Forward;
+    }
+    if layer != want {
+        return Take::Skip;
+    }
+    if !keyframe {
+        return Take::SkipWantingKeyframe;
+    }
+    let up = r.layer.is_none_or(|l| layer > l);
+    r.layer = Some(layer);
+    Take::Switched { up }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Take {
+    Forward,
+    /// Forward (the route's current layer), and ask for a keyframe on the layer it wants.
+    ForwardWantingKeyframe,
+    Skip,
+    /// Not this packet; a keyframe of its layer would let the route switch to it.
+    SkipWantingKeyframe,
+    /// The route moved to this packet's layer (`up`: a higher one, or its first): forward it.
+    Switched {
+        up: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_are_ranked_lowest_first_whatever_their_arrival() {
+        let mut layers = Vec::new();
+        learn_layer(&mut layers, "f", 3);
+        learn_layer(&mut layers, "q", 1);
+        learn_layer(&mut layers, "h", 2);
+        let rids: Vec<&str> = layers.iter().map(|l| l.rid.as_str()).collect();
+        assert_eq!(rids, ["q", "h", "f"]);
+        learn_layer(&mut layers, "h", 22);
+        assert_eq!(layer_of(&layers, 22), Some(1));
+        assert_eq!(layer_of(&layers, 99), None);
+        assert_eq!(
+            layer_of(&layers[..1], 99),
+            Some(0),
+            "one layer takes any SSRC"
+        );
+    }
+
+    #[test]
+    fn keyframes_are_recognized_in_vp8_and_h264_payloads() {
+        // VP8: X=1 S=1 PID=0, I=1 M=1 (15-bit picture id), then the frame header.
+        assert!(Keyframes::Vp8.starts_keyframe(&[0x90, 0x80, 0x80, 0x01, 0x10]));
+        assert!(!Keyframes::Vp8.starts_keyframe(&[0x90, 0x80, 0x80, 0x01, 0x11]));
+        // Not the start of a partition.
+        assert!(!Keyframes::Vp8.starts_keyframe(&[0x80, 0x80, 0x80, 0x01, 0x10]));
+        // Short descriptor.
+        assert!(Keyframes::Vp8.starts_keyframe(&[0x10, 0x9c]));
+        assert!(!Keyframes::Vp8.starts_keyframe(&[0x10, 0x9d]));
+        // H264: an IDR slice, a STAP-A with SPS, the first FU-A of an IDR; a P slice.
+        assert!(Keyframes::H264.starts_keyframe(&[0x65, 0x88]));
+        assert!(Keyframes::H264.starts_keyframe(&[0x78, 0x00, 0x02, 0x67, 0x42]));
+        assert!(Keyframes::H264.starts_keyframe(&[0x7c, 0x85, 0x88]));
+        assert!(!Keyframes::H264.starts_keyframe(&[0x41, 0x9a]));
+        assert!(!Keyframes::H264.starts_keyframe(&[0x7c, 0x05, 0x88]));
+        assert!(!Keyframes::Unknown.starts_keyframe(&[0x10, 0x00]));
+    }
+
+    #[test]
+    fn a_route_switches_only_at_a_keyframe_of_the_layer_it_wants() {
+        let mut r = test_route();
+        // The first packet of the wanted layer that is a keyframe starts it.
+        assert_eq!(
+            route_takes(&mut r, 2, false, Some(2)),
+            Take::SkipWantingKeyframe
+        );
+        assert_eq!(route_takes(&mut r, 0, true, Some(2)), Take::Skip);
+        assert_eq!(
+            route_takes(&mut r, 2, true, Some(2)),
+            Take::Switched { up: true }
+        );
+        assert_eq!(route_takes(&mut r, 2, false, Some(2)), Take::Forward);
+        // It wants the lowest now: the highest goes on until the lowest has a keyframe.
+        assert_eq!(
+            route_takes(&mut r, 2, false, Some(0)),
+            Take::ForwardWantingKeyframe
+        );
+        assert_eq!(
+            route_takes(&mut r, 0, false, Some(0)),
+            Take::SkipWantingKeyframe
+        );
+        assert_eq!(
+            route_takes(&mut r, 0, true, Some(0)),
+            Take::Switched { up: false }
+        );
+        assert_eq!(route_takes(&mut r, 2, true, Some(0)), Take::Skip);
+        // Off: nothing, and the next start needs a keyframe again.
+        assert_eq!(route_takes(&mut r, 0, true, None), Take::Skip);
+        assert_eq!(
+            route_takes(&mut r, 0, false, Some(0)),
+            Take::SkipWantingKeyframe
+        );
+    }
+
+    fn test_route() -> Route {
+        Route {
+            to: 1,
+            sender_id: RTCRtpSenderId::default(),
+            ssrc: 1,
+            payload_type: 96,
+            munger: Munger::default(),
+            ext_map: Box::new([0; 256]),
+            clock_rate: 90_000,
+            last_sent: None,
+            sealed: None,
+            layer: None,
+            quality: Quality::High,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Simulcast at the relay, with real webrtc-rs peers: a publisher sends three rid layers (q, h, f),
+//! each subscriber receives the one it asked for (`setVideoQuality`), moves to another only at a
+//! keyframe of it, and its stream stays one contiguous stream across the move (one SSRC, sequence
+//! numbers without a gap, timestamps that go on).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::rtc_client::{MediaClient, Publish};
+use common::*;
+use serde_json::json;
+
+const SLICE: Duration = Duration::from_millis(5);
+/// A keyframe every this many frames, on every layer.
+const GOP: u16 = 15;
+
+/// Packet `i` of layer `layer`: a VP8 payload descriptor (start of partition 0), the frame header
+/// (key or inter frame), then `L<layer> <i>` so the receiver can tell what it got.
+fn vp8(layer: u32, i: u16) -> Bytes {
+    let key = i.is_multiple_of(GOP);
+    let mut v = vec![0x10, if key { 0x9c } else { 0x9d }];
+    v.extend_from_slice(format!("L{layer} {i:06}").as_bytes());
+    v.resize(200, 0);
+    Bytes::from(v)
+}
+
+/// (layer, frame index) of a received payload.
+fn what(p: &rtc::rtp::Packet) -> (u32, u16) {
+    let s = std::str::from_utf8(&p.payload[2..11]).unwrap();
+    (s[1..2].parse().unwrap(), s[3..].parse().unwrap())
+}
+
+struct Room {
+    publ: MediaClient,
+    subs: Vec<MediaClient>,
+    publisher: String,
+}
+
+impl Room {
+    /// A relayed room: a simulcast publisher and `n` subscribers, all connected.
+    async fn new(s: &TestServer, n: usize) -> Room {
+        let mut a = Client::joined_hello(s.addr, "publisher").await;
+        let room = a.create_room(json!({"mode": "relay"})).await;
+        a.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        let publisher = a.user_id.clone();
+        let local = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let publ = MediaClient::connect_full(
+            a,
+            Publish::Simulcast,
+            0x5100_0000,
+            false,
+            Vec::new(),
+            None,
+            local(),
+        )
+        .await;
+        let mut subs = Vec::new();
+        for i in 0..n {
+            let mut b = Client::joined_hello(s.addr, &format!("subscriber{i}")).await;
+            b.request("joinRoom", json!({"roomId": room}))
+                .await
+                .unwrap();
+            b.request("subscribe", json!({"userId": publisher}))
+                .await
+                .unwrap();
+            subs.push(
+                MediaClient::connect_full(b, false, 1, false, Vec::new(), None, local()).await,
+            );
+        }
+        let mut room = Room {
+            publ,
+            subs,
+            publisher,
+        };
+        for _ in 0..1000 {
+            room.pump().await;
+            if room.publ.connected && room.subs.iter().all(|s| s.connected) {
+                return room;
+            }
+        }
+        panic!("relay connections did not come up");
+    }
+
+    async fn pump(&mut self) {
+        self.publ.pump(SLICE).await;
+        for s in self.subs.iter_mut() {
+            s.pump(SLICE).await;
+        }
+    }
+
+    /// Frames `frames` on all three layers, one packet each.
+    async fn send(&mut self, frames: std::ops::Range<u16>) {
+        for i in frames {
+            for layer in 0..3 {
+                self.publ.send_layer(layer, i, vp8(layer, i));
+            }
+            self.pump().await;
+        }
+        for _ in 0..40 {
+            self.pump().await;
+        }
+    }
+
+    async fn set_quality(&mut self, sub: usize, quality: &str) {
+        let publisher = self.publisher.clone();
+        self.subs[sub]
+            .ws
+            .request(
+                "setVideoQuality",
+                json!({"userId": publisher, "quality": quality}),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// Every change of layer in what a subscriber received is at a keyframe of the new layer.
+fn check_switches_at_keyframes(got: &[(u32, u16)]) {
+    for w in got.windows(2) {
+        if w[0].0 != w[1].0 {
+            assert_eq!(w[1].1 % GOP, 0, "a switch at a keyframe: {got:?}");
+        }
+    }
+}
+
+/// One relayed stream, checked: one SSRC, sequence numbers without a gap, timestamps never
+/// going back.
+fn check_contiguous(received: &[(String, rtc::rtp::Packet)]) {
+    let ssrc = received[0].1.header.ssrc;
+    for w in received.windows(2) {
+        let (a, b) = (&w[0].1.header, &w[1].1.header);
+        assert_eq!(b.ssrc, ssrc, "one SSRC for the subscriber's track");
+        assert_eq!(
+            b.sequence_number,
+            a.sequence_number.wrapping_add(1),
+            "no gap: {:?} then {:?}",
+            what(&w[0].1),
+            what(&w[1].1)
+        );
+        assert!(
+            b.timestamp.wrapping_sub(a.timestamp) < 0x8000_0000,
+            "timestamps go on"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_subscriber_receives_its_layer_and_switches_at_a_keyframe() {
+    let s = spawn(test_config()).await;
+    let mut room = Room::new(&s, 3).await;
+    room.set_quality(0, "low").await;
+    room.set_quality(1, "medium").await;
+    // Subscriber 2 asks for nothing: the highest layer.
+    room.send(0..40).await;
+    for (sub, layer) in [(0, 0), (1, 1), (2, 2)] {
+        let got: Vec<(u32, u16)> = room.subs[sub]
+            .received
+            .iter()
+            .map(|(_, p)| what(p))
+            .collect();
+        assert!(!got.is_empty(), "subscriber {sub} received nothing");
+        // Until the higher layers have arrived a route takes the highest there is: it may
+        // start lower and move up, always at a keyframe.
+        assert_eq!(got[0].1 % GOP, 0, "it starts at a keyframe: {got:?}");
+        check_switches_at_keyframes(&got);
+        assert!(
+            got[got.len() - 20..].iter().all(|(l, _)| *l == layer),
+            "subscriber {sub} settles on layer {layer}: {got:?}"
+        );
+        check_contiguous(&room.subs[sub].received);
+    }
+    // Subscriber 2 goes down to the lowest: it keeps the highest until the lowest's next
+    // keyframe, then only the lowest, as one stream.
+    room.set_quality(2, "low").await;
+    let before = room.subs[2].received.len();
+    room.send(40..80).await;
+    let got: Vec<(u32, u16)> = room.subs[2].received[before..]
+        .iter()
+        .map(|(_, p)| what(p))
+        .collect();
+    let switch = got
+        .iter()
+        .position(|(l, _)| *l == 0)
+        .expect("switched down");
+    assert!(got[..switch].iter().all(|(l, _)| *l == 2), "{got:?}");
+    assert!(got[switch..].iter().all(|(l, _)| *l == 0), "{got:?}");
+    assert_eq!(
+        got[switch].1 % GOP,
+        0,
+        "at a keyframe of the new layer: {got:?}"
+    );
+    check_contiguous(&room.subs[2].received);
+    // Off: nothing more.
+    room.set_quality(0, "off").await;
+    let before = room.subs[0].received.len();
+    room.send(80..100).await;
+    assert_eq!(room.subs[0].received.len(), before, "off receives no video");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(
+        metric(&m, "ferry_layer_switches_total{direction=\"down\"}").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "ferry_layer_switches_total{direction=\"up\"}").unwrap_or(0.0) >= 3.0,
+        "each route's first layer counts as up: {m}"
+    );
+}
+
+/// `setVideoQuality` refuses what it cannot apply, with a clear error and nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_video_quality_refuses_bad_input() {
+    let s = spawn(test_config()).await;
+    let mut a = Client::joined_hello(s.addr, "a").await;
+    let err = a
+        .request("setVideoQuality", json!({"userId": "x", "quality": "low"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "not_in_room", "{err:?}");
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut b = Client::joined_hello(s.addr, "b").await;
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let err = a
+        .request(
+            "setVideoQuality",
+            json!({"userId": b.user_id, "quality": "ultra"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "bad_request", "{err:?}");
+    let err = a
+        .request(
+            "setVideoQuality",
+            json!({"userId": "nobody", "quality": "low"}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "target_not_found", "{err:?}");
+    let me = a.user_id.clone();
+    let err = a
+        .request("setVideoQuality", json!({"userId": me, "quality": "low"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "target_not_found", "{err:?}");
+    a.request(
+        "setVideoQuality",
+        json!({"userId": b.user_id, "quality": "off"}),
+    )
+    .await
+    .expect("a member of the room");
+}
