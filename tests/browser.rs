@@ -1534,3 +1534,100 @@ async fn chromium_members_reach_a_relay_behind_a_one_to_one_nat() {
         );
     }
 }
+
+/// The width of the video `page` decodes from `remote`, once it has decoded more than `min_frames`
+/// frames since it started counting (`null` before).
+fn decoded_width(remote: &str, min_frames: u32) -> String {
+    format!(
+        "(async () => {{ const r = await window.demo.ferry.getStats({remote:?}); if (!r) return null; \
+         let w = 0, frames = 0; r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video') \
+         {{ w = Math.max(w, x.frameWidth || 0); frames += x.framesDecoded || 0; }} }}); \
+         return frames > {min_frames} && w > 0 ? {{ w, frames }} : null; }})()"
+    )
+}
+
+/// Simulcast through the relay in Chromium: alice publishes a 960x540 camera, which the SDK sends
+/// to the relay as three layers (quarter, half, full; Chromium adds the higher ones as its
+/// bandwidth estimate grows); bob asks for nothing and decodes the full layer, carol asks for
+/// `low` and decodes the lowest; when carol asks for `high` she moves up (at a keyframe the relay
+/// asks for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
+    if !runs_here(
+        "relayed_video_comes_in_the_layer_each_subscriber_asked_for",
+        &[],
+    ) {
+        return;
+    }
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (mut bc, c) = member_page(&s, "carol").await;
+    let ra = ba
+        .eval(
+            &a,
+            "(async () => { const s = await navigator.mediaDevices.getUserMedia({ video: { width: 960, height: 540 }, audio: true }); \
+             const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; window.events = []; \
+             const w = await f.init(); const roomId = (await f.createRoom({ mode: 'relay' })).roomId; \
+             await f.joinRoom(roomId); await f.publish(s, 'cam'); return { roomId, userId: w.userId }; })()",
+        )
+        .await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let a_id = ra["userId"].as_str().unwrap().to_string();
+    for (br, page) in [(&mut bb, &b), (&mut bc, &c)] {
+        br.eval(page, &sdk_member(Some(&room), "{}")).await;
+    }
+    bc.eval(
+        &c,
+        &format!("window.demo.ferry.setVideoQuality({a_id:?}, 'low').then(() => true)"),
+    )
+    .await;
+    // Chromium starts with the lowest layer and adds the others as its bandwidth estimate
+    // towards the relay (from the relay's transport-cc feedback) grows.
+    let layers = ba
+        .wait_for(
+            &a,
+            "(async () => { const r = await window.demo.ferry._relay.pc.getStats(); const rids = []; \
+             r.forEach((x) => { if (x.type === 'outbound-rtp' && x.kind === 'video' && x.bytesSent > 0) rids.push(x.rid); }); \
+             return rids.length === 3 ? rids.sort().join(',') : null; })()",
+            LIMIT,
+        )
+        .await;
+    let started = Instant::now();
+    // Frames decoded from here on are of the layers each asked for.
+    let high_expr = format!(
+        "(async () => {{ const v = await {}; return v && v.w >= 480 ? v : null; }})()",
+        decoded_width(&a_id, 30)
+    );
+    let high = bb.wait_for(&b, &high_expr, LIMIT).await;
+    let low = bc.wait_for(&c, &decoded_width(&a_id, 30), LIMIT).await;
+    eprintln!(
+        "alice sends layers {layers}; {} ms later bob decodes {high}, carol (low) decodes {low}",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(layers, Value::String("f,h,q".into()));
+    let (wh, wl) = (high["w"].as_u64().unwrap(), low["w"].as_u64().unwrap());
+    // The lowest layer (Chromium may encode it a little larger than a quarter).
+    assert!(
+        wh == 960 && wl * 2 < wh,
+        "bob gets the full layer, carol the lowest: {wh} vs {wl}"
+    );
+    // Carol asks for the highest: she moves up.
+    bc.eval(
+        &c,
+        &format!("window.demo.ferry.setVideoQuality({a_id:?}, 'high').then(() => true)"),
+    )
+    .await;
+    let frames = low["frames"].as_u64().unwrap() as u32;
+    let expr = format!(
+        "(async () => {{ const v = await {}; return v && v.w > {wl} ? v : null; }})()",
+        decoded_width(&a_id, frames)
+    );
+    let up = bc.wait_for(&c, &expr, LIMIT).await;
+    eprintln!("carol after asking for high: {up}");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert!(
+        metric(&m, "ferry_layer_switches_total{direction=\"up\"}").unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+}

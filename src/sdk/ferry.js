@@ -5,6 +5,22 @@
 const PROTOCOL = 1;
 const REQUEST_TIMEOUT_MS = 10000;
 const STREAM_TYPES = ['cam', 'screen'];
+const VIDEO_QUALITIES = ['low', 'medium', 'high', 'off'];
+
+// The simulcast layers a video track is published to the relay with, lowest first (rids q, h, f:
+// quarter, half and full resolution; the relay ranks them by these names). Bitrate caps scale
+// with the source's pixels. Screen share: half and full.
+function simulcastEncodings(track, type) {
+  const s = track.getSettings ? track.getSettings() : {};
+  const pixels = (s.width || 640) * (s.height || 480);
+  const full = Math.min(2_500_000, Math.max(300_000, Math.round(pixels * 2.5)));
+  const layers = [
+    { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: Math.round(full / 8) },
+    { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: Math.round(full / 3) },
+    { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: full },
+  ];
+  return type === 'screen' ? layers.slice(1) : layers;
+}
 // ICE 'disconnected' often heals by itself; restart only if it lasts this long.
 const DISCONNECTED_GRACE_MS = 2500;
 // On a new connection the polite side lets the impolite one offer first, for at most this long.
@@ -264,11 +280,17 @@ class Link {
     this.removeStream(type);
     const canSubscribe = this.ferry._welcome.grants.subscribe;
     const codec = this.ferry._videoCodec;
+    const opts = this.ferry._publishOptions.get(type) || {};
     const senders = stream.getTracks().map((track) => {
       // Towards the relay each published track has an m-section of its own, send-only: the
-      // relay sends what it forwards on m-sections it offers (send-only on its side).
+      // relay sends what it forwards on m-sections it offers (send-only on its side). Video
+      // goes as simulcast layers unless the publish said simulcast: false.
+      const init = { direction: 'sendonly', streams: [stream] };
+      if (this.isRelay && track.kind === 'video' && opts.simulcast !== false) {
+        init.sendEncodings = simulcastEncodings(track, type);
+      }
       const sender = this.isRelay
-        ? this.pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] }).sender
+        ? this.pc.addTransceiver(track, init).sender
         : this.pc.addTrack(track, stream);
       const t = this.pc.getTransceivers().find((x) => x.sender === sender);
       if (t && !canSubscribe) t.direction = 'sendonly';
@@ -323,6 +345,7 @@ export class Ferry extends EventTarget {
     this._members = new Map(); // userId -> identity
     this._links = new Map(); // userId -> Link
     this._published = new Map(); // 'cam' | 'screen' -> MediaStream, sent to every member
+    this._publishOptions = new Map(); // 'cam' | 'screen' -> the options it was published with
     this._pingTimer = null;
     this._pairs = new Map(); // userId -> { mode: 'p2p' | 'relay', reason }: how media with that member travels
     this._roomMode = 'auto';
@@ -393,10 +416,13 @@ export class Ferry extends EventTarget {
     return { roomId: res.roomId, members: res.members.map((m) => m.userId), maxPeers: res.maxPeers, mode: res.mode };
   }
 
-  // Send `stream` to every member, now and later. type: 'cam' | 'screen'.
-  async publish(stream, type = 'cam') {
+  // Send `stream` to every member, now and later. type: 'cam' | 'screen'. opts: { simulcast?:
+  // false } sends its video to the relay as one encoding (default: simulcast layers, which the
+  // relay picks from per subscriber; P2P connections always get one encoding).
+  async publish(stream, type = 'cam', opts = {}) {
     this._checkPublish(stream, type);
     this._published.set(type, stream);
+    this._publishOptions.set(type, opts);
     for (const link of this._links.values()) link.addStream(type, stream);
     if (this._relay) this._relay.addStream(type, stream);
   }
@@ -417,6 +443,16 @@ export class Ferry extends EventTarget {
     const link = this._links.get(userId);
     if (!link) throw new FerryError('target_not_found', `${userId} is not a member of your room`);
     link.addStream(type, stream);
+  }
+
+  // What this member receives of `userId`'s video through the relay: 'low' | 'medium' | 'high'
+  // (the simulcast layer; default 'high', or the highest the publisher sends) or 'off' (no
+  // video). Kept for that member's later tracks; P2P video is not affected.
+  async setVideoQuality(userId, quality) {
+    if (!VIDEO_QUALITIES.includes(quality)) {
+      throw new FerryError('bad_request', `quality must be one of ${VIDEO_QUALITIES.join(', ')}`);
+    }
+    await this._request('setVideoQuality', { userId, quality });
   }
 
   // The MediaStream received from that member (type 'cam' by default), or undefined.
