@@ -903,9 +903,14 @@ async fn relay_room_carries_media_through_ferry() {
 
 /// Open a page for `name` in its own browser, ready to use the SDK.
 async fn member_page(server: &TestServer, name: &str) -> (Browser, Page) {
+    member_page_at(&format!("http://{}", server.addr), name).await
+}
+
+/// As [`member_page`], the app opened at `origin` (`http://host:port`).
+async fn member_page_at(origin: &str, name: &str) -> (Browser, Page) {
     let mut br = Browser::launch().await;
-    br.grant_media(&format!("http://{}", server.addr)).await;
-    let page = br.open(name, &format!("http://{}/", server.addr)).await;
+    br.grant_media(origin).await;
+    let page = br.open(name, &format!("{origin}/")).await;
     enter_lobby(&mut br, &page).await;
     (br, page)
 }
@@ -1628,6 +1633,124 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert!(
         metric(&m, "ferry_layer_switches_total{direction=\"up\"}").unwrap_or(0.0) >= 3.0,
+        "{m}"
+    );
+}
+
+/// A member who joins `room` and subscribes to what comes, publishing nothing: its user id.
+async fn viewer(br: &mut Browser, page: &Page, room: &str) -> String {
+    let r = br
+        .eval(
+            page,
+            &format!(
+                "(async () => {{ const f = new window.Ferry(); window.demo.ferry = f; window.events = []; \
+                 const w = await f.init(); await f.joinRoom({room:?}); return {{ userId: w.userId }}; }})()"
+            ),
+        )
+        .await;
+    r["userId"].as_str().unwrap().to_string()
+}
+
+/// Frames decoded from `remote` over `secs` seconds, sampled every 250 ms: (frames, seconds without
+/// a new frame, the width at the end).
+async fn watch(br: &mut Browser, page: &Page, remote: &str, secs: u64) -> (u64, f64, u64) {
+    let sample = decoded_width(remote, 0);
+    let mut last = br.eval(page, &sample).await;
+    let first = last["frames"].as_u64().unwrap_or(0);
+    let mut stalled = 0.0;
+    for _ in 0..secs * 4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = br.eval(page, &sample).await;
+        if now["frames"].as_u64().unwrap_or(0) <= last["frames"].as_u64().unwrap_or(0) {
+            stalled += 0.25;
+        }
+        last = now;
+    }
+    let frames = last["frames"].as_u64().unwrap_or(0) - first;
+    (frames, stalled, last["w"].as_u64().unwrap_or(0))
+}
+
+/// One subscriber on a thin link: carol's browser is in a namespace of its own whose downlink the
+/// test shapes to 300 kbit/s (`tc tbf` on the router side of its veth). alice publishes a 960x540
+/// camera as three layers; bob, on loopback, keeps the full layer, while carol's route steps down
+/// on the loss her receiver reports and she sees fluid lower-resolution video.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
+    const TEST: &str = "a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video";
+    let setup = "ip netns del ferry-thin 2>/dev/null; ip netns add ferry-thin \
+        && ip link add th0 type veth peer name th1 netns ferry-thin \
+        && ip addr add 10.206.0.1/24 dev th0 && ip link set th0 up \
+        && ip -n ferry-thin addr add 10.206.0.2/24 dev th1 && ip -n ferry-thin link set th1 up \
+        && ip -n ferry-thin link set lo up && ip -n ferry-thin route add default via 10.206.0.1 \
+        && tc qdisc add dev th0 root tbf rate 300kbit burst 8kb latency 50ms";
+    let missing = common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)")
+        .or_else(|| {
+            let tc = std::process::Command::new("tc").arg("-V").output();
+            tc.is_err()
+                .then_some("tc is missing (apt-get install iproute2)")
+        });
+    match common::netns::in_new_netns(TEST, setup, missing) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-thin"]);
+    let s = spawn(ferry::config::Config {
+        http_listen: "0.0.0.0:0".parse().unwrap(),
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap(), "10.206.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let local = format!("http://127.0.0.1:{}", s.addr.port());
+    let (mut ba, a) = member_page_at(&local, "alice").await;
+    let (mut bb, b) = member_page_at(&local, "bob").await;
+    let origin = format!("http://10.206.0.1:{}", s.addr.port());
+    let mut bc = Browser::launch_with(Launch {
+        netns: Some("ferry-thin"),
+        secure_origin: Some(&origin),
+        ..Launch::default()
+    })
+    .await;
+    let c = bc.open("carol", &format!("{origin}/")).await;
+    enter_lobby(&mut bc, &c).await;
+    let ra = ba
+        .eval(
+            &a,
+            "(async () => { const s = await navigator.mediaDevices.getUserMedia({ video: { width: 960, height: 540 }, audio: true }); \
+             const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; window.events = []; \
+             const w = await f.init(); const roomId = (await f.createRoom({ mode: 'relay' })).roomId; \
+             await f.joinRoom(roomId); await f.publish(s, 'cam'); return { roomId, userId: w.userId }; })()",
+        )
+        .await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let a_id = ra["userId"].as_str().unwrap().to_string();
+    viewer(&mut bb, &b, &room).await;
+    viewer(&mut bc, &c, &room).await;
+    bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
+    // Let the layers come up and carol's route find its level, then watch both for 20 s.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (carol, bob) = tokio::join!(watch(&mut bc, &c, &a_id, 20), watch(&mut bb, &b, &a_id, 20));
+    eprintln!(
+        "20 s: carol (300 kbit/s) {} frames, {:.2} s stalled, {} wide; bob {} frames, {:.2} s stalled, {} wide",
+        carol.0, carol.1, carol.2, bob.0, bob.1, bob.2
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    eprintln!(
+        "layer switches: up {:?}, down {:?}",
+        metric(&m, "ferry_layer_switches_total{direction=\"up\"}"),
+        metric(&m, "ferry_layer_switches_total{direction=\"down\"}")
+    );
+    assert!(carol.0 >= 200, "carol sees at least 10 fps: {carol:?}");
+    assert!(
+        carol.1 < 2.0,
+        "carol's picture stalls under 2 s in 20 s: {carol:?}"
+    );
+    assert!(carol.2 < 960, "carol gets a lower layer: {carol:?}");
+    assert_eq!(bob.2, 960, "bob keeps the full layer: {bob:?}");
+    assert!(
+        metric(&m, "ferry_layer_switches_total{direction=\"down\"}").unwrap_or(0.0) >= 1.0,
         "{m}"
     );
 }

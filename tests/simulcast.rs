@@ -164,8 +164,9 @@ async fn each_subscriber_receives_its_layer_and_switches_at_a_keyframe() {
             .collect();
         assert!(!got.is_empty(), "subscriber {sub} received nothing");
         // Until the higher layers have arrived a route takes the highest there is: it may
-        // start lower and move up, always at a keyframe.
-        assert_eq!(got[0].1 % GOP, 0, "it starts at a keyframe: {got:?}");
+        // start lower and move up, always at a keyframe. (Its very first keyframe may reach the
+        // subscriber before it has taken the relay's offer of the track, and be dropped there:
+        // the first packet it keeps is not always a keyframe.)
         check_switches_at_keyframes(&got);
         assert!(
             got[got.len() - 20..].iter().all(|(l, _)| *l == layer),

@@ -97,10 +97,10 @@ pub(super) fn forward(
     let bytes = packet.payload.len() as u64;
     for r in track.routes.iter_mut() {
         if inc.kind == 1 {
-            let want = r
-                .quality
-                .layer()
-                .map(|l| l.min(inc.layers.saturating_sub(1) as u8));
+            let want = r.quality.layer().map(|l| {
+                l.min(r.limit.ceiling)
+                    .min(inc.layers.saturating_sub(1) as u8)
+            });
             match route_takes(r, inc.layer, inc.keyframe, want) {
                 Take::Forward => {}
                 Take::Skip => continue,
@@ -539,6 +539,7 @@ mod tests {
             sealed: None,
             layer: Some(0),
             quality: Quality::High,
+            limit: LossLimit::default(),
         };
         let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
             (vec![], vec![], false, false),

@@ -432,7 +432,29 @@ pub(super) fn count_feedback(metrics: &Metrics) -> impl Interceptor + use<> {
 
 /// A PLI or FIR.
 pub(super) fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
-    p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
+    is_keyframe_request_any(p.as_any())
+}
+
+fn is_keyframe_request_any(p: &dyn std::any::Any) -> bool {
+    p.is::<PictureLossIndication>() || p.is::<FullIntraRequest>()
+}
+
+/// The reception report blocks (SSRC, fraction lost of 256) in a compound RTCP packet.
+pub(super) fn reception_reports(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Vec<(u32, u8)> {
+    let mut out = Vec::new();
+    for p in packets {
+        let p = p.as_any();
+        let blocks =
+            if let Some(rr) = p.downcast_ref::<rtc::rtcp::receiver_report::ReceiverReport>() {
+                &rr.reports
+            } else if let Some(sr) = p.downcast_ref::<rtc::rtcp::sender_report::SenderReport>() {
+                &sr.reports
+            } else {
+                continue;
+            };
+        out.extend(blocks.iter().map(|b| (b.ssrc, b.fraction_lost)));
+    }
+    out
 }
 
 /// Marks inbound RTCP for delivery to the application (`RTCMessage::RtcpPacket`); everything passes
@@ -441,9 +463,16 @@ pub(super) fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
 pub struct DeliverRtcp;
 
 impl DeliverRtcp {
-    /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path).
+    /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path), and reception
+    /// reports (the loss on a subscriber's link, for its simulcast layers).
     pub fn relay_feedback() -> impl Interceptor {
-        Self::when(|p| is_keyframe_request(p) || p.as_any().is::<TransportLayerNack>())
+        Self::when(|p| {
+            let p = p.as_any();
+            is_keyframe_request_any(p)
+                || p.is::<TransportLayerNack>()
+                || p.is::<rtc::rtcp::receiver_report::ReceiverReport>()
+                || p.is::<rtc::rtcp::sender_report::SenderReport>()
+        })
     }
 
     /// PLI and FIR only.

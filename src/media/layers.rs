@@ -286,6 +286,119 @@ mod tests {
             sealed: None,
             layer: None,
             quality: Quality::High,
+            limit: LossLimit::default(),
         }
+    }
+}
+
+/// Loss a subscriber reports (RTCP fraction lost, of 256) at or above which its route steps down a
+/// layer: about 10 %.
+const LOSS_DOWN: u8 = 26;
+/// Loss below which a report counts as clean: about 2 %.
+const LOSS_CLEAN: u8 = 5;
+/// The least time between two steps down (a report about the old layer may still come).
+const DOWN_SPACING: Duration = Duration::from_secs(2);
+/// Clean reports for this long before a step up; doubled (to [`UP_WAIT_MAX`]) when a step up is
+/// followed by a step down within [`FAILED_UP`], so a link at the edge does not flap.
+const UP_WAIT: Duration = Duration::from_secs(8);
+const UP_WAIT_MAX: Duration = Duration::from_secs(64);
+const FAILED_UP: Duration = Duration::from_secs(10);
+
+/// A route's own limit on its layer, from what its subscriber's receiver reports say of the loss
+/// on its link (the relay has no bandwidth estimate per subscriber yet): too much loss, a layer
+/// down; clean for a while, a layer up.
+#[derive(Clone, Debug)]
+pub(super) struct LossLimit {
+    /// The highest layer the route may take.
+    pub(super) ceiling: u8,
+    changed: Option<(Instant, bool)>,
+    clean_since: Option<Instant>,
+    up_wait: Duration,
+}
+
+impl Default for LossLimit {
+    fn default() -> Self {
+        LossLimit {
+            ceiling: u8::MAX,
+            changed: None,
+            clean_since: None,
+            up_wait: UP_WAIT,
+        }
+    }
+}
+
+impl LossLimit {
+    /// A reception report for the route: `fraction_lost` (of 256) since the last one; `current`
+    /// is the layer it takes, `top` the highest the track has. `Some(up)` when the ceiling moved.
+    pub(super) fn on_report(
+        &mut self,
+        fraction_lost: u8,
+        current: Option<u8>,
+        top: u8,
+        now: Instant,
+    ) -> Option<bool> {
+        let since = |t: Option<(Instant, bool)>| t.map(|(t, _)| now.saturating_duration_since(t));
+        if fraction_lost >= LOSS_DOWN {
+            self.clean_since = None;
+            let layer = current?.min(self.ceiling);
+            if layer == 0 || since(self.changed).is_some_and(|d| d < DOWN_SPACING) {
+                return None;
+            }
+            if let Some((t, true)) = self.changed
+                && now.saturating_duration_since(t) < FAILED_UP
+            {
+                self.up_wait = (self.up_wait * 2).min(UP_WAIT_MAX);
+            }
+            self.ceiling = layer - 1;
+            self.changed = Some((now, false));
+            return Some(false);
+        }
+        if fraction_lost >= LOSS_CLEAN {
+            self.clean_since = None;
+            return None;
+        }
+        let clean = *self.clean_since.get_or_insert(now);
+        if self.ceiling >= top || now.saturating_duration_since(clean) < self.up_wait {
+            return None;
+        }
+        self.ceiling += 1;
+        self.changed = Some((now, true));
+        self.clean_since = Some(now);
+        Some(true)
+    }
+}
+
+#[cfg(test)]
+mod loss_tests {
+    use super::*;
+
+    #[test]
+    fn loss_steps_down_clean_reports_step_up_and_a_failed_step_up_waits_longer() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut l = LossLimit::default();
+        // Heavy loss on the top layer: down one, and not again within 2 s.
+        assert_eq!(l.on_report(80, Some(2), 2, at(0)), Some(false));
+        assert_eq!(l.ceiling, 1);
+        assert_eq!(l.on_report(80, Some(2), 2, at(1)), None);
+        assert_eq!(l.on_report(80, Some(1), 2, at(3)), Some(false));
+        assert_eq!(l.ceiling, 0);
+        assert_eq!(l.on_report(80, Some(0), 2, at(6)), None, "nothing below 0");
+        // Clean for 8 s: up one.
+        assert_eq!(l.on_report(0, Some(0), 2, at(7)), None);
+        assert_eq!(l.on_report(0, Some(0), 2, at(15)), Some(true));
+        assert_eq!(l.ceiling, 1);
+        // Loss right after the step up: down, and the next step up waits twice as long.
+        assert_eq!(l.on_report(80, Some(1), 2, at(17)), Some(false));
+        assert_eq!(l.on_report(0, Some(0), 2, at(18)), None);
+        assert_eq!(
+            l.on_report(0, Some(0), 2, at(26)),
+            None,
+            "8 s is no longer enough"
+        );
+        assert_eq!(l.on_report(0, Some(0), 2, at(34)), Some(true));
+        // Moderate loss holds the ceiling and restarts the clean period.
+        assert_eq!(l.on_report(10, Some(1), 2, at(35)), None);
+        assert_eq!(l.ceiling, 1);
     }
 }

@@ -285,6 +285,8 @@ struct Route {
     layer: Option<u8>,
     /// What its subscriber asked for.
     quality: Quality,
+    /// The highest layer its subscriber's link takes (from its reception reports).
+    limit: LossLimit,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -638,6 +640,7 @@ pub mod bench {
                     sealed: None,
                     layer: Some(0),
                     quality: Quality::High,
+                    limit: LossLimit::default(),
                 });
             }
             Fanout {

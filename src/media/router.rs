@@ -348,6 +348,45 @@ impl Router {
         }
     }
 
+    /// `sub`'s reception report for its outgoing stream `ssrc`: `fraction_lost` (of 256) on its
+    /// link moves the limit on that route's simulcast layer (see [`LossLimit`]).
+    pub(super) fn on_reception_report(
+        &mut self,
+        peers: &Peers,
+        sub: PeerKey,
+        ssrc: u32,
+        fraction_lost: u8,
+        now: Instant,
+    ) {
+        for (publisher, tracks) in self.tracks.iter_mut() {
+            for (track, t) in tracks.iter_mut() {
+                let Some(r) = t.routes.iter_mut().find(|r| r.to == sub && r.ssrc == ssrc) else {
+                    continue;
+                };
+                let Some(layers) = peers
+                    .get(publisher)
+                    .and_then(|p| p.published.get(track))
+                    .filter(|p| p.simulcast())
+                    .map(|p| p.layers.len())
+                else {
+                    return;
+                };
+                let top = layers.saturating_sub(1) as u8;
+                if let Some(up) = r.limit.on_report(fraction_lost, r.layer, top, now) {
+                    debug!(
+                        sub,
+                        ssrc,
+                        fraction_lost,
+                        up,
+                        ceiling = r.limit.ceiling,
+                        "simulcast layer limit from the subscriber's loss"
+                    );
+                }
+                return;
+            }
+        }
+    }
+
     /// What `sub` receives of `publisher`'s video.
     fn quality(&self, sub: &str, publisher: &str) -> Quality {
         self.qualities
@@ -563,6 +602,7 @@ fn open_feed(
         sealed: None,
         layer: None,
         quality: Quality::High,
+        limit: LossLimit::default(),
     })
 }
 

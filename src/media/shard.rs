@@ -473,6 +473,10 @@ impl MediaCore {
                     if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
                         self.relay_keyframe_request(key, &track_id, now);
                     }
+                    for (ssrc, lost) in reception_reports(&packets) {
+                        self.router
+                            .on_reception_report(&self.peers, key, ssrc, lost, now);
+                    }
                 }
                 _ => {}
             }
