@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::rtc_client::MediaClient;
+use common::rtc_client::{MediaClient, Publish};
 use common::*;
 use serde_json::{Value, json};
 
@@ -556,6 +556,52 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
     publ.drop_sent_every = 0;
     stream(&mut publ, &mut sub, 400, 10).await;
     assert!(!sub.received.is_empty(), "media relayed");
+
+    // Simulcast: a publisher of three layers (a keyframe every 10 frames); its subscriber's
+    // route takes one of them (a switch up).
+    let mut p2 = Client::joined_hello(s.addr, "simulcaster").await;
+    let room2 = p2.create_room(json!({"mode": "relay"})).await;
+    p2.request("joinRoom", json!({"roomId": room2}))
+        .await
+        .unwrap();
+    let mut q2 = Client::joined_hello(s.addr, "viewer").await;
+    q2.request("joinRoom", json!({"roomId": room2}))
+        .await
+        .unwrap();
+    q2.request("subscribe", json!({"userId": p2.user_id}))
+        .await
+        .unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut spub = MediaClient::connect_full(
+        p2,
+        Publish::Simulcast,
+        0x5200_0000,
+        false,
+        Vec::new(),
+        None,
+        socket,
+    )
+    .await;
+    let mut ssub = MediaClient::connect(q2, false).await;
+    for _ in 0..1000 {
+        pump_both(&mut spub, &mut ssub, 1).await;
+        if spub.connected && ssub.connected {
+            break;
+        }
+    }
+    for i in 0..40u16 {
+        let frame = if i % 10 == 0 { 0x9c } else { 0x9d };
+        for layer in 0..3 {
+            spub.send_layer(
+                layer,
+                i,
+                Bytes::from(vec![0x10, frame, layer as u8, 0, 0, 0]),
+            );
+        }
+        pump_both(&mut spub, &mut ssub, 1).await;
+    }
+    pump_both(&mut spub, &mut ssub, 50).await;
+    assert!(!ssub.received.is_empty(), "a simulcast layer relayed");
 
     // The media port: a STUN binding, and a datagram that is nothing.
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
