@@ -1617,6 +1617,14 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
         wh == 960 && wl * 2 < wh,
         "bob gets the full layer, carol the lowest: {wh} vs {wl}"
     );
+    // What alice encodes as keyframes with every subscriber on a clean link.
+    let k0 = keyframes_sent(&mut ba, &a).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let k1 = keyframes_sent(&mut ba, &a).await;
+    eprintln!(
+        "alice's keyframes per minute, clean links: {}",
+        keyframes_per_minute(&k0, &k1, 10.0)
+    );
     // Carol asks for the highest: she moves up.
     bc.eval(
         &c,
@@ -1635,6 +1643,30 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
         metric(&m, "ferry_layer_switches_total{direction=\"up\"}").unwrap_or(0.0) >= 3.0,
         "{m}"
     );
+}
+
+/// Keyframes alice's browser has encoded so far for the relay, per simulcast layer, and the
+/// keyframe requests (PLI) it received: `{"q": n, "h": n, "f": n, "pli": n}`.
+async fn keyframes_sent(br: &mut Browser, page: &Page) -> Value {
+    br.eval(
+        page,
+        "(async () => { const r = await window.demo.ferry._relay.pc.getStats(); const o = { pli: 0 }; \
+         r.forEach((x) => { if (x.type === 'outbound-rtp' && x.kind === 'video') { o[x.rid] = x.keyFramesEncoded || 0; o.pli += x.pliCount || 0; } }); \
+         return o; })()",
+    )
+    .await
+}
+
+/// Per minute, what changed between two [`keyframes_sent`] samples `secs` apart.
+fn keyframes_per_minute(before: &Value, after: &Value, secs: f64) -> String {
+    ["q", "h", "f", "pli"]
+        .iter()
+        .map(|k| {
+            let d = after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+            format!("{k} {:.0}", d * 60.0 / secs)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A member who joins `room` and subscribes to what comes, publishing nothing: its user id.
@@ -1658,14 +1690,18 @@ async fn watch(br: &mut Browser, page: &Page, remote: &str, secs: u64) -> (u64, 
     let mut last = br.eval(page, &sample).await;
     let first = last["frames"].as_u64().unwrap_or(0);
     let mut stalled = 0.0;
+    let mut trace = String::new();
     for _ in 0..secs * 4 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = br.eval(page, &sample).await;
-        if now["frames"].as_u64().unwrap_or(0) <= last["frames"].as_u64().unwrap_or(0) {
+        let new = now["frames"].as_u64().unwrap_or(0) - last["frames"].as_u64().unwrap_or(0);
+        if new == 0 {
             stalled += 0.25;
         }
+        trace.push_str(&format!(" {}x{new}", now["w"].as_u64().unwrap_or(0)));
         last = now;
     }
+    eprintln!("[{}] width x new frames every 250 ms:{trace}", page.name);
     let frames = last["frames"].as_u64().unwrap_or(0) - first;
     (frames, stalled, last["w"].as_u64().unwrap_or(0))
 }
@@ -1731,12 +1767,39 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
     bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
     // Let the layers come up and carol's route find its level, then watch both for 20 s.
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let k0 = keyframes_sent(&mut ba, &a).await;
     let (carol, bob) = tokio::join!(watch(&mut bc, &c, &a_id, 20), watch(&mut bb, &b, &a_id, 20));
+    let k1 = keyframes_sent(&mut ba, &a).await;
+    eprintln!(
+        "alice's keyframes per minute with a thin subscriber: {}",
+        keyframes_per_minute(&k0, &k1, 20.0)
+    );
     eprintln!(
         "20 s: carol (300 kbit/s) {} frames, {:.2} s stalled, {} wide; bob {} frames, {:.2} s stalled, {} wide",
         carol.0, carol.1, carol.2, bob.0, bob.1, bob.2
     );
     let (_, m) = http_get(s.addr, "/metrics").await;
+    for (br, page) in [(&mut bb, &b), (&mut bc, &c)] {
+        let stats = br
+            .eval(
+                page,
+                &format!(
+                    "(async () => {{ const r = await window.demo.ferry.getStats({a_id:?}); let o = null; \
+                     r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video') o = {{ received: x.framesReceived, \
+                     decoded: x.framesDecoded, dropped: x.framesDropped, lost: x.packetsLost, nacks: x.nackCount, plis: x.pliCount, \
+                     keyframes: x.keyFramesDecoded, freezes: x.freezeCount, jb: x.jitterBufferDelay / (x.jitterBufferEmittedCount || 1) }}; }}); return o; }})()"
+                ),
+            )
+            .await;
+        eprintln!("[{}] inbound video: {stats}", page.name);
+    }
+    eprintln!(
+        "drops: {}",
+        m.lines()
+            .filter(|l| l.starts_with("ferry_media_dropped_total") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     eprintln!(
         "layer switches: up {:?}, down {:?}",
         metric(&m, "ferry_layer_switches_total{direction=\"up\"}"),

@@ -6,7 +6,7 @@ use super::*;
 impl MediaCore {
     /// A subscriber on the own sealing path lost packets of one of our tracks: send them again
     /// from the publisher's history (rtc's NACK responder answers for the other connections).
-    pub(super) fn retransmit(&mut self, sub: PeerKey, track_id: &str, lost: &[u16]) {
+    pub(super) fn retransmit(&mut self, sub: PeerKey, track_id: &str, lost: &[u16], now: Instant) {
         let Some((publisher, ptrack)) = self.peers.get(&sub).and_then(|s| {
             s.sealer.as_ref()?;
             let feed = s.relayed_tracks.get(track_id)?;
@@ -14,6 +14,13 @@ impl MediaCore {
         }) else {
             return;
         };
+        // A simulcast track's top layer: the NACKs are loss on the subscriber's link too.
+        let top = self
+            .peers
+            .get(&publisher)
+            .and_then(|p| p.published.get(&ptrack))
+            .filter(|t| t.simulcast())
+            .map(|t| t.layers.len().saturating_sub(1) as u8);
         let (Some(track), Some(s)) = (
             self.router.track_mut(publisher, &ptrack),
             self.peers.get_mut(&sub),
@@ -22,6 +29,21 @@ impl MediaCore {
         };
         let sent = resend(track, sub, s, &mut self.out.tx, lost);
         self.metrics.retransmits.inc_by(sent);
+        if let Some(top) = top
+            && let Some(r) = track.routes.iter_mut().find(|r| r.to == sub)
+            && let Some(up) = r.limit.on_nacks(
+                lost.len(),
+                (r.layer, top, r.layer.and_then(|l| track.rates.bps(l + 1))),
+                now,
+            )
+        {
+            debug!(
+                sub,
+                up,
+                ceiling = r.limit.ceiling,
+                "simulcast layer limit from the subscriber's NACKs"
+            );
+        }
     }
 
     /// A subscriber asked for a keyframe on one of the tracks we send it: ask its publisher, for

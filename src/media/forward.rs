@@ -87,6 +87,14 @@ pub(super) fn forward(
     inc: Incoming,
 ) -> u8 {
     let mut wanted = 0u8;
+    // The highest layer the publisher is sending now (a route whose layer stopped coming moves
+    // down to it; it moves back when its layer returns).
+    let live = if inc.kind == 1 {
+        track.rates.add(inc.layer, packet.payload.len(), inc.now);
+        track.rates.live_top(inc.now).unwrap_or(inc.layer)
+    } else {
+        0
+    };
     // The publisher's extensions are taken out once (the per-subscriber clone then copies no
     // extension list) and each subscriber gets those it negotiated, under its own IDs. The
     // payload is shared.
@@ -99,6 +107,7 @@ pub(super) fn forward(
         if inc.kind == 1 {
             let want = r.quality.layer().map(|l| {
                 l.min(r.limit.ceiling)
+                    .min(live)
                     .min(inc.layers.saturating_sub(1) as u8)
             });
             match route_takes(r, inc.layer, inc.keyframe, want) {
@@ -157,6 +166,7 @@ pub(super) fn forward(
             Ok(()) => {
                 out.counts.rtp_out[inc.kind] += 1;
                 out.counts.bytes_out[inc.kind] += bytes;
+                r.limit.on_sent(bytes);
             }
             Err(reason) => {
                 r.munger.dropped(packet.header.sequence_number);

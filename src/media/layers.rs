@@ -158,6 +158,49 @@ fn h264_keyframe(p: &[u8]) -> bool {
     }
 }
 
+/// The bitrate each layer of a track arrives at, measured over about a second.
+#[derive(Default)]
+pub(super) struct LayerRates {
+    bytes: [u64; 4],
+    since: Option<Instant>,
+    bps: [u64; 4],
+    /// When a packet of each layer last came.
+    last: [Option<Instant>; 4],
+}
+
+/// A layer none of whose packets came for this long is not flowing (the publisher stopped it:
+/// its own bandwidth or CPU): routes on it move to the highest that is.
+const LAYER_GONE: Duration = Duration::from_millis(500);
+
+impl LayerRates {
+    pub(super) fn add(&mut self, layer: u8, bytes: usize, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        self.bytes[usize::from(layer.min(3))] += bytes as u64;
+        self.last[usize::from(layer.min(3))] = Some(now);
+        let secs = now.saturating_duration_since(since).as_secs_f64();
+        if secs >= 1.0 {
+            for (b, r) in self.bytes.iter_mut().zip(self.bps.iter_mut()) {
+                *r = (*b as f64 * 8.0 / secs) as u64;
+                *b = 0;
+            }
+            self.since = Some(now);
+        }
+    }
+
+    /// The highest layer whose packets are coming.
+    pub(super) fn live_top(&self, now: Instant) -> Option<u8> {
+        (0..4u8).rev().find(|l| {
+            self.last[usize::from(*l)]
+                .is_some_and(|t| now.saturating_duration_since(t) < LAYER_GONE)
+        })
+    }
+
+    /// The bitrate of `layer`, once measured.
+    pub(super) fn bps(&self, layer: u8) -> Option<u64> {
+        self.bps.get(usize::from(layer)).copied().filter(|b| *b > 0)
+    }
+}
+
 /// What one route does with a packet of `layer`: `want` is the layer its subscriber should get
 /// (clamped to the track's layers), `None` for none.
 pub(super) fn route_takes(r: &mut Route, layer: u8, keyframe: bool, want: Option<u8>) -> Take {
@@ -296,7 +339,8 @@ mod tests {
 const LOSS_DOWN: u8 = 26;
 /// Loss below which a report counts as clean: about 2 %.
 const LOSS_CLEAN: u8 = 5;
-/// The least time between two steps down (a report about the old layer may still come).
+/// The least time between two steps down (a report about the old layer may still come); none
+/// after a step up.
 const DOWN_SPACING: Duration = Duration::from_secs(2);
 /// Clean reports for this long before a step up; doubled (to [`UP_WAIT_MAX`]) when a step up is
 /// followed by a step down within [`FAILED_UP`], so a link at the edge does not flap.
@@ -314,7 +358,20 @@ pub(super) struct LossLimit {
     changed: Option<(Instant, bool)>,
     clean_since: Option<Instant>,
     up_wait: Duration,
+    /// Packets sent, and packets the subscriber NACKed, since the last report: NACKs tell of
+    /// loss within a round trip, a receiver report only every second or so.
+    sent: u32,
+    nacked: u32,
+    /// Bytes sent since `since` (the last report).
+    bytes: u64,
+    since: Option<Instant>,
+    /// What the link delivered while it was losing (bits/s), and when: a layer above it is not
+    /// tried again until this is [`CAPACITY_MEMORY`] old.
+    capacity: Option<(u64, Instant)>,
 }
+
+/// How long a link's measured capacity keeps a route from trying a layer above it.
+const CAPACITY_MEMORY: Duration = Duration::from_secs(30);
 
 impl Default for LossLimit {
     fn default() -> Self {
@@ -323,25 +380,45 @@ impl Default for LossLimit {
             changed: None,
             clean_since: None,
             up_wait: UP_WAIT,
+            sent: 0,
+            nacked: 0,
+            bytes: 0,
+            since: None,
+            capacity: None,
         }
     }
 }
 
 impl LossLimit {
     /// A reception report for the route: `fraction_lost` (of 256) since the last one; `current`
-    /// is the layer it takes, `top` the highest the track has. `Some(up)` when the ceiling moved.
+    /// is the layer it takes, `top` the highest the track has, `next_bps` the bitrate of the
+    /// layer above it (when known). `Some(up)` when the ceiling moved.
     pub(super) fn on_report(
         &mut self,
         fraction_lost: u8,
-        current: Option<u8>,
-        top: u8,
+        (current, top, next_bps): (Option<u8>, u8, Option<u64>),
         now: Instant,
     ) -> Option<bool> {
+        let interval = self
+            .since
+            .map(|t| now.saturating_duration_since(t).as_secs_f64());
+        if fraction_lost >= LOSS_DOWN
+            && let Some(secs) = interval.filter(|s| *s >= 0.2)
+        {
+            // Saturated: what got through is about what the link carries.
+            let delivered =
+                self.bytes as f64 * 8.0 / secs * (1.0 - f64::from(fraction_lost) / 256.0);
+            self.capacity = Some((delivered as u64, now));
+        }
+        (self.sent, self.nacked, self.bytes, self.since) = (0, 0, 0, Some(now));
         let since = |t: Option<(Instant, bool)>| t.map(|(t, _)| now.saturating_duration_since(t));
         if fraction_lost >= LOSS_DOWN {
             self.clean_since = None;
             let layer = current?.min(self.ceiling);
-            if layer == 0 || since(self.changed).is_some_and(|d| d < DOWN_SPACING) {
+            // Steps down are spaced (a report may still be about the layer before); a step up
+            // that does not fit is undone at once.
+            let last_down = self.changed.filter(|(_, up)| !up);
+            if layer == 0 || since(last_down).is_some_and(|d| d < DOWN_SPACING) {
                 return None;
             }
             if let Some((t, true)) = self.changed
@@ -361,12 +438,49 @@ impl LossLimit {
         if self.ceiling >= top || now.saturating_duration_since(clean) < self.up_wait {
             return None;
         }
+        // A layer the link was measured too thin for, lately, is not tried.
+        if let (Some((capacity, at)), Some(next)) = (self.capacity, next_bps)
+            && now.saturating_duration_since(at) < CAPACITY_MEMORY
+            && next > capacity * 9 / 10
+        {
+            return None;
+        }
         self.ceiling += 1;
         self.changed = Some((now, true));
         self.clean_since = Some(now);
         Some(true)
     }
+
+    /// A packet of the route (`bytes` of payload) went out.
+    pub(super) fn on_sent(&mut self, bytes: u64) {
+        self.sent = self.sent.saturating_add(1);
+        self.bytes += bytes;
+    }
+
+    /// The subscriber NACKed `n` packets of the route: once at least [`NACK_WINDOW`] were sent,
+    /// NACKs for as many as [`LOSS_DOWN`] would report count as that loss, without waiting for
+    /// the next receiver report (a step up that does not fit is undone within a round trip or
+    /// two instead of a second or more of frozen picture).
+    pub(super) fn on_nacks(
+        &mut self,
+        n: usize,
+        layers: (Option<u8>, u8, Option<u64>),
+        now: Instant,
+    ) -> Option<bool> {
+        self.nacked = self.nacked.saturating_add(n as u32);
+        if self.sent < NACK_WINDOW {
+            return None;
+        }
+        let fraction = (u64::from(self.nacked) * 256 / u64::from(self.sent)).min(255) as u8;
+        if fraction < LOSS_DOWN {
+            return None;
+        }
+        self.on_report(fraction, layers, now)
+    }
 }
+
+/// Packets sent before NACKs alone can step a route down.
+const NACK_WINDOW: u32 = 20;
 
 #[cfg(test)]
 mod loss_tests {
@@ -378,27 +492,89 @@ mod loss_tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut l = LossLimit::default();
         // Heavy loss on the top layer: down one, and not again within 2 s.
-        assert_eq!(l.on_report(80, Some(2), 2, at(0)), Some(false));
+        assert_eq!(l.on_report(80, (Some(2), 2, None), at(0)), Some(false));
         assert_eq!(l.ceiling, 1);
-        assert_eq!(l.on_report(80, Some(2), 2, at(1)), None);
-        assert_eq!(l.on_report(80, Some(1), 2, at(3)), Some(false));
+        assert_eq!(l.on_report(80, (Some(2), 2, None), at(1)), None);
+        assert_eq!(l.on_report(80, (Some(1), 2, None), at(3)), Some(false));
         assert_eq!(l.ceiling, 0);
-        assert_eq!(l.on_report(80, Some(0), 2, at(6)), None, "nothing below 0");
+        assert_eq!(
+            l.on_report(80, (Some(0), 2, None), at(6)),
+            None,
+            "nothing below 0"
+        );
         // Clean for 8 s: up one.
-        assert_eq!(l.on_report(0, Some(0), 2, at(7)), None);
-        assert_eq!(l.on_report(0, Some(0), 2, at(15)), Some(true));
+        assert_eq!(l.on_report(0, (Some(0), 2, None), at(7)), None);
+        assert_eq!(l.on_report(0, (Some(0), 2, None), at(15)), Some(true));
         assert_eq!(l.ceiling, 1);
         // Loss right after the step up: down, and the next step up waits twice as long.
-        assert_eq!(l.on_report(80, Some(1), 2, at(17)), Some(false));
-        assert_eq!(l.on_report(0, Some(0), 2, at(18)), None);
+        assert_eq!(l.on_report(80, (Some(1), 2, None), at(17)), Some(false));
+        assert_eq!(l.on_report(0, (Some(0), 2, None), at(18)), None);
         assert_eq!(
-            l.on_report(0, Some(0), 2, at(26)),
+            l.on_report(0, (Some(0), 2, None), at(26)),
             None,
             "8 s is no longer enough"
         );
-        assert_eq!(l.on_report(0, Some(0), 2, at(34)), Some(true));
+        assert_eq!(l.on_report(0, (Some(0), 2, None), at(34)), Some(true));
+        // NACKs for 10 % of what was sent step down at once (past the spacing).
+        for _ in 0..30 {
+            l.on_sent(1000);
+        }
+        assert_eq!(
+            l.on_nacks(2, (Some(1), 2, None), at(36)),
+            None,
+            "under 10 %"
+        );
+        assert_eq!(l.on_nacks(2, (Some(1), 2, None), at(36)), Some(false));
+        assert_eq!(l.ceiling, 0);
+        l.ceiling = 1;
         // Moderate loss holds the ceiling and restarts the clean period.
-        assert_eq!(l.on_report(10, Some(1), 2, at(35)), None);
+        assert_eq!(l.on_report(10, (Some(1), 2, None), at(35)), None);
+        assert_eq!(l.ceiling, 1);
+    }
+
+    #[test]
+    fn a_layer_above_what_the_link_delivered_under_loss_is_not_tried() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut l = LossLimit::default();
+        assert_eq!(l.on_report(0, (Some(2), 2, None), at(0)), None);
+        // One second at the top layer, 125 kB sent (1 Mbit/s), half of it lost: the link
+        // carries about 500 kbit/s.
+        for _ in 0..125 {
+            l.on_sent(1000);
+        }
+        assert_eq!(l.on_report(128, (Some(2), 2, None), at(1000)), Some(false));
+        // Clean for long on layer 1: layer 2 at 1 Mbit/s is not tried while that is known...
+        for s in 2..30 {
+            let next = Some(1_000_000);
+            assert_eq!(
+                l.on_report(0, (Some(1), 2, next), at(s * 1000)),
+                None,
+                "{s}"
+            );
+        }
+        // ...a layer that fits would be, and 30 s later the link is tried again.
+        let mut later = l.clone();
+        assert_eq!(
+            l.on_report(0, (Some(1), 2, Some(300_000)), at(29_500)),
+            Some(true)
+        );
+        let next = Some(1_000_000);
+        assert_eq!(
+            later.on_report(0, (Some(1), 2, next), at(31_500)),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn loss_reports_hold_on_moderate_loss() {
+        let t0 = Instant::now();
+        let mut l = LossLimit {
+            ceiling: 1,
+            ..LossLimit::default()
+        };
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(l.on_report(10, (Some(1), 2, None), at(35)), None);
         assert_eq!(l.ceiling, 1);
     }
 }

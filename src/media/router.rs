@@ -31,6 +31,8 @@ pub(super) struct RoutedTrack {
     pub(super) history: Vec<History>,
     /// How its keyframes are recognized (for layer switches).
     pub(super) keyframes: Keyframes,
+    /// The bitrate of each of its layers.
+    pub(super) rates: LayerRates,
 }
 
 /// What a subscriber's new feed is made from: one published track.
@@ -372,7 +374,8 @@ impl Router {
                     return;
                 };
                 let top = layers.saturating_sub(1) as u8;
-                if let Some(up) = r.limit.on_report(fraction_lost, r.layer, top, now) {
+                let next = r.layer.and_then(|l| t.rates.bps(l + 1));
+                if let Some(up) = r.limit.on_report(fraction_lost, (r.layer, top, next), now) {
                     debug!(
                         sub,
                         ssrc,

@@ -468,7 +468,7 @@ impl MediaCore {
                         .flat_map(|n| n.nacks.iter().flat_map(|pair| pair.into_iter()))
                         .collect();
                     if !lost.is_empty() {
-                        self.retransmit(key, &track_id, &lost);
+                        self.retransmit(key, &track_id, &lost, now);
                     }
                     if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
                         self.relay_keyframe_request(key, &track_id, now);
