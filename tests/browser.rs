@@ -1568,17 +1568,7 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
     let (mut ba, a) = member_page(&s, "alice").await;
     let (mut bb, b) = member_page(&s, "bob").await;
     let (mut bc, c) = member_page(&s, "carol").await;
-    let ra = ba
-        .eval(
-            &a,
-            "(async () => { const s = await navigator.mediaDevices.getUserMedia({ video: { width: 960, height: 540 }, audio: true }); \
-             const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; window.events = []; \
-             const w = await f.init(); const roomId = (await f.createRoom({ mode: 'relay' })).roomId; \
-             await f.joinRoom(roomId); await f.publish(s, 'cam'); return { roomId, userId: w.userId }; })()",
-        )
-        .await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let a_id = ra["userId"].as_str().unwrap().to_string();
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
     for (br, page) in [(&mut bb, &b), (&mut bc, &c)] {
         br.eval(page, &sdk_member(Some(&room), "{}")).await;
     }
@@ -1669,6 +1659,22 @@ fn keyframes_per_minute(before: &Value, after: &Value, secs: f64) -> String {
         .join(", ")
 }
 
+/// `page`'s member creates a relayed room, joins it and publishes a 960x540 camera (sent to the
+/// relay as three simulcast layers): the room and its user id.
+async fn publish_in_new_relay_room(br: &mut Browser, page: &Page) -> (String, String) {
+    let r = br
+        .eval(
+            page,
+            "(async () => { const s = await navigator.mediaDevices.getUserMedia({ video: { width: 960, height: 540 }, audio: true }); \
+             const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; window.events = []; \
+             const w = await f.init(); const roomId = (await f.createRoom({ mode: 'relay' })).roomId; \
+             await f.joinRoom(roomId); await f.publish(s, 'cam'); return { roomId, userId: w.userId }; })()",
+        )
+        .await;
+    let field = |k: &str| r[k].as_str().unwrap().to_string();
+    (field("roomId"), field("userId"))
+}
+
 /// A member who joins `room` and subscribes to what comes, publishing nothing: its user id.
 async fn viewer(br: &mut Browser, page: &Page, room: &str) -> String {
     let r = br
@@ -1751,17 +1757,7 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
     .await;
     let c = bc.open("carol", &format!("{origin}/")).await;
     enter_lobby(&mut bc, &c).await;
-    let ra = ba
-        .eval(
-            &a,
-            "(async () => { const s = await navigator.mediaDevices.getUserMedia({ video: { width: 960, height: 540 }, audio: true }); \
-             const f = new window.Ferry(); window.demo.ferry = f; window.demo.local = s; window.events = []; \
-             const w = await f.init(); const roomId = (await f.createRoom({ mode: 'relay' })).roomId; \
-             await f.joinRoom(roomId); await f.publish(s, 'cam'); return { roomId, userId: w.userId }; })()",
-        )
-        .await;
-    let room = ra["roomId"].as_str().unwrap().to_string();
-    let a_id = ra["userId"].as_str().unwrap().to_string();
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
     viewer(&mut bb, &b, &room).await;
     viewer(&mut bc, &c, &room).await;
     bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
