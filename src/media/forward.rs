@@ -104,31 +104,8 @@ pub(super) fn forward(
     packet.header.extension_profile = 0;
     let bytes = packet.payload.len() as u64;
     for r in track.routes.iter_mut() {
-        if inc.kind == 1 {
-            let want = r.quality.layer().map(|l| {
-                l.min(r.limit.ceiling)
-                    .min(live)
-                    .min(inc.layers.saturating_sub(1) as u8)
-            });
-            match route_takes(r, inc.layer, inc.keyframe, want) {
-                Take::Forward => {}
-                Take::Skip => continue,
-                Take::SkipWantingKeyframe => {
-                    wanted |= want.map_or(0, |l| 1 << l.min(7));
-                    continue;
-                }
-                Take::ForwardWantingKeyframe => wanted |= want.map_or(0, |l| 1 << l.min(7)),
-                Take::Switched { up } => {
-                    // Timestamps go on from what the subscriber last got, by the time between.
-                    let gap = r.last_sent.map_or(0, |t| {
-                        let secs = inc.now.saturating_duration_since(t).as_secs_f64();
-                        (secs * f64::from(r.clock_rate)) as u32
-                    });
-                    r.munger.restart(gap);
-                    let direction = if up { "up" } else { "down" };
-                    metrics.layer_switches.with_label_values(&[direction]).inc();
-                }
-            }
+        if inc.kind == 1 && !takes_layer(r, &inc, live, &mut wanted, metrics) {
+            continue;
         }
         let Some(sub) = peers.get_mut(&r.to) else {
             continue;
@@ -185,6 +162,47 @@ pub(super) fn forward(
     }
     track.history[layer].store(packet);
     wanted
+}
+
+/// Whether video route `r` takes this packet (of layer `inc.layer`; `live`: the highest layer
+/// coming now), moving it to that layer at a keyframe (see [`route_takes`]); the layer it waits
+/// for a keyframe of is set in `wanted`.
+fn takes_layer(
+    r: &mut Route,
+    inc: &Incoming,
+    live: u8,
+    wanted: &mut u8,
+    metrics: &Metrics,
+) -> bool {
+    let top = inc.layers.saturating_sub(1) as u8;
+    let want = r
+        .quality
+        .layer()
+        .map(|l| l.min(r.limit.ceiling).min(live).min(top));
+    let want_bit = want.map_or(0, |l| 1 << l.min(7));
+    match route_takes(r, inc.layer, inc.keyframe, want) {
+        Take::Forward => true,
+        Take::Skip => false,
+        Take::SkipWantingKeyframe => {
+            *wanted |= want_bit;
+            false
+        }
+        Take::ForwardWantingKeyframe => {
+            *wanted |= want_bit;
+            true
+        }
+        Take::Switched { up } => {
+            // Timestamps go on from what the subscriber last got, by the time between.
+            let gap = r.last_sent.map_or(0, |t| {
+                let secs = inc.now.saturating_duration_since(t).as_secs_f64();
+                (secs * f64::from(r.clock_rate)) as u32
+            });
+            r.munger.restart(gap);
+            let direction = if up { "up" } else { "down" };
+            metrics.layer_switches.with_label_values(&[direction]).inc();
+            true
+        }
+    }
 }
 
 /// A sealed route's sender report, through its subscriber's connection (rtc seals RTCP).
