@@ -113,6 +113,8 @@ pub struct Metrics {
     pub srtp_opened_by_rtc: IntCounter,
     /// `ferry_media_tcp_connections`: clients connected to the media port over TCP (ICE-TCP).
     pub media_tcp_connections: IntGauge,
+    /// `ferry_simulcast_layers_paused`: publishers' simulcast layers paused because nobody takes them.
+    pub layers_paused: IntGauge,
     /// `ferry_media_tcp_refused_total`: TCP connections to the media port refused at the cap.
     pub media_tcp_refused: IntCounter,
     /// `ferry_http_refused_total{reason}`: connections to the HTTP port closed at a limit.
@@ -352,6 +354,11 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let layers_paused = IntGauge::new(
+            "ferry_simulcast_layers_paused",
+            "Simulcast layers of publishers' video the relay asked them to pause, because no subscriber takes them (dynacast).",
+        )
+        .expect("valid metric");
         let media_tcp_connections = IntGauge::new(
             "ferry_media_tcp_connections",
             "Clients connected to the media port over TCP (ICE-TCP, for networks without UDP).",
@@ -377,6 +384,7 @@ impl Metrics {
             Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_refused.clone()),
             Box::new(media_tcp_connections.clone()),
+            Box::new(layers_paused.clone()),
             Box::new(media_tcp_refused.clone()),
             Box::new(rooms.clone()),
             Box::new(room_members.clone()),
@@ -443,6 +451,7 @@ impl Metrics {
             srtp_opened_by_relay,
             srtp_opened_by_rtc,
             media_tcp_connections,
+            layers_paused,
             media_tcp_refused,
             http_refused,
         }

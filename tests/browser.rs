@@ -1813,3 +1813,78 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
         "{m}"
     );
 }
+
+/// The simulcast layers alice's browser sends to the relay now, as `rid:active` sorted (Chromium's
+/// `active` flag of each outbound video stream).
+fn layers_active() -> &'static str {
+    "(async () => { const r = await window.demo.ferry._relay.pc.getStats(); const o = []; \
+     r.forEach((x) => { if (x.type === 'outbound-rtp' && x.kind === 'video' && x.rid) o.push(x.rid + ':' + x.active); }); \
+     return o.sort().join(' '); })()"
+}
+
+/// Dynacast: alice publishes three layers; her only subscriber asks for `low`, so the relay tells
+/// her SDK to pause the two others (Chromium stops encoding and sending them); when he asks for
+/// `high` the full layer resumes and he decodes it (the half one, which nobody takes, stays
+/// paused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_nobody_takes_are_paused_at_the_publisher() {
+    if !runs_here("layers_nobody_takes_are_paused_at_the_publisher", &[]) {
+        return;
+    }
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bb, b) = member_page(&s, "bob").await;
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
+    viewer(&mut bb, &b, &room).await;
+    bb.wait_for(&b, &decoded_width(&a_id, 10), LIMIT).await;
+    bb.eval(
+        &b,
+        &format!("window.demo.ferry.setVideoQuality({a_id:?}, 'low').then(() => true)"),
+    )
+    .await;
+    let paused = format!(
+        "(async () => {{ const v = await {}; return v === 'f:false h:false q:true' ? v : null; }})()",
+        layers_active()
+    );
+    let started = Instant::now();
+    ba.wait_for(&a, &paused, LIMIT).await;
+    eprintln!(
+        "h and f paused at the publisher {} ms after the subscriber asked for low",
+        started.elapsed().as_millis()
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_simulcast_layers_paused"),
+        Some(2.0),
+        "{m}"
+    );
+    // Bob still decodes the lowest layer.
+    let low = bb.wait_for(&b, &decoded_width(&a_id, 20), LIMIT).await;
+    assert!(low["w"].as_u64().unwrap() < 960, "{low}");
+    bb.eval(
+        &b,
+        &format!("window.demo.ferry.setVideoQuality({a_id:?}, 'high').then(() => true)"),
+    )
+    .await;
+    let started = Instant::now();
+    let full = format!(
+        "(async () => {{ const v = await {}; return v && v.w === 960 ? v : null; }})()",
+        decoded_width(&a_id, 0)
+    );
+    bb.wait_for(&b, &full, LIMIT).await;
+    eprintln!(
+        "full layer decoded {} ms after the subscriber asked for high",
+        started.elapsed().as_millis()
+    );
+    // The half layer nobody takes stays paused (the lowest never is).
+    assert_eq!(
+        ba.eval(&a, layers_active()).await,
+        Value::String("f:true h:false q:true".into())
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_simulcast_layers_paused"),
+        Some(1.0),
+        "{m}"
+    );
+}

@@ -110,6 +110,7 @@ impl MediaCore {
                     ssrc: init.ssrc,
                 }],
                 receiver_id: init.receiver_id,
+                paused: Vec::new(),
                 ty,
                 stream_id,
             },
@@ -126,6 +127,8 @@ impl MediaCore {
         let Some(t) = p.published.remove(track_id) else {
             return;
         };
+        let paused = t.paused.iter().filter(|p| **p).count() as i64;
+        self.metrics.layers_paused.sub(paused);
         self.sink.send_to_room(
             &p.room_id,
             &p.user_id,

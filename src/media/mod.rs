@@ -178,6 +178,8 @@ struct Published {
     ty: String,
     /// Stream id the subscribers see: `<publisher userId>~<cam|screen>`.
     stream_id: String,
+    /// Its layers the publisher was asked to pause (by index, as `layers`).
+    paused: Vec<bool>,
 }
 
 impl Published {

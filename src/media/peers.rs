@@ -41,6 +41,10 @@ impl Peers {
         self.map.iter()
     }
 
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&PeerKey, &mut Peer)> {
+        self.map.iter_mut()
+    }
+
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
         self.map.values_mut()
     }

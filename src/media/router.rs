@@ -390,6 +390,35 @@ impl Router {
         }
     }
 
+    /// Which of the `layers` layers of `publisher`'s `track` some route takes or wants (the
+    /// lowest always counts, so that a new subscriber starts at once).
+    pub(super) fn layers_needed(
+        &self,
+        publisher: PeerKey,
+        track: &str,
+        layers: usize,
+    ) -> Vec<bool> {
+        let mut needed = vec![false; layers];
+        if let Some(n) = needed.first_mut() {
+            *n = true;
+        }
+        let top = layers.saturating_sub(1) as u8;
+        let routes = self
+            .tracks
+            .get(&publisher)
+            .and_then(|t| t.get(track))
+            .map_or(&[][..], |t| &t.routes[..]);
+        for r in routes {
+            let want = r.quality.layer().map(|l| l.min(r.limit.ceiling).min(top));
+            for l in [r.layer, want].into_iter().flatten() {
+                if let Some(n) = needed.get_mut(usize::from(l)) {
+                    *n = true;
+                }
+            }
+        }
+        needed
+    }
+
     /// What `sub` receives of `publisher`'s video.
     fn quality(&self, sub: &str, publisher: &str) -> Quality {
         self.qualities

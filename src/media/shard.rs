@@ -158,6 +158,7 @@ impl MediaCore {
         if now >= self.next_consent_sweep {
             self.next_consent_sweep = now + Duration::from_secs(1);
             self.expire_consent(now);
+            self.dynacast();
         }
         while let Some(&(t, k)) = self.timers.first() {
             if t > now {
@@ -183,6 +184,37 @@ impl MediaCore {
             }
             // Draining it re-reads its next timer.
             self.out.needs_poll.insert(k);
+        }
+    }
+
+    /// Dynacast: each publisher is told which of its simulcast layers nobody takes or wants (to
+    /// pause them: no encoding, no upload) and which are wanted again. Checked every second.
+    pub(super) fn dynacast(&mut self) {
+        for (key, p) in self.peers.iter_mut() {
+            for (track_id, t) in p.published.iter_mut().filter(|(_, t)| t.simulcast()) {
+                let needed = self.router.layers_needed(*key, track_id, t.layers.len());
+                let paused: Vec<bool> = needed.iter().map(|n| !n).collect();
+                if paused == t.paused {
+                    continue;
+                }
+                let count = |v: &[bool]| v.iter().filter(|p| **p).count() as i64;
+                self.metrics
+                    .layers_paused
+                    .add(count(&paused) - count(&t.paused));
+                let rids: Vec<&str> = t
+                    .layers
+                    .iter()
+                    .zip(&paused)
+                    .filter(|(_, p)| **p)
+                    .map(|(l, _)| l.rid.as_str())
+                    .collect();
+                debug!(user = %p.user_id, track = %track_id, paused = ?rids, "simulcast layers paused");
+                self.sink.send_to(
+                    &p.user_id,
+                    json!({"type": "layers", "streamType": t.ty, "paused": rids}),
+                );
+                t.paused = paused;
+            }
         }
     }
 

@@ -763,6 +763,27 @@ export class Ferry extends EventTarget {
         if (link) link.handleDescription(msg.type, msg.sdp, msg.meta);
         return;
       }
+      case 'layers': {
+        // Dynacast: the relay says which simulcast layers of a stream nobody receives; they are
+        // not encoded or sent until someone wants them again.
+        const entry = this._relay && this._relay.senders.get(msg.streamType);
+        const paused = Array.isArray(msg.paused) ? msg.paused : [];
+        for (const sender of entry ? entry.senders : []) {
+          if (!sender.track || sender.track.kind !== 'video') continue;
+          const params = sender.getParameters();
+          if (!params.encodings || params.encodings.length < 2) continue;
+          let changed = false;
+          for (const e of params.encodings) {
+            const active = !paused.includes(e.rid);
+            if (e.rid && e.active !== active) {
+              e.active = active;
+              changed = true;
+            }
+          }
+          if (changed) sender.setParameters(params).catch((e) => console.warn('ferry: pausing layers failed:', e));
+        }
+        return;
+      }
       case 'candidate': {
         const link = msg.from === SERVER ? this._relay : this._links.get(msg.from);
         if (link) link.handleCandidate(msg.candidate);
