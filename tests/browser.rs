@@ -1463,20 +1463,7 @@ async fn one_member_without_udp_goes_to_the_relay_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_members_reach_a_relay_behind_a_one_to_one_nat() {
     const TEST: &str = "chromium_members_reach_a_relay_behind_a_one_to_one_nat";
-    let r = "ip netns exec ferry-bnat-r";
-    let setup = format!(
-        "for n in ferry-bnat-r ferry-bnat-c; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
-        && ip link add si type veth peer name ri netns ferry-bnat-r \
-        && ip -n ferry-bnat-r link add ro type veth peer name co netns ferry-bnat-c \
-        && ip addr add 10.203.0.1/24 dev si && ip link set si up && ip route add default via 10.203.0.2 \
-        && ip -n ferry-bnat-r addr add 10.203.0.2/24 dev ri && ip -n ferry-bnat-r link set ri up \
-        && ip -n ferry-bnat-r addr add 10.204.0.1/24 dev ro && ip -n ferry-bnat-r addr add 10.204.0.100/32 dev ro \
-        && ip -n ferry-bnat-r link set ro up && ip -n ferry-bnat-r link set lo up \
-        && {r} sysctl -qw net.ipv4.ip_forward=1 \
-        && {r} iptables -t nat -A PREROUTING -d 10.204.0.100 -j DNAT --to-destination 10.203.0.1 \
-        && ip -n ferry-bnat-c addr add 10.204.0.2/24 dev co && ip -n ferry-bnat-c link set co up \
-        && ip -n ferry-bnat-c link set lo up && ip -n ferry-bnat-c route add default via 10.204.0.1"
-    );
+    let setup = common::netns::one_to_one_nat("ferry-bnat-r", "ferry-bnat-c");
     let missing = common::browser::chromium_path()
         .is_none()
         .then_some("Chromium is not installed (apt-get install chromium)")

@@ -1183,17 +1183,10 @@ fn inside_netns(test: &str, setup: &str, missing: Option<&str>) -> bool {
 /// A UDP socket bound to `addr` inside the named network namespace `ns` (a thread enters it,
 /// binds, and ends; the socket stays in that namespace).
 fn socket_in(ns: &str, addr: &str) -> std::net::UdpSocket {
-    use std::os::fd::AsRawFd;
-    let (ns, addr) = (ns.to_string(), addr.to_string());
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
-        // SAFETY: a valid network namespace descriptor; only this short-lived thread moves.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+    let addr = addr.to_string();
+    common::netns::inside(ns, move || {
         std::net::UdpSocket::bind(&addr).expect("bind in the namespace")
     })
-    .join()
-    .unwrap()
 }
 
 /// A relayed room whose two members' media sockets are `publ_socket` and `sub_socket`; streams
@@ -1266,20 +1259,7 @@ async fn a_server_behind_a_one_to_one_nat_relays_at_its_announced_address() {
         .output()
         .is_err()
         .then_some("iptables is missing (apt-get install iptables)");
-    let r = "ip netns exec ferry-nat-r";
-    let setup = format!(
-        "for n in ferry-nat-r ferry-nat-c; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
-        && ip link add si type veth peer name ri netns ferry-nat-r \
-        && ip -n ferry-nat-r link add ro type veth peer name co netns ferry-nat-c \
-        && ip addr add 10.203.0.1/24 dev si && ip link set si up && ip route add default via 10.203.0.2 \
-        && ip -n ferry-nat-r addr add 10.203.0.2/24 dev ri && ip -n ferry-nat-r link set ri up \
-        && ip -n ferry-nat-r addr add 10.204.0.1/24 dev ro && ip -n ferry-nat-r addr add 10.204.0.100/32 dev ro \
-        && ip -n ferry-nat-r link set ro up && ip -n ferry-nat-r link set lo up \
-        && {r} sysctl -qw net.ipv4.ip_forward=1 \
-        && {r} iptables -t nat -A PREROUTING -d 10.204.0.100 -j DNAT --to-destination 10.203.0.1 \
-        && ip -n ferry-nat-c addr add 10.204.0.2/24 dev co && ip -n ferry-nat-c link set co up \
-        && ip -n ferry-nat-c route add default via 10.204.0.1"
-    );
+    let setup = common::netns::one_to_one_nat("ferry-nat-r", "ferry-nat-c");
     if !inside_netns(TEST, &setup, missing) {
         return;
     }

@@ -562,7 +562,7 @@ impl Peer {
 /// through `frames` (its address, our end's address, the datagram).
 struct TcpSide {
     ip: IpAddr,
-    writers: HashMap<SocketAddr, (SocketAddr, tokio::net::tcp::OwnedWriteHalf)>,
+    writers: HashMap<SocketAddr, tokio::net::tcp::OwnedWriteHalf>,
     frames_tx: tokio::sync::mpsc::Sender<(SocketAddr, SocketAddr, bytes::Bytes)>,
     frames: tokio::sync::mpsc::Receiver<(SocketAddr, SocketAddr, bytes::Bytes)>,
 }
@@ -596,16 +596,14 @@ impl TcpSide {
         let Some(frame) = crate::net::tcp::frame(datagram) else {
             return;
         };
-        let (_, w) = self.writers.get_mut(&to).expect("connected above");
+        let w = self.writers.get_mut(&to).expect("connected above");
         if w.write_all(&frame).await.is_err() {
             self.writers.remove(&to);
         }
     }
 
-    async fn connect(
-        &self,
-        to: SocketAddr,
-    ) -> std::io::Result<(SocketAddr, tokio::net::tcp::OwnedWriteHalf)> {
+    /// A connection to `to` whose frames its reader task passes on; its write half.
+    async fn connect(&self, to: SocketAddr) -> std::io::Result<tokio::net::tcp::OwnedWriteHalf> {
         use tokio::io::AsyncReadExt;
         let socket = match to {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -631,7 +629,7 @@ impl TcpSide {
                 }
             }
         });
-        Ok((local, w))
+        Ok(w)
     }
 }
 

@@ -175,10 +175,7 @@ fn takes_layer(
     metrics: &Metrics,
 ) -> bool {
     let top = inc.layers.saturating_sub(1) as u8;
-    let want = r
-        .quality
-        .layer()
-        .map(|l| l.min(r.limit.ceiling).min(live).min(top));
+    let want = r.wanted_layer(top).map(|l| l.min(live));
     let want_bit = want.map_or(0, |l| 1 << l.min(7));
     match route_takes(r, inc.layer, inc.keyframe, want) {
         Take::Forward => true,

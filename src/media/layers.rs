@@ -201,6 +201,16 @@ impl LayerRates {
     }
 }
 
+impl Route {
+    /// The layer this route should carry of a track whose highest is `top`: what its subscriber
+    /// asked for, under what its link takes (`None`: no video).
+    pub(super) fn wanted_layer(&self, top: u8) -> Option<u8> {
+        self.quality
+            .layer()
+            .map(|l| l.min(self.limit.ceiling).min(top))
+    }
+}
+
 /// What one route does with a packet of `layer`: `want` is the layer its subscriber should get
 /// (clamped to the track's layers), `None` for none.
 pub(super) fn route_takes(r: &mut Route, layer: u8, keyframe: bool, want: Option<u8>) -> Take {

@@ -538,7 +538,7 @@ impl MediaCore {
                 quality,
             } => self
                 .router
-                .set_quality(peers, out, &user_id, &publisher, quality),
+                .set_quality(peers, &user_id, &publisher, quality),
             Command::Close { user_id } => self.remove_peer(&user_id, now),
             Command::Leave { user_id, join } => {
                 let latest = self.left.entry(user_id.clone()).or_insert(join);

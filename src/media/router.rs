@@ -409,8 +409,7 @@ impl Router {
             .and_then(|t| t.get(track))
             .map_or(&[][..], |t| &t.routes[..]);
         for r in routes {
-            let want = r.quality.layer().map(|l| l.min(r.limit.ceiling).min(top));
-            for l in [r.layer, want].into_iter().flatten() {
+            for l in [r.layer, r.wanted_layer(top)].into_iter().flatten() {
                 if let Some(n) = needed.get_mut(usize::from(l)) {
                     *n = true;
                 }
@@ -431,8 +430,7 @@ impl Router {
     /// the routes it has now (each moves at the next keyframe of its new layer).
     pub(super) fn set_quality(
         &mut self,
-        peers: &mut Peers,
-        out: &mut Outbox,
+        peers: &Peers,
         user_id: &str,
         publisher: &str,
         quality: Quality,
@@ -457,7 +455,6 @@ impl Router {
                 r.quality = quality;
             }
         }
-        out.needs_poll.insert(publ);
     }
 
     /// `user_id` left its room: its subscriptions, the others' subscriptions to it and their

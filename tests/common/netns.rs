@@ -86,22 +86,51 @@ pub fn in_new_netns(test_name: &str, setup: &str, missing: Option<&str>) -> Plac
     Place::Done
 }
 
-/// A TCP connection to `addr` made from inside the named network namespace `ns` (`ip netns`):
-/// its loopback, for instance, is not this process's.
-pub fn connect_in(ns: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+/// `f`'s result, run on a thread that entered the named network namespace `ns` (`ip netns`):
+/// sockets it makes stay in that namespace.
+pub fn inside<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     use std::os::fd::AsRawFd;
     let ns = ns.to_string();
-    let stream = std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace");
         // SAFETY: a valid network namespace descriptor; only this short-lived thread moves.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-        std::net::TcpStream::connect(addr).expect("connect in the namespace")
+        f()
     })
     .join()
-    .unwrap();
+    .unwrap()
+}
+
+/// A TCP connection to `addr` made from inside the named network namespace `ns`: its loopback,
+/// for instance, is not this process's.
+pub fn connect_in(ns: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let stream = inside(ns, move || {
+        std::net::TcpStream::connect(addr).expect("connect in the namespace")
+    });
     stream.set_nonblocking(true).unwrap();
     tokio::net::TcpStream::from_std(stream).unwrap()
+}
+
+/// Setup commands (for [`in_new_netns`]) for a server behind a 1:1 NAT: the test's namespace is
+/// the server's inside network (10.203.0.1, default route to the router), the namespace `router`
+/// translates the outside address 10.204.0.100 to it (DNAT), and the namespace `client` is
+/// outside (10.204.0.2, `lo` up). Both named namespaces are made afresh.
+pub fn one_to_one_nat(router: &str, client: &str) -> String {
+    let r = format!("ip netns exec {router}");
+    format!(
+        "for n in {router} {client}; do ip netns del $n 2>/dev/null; ip netns add $n || exit 1; done \
+        && ip link add si type veth peer name ri netns {router} \
+        && ip -n {router} link add ro type veth peer name co netns {client} \
+        && ip addr add 10.203.0.1/24 dev si && ip link set si up && ip route add default via 10.203.0.2 \
+        && ip -n {router} addr add 10.203.0.2/24 dev ri && ip -n {router} link set ri up \
+        && ip -n {router} addr add 10.204.0.1/24 dev ro && ip -n {router} addr add 10.204.0.100/32 dev ro \
+        && ip -n {router} link set ro up && ip -n {router} link set lo up \
+        && {r} sysctl -qw net.ipv4.ip_forward=1 \
+        && {r} iptables -t nat -A PREROUTING -d 10.204.0.100 -j DNAT --to-destination 10.203.0.1 \
+        && ip -n {client} addr add 10.204.0.2/24 dev co && ip -n {client} link set co up \
+        && ip -n {client} link set lo up && ip -n {client} route add default via 10.204.0.1"
+    )
 }
 
 /// Named network namespaces a test made, deleted when it ends.

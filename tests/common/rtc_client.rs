@@ -356,35 +356,9 @@ impl MediaClient {
 
     /// Send one RTP packet on our published track.
     pub fn send(&mut self, seq: u16, payload: Bytes) {
-        let (sid, ssrc) = self.sender.expect("a publisher");
-        let packet = rtc::rtp::Packet {
-            header: rtc::rtp::header::Header {
-                version: 2,
-                marker: true,
-                payload_type: 96,
-                sequence_number: seq,
-                timestamp: u32::from(seq) * 3000,
-                ssrc,
-                extension: !self.send_extensions.is_empty(),
-                extension_profile: if self.send_extensions.is_empty() {
-                    0
-                } else {
-                    0xBEDE
-                },
-                extensions: self
-                    .send_extensions
-                    .iter()
-                    .map(|(id, payload)| rtc::rtp::header::Extension {
-                        id: *id,
-                        payload: payload.clone(),
-                    })
-                    .collect(),
-                ..Default::default()
-            },
-            payload,
-        };
-        let mut s = self.pc.rtp_sender(sid).expect("sender");
-        s.write_rtp(Instant::now(), packet).expect("write_rtp");
+        let (_, ssrc) = self.sender.expect("a publisher");
+        let extensions = self.send_extensions.clone();
+        self.write(ssrc, seq, extensions, payload);
     }
 
     /// Send one RTP packet of simulcast layer `layer` (0 = q, 1 = h, 2 = f) of our published
@@ -406,6 +380,19 @@ impl MediaClient {
             .and_then(|t| t.mid().clone())
             .expect("a mid");
         let rid = ["q", "h", "f"][layer as usize];
+        let extensions = vec![
+            (id("urn:ietf:params:rtp-hdrext:sdes:mid"), Bytes::from(mid)),
+            (
+                id("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"),
+                Bytes::from_static(rid.as_bytes()),
+            ),
+        ];
+        self.write(ssrc + layer, seq, extensions, payload);
+    }
+
+    /// One RTP packet of SSRC `ssrc` (a timestamp in step with `seq`) through our sender.
+    fn write(&mut self, ssrc: u32, seq: u16, extensions: Vec<(u8, Bytes)>, payload: Bytes) {
+        let (sid, _) = self.sender.expect("a publisher");
         let packet = rtc::rtp::Packet {
             header: rtc::rtp::header::Header {
                 version: 2,
@@ -413,19 +400,13 @@ impl MediaClient {
                 payload_type: 96,
                 sequence_number: seq,
                 timestamp: u32::from(seq) * 3000,
-                ssrc: ssrc + layer,
-                extension: true,
-                extension_profile: 0xBEDE,
-                extensions: vec![
-                    rtc::rtp::header::Extension {
-                        id: id("urn:ietf:params:rtp-hdrext:sdes:mid"),
-                        payload: Bytes::from(mid),
-                    },
-                    rtc::rtp::header::Extension {
-                        id: id("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"),
-                        payload: Bytes::from_static(rid.as_bytes()),
-                    },
-                ],
+                ssrc,
+                extension: !extensions.is_empty(),
+                extension_profile: if extensions.is_empty() { 0 } else { 0xBEDE },
+                extensions: extensions
+                    .into_iter()
+                    .map(|(id, payload)| rtc::rtp::header::Extension { id, payload })
+                    .collect(),
                 ..Default::default()
             },
             payload,
