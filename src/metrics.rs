@@ -113,6 +113,12 @@ pub struct Metrics {
     pub srtp_opened_by_rtc: IntCounter,
     /// `ferry_media_tcp_connections`: clients connected to the media port over TCP (ICE-TCP).
     pub media_tcp_connections: IntGauge,
+    /// `ferry_downlink_estimate_bps`: each subscriber's downlink bandwidth estimate, observed once a second.
+    pub downlink_estimate: Histogram,
+    /// `ferry_bwe_probes_total{result}`: probes of subscribers' downlinks, by whether they found room.
+    pub bwe_probes: IntCounterVec,
+    /// `ferry_simulcast_layer_bytes_total{layer}`: payload bytes of simulcast video sent to subscribers, per layer (low, medium, high).
+    pub layer_bytes: [IntCounter; 3],
     /// `ferry_simulcast_layers_paused`: publishers' simulcast layers paused because nobody takes them.
     pub layers_paused: IntGauge,
     /// `ferry_media_tcp_refused_total`: TCP connections to the media port refused at the cap.
@@ -354,6 +360,37 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let downlink_estimate = Histogram::with_opts(
+            HistogramOpts::new(
+                "ferry_downlink_estimate_bps",
+                "Subscribers' downlink bandwidth estimates (bits/s, from their transport-cc feedback), each observed once a second.",
+            )
+            .buckets(vec![
+                100e3, 200e3, 300e3, 500e3, 750e3, 1e6, 1.5e6, 2e6, 3e6, 5e6, 10e6, 20e6,
+            ]),
+        )
+        .expect("valid metric");
+        let bwe_probes = IntCounterVec::new(
+            Opts::new(
+                "ferry_bwe_probes_total",
+                "Probes of subscribers' downlinks (padding up to a target rate) to move a route up a simulcast layer: result room (the link carried the target) or no_room.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in ["room", "no_room"] {
+            bwe_probes.with_label_values(&[r]);
+        }
+        let layer_bytes_vec = IntCounterVec::new(
+            Opts::new(
+                "ferry_simulcast_layer_bytes_total",
+                "Payload bytes of simulcast video the relay sent to subscribers, by layer: low, medium, high.",
+            ),
+            &["layer"],
+        )
+        .expect("valid metric");
+        let layer_bytes =
+            ["low", "medium", "high"].map(|l| layer_bytes_vec.with_label_values(&[l]));
         let layers_paused = IntGauge::new(
             "ferry_simulcast_layers_paused",
             "Simulcast layers of publishers' video the relay asked them to pause, because no subscriber takes them (dynacast).",
@@ -385,6 +422,9 @@ impl Metrics {
             Box::new(http_refused.clone()),
             Box::new(media_tcp_connections.clone()),
             Box::new(layers_paused.clone()),
+            Box::new(downlink_estimate.clone()),
+            Box::new(bwe_probes.clone()),
+            Box::new(layer_bytes_vec),
             Box::new(media_tcp_refused.clone()),
             Box::new(rooms.clone()),
             Box::new(room_members.clone()),
@@ -452,6 +492,9 @@ impl Metrics {
             srtp_opened_by_rtc,
             media_tcp_connections,
             layers_paused,
+            downlink_estimate,
+            bwe_probes,
+            layer_bytes,
             media_tcp_refused,
             http_refused,
         }

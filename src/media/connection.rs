@@ -449,6 +449,7 @@ impl Peer {
             admission: guard::Admission::default(),
             refusals: guard::RefusalLog::default(),
             may_publish,
+            downlink: bwe::Downlink::default(),
         }
     }
 }

@@ -27,7 +27,7 @@ impl MediaCore {
         ) else {
             return;
         };
-        let sent = resend(track, sub, s, &mut self.out.tx, lost);
+        let sent = resend(track, sub, s, &mut self.out.tx, lost, now);
         self.metrics.retransmits.inc_by(sent);
         if let Some(top) = top
             && let Some(r) = track.routes.iter_mut().find(|r| r.to == sub)
@@ -105,6 +105,7 @@ fn resend(
     s: &mut Peer,
     tx: &mut TxBatch,
     lost: &[u16],
+    now: Instant,
 ) -> u64 {
     let (Some(sealer), Some(to)) = (s.sealer.as_mut(), s.remote) else {
         return 0;
@@ -139,6 +140,10 @@ fn resend(
             seq,
             ts: sent.timestamp,
             extensions: &original.header.extensions,
+            twcc: s.downlink.stamps().then(|| {
+                let size = original.payload.len() + SEALED_OVERHEAD;
+                (s.downlink.ext_id, s.downlink.stamp(size, now))
+            }),
         };
         if tx.push_with(to, |buf| {
             write_sealed(buf, &header, &original.payload, sealer, roc)

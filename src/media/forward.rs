@@ -115,7 +115,8 @@ pub(super) fn forward(
             // from the moment the DTLS handshake gave the keys (and the address it ran on),
             // which can be a few packets before rtc reports the connection connected.
             let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
-            match seal_copy(&mut out.tx, r, sealer, to, copy, inc.now) {
+            let seal = (sealer, &mut sub.downlink);
+            match seal_copy(&mut out.tx, r, seal, to, copy, inc.now) {
                 Some(report_due) => {
                     if report_due {
                         send_sender_report(r, sub, out, inc.now);
@@ -143,6 +144,9 @@ pub(super) fn forward(
             Ok(()) => {
                 out.counts.rtp_out[inc.kind] += 1;
                 out.counts.bytes_out[inc.kind] += bytes;
+                if inc.layers > 1 {
+                    out.counts.layer_bytes[usize::from(inc.layer.min(2))] += bytes;
+                }
                 r.limit.on_sent(bytes);
             }
             Err(reason) => {
@@ -360,7 +364,7 @@ impl<'a> SealedCopy<'a> {
 pub(super) fn seal_copy(
     tx: &mut TxBatch,
     r: &mut Route,
-    sealer: &mut srtp::Sealer,
+    (sealer, downlink): (&mut srtp::Sealer, &mut bwe::Downlink),
     to: SocketAddr,
     copy: SealedCopy<'_>,
     now: Instant,
@@ -380,6 +384,12 @@ pub(super) fn seal_copy(
         seq,
         ts,
         extensions,
+        twcc: downlink.stamps().then(|| {
+            (
+                downlink.ext_id,
+                downlink.stamp(payload.len() + SEALED_OVERHEAD, now),
+            )
+        }),
     };
     let sealed = r.sealed.get_or_insert_with(|| Sealed {
         rollover: Default::default(),
@@ -413,6 +423,60 @@ pub(super) fn seal_copy(
     Some(report_due)
 }
 
+/// A padding-only packet of `bytes` (1..=255) on route `r`, for a probe of its subscriber's
+/// downlink: the next sequence number of the route (see [`Munger::insert`]), the last
+/// timestamp, no payload; a subscriber's NACK for it is not answered. Whether it was queued.
+pub(super) fn seal_padding(
+    tx: &mut TxBatch,
+    r: &mut Route,
+    (sealer, downlink): (&mut srtp::Sealer, &mut bwe::Downlink),
+    to: SocketAddr,
+    bytes: usize,
+    now: Instant,
+) -> bool {
+    let Some(sealed) = r.sealed.as_mut() else {
+        return false;
+    };
+    let Some((seq, ts)) = r.munger.insert() else {
+        return false;
+    };
+    let pad = bytes.clamp(1, 255);
+    let from = rtc::rtp::header::Header {
+        padding: true,
+        ..Default::default()
+    };
+    let header = CopyHeader {
+        from: &from,
+        payload_type: r.payload_type,
+        ssrc: r.ssrc,
+        ext_map: &r.ext_map,
+        seq,
+        ts,
+        extensions: &[],
+        twcc: downlink
+            .stamps()
+            .then(|| (downlink.ext_id, downlink.stamp(pad + SEALED_OVERHEAD, now))),
+    };
+    let roc = sealed.rollover.roc_for(seq);
+    let ssrc = r.ssrc;
+    let queued = tx.push_with(to, |buf| {
+        let start = buf.len();
+        let header_len = write_header(buf, &header);
+        buf.resize(buf.len() + pad - 1, 0);
+        buf.push(pad as u8);
+        sealer.seal(buf, start, header_len, ssrc, seq, roc).is_ok()
+    });
+    if queued {
+        sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent::default();
+        sealed.packets = sealed.packets.wrapping_add(1);
+    }
+    queued
+}
+
+/// Bytes a sealed copy adds to its payload, about (RTP header with a few extensions, the SRTP
+/// tag): the size its transport-cc record counts.
+pub(super) const SEALED_OVERHEAD: usize = 40;
+
 /// What a copy's RTP header carries: the publisher's packet's marker, padding and CSRCs, the
 /// route's payload type, SSRC, sequence number and timestamp, and the publisher's extensions this
 /// subscriber negotiated, under its IDs.
@@ -424,6 +488,9 @@ pub(super) struct CopyHeader<'a> {
     pub(super) seq: u16,
     pub(super) ts: u32,
     pub(super) extensions: &'a [rtc::rtp::header::Extension],
+    /// The subscriber's transport-cc extension id and this packet's transport-wide sequence
+    /// number (see [`bwe::Downlink`]), written before the forwarded extensions.
+    pub(super) twcc: Option<(u8, u16)>,
 }
 
 /// Appends a copy's RTP header to `buf` (RFC 3550 5.1; extensions RFC 8285, one-byte form when
@@ -432,11 +499,14 @@ pub(super) struct CopyHeader<'a> {
 pub(super) fn write_header(buf: &mut Vec<u8>, c: &CopyHeader<'_>) -> usize {
     let start = buf.len();
     let csrc = &c.from.csrc[..c.from.csrc.len().min(15)];
+    let twcc = c.twcc.map(|(id, seq)| (id, seq.to_be_bytes()));
     let forwarded = || {
-        c.extensions.iter().filter_map(|e| {
-            let id = c.ext_map[usize::from(e.id)];
-            (id != 0 && e.payload.len() <= 255).then_some((id, &e.payload[..]))
-        })
+        twcc.iter()
+            .map(|(id, seq)| (*id, &seq[..]))
+            .chain(c.extensions.iter().filter_map(|e| {
+                let id = c.ext_map[usize::from(e.id)];
+                (id != 0 && e.payload.len() <= 255).then_some((id, &e.payload[..]))
+            }))
     };
     let (mut any, mut one_byte) = (false, true);
     for (id, payload) in forwarded() {
@@ -565,6 +635,7 @@ mod tests {
             layer: Some(0),
             quality: Quality::High,
             limit: LossLimit::default(),
+            fit: None,
         };
         let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
             (vec![], vec![], false, false),
@@ -607,6 +678,7 @@ mod tests {
                     seq,
                     ts,
                     extensions: &extensions,
+                    twcc: None,
                 },
             );
             assert_eq!(n, got.len() - 3);

@@ -463,13 +463,15 @@ pub(super) fn reception_reports(packets: &[Box<dyn rtc::rtcp::Packet>]) -> Vec<(
 pub struct DeliverRtcp;
 
 impl DeliverRtcp {
-    /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path), and reception
-    /// reports (the loss on a subscriber's link, for its simulcast layers).
+    /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path), transport-cc
+    /// feedback (a subscriber's bandwidth estimate) and reception reports (the loss on a
+    /// subscriber's link, for its simulcast layers where it sends no transport-cc).
     pub fn relay_feedback() -> impl Interceptor {
         Self::when(|p| {
             let p = p.as_any();
             is_keyframe_request_any(p)
                 || p.is::<TransportLayerNack>()
+                || p.is::<rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>()
                 || p.is::<rtc::rtcp::receiver_report::ReceiverReport>()
                 || p.is::<rtc::rtcp::sender_report::SenderReport>()
         })

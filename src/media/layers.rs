@@ -205,9 +205,8 @@ impl Route {
     /// The layer this route should carry of a track whose highest is `top`: what its subscriber
     /// asked for, under what its link takes (`None`: no video).
     pub(super) fn wanted_layer(&self, top: u8) -> Option<u8> {
-        self.quality
-            .layer()
-            .map(|l| l.min(self.limit.ceiling).min(top))
+        let link = self.fit.unwrap_or(self.limit.ceiling);
+        self.quality.layer().map(|l| l.min(link).min(top))
     }
 }
 
@@ -340,6 +339,7 @@ mod tests {
             layer: None,
             quality: Quality::High,
             limit: LossLimit::default(),
+            fit: None,
         }
     }
 }

@@ -58,6 +58,8 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+mod allocate;
+mod bwe;
 mod connection;
 mod feedback;
 mod forward;
@@ -287,8 +289,12 @@ struct Route {
     layer: Option<u8>,
     /// What its subscriber asked for.
     quality: Quality,
-    /// The highest layer its subscriber's link takes (from its reception reports).
+    /// The highest layer its subscriber's link takes (from its reception reports), where the
+    /// subscriber sends no transport-cc feedback.
     limit: LossLimit,
+    /// The highest layer its subscriber's bandwidth estimate fits (see [`bwe`]): when set, it
+    /// replaces `limit`.
+    fit: Option<u8>,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -379,6 +385,8 @@ struct Peer {
     refusals: guard::RefusalLog,
     /// Its token grants `publish`.
     may_publish: bool,
+    /// Its downlink's transport-cc stamping, feedback, bandwidth estimate and probing.
+    downlink: bwe::Downlink,
 }
 
 impl Peer {
@@ -601,14 +609,15 @@ pub mod bench {
 
     /// One publisher track fanned out to `n` subscribers, each with its own connection's sealer.
     pub struct Fanout {
-        peers: HashMap<PeerKey, (srtp::Sealer, SocketAddr)>,
+        peers: HashMap<PeerKey, (srtp::Sealer, SocketAddr, bwe::Downlink)>,
         routes: Vec<Route>,
         tx: TxBatch,
     }
 
     impl Fanout {
         /// `transform` with keys made up per subscriber; subscriber `i` gets the publisher's
-        /// extension id 2 as its id 3 and nothing for the others.
+        /// extension id 2 as its id 3 and nothing for the others, and a transport-cc
+        /// sequence number under id 5 (as a Chromium subscriber negotiates).
         pub fn new(n: usize, transform: srtp::Transform) -> Fanout {
             let mut peers = HashMap::new();
             let mut routes = Vec::new();
@@ -627,7 +636,8 @@ pub mod bench {
                 let sealer = srtp::Sealer::new(&keys).expect("sealer");
                 let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));
                 let key = i as PeerKey * 7 + 1;
-                peers.insert(key, (sealer, addr));
+                let downlink = bwe::Downlink::new(5);
+                peers.insert(key, (sealer, addr, downlink));
                 let mut ext_map = Box::new([0u8; 256]);
                 ext_map[2] = 3;
                 routes.push(Route {
@@ -643,6 +653,7 @@ pub mod bench {
                     layer: Some(0),
                     quality: Quality::High,
                     limit: LossLimit::default(),
+                    fit: None,
                 });
             }
             Fanout {
@@ -659,11 +670,11 @@ pub mod bench {
             packet.header.extension = false;
             let mut queued = 0;
             for r in self.routes.iter_mut() {
-                let Some((sealer, to)) = self.peers.get_mut(&r.to) else {
+                let Some((sealer, to, downlink)) = self.peers.get_mut(&r.to) else {
                     continue;
                 };
                 let copy = SealedCopy::mapped(&mut r.munger, packet, &extensions);
-                if seal_copy(&mut self.tx, r, sealer, *to, copy, now).is_some() {
+                if seal_copy(&mut self.tx, r, (sealer, downlink), *to, copy, now).is_some() {
                     queued += 1;
                 }
             }

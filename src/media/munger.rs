@@ -69,6 +69,28 @@ impl Munger {
         }
     }
 
+    /// Whether a packet was mapped yet.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// A packet of the relay's own (padding) goes out between the publisher's: its sequence
+    /// number (the next one; the publisher's packets after it move up by one) and the last
+    /// timestamp sent. `None` before the first packet.
+    pub fn insert(&mut self) -> Option<(u16, u32)> {
+        if !self.started {
+            return None;
+        }
+        // Several inserts at one point: late packets from before them keep the first offset.
+        let from = self.highest_in.wrapping_add(1);
+        if self.previous.is_none_or(|(_, f)| f != from) {
+            self.previous = Some((self.seq_offset, from));
+        }
+        self.seq_offset = self.seq_offset.wrapping_sub(1);
+        self.last_out_seq = self.last_out_seq.wrapping_add(1);
+        Some((self.last_out_seq, self.last_out_ts))
+    }
+
     /// The packet that came in with `seq` was not sent after all: if it was the newest, the next
     /// packet takes its number.
     pub fn dropped(&mut self, seq: u16) {
@@ -136,6 +158,20 @@ mod tests {
             Send(1, 11, 11), // late, from before the change
             Send(1, 13, 12),
         ]);
+    }
+
+    #[test]
+    fn inserted_packets_take_the_next_numbers_and_the_stream_goes_on_after_them() {
+        let mut m = Munger::default();
+        assert_eq!(m.insert(), None, "nothing before the first packet");
+        assert_eq!(m.map(1, 100, 9_000), (100, 9_000));
+        assert_eq!(m.insert(), Some((101, 9_000)));
+        assert_eq!(m.insert(), Some((102, 9_000)));
+        assert_eq!(m.map(1, 101, 12_000), (103, 12_000));
+        // A late packet from before the insert keeps a number below it.
+        assert_eq!(m.map(1, 99, 6_000).0, 99);
+        m.dropped(101);
+        assert_eq!(m.map(1, 102, 15_000), (103, 15_000));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub(super) struct Router {
     subscriptions: HashMap<String, Wanted>,
     /// Publisher -> its track id -> the track's routes (nested so the packet path looks up by
     /// `&str`). Made at a track's first attach, so history is kept only for routed tracks.
-    tracks: FxHashMap<PeerKey, FxHashMap<String, RoutedTrack>>,
+    pub(super) tracks: FxHashMap<PeerKey, FxHashMap<String, RoutedTrack>>,
     /// (subscriber, publisher) user ids -> the video quality the subscriber asked for (absent:
     /// the highest).
     qualities: HashMap<(String, String), Quality>,
@@ -632,6 +632,7 @@ fn open_feed(
         layer: None,
         quality: Quality::High,
         limit: LossLimit::default(),
+        fit: None,
     })
 }
 
@@ -733,4 +734,11 @@ fn map_route(r: &mut Route, from: &[(String, u16)], s: &mut Peer) {
         }
     }
     *r.ext_map = map;
+    // The relay stamps the subscriber's packets with transport-wide sequence numbers when it
+    // negotiated transport-cc (its bandwidth estimate comes from the feedback).
+    s.downlink.ext_id = sub_exts
+        .iter()
+        .find(|(u, _)| u == rtc::sdp::extmap::TRANSPORT_CC_URI)
+        .and_then(|(_, id)| u8::try_from(*id).ok())
+        .unwrap_or(0);
 }

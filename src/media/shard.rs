@@ -143,6 +143,7 @@ impl MediaCore {
             p.pc.poll_timeout(),
             p.pli_at.iter().min().copied(),
             p.parked_deadline,
+            p.downlink.padding_wake(Instant::now()),
         ]
         .into_iter()
         .flatten()
@@ -159,6 +160,7 @@ impl MediaCore {
             self.next_consent_sweep = now + Duration::from_secs(1);
             self.expire_consent(now);
             self.dynacast();
+            self.observe_estimates();
         }
         while let Some(&(t, k)) = self.timers.first() {
             if t > now {
@@ -178,7 +180,14 @@ impl MediaCore {
                 request_keyframes(p, now);
                 self.metrics.keyframe_requests_new_subscriber.inc();
             }
-            if p.parked_deadline.is_some_and(|t| t <= now) {
+            let (probing, parked) = (
+                p.downlink.padding_wake(now).is_some(),
+                p.parked_deadline.is_some_and(|t| t <= now),
+            );
+            if probing {
+                self.pad(k, now);
+            }
+            if parked {
                 self.router
                     .expire_parked(&mut self.peers, &mut self.out, k, now);
             }
@@ -504,6 +513,12 @@ impl MediaCore {
                     }
                     if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
                         self.relay_keyframe_request(key, &track_id, now);
+                    }
+                    for fb in packets.iter().filter_map(|p| {
+                        p.as_any()
+                            .downcast_ref::<rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>()
+                    }) {
+                        self.on_transport_feedback(key, fb, now);
                     }
                     for (ssrc, lost) in reception_reports(&packets) {
                         self.router

@@ -11,6 +11,8 @@ pub(super) struct PacketCounts {
     pub(super) bytes_out: [u64; 2],
     /// Packets in opened by [relay, rtc].
     pub(super) opened: [u64; 2],
+    /// Simulcast video payload bytes sent, by layer.
+    pub(super) layer_bytes: [u64; 3],
 }
 
 impl PacketCounts {
@@ -27,7 +29,8 @@ impl PacketCounts {
                 (self.bytes_out[k], &m.bytes_out[k]),
             ]
         });
-        for (n, c) in opened.into_iter().chain(per_kind) {
+        let layers = self.layer_bytes.iter().copied().zip(m.layer_bytes.iter());
+        for (n, c) in opened.into_iter().chain(per_kind).chain(layers) {
             if n > 0 {
                 c.inc_by(n);
             }

@@ -1,0 +1,173 @@
+//! A subscriber's downlink estimate ([`bwe`]) shared out among what it receives: audio first
+//! (a fixed reserve per track: video never starves it), then every video route at its lowest
+//! layer, then, screen shares before cameras, each route as high as the rest fits (up to what
+//! its subscriber asked for). When a route is held below what it asked for, the relay probes for
+//! room to move it up: padding on one of the subscriber's video streams.
+
+use super::*;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+
+/// Bits/s kept for each audio track a subscriber receives before video gets any.
+const AUDIO_RESERVE: f64 = 64_000.0;
+/// A layer whose rate is not known (it is paused, or not yet measured) is taken to be this
+/// many times the one below it; a lowest layer, this many bits/s.
+const UNKNOWN_STEP: f64 = 3.0;
+const UNKNOWN_LOWEST: f64 = 150_000.0;
+/// The most padding one packet carries (RTP padding length is one byte).
+const MAX_PADDING: usize = 255;
+
+impl MediaCore {
+    /// Transport-cc feedback from subscriber `sub`: its estimate updated, its routes' layers
+    /// fitted to it.
+    pub(super) fn on_transport_feedback(
+        &mut self,
+        sub: PeerKey,
+        fb: &TransportLayerCc,
+        now: Instant,
+    ) {
+        let Some(p) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        if !p.downlink.stamps() {
+            return;
+        }
+        if let Some(room) = p.downlink.on_feedback(fb, now) {
+            let result = if room { "room" } else { "no_room" };
+            self.metrics.bwe_probes.with_label_values(&[result]).inc();
+        }
+        self.router.allocate(&mut self.peers, sub, now);
+    }
+
+    /// Padding due on `sub`'s probe: sealed onto one of its video routes.
+    pub(super) fn pad(&mut self, sub: PeerKey, now: Instant) {
+        let Some(p) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        let due = p.downlink.padding_due(now);
+        let (Some(sealer), Some(to)) = (p.sealer.as_mut(), p.remote) else {
+            return;
+        };
+        if due == 0 {
+            return;
+        }
+        let Some(r) = self.router.padding_route(sub) else {
+            return;
+        };
+        let mut left = due;
+        while left > 0 {
+            let n = left.min(MAX_PADDING);
+            if !seal_padding(&mut self.out.tx, r, (sealer, &mut p.downlink), to, n, now) {
+                break;
+            }
+            left -= n;
+        }
+    }
+
+    /// Each estimate into `ferry_downlink_estimate_bps` (once a second).
+    pub(super) fn observe_estimates(&self) {
+        for (_, p) in self.peers.iter() {
+            if let Some(bps) = p.downlink.estimate() {
+                self.metrics.downlink_estimate.observe(bps as f64);
+            }
+        }
+    }
+}
+
+/// One video route of a subscriber, as the allocation sees it.
+struct Candidate {
+    publisher: PeerKey,
+    track: String,
+    screen: bool,
+    /// Bits/s of each layer up to the one asked for (`None`: off).
+    rates: Vec<f64>,
+    wanted: Option<u8>,
+    current: Option<u8>,
+}
+
+impl Router {
+    /// Share `sub`'s estimate among its routes (see the module's text): each video route's
+    /// `fit`, and a probe when one is held below what it asked for.
+    pub(super) fn allocate(&mut self, peers: &mut Peers, sub: PeerKey, now: Instant) {
+        let Some(estimate) = peers.get(&sub).and_then(|s| s.downlink.estimate()) else {
+            return;
+        };
+        let mut budget = estimate as f64;
+        let mut video = Vec::new();
+        for (publisher, tracks) in &self.tracks {
+            for (track, t) in tracks {
+                let Some(r) = t.routes.iter().find(|r| r.to == sub) else {
+                    continue;
+                };
+                let Some(p) = peers.get(publisher).and_then(|p| p.published.get(track)) else {
+                    continue;
+                };
+                if p.kind != RtpCodecKind::Video {
+                    budget -= AUDIO_RESERVE;
+                    continue;
+                }
+                let top = p.layers.len().saturating_sub(1) as u8;
+                let wanted = r.quality.layer().map(|l| l.min(top));
+                let mut rates: Vec<f64> = Vec::new();
+                for l in 0..=wanted.unwrap_or(0) {
+                    let measured = t.rates.bps(l).map(|b| b as f64);
+                    let guess = rates.last().map_or(UNKNOWN_LOWEST, |r| r * UNKNOWN_STEP);
+                    rates.push(measured.unwrap_or(guess));
+                }
+                video.push(Candidate {
+                    publisher: *publisher,
+                    track: track.clone(),
+                    screen: p.ty == "screen",
+                    rates,
+                    wanted,
+                    current: r.layer,
+                });
+            }
+        }
+        // Screen shares first.
+        video.sort_by_key(|c| !c.screen);
+        for c in video.iter().filter(|c| c.wanted.is_some()) {
+            budget -= c.rates[0];
+        }
+        let mut goal = None;
+        let mut fits = Vec::with_capacity(video.len());
+        for c in &video {
+            let Some(wanted) = c.wanted else {
+                fits.push(None);
+                continue;
+            };
+            let l = bwe::fit_layer(&c.rates, budget + c.rates[0], c.current);
+            budget -= c.rates[usize::from(l)] - c.rates[0];
+            if l < wanted && goal.is_none() {
+                let (now_rate, next) = (c.rates[usize::from(l)], c.rates[usize::from(l) + 1]);
+                goal = Some((next * bwe::UP_HEADROOM - now_rate, l));
+            }
+            fits.push(Some(l));
+        }
+        for (c, fit) in video.iter().zip(fits) {
+            if let Some(r) = self
+                .tracks
+                .get_mut(&c.publisher)
+                .and_then(|t| t.get_mut(&c.track))
+                .and_then(|t| t.routes.iter_mut().find(|r| r.to == sub))
+            {
+                // Off stays off; otherwise the layer the estimate fits.
+                r.fit = Some(fit.unwrap_or(0));
+            }
+        }
+        if let (Some((step, _)), Some(s)) = (goal, peers.get_mut(&sub)) {
+            let used = estimate as f64 - budget.max(0.0);
+            s.downlink.want(used + step, now);
+        }
+    }
+
+    /// A video route to `sub` that padding can ride on: sealed, its numbering started.
+    pub(super) fn padding_route(&mut self, sub: PeerKey) -> Option<&mut Route> {
+        self.tracks
+            .values_mut()
+            .flat_map(|t| t.values_mut())
+            .flat_map(|t| t.routes.iter_mut())
+            .find(|r| {
+                r.to == sub && r.clock_rate == 90_000 && r.sealed.is_some() && r.munger.started()
+            })
+    }
+}
