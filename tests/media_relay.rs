@@ -627,6 +627,9 @@ async fn a_republished_track_continues_on_the_same_subscriber_track() {
     }
 }
 
+/// The publisher's end-to-end extensions reach the subscriber under the subscriber's own IDs;
+/// transport-cc is per leg: the subscriber gets the relay's own transport-wide numbering (what
+/// its feedback, and so its bandwidth estimate, is about), never the publisher's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_extensions_are_remapped_to_the_subscribers_ids() {
     use common::rtc_client::{TEST_EXTENSIONS, extmap_id};
@@ -667,11 +670,18 @@ async fn header_extensions_are_remapped_to_the_subscribers_ids() {
     );
     let got = check_received(&sub, 0x0bad_cafe);
     assert!(got.len() > 60, "{got:?}");
+    let sub_twcc = extmap_id(
+        &sub_sdp,
+        "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01",
+    )
+    .expect("transport-cc offered to the subscriber");
+    let mut transport_seqs = Vec::new();
     for (_, p) in &sub.received {
         let mut exts: Vec<(u8, Bytes)> = p
             .header
             .extensions
             .iter()
+            .filter(|e| e.id != sub_twcc)
             .map(|e| (e.id, e.payload.clone()))
             .collect();
         exts.sort();
@@ -684,7 +694,22 @@ async fn header_extensions_are_remapped_to_the_subscribers_ids() {
             exts, want,
             "extensions under the subscriber's IDs, nothing else"
         );
+        let seq = p
+            .header
+            .extensions
+            .iter()
+            .find(|e| e.id == sub_twcc)
+            .map(|e| u16::from_be_bytes([e.payload[0], e.payload[1]]))
+            .expect("every packet carries the relay's own transport-wide sequence number");
+        transport_seqs.push(seq);
     }
+    // The relay's numbering of this subscriber's downlink, not the publisher's value (0, 7).
+    assert!(
+        transport_seqs
+            .windows(2)
+            .all(|w| w[1] == w[0].wrapping_add(1)),
+        "{transport_seqs:?}"
+    );
 }
 
 /// The server's media port in a relay connection's remote description (its host candidate).

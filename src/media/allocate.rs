@@ -63,12 +63,20 @@ impl MediaCore {
         }
     }
 
-    /// Each estimate into `ferry_downlink_estimate_bps` (once a second).
-    pub(super) fn observe_estimates(&self) {
-        for (_, p) in self.peers.iter() {
+    /// Once a second: each estimate into `ferry_downlink_estimate_bps`; the routes of a
+    /// connection that sends no transport-cc feedback stop waiting for an estimate.
+    pub(super) fn observe_estimates(&mut self, now: Instant) {
+        let mut silent = Vec::new();
+        for (key, p) in self.peers.iter_mut() {
             if let Some(bps) = p.downlink.estimate() {
                 self.metrics.downlink_estimate.observe(bps as f64);
             }
+            if p.downlink.silent(now) {
+                silent.push(*key);
+            }
+        }
+        for key in silent {
+            self.router.clear_fits(key);
         }
     }
 }
@@ -160,7 +168,17 @@ impl Router {
         }
     }
 
-    /// A video route to `sub` that padding can ride on: sealed, its numbering started.
+    /// `sub`'s routes follow its receiver reports ([`LossLimit`]): it has no estimate.
+    pub(super) fn clear_fits(&mut self, sub: PeerKey) {
+        for t in self.tracks.values_mut().flat_map(|t| t.values_mut()) {
+            for r in t.routes.iter_mut().filter(|r| r.to == sub) {
+                r.fit = None;
+            }
+        }
+    }
+
+    /// A video route to `sub` that padding can ride on: carrying a layer, sealed, its numbering
+    /// started.
     pub(super) fn padding_route(&mut self, sub: PeerKey) -> Option<&mut Route> {
         self.tracks
             .values_mut()

@@ -496,7 +496,15 @@ pub struct Downlink {
     pub probe: Probe,
     /// Feedback came: the estimate is the subscriber's own.
     pub active: bool,
+    /// When the relay first looked for feedback that has not come yet, and whether it stopped
+    /// waiting (see [`Downlink::silent`]).
+    waiting_since: Option<Instant>,
+    pub gave_up: bool,
 }
+
+/// How long a connection may go without transport-cc feedback before its routes' layers no
+/// longer wait for an estimate (they follow its receiver reports instead).
+pub const FEEDBACK_WAIT: Duration = Duration::from_secs(3);
 
 /// Sent packets remembered for feedback (a second of 1000 packets/s).
 const LOG: usize = 1024;
@@ -633,6 +641,23 @@ impl Downlink {
             }
             _ => None,
         }
+    }
+
+    /// Checked once a second: true once, when no feedback came for [`FEEDBACK_WAIT`] (a client
+    /// without transport-cc): its routes stop waiting for an estimate.
+    pub fn silent(&mut self, now: Instant) -> bool {
+        if self.active || self.gave_up {
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        self.gave_up = now.saturating_duration_since(since) >= FEEDBACK_WAIT;
+        self.gave_up
+    }
+
+    /// The layer a new route of this connection starts at: the lowest while an estimate is to
+    /// be had (it moves up as the estimate allows), else none of its own (`None`).
+    pub fn starting_fit(&self) -> Option<u8> {
+        (!self.gave_up).then_some(0)
     }
 
     /// The full sequence number of `wire`, one of the last [`LOG`] sent.

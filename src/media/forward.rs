@@ -622,7 +622,7 @@ mod tests {
         ext_map[4] = 15; // -> an id only the two-byte form carries
         ext_map[6] = 2;
         ext_map[9] = 9;
-        let route = Route {
+        let mut route = Route {
             to: 1,
             sender_id: RTCRtpSenderId::default(),
             ssrc: 0x0102_0304,
@@ -650,7 +650,21 @@ mod tests {
             // Nothing mapped: no extension block.
             (vec![ext(2, 4), ext(8, 1)], vec![], false, false),
         ];
-        for (extensions, csrc, marker, padding) in cases {
+        // Each case again with the subscriber's transport-cc number (under its id 12) first: as
+        // if the publisher's packet had carried it under an id mapped to 12.
+        route.ext_map[13] = 12;
+        let twcc = Extension {
+            id: 13,
+            payload: Bytes::from_static(&[0xbe, 0xef]),
+        };
+        let cases = cases.into_iter().flat_map(|(e, c, m, p)| {
+            let stamped = std::iter::once(twcc.clone()).chain(e.clone()).collect();
+            [
+                (e, c.clone(), m, p, None),
+                (stamped, c, m, p, Some((12, 0xbeef))),
+            ]
+        });
+        for (extensions, csrc, marker, padding, stamp) in cases {
             let from = Header {
                 version: 2,
                 padding,
@@ -677,8 +691,12 @@ mod tests {
                     ext_map: &route.ext_map,
                     seq,
                     ts,
-                    extensions: &extensions,
-                    twcc: None,
+                    extensions: if stamp.is_some() {
+                        &extensions[1..]
+                    } else {
+                        &extensions
+                    },
+                    twcc: stamp,
                 },
             );
             assert_eq!(n, got.len() - 3);

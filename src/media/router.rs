@@ -632,7 +632,7 @@ fn open_feed(
         layer: None,
         quality: Quality::High,
         limit: LossLimit::default(),
-        fit: None,
+        fit: s.downlink.starting_fit(),
     })
 }
 

@@ -160,7 +160,7 @@ impl MediaCore {
             self.next_consent_sweep = now + Duration::from_secs(1);
             self.expire_consent(now);
             self.dynacast();
-            self.observe_estimates();
+            self.observe_estimates(now);
         }
         while let Some(&(t, k)) = self.timers.first() {
             if t > now {
