@@ -1801,6 +1801,145 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
     );
 }
 
+/// A link that changes mid-call: carol's downlink (`tc tbf` on the router side of her veth)
+/// starts at 3 Mbit/s, where she decodes alice's full layer; it drops to 300 kbit/s, and her route
+/// goes down to a layer that fits within a few seconds (her estimate follows the link: loss and
+/// queueing in her transport-cc feedback); it comes back to 3 Mbit/s, and a probe finds the room
+/// and takes her back to the full layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_drops_mid_call_moves_down_and_back_up() {
+    const TEST: &str = "a_link_that_drops_mid_call_moves_down_and_back_up";
+    let shape = |rate: &str| {
+        format!("tc qdisc replace dev th0 root tbf rate {rate} burst 16kb latency 50ms")
+    };
+    let setup = format!(
+        "ip netns del ferry-drop 2>/dev/null; ip netns add ferry-drop \
+        && ip link add th0 type veth peer name th1 netns ferry-drop \
+        && ip addr add 10.207.0.1/24 dev th0 && ip link set th0 up \
+        && ip -n ferry-drop addr add 10.207.0.2/24 dev th1 && ip -n ferry-drop link set th1 up \
+        && ip -n ferry-drop link set lo up && ip -n ferry-drop route add default via 10.207.0.1 \
+        && {}",
+        shape("3mbit")
+    );
+    let missing = common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)")
+        .or_else(|| {
+            let tc = std::process::Command::new("tc").arg("-V").output();
+            tc.is_err()
+                .then_some("tc is missing (apt-get install iproute2)")
+        });
+    match common::netns::in_new_netns(TEST, &setup, missing) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-drop"]);
+    let s = spawn(ferry::config::Config {
+        http_listen: "0.0.0.0:0".parse().unwrap(),
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap(), "10.207.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let local = format!("http://127.0.0.1:{}", s.addr.port());
+    let (mut ba, a) = member_page_at(&local, "alice").await;
+    let origin = format!("http://10.207.0.1:{}", s.addr.port());
+    let mut bc = Browser::launch_with(Launch {
+        netns: Some("ferry-drop"),
+        secure_origin: Some(&origin),
+        ..Launch::default()
+    })
+    .await;
+    let c = bc.open("carol", &format!("{origin}/")).await;
+    enter_lobby(&mut bc, &c).await;
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
+    viewer(&mut bc, &c, &room).await;
+    let sample = decoded_width(&a_id, 0);
+    // Samples carol's decoder every 250 ms until `done` says so (at most `secs`): the seconds it
+    // took (None: not in time), the trace, and the time with no new frame.
+    let until = async |br: &mut Browser, done: &dyn Fn(u64) -> bool, secs: u64| {
+        let start = std::time::Instant::now();
+        let (mut trace, mut stalled, mut last) = (String::new(), 0.0, 0u64);
+        while start.elapsed() < Duration::from_secs(secs) {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let v = br.eval(&c, &sample).await;
+            let (w, frames) = (
+                v["w"].as_u64().unwrap_or(0),
+                v["frames"].as_u64().unwrap_or(0),
+            );
+            if frames == last {
+                stalled += 0.25;
+            }
+            last = frames;
+            trace.push_str(&format!(" {w}"));
+            if done(w) {
+                return (Some(start.elapsed().as_secs_f64()), trace, stalled);
+            }
+        }
+        (None, trace, stalled)
+    };
+    let (full, trace, _) = until(&mut bc, &|w| w == 960, 40).await;
+    eprintln!("3 Mbit/s: carol at the full layer after {full:?} s:{trace}");
+    assert!(
+        full.is_some(),
+        "carol reaches the full layer on 3 Mbit/s:{trace}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tc = |rate: &str| {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &shape(rate)])
+            .output()
+            .expect("tc runs");
+        assert!(out.status.success(), "{out:?}");
+    };
+    tc("300kbit");
+    let (down, trace, stalled) = until(&mut bc, &|w| w > 0 && w < 960, 20).await;
+    eprintln!(
+        "300 kbit/s: carol below the full layer after {down:?} s ({stalled:.2} s without a new frame):{trace}"
+    );
+    assert!(
+        down.is_some_and(|d| d < 6.0),
+        "down within a few seconds of the drop: {down:?}:{trace}"
+    );
+    // Settled on the thin link: fluid, no flapping back up.
+    let (up_early, trace, stalled) = until(&mut bc, &|w| w == 960, 12).await;
+    eprintln!("300 kbit/s for 12 s: {stalled:.2} s without a new frame:{trace}");
+    assert!(
+        up_early.is_none(),
+        "no step up the thin link cannot carry:{trace}"
+    );
+    assert!(
+        stalled < 2.0,
+        "fluid on the thin link: {stalled} s stalled:{trace}"
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    let no_room = metric(&m, "ferry_bwe_probes_total{result=\"no_room\"}").unwrap_or(0.0);
+    tc("3mbit");
+    let (up, trace, _) = until(&mut bc, &|w| w == 960, 30).await;
+    eprintln!("3 Mbit/s again: carol at the full layer after {up:?} s:{trace}");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    eprintln!(
+        "probes: room {:?}, no_room {:?} ({no_room} while thin); estimates observed {:?}; switches up {:?}, down {:?}",
+        metric(&m, "ferry_bwe_probes_total{result=\"room\"}"),
+        metric(&m, "ferry_bwe_probes_total{result=\"no_room\"}"),
+        metric(&m, "ferry_downlink_estimate_bps_count"),
+        metric(&m, "ferry_layer_switches_total{direction=\"up\"}"),
+        metric(&m, "ferry_layer_switches_total{direction=\"down\"}"),
+    );
+    assert!(
+        up.is_some_and(|u| u < 15.0),
+        "back to the full layer within ~10 s of the recovery: {up:?}:{trace}"
+    );
+    assert!(
+        no_room >= 1.0,
+        "the thin link was probed and found full: {m}"
+    );
+    assert!(
+        metric(&m, "ferry_bwe_probes_total{result=\"room\"}").unwrap_or(0.0) >= 1.0,
+        "the recovered link was probed and found room: {m}"
+    );
+}
+
 /// The simulcast layers alice's browser sends to the relay now, as `rid:active` sorted (Chromium's
 /// `active` flag of each outbound video stream).
 fn layers_active() -> &'static str {
