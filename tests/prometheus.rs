@@ -228,7 +228,7 @@ fn the_dashboard_is_a_grafana_10_dashboard_on_a_datasource_variable() {
             }
         }
     }
-    assert!(rows >= 5, "rows answer the operator's questions in order");
+    assert!(rows >= 6, "rows answer the operator's questions in order");
     // The rows come in the order of the questions.
     let row_titles: Vec<&str> = d["panels"]
         .as_array()
@@ -239,7 +239,7 @@ fn the_dashboard_is_a_grafana_10_dashboard_on_a_datasource_variable() {
         .collect();
     for (row, word) in row_titles
         .iter()
-        .zip(["up", "relayed", "media", "healthy", "process"])
+        .zip(["up", "relayed", "media", "link", "healthy", "process"])
     {
         assert!(row.contains(word), "row {row:?} should be about {word}");
     }
