@@ -1622,6 +1622,85 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
     );
 }
 
+/// The SDK's `fitVideoQuality`: the size of the element carol shows alice's video in picks the
+/// layer. A 160x90 element gets the lowest layer, 960x540 the full one, and hidden (`display:
+/// none`) nothing: the relay stops sending her alice's video.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_of_the_element_picks_the_layer() {
+    if !runs_here("the_size_of_the_element_picks_the_layer", &[]) {
+        return;
+    }
+    let s = spawn(deployed_config()).await;
+    let (mut ba, a) = member_page(&s, "alice").await;
+    let (mut bc, c) = member_page(&s, "carol").await;
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
+    bc.eval(&c, &sdk_member(Some(&room), "{}")).await;
+    bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
+    bc.eval(
+        &c,
+        &format!(
+            "(() => {{ const v = document.createElement('video'); v.id = 'fit'; v.muted = true; \
+             v.style.cssText = 'position: fixed; top: 0; left: 0; width: 160px; height: 90px; z-index: 9'; \
+             document.body.prepend(v); v.srcObject = window.demo.ferry.getStream({a_id:?}); v.play(); \
+             window.stopFit = window.demo.ferry.fitVideoQuality({a_id:?}, v); return true; }})()"
+        ),
+    )
+    .await;
+    let frames_now = async |br: &mut Browser| {
+        br.eval(&c, &decoded_width(&a_id, 0)).await["frames"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let at = |w: &str, f: u64| {
+        format!(
+            "(async () => {{ const v = await {}; return v && {w} ? v : null; }})()",
+            decoded_width(&a_id, f as u32)
+        )
+    };
+    let f = frames_now(&mut bc).await;
+    let small = bc.wait_for(&c, &at("v.w < 480", f + 20), LIMIT).await;
+    eprintln!("160x90 element: {small}");
+    bc.eval(
+        &c,
+        "(() => { const v = document.getElementById('fit'); v.style.width = '960px'; v.style.height = '540px'; return true; })()",
+    )
+    .await;
+    let f = frames_now(&mut bc).await;
+    let large = bc.wait_for(&c, &at("v.w === 960", f), LIMIT).await;
+    eprintln!("960x540 element: {large}");
+    bc.eval(
+        &c,
+        "(() => { document.getElementById('fit').style.display = 'none'; return true; })()",
+    )
+    .await;
+    // Off: once the last frames in flight are in, nothing more is sent or decoded.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let video_out = async || {
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        metric(
+            &m,
+            "ferry_media_packets_total{direction=\"out\",kind=\"video\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let (sent, decoded) = (video_out().await, frames_now(&mut bc).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (sent2, decoded2) = (video_out().await, frames_now(&mut bc).await);
+    eprintln!(
+        "hidden: video packets sent {sent} -> {sent2}, frames decoded {decoded} -> {decoded2}"
+    );
+    assert_eq!(sent, sent2, "no video packets for a hidden element");
+    assert_eq!(decoded, decoded2, "no frames decoded for a hidden element");
+    // Shown again: video comes back.
+    bc.eval(
+        &c,
+        "(() => { document.getElementById('fit').style.display = ''; return true; })()",
+    )
+    .await;
+    let back = bc.wait_for(&c, &at("true", decoded2 + 10), LIMIT).await;
+    eprintln!("shown again: {back}");
+}
+
 /// Keyframes alice's browser has encoded so far for the relay, per simulcast layer, and the
 /// keyframe requests (PLI) it received: `{"q": n, "h": n, "f": n, "pli": n}`.
 async fn keyframes_sent(br: &mut Browser, page: &Page) -> Value {

@@ -134,6 +134,38 @@ async fn light_subscribers_open_srtp_themselves_from_a_paced_publisher() {
     }
 }
 
+/// A simulcast publisher (three layers at 1/16, 1/4 and all of 1.2 Mbit/s) and subscribers on
+/// different downlinks: one emulated at 250 kbit/s, two not limited. The thin one's estimate
+/// (from its transport-cc feedback) keeps it on the low layer, the others climb to the high one:
+/// the relay's egress by layer shows both, and the media arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_subscribers_on_different_downlinks_get_different_layers() {
+    let s = spawn(test_config()).await;
+    let r = run(LoadgenArgs {
+        simulcast: true,
+        downlinks: vec![250, 0, 0],
+        video_kbps: 1200,
+        duration: Duration::from_secs(6),
+        ..args(&s, Shape::Broadcast, 1, 3)
+    })
+    .await
+    .expect("loadgen runs");
+    eprintln!("{r:#}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["receiving_clients"], 3, "{r}");
+    assert_eq!(r["corrupt_payloads"], 0, "{r}");
+    assert_eq!(r["malformed_packets"], 0, "{r}");
+    let layers = &r["simulcast_kbps_by_layer"];
+    let kbps = |l: &str| layers[l].as_f64().unwrap_or(0.0);
+    // Two subscribers on the high layer (1.2 Mbit/s each), one on the low (75 kbit/s).
+    assert!(kbps("high") > 1500.0, "{r}");
+    assert!(kbps("low") > 30.0, "{r}");
+    assert!(
+        kbps("medium") + kbps("high") < 3000.0,
+        "the thin one is not on high: {r}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meeting_members_receive_each_other() {
     let s = spawn(test_config()).await;
@@ -184,6 +216,14 @@ async fn out_of_range_options_are_clear_errors() {
                 ..args_for_url(&url)
             },
             "--srtp-profiles",
+        ),
+        (
+            LoadgenArgs {
+                downlinks: vec![300],
+                light_subscribers: true,
+                ..args_for_url(&url)
+            },
+            "--downlinks",
         ),
     ] {
         let e = run(a).await.expect_err("refused");

@@ -69,6 +69,17 @@ pub struct LoadgenArgs {
     /// case for the relay's queueing).
     #[arg(long, default_value_t = 0.0)]
     pub pacing: f64,
+    /// Publishers send video as three simulcast layers (rids q, h, f, as the SDK sends a camera:
+    /// quarter, half and full resolution) at 1/16, 1/4 and all of `--video-kbps`; each
+    /// subscriber's route takes one of them (what its downlink estimate fits).
+    #[arg(long)]
+    pub simulcast: bool,
+    /// Subscribers' downlinks, kbit/s, given out in turn (0: not limited), e.g. `300,1000,0`:
+    /// each such subscriber drops what arrives beyond its rate (a token bucket holding 50 ms of
+    /// it, at least 3 kB), as a thin link's queue does; its transport-cc feedback tells the relay.
+    /// Not with `--light-subscribers` (they send no feedback).
+    #[arg(long, value_delimiter = ',')]
+    pub downlinks: Vec<u64>,
     /// Publish video only (no 50 packets/s Opus-like audio).
     #[arg(long)]
     pub no_audio: bool,
@@ -123,6 +134,12 @@ impl Default for LoadgenArgs {
 impl LoadgenArgs {
     /// The flags checked; the SRTP profiles the clients offer, when given.
     pub(super) fn check(&self) -> Result<Option<Vec<SrtpProtectionProfile>>, String> {
+        if !self.downlinks.is_empty() && self.light_subscribers {
+            return Err(
+                "--downlinks needs subscribers that send feedback: not with --light-subscribers"
+                    .into(),
+            );
+        }
         if self.packet_bytes < STAMP || self.packet_bytes > 1400 {
             return Err("--packet-bytes must be between 16 and 1400".into());
         }

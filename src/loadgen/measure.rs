@@ -47,6 +47,12 @@ pub struct Shared {
     pub light: bool,
     /// The clients reach the relay over ICE-TCP (`--tcp`).
     pub tcp: bool,
+    /// Subscribers' emulated downlinks, bits/s (0: not limited), given out in turn
+    /// (`--downlinks`).
+    pub downlinks: Vec<u64>,
+    pub next_downlink: AtomicU64,
+    /// Datagrams the emulated downlinks dropped.
+    pub shaped: AtomicU64,
     /// What the clients offer (`--srtp-profiles`).
     pub srtp_profiles: Option<Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>>,
     /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
@@ -70,6 +76,9 @@ impl Shared {
             gro: true,
             light: false,
             tcp: false,
+            downlinks: Vec::new(),
+            next_downlink: AtomicU64::new(0),
+            shaped: AtomicU64::new(0),
             srtp_profiles: None,
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_max: AtomicU64::new(0),
@@ -157,6 +166,8 @@ pub(super) struct MetricsSample {
     pub(super) rss: f64,
     pub(super) out_packets: f64,
     pub(super) latency_buckets: Vec<(f64, f64)>,
+    /// Simulcast payload bytes sent, by layer (low, medium, high).
+    pub(super) layer_bytes: [f64; 3],
 }
 
 /// The server at one moment: its metrics (Ferry) and its process as /proc sees it (`--server-pid`).
@@ -230,6 +241,7 @@ pub(super) fn parse_metrics(text: &str) -> MetricsSample {
         rss: 0.0,
         out_packets: 0.0,
         latency_buckets: Vec::new(),
+        layer_bytes: [0.0; 3],
     };
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((name, value)) = line.rsplit_once(' ') else {
@@ -244,6 +256,14 @@ pub(super) fn parse_metrics(text: &str) -> MetricsSample {
             s.rss = v;
         } else if name.starts_with("ferry_media_packets_total{") && name.contains("\"out\"") {
             s.out_packets += v;
+        } else if let Some(layer) = name.strip_prefix("ferry_simulcast_layer_bytes_total{layer=\"")
+        {
+            if let Some(i) = ["low", "medium", "high"]
+                .iter()
+                .position(|l| layer.starts_with(&format!("{l}\"")))
+            {
+                s.layer_bytes[i] = v;
+            }
         } else if let Some(le) = name
             .strip_prefix("ferry_forward_latency_seconds_bucket{le=\"")
             .and_then(|r| r.strip_suffix("\"}"))

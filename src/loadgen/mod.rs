@@ -60,6 +60,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
     shared.light = args.light_subscribers;
     shared.tcp = args.tcp;
     shared.srtp_profiles = srtp_profiles;
+    shared.downlinks = args.downlinks.iter().map(|k| k * 1000).collect();
     let shared = Arc::new(shared);
     let ctx = Ctx {
         shared: shared.clone(),
@@ -70,6 +71,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
             fps: args.fps,
             audio: !args.no_audio,
             pacing_factor: args.pacing,
+            simulcast: args.simulcast,
         },
         local_ip: args.local_ip,
         pace: Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1))),
@@ -92,13 +94,14 @@ async fn set_up(
     ctx: &Ctx,
 ) -> Result<Vec<JoinHandle<ClientResult>>, String> {
     eprintln!(
-        "loadgen: {:?} at {url}: {} room(s) of {} publisher(s) and {} subscriber(s) ({:?}), {} kbit/s video{} per publisher",
+        "loadgen: {:?} at {url}: {} room(s) of {} publisher(s) and {} subscriber(s) ({:?}), {} kbit/s video{}{} per publisher",
         args.target,
         args.rooms,
         args.publishers,
         args.subscribers,
         args.shape,
         args.video_kbps,
+        if args.simulcast { " (simulcast)" } else { "" },
         if args.no_audio { "" } else { " + audio" }
     );
     let mut tasks = Vec::new();

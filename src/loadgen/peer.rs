@@ -72,7 +72,13 @@ pub struct Source {
     pub audio: bool,
     /// Video packets go out paced at this multiple of `video_bps` (0: a frame at once).
     pub pacing_factor: f64,
+    /// Video as three simulcast layers ([`LAYERS`]).
+    pub simulcast: bool,
 }
+
+/// A simulcast publisher's layers: rid and share of the video bitrate (quarter, half and full
+/// resolution: about 1/16 and 1/4 of the full layer's pixels).
+pub const LAYERS: [(&str, f64); 3] = [("q", 1.0 / 16.0), ("h", 0.25), ("f", 1.0)];
 
 impl Source {
     /// The time between two packets of a paced frame.
@@ -87,6 +93,9 @@ impl Source {
 
 struct Outgoing {
     sender: RTCRtpSenderId,
+    /// Its rid ("" without simulcast) and share of the video bitrate.
+    rid: &'static str,
+    share: f64,
     ssrc: u32,
     seq: u16,
     counter: u32,
@@ -96,6 +105,9 @@ struct Outgoing {
 
 /// A frame being sent: its size, packets, timestamp and (paced) which packet goes next and when.
 struct Frame {
+    /// Of which of the video layers (0 for audio).
+    layer: usize,
+    keyframe: bool,
     bytes: usize,
     packet_bytes: usize,
     packets: usize,
@@ -115,10 +127,15 @@ pub struct Peer {
     /// Its ICE-TCP side (`--tcp`), instead of UDP.
     tcp: Option<TcpSide>,
     pub connected: bool,
-    video: Option<Outgoing>,
+    /// Its video: one encoding, or simulcast layers (lowest first).
+    video: Vec<Outgoing>,
     audio: Option<Outgoing>,
-    /// The video frame being sent paced.
-    frame: Option<Frame>,
+    /// The video frames (one per layer) being sent paced.
+    frames: Vec<Frame>,
+    /// A simulcast publisher's mid and rid extension ids and its mid, once connected.
+    simulcast_ext: Option<(u8, u8, bytes::Bytes)>,
+    /// A subscriber's emulated downlink (`--downlinks`).
+    downlink: Option<Bucket>,
     /// A keyframe was asked for: the next video frame is a large one.
     keyframe_wanted: bool,
     /// Per received stream (publisher's stream index): counters for loss.
@@ -175,6 +192,12 @@ impl Peer {
         let registry = Registry::new().with(Slot::from(14_000), DeliverRtcp::keyframe_requests());
         let registry = register_default_interceptors(registry, &mut media_engine).map_err(err)?;
         let light = shared.light && publish.is_none();
+        if publish.is_some_and(|(src, _)| src.simulcast) {
+            rtc::peer_connection::configuration::interceptor_registry::configure_simulcast_extension_headers(
+                &mut media_engine,
+            )
+            .map_err(err)?;
+        }
         let mut setting_engine = SettingEngineBuilder::new();
         if let Some(profiles) = &shared.srtp_profiles {
             setting_engine = setting_engine.with_srtp_protection_profiles(profiles.clone());
@@ -190,32 +213,81 @@ impl Peer {
             .with_interceptor_registry(registry)
             .build(Instant::now())
             .map_err(err)?;
-        let (mut video, mut audio) = (None, None);
+        let (mut video, mut audio) = (Vec::new(), None);
         if let Some((src, stream)) = publish {
-            let mut track = |kind: RtpCodecKind, codec: RTCRtpCodec, id: &str| {
-                let ssrc: u32 = rand::random();
-                let t = single_ssrc_track(
-                    format!("lg-{stream}"),
-                    format!("{id}-{stream}"),
-                    "loadgen".into(),
-                    kind,
-                    codec.clone(),
-                    ssrc,
-                );
-                pc.add_track(t).map(|sender| Outgoing {
-                    sender,
-                    ssrc,
-                    seq: rand::random(),
-                    counter: 0,
-                    stream: stream * 2 + u32::from(kind == RtpCodecKind::Audio),
-                    clock_rate: codec.clock_rate,
-                })
+            let outgoing = |sender, ssrc, stream, (rid, share), clock_rate| Outgoing {
+                sender,
+                rid,
+                share,
+                ssrc,
+                seq: rand::random(),
+                counter: 0,
+                stream,
+                clock_rate,
             };
-            video = Some(track(RtpCodecKind::Video, vp8(), "video").map_err(err)?);
+            let track =
+                |pc: &mut RTCPeerConnection, kind: RtpCodecKind, codec: RTCRtpCodec, id: &str| {
+                    let ssrc: u32 = rand::random();
+                    let t = single_ssrc_track(
+                        format!("lg-{stream}"),
+                        format!("{id}-{stream}"),
+                        "loadgen".into(),
+                        kind,
+                        codec.clone(),
+                        ssrc,
+                    );
+                    let index = stream * 2 + u32::from(kind == RtpCodecKind::Audio);
+                    pc.add_track(t)
+                        .map(|sender| outgoing(sender, ssrc, index, ("", 1.0), codec.clock_rate))
+                };
+            if src.simulcast {
+                let ssrcs: Vec<u32> = LAYERS.iter().map(|_| rand::random()).collect();
+                let encodings = LAYERS
+                    .iter()
+                    .zip(&ssrcs)
+                    .map(|((rid, _), ssrc)| {
+                        rtc::rtp_transceiver::rtp_sender::RTCRtpEncodingParameters {
+                            rtp_coding_parameters:
+                                rtc::rtp_transceiver::rtp_sender::RTCRtpCodingParameters {
+                                    rid: rid.to_string(),
+                                    ssrc: Some(*ssrc),
+                                    ..Default::default()
+                                },
+                            codec: vp8(),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let t = rtc::media_stream::MediaStreamTrack::new(
+                    format!("lg-{stream}"),
+                    format!("video-{stream}"),
+                    "loadgen".into(),
+                    RtpCodecKind::Video,
+                    encodings,
+                );
+                let sender = pc.add_track(t).map_err(err)?;
+                // Each layer a stream of its own for the receivers' loss counts.
+                for (l, (layer, ssrc)) in LAYERS.iter().zip(ssrcs).enumerate() {
+                    let index = (stream * 2) | ((l as u32) << 24);
+                    video.push(outgoing(sender, ssrc, index, *layer, 90_000));
+                }
+            } else {
+                video.push(track(&mut pc, RtpCodecKind::Video, vp8(), "video").map_err(err)?);
+            }
             if src.audio {
-                audio = Some(track(RtpCodecKind::Audio, opus(), "audio").map_err(err)?);
+                audio = Some(track(&mut pc, RtpCodecKind::Audio, opus(), "audio").map_err(err)?);
             }
         }
+        let downlink = match shared.downlinks.len() {
+            0 => None,
+            _ if publish.is_some() || light => None,
+            n => {
+                let i = shared.next_downlink.fetch_add(1, Ordering::Relaxed) as usize;
+                Some(shared.downlinks[i % n])
+                    .filter(|b| *b > 0)
+                    .map(Bucket::new)
+            }
+        };
         let tcp = shared.tcp.then(|| TcpSide::new(local_ip));
         let candidate = match tcp {
             Some(_) => crate::net::tcp_active_candidate(local_ip),
@@ -233,7 +305,9 @@ impl Peer {
             video,
             audio,
             keyframe_wanted: true,
-            frame: None,
+            frames: Vec::new(),
+            simulcast_ext: None,
+            downlink,
             loss: HashMap::new(),
             first_media_at: None,
             shared,
@@ -292,10 +366,8 @@ impl Peer {
         }
     }
 
-    /// Send one video frame (`bytes` split into packets), or an audio packet. With `gap`, a video
-    /// frame's packets go one every `gap` (see [`Peer::send_due`]), as a sender's pacer spreads
-    /// them; without, all at once. A frame still being paced when the next one starts is sent out
-    /// first.
+    /// Send one video frame (`bytes` split into packets; each simulcast layer its share), or an
+    /// audio packet. With `gap`, a video frame's packets go out paced (see [`Peer::send_due`]).
     pub fn send_frame(
         &mut self,
         video: bool,
@@ -306,54 +378,71 @@ impl Peer {
     ) {
         let keyframe = video && std::mem::take(&mut self.keyframe_wanted);
         let bytes = if keyframe { bytes * 3 } else { bytes };
-        let clock_rate = match if video { &self.video } else { &self.audio } {
-            Some(o) => o.clock_rate,
-            None => return,
-        };
-        if video && let Some(f) = self.frame.take() {
-            for i in f.next..f.packets {
-                self.send_packet(true, &f, i, now);
-            }
-        }
-        let frame = Frame {
-            bytes,
-            packet_bytes,
-            packets: bytes.div_ceil(packet_bytes).max(1),
-            next: 0,
-            ts: (self.shared.since_epoch(now).as_micros() as u64 * u64::from(clock_rate)
-                / 1_000_000) as u32,
-            next_at: now,
-            gap: gap.filter(|_| video).unwrap_or_default(),
-        };
-        if frame.gap.is_zero() {
-            for i in 0..frame.packets {
-                self.send_packet(video, &frame, i, now);
-            }
+        let layers: Vec<(f64, u32)> = if video {
+            self.video.iter().map(|o| (o.share, o.clock_rate)).collect()
         } else {
-            self.frame = Some(frame);
-            self.send_due(now);
+            self.audio.iter().map(|o| (1.0, o.clock_rate)).collect()
+        };
+        if video {
+            for f in std::mem::take(&mut self.frames) {
+                for i in f.next..f.packets {
+                    self.send_packet(true, &f, i, now);
+                }
+            }
         }
+        for (layer, (share, clock_rate)) in layers.into_iter().enumerate() {
+            let bytes = ((bytes as f64 * share) as usize).max(STAMP);
+            let frame = Frame {
+                layer,
+                keyframe,
+                bytes,
+                packet_bytes,
+                packets: bytes.div_ceil(packet_bytes).max(1),
+                next: 0,
+                ts: (self.shared.since_epoch(now).as_micros() as u64 * u64::from(clock_rate)
+                    / 1_000_000) as u32,
+                next_at: now,
+                // A layer's packets at its share of the paced rate.
+                gap: gap
+                    .filter(|_| video)
+                    .map_or(Default::default(), |g| g.div_f64(share)),
+            };
+            if frame.gap.is_zero() {
+                for i in 0..frame.packets {
+                    self.send_packet(video, &frame, i, now);
+                }
+            } else {
+                self.frames.push(frame);
+            }
+        }
+        self.send_due(now);
     }
 
-    /// Sends the paced frame's packets that are due; when the next one is.
+    /// Sends the paced frames' packets that are due; when the next one is.
     pub fn send_due(&mut self, now: Instant) -> Option<Instant> {
-        let mut f = self.frame.take()?;
-        while f.next < f.packets && f.next_at <= now {
-            self.send_packet(true, &f, f.next, now);
-            f.next += 1;
-            f.next_at += f.gap;
+        let mut frames = std::mem::take(&mut self.frames);
+        for f in frames.iter_mut() {
+            while f.next < f.packets && f.next_at <= now {
+                self.send_packet(true, f, f.next, now);
+                f.next += 1;
+                f.next_at += f.gap;
+            }
         }
-        (f.next < f.packets).then(|| {
-            let at = f.next_at;
-            self.frame = Some(f);
-            at
-        })
+        frames.retain(|f| f.next < f.packets);
+        let next = frames.iter().map(|f| f.next_at).min();
+        self.frames = frames;
+        next
     }
 
-    /// Packet `i` of `f`, stamped with its send time.
+    /// Packet `i` of `f`, stamped with its send time. A simulcast layer's packets carry the mid
+    /// and rid extensions and a VP8 payload descriptor (the relay switches layers at keyframes).
     fn send_packet(&mut self, video: bool, f: &Frame, i: usize, now: Instant) {
+        let simulcast = video && self.video.len() > 1;
+        if simulcast && self.simulcast_ext.is_none() {
+            self.simulcast_ext = self.simulcast_ids();
+        }
         let out = if video {
-            self.video.as_mut()
+            self.video.get_mut(f.layer)
         } else {
             self.audio.as_mut()
         };
@@ -364,11 +453,26 @@ impl Peer {
         } else {
             f.packet_bytes
         };
-        let mut b = BytesMut::with_capacity(len);
+        let mut b = BytesMut::with_capacity(len + 2);
+        let mut extensions = Vec::new();
+        if simulcast && let Some((mid_id, rid_id, mid)) = &self.simulcast_ext {
+            // S (start of a frame) on its first packet, then the key/delta bit of the VP8
+            // frame header; never a stamp's first byte (0: send times are far below 2^56 µs).
+            b.put_u8(if i == 0 { 0x10 } else { 0x01 });
+            b.put_u8(if f.keyframe { 0x00 } else { 0x01 });
+            extensions.push(rtc::rtp::header::Extension {
+                id: *mid_id,
+                payload: mid.clone(),
+            });
+            extensions.push(rtc::rtp::header::Extension {
+                id: *rid_id,
+                payload: bytes::Bytes::from_static(o.rid.as_bytes()),
+            });
+        }
         b.put_u64(sent_us);
         b.put_u32(o.counter);
         b.put_u32(o.stream);
-        b.resize(len.max(STAMP), o.counter as u8);
+        b.resize(b.len() + len.max(STAMP) - STAMP, o.counter as u8);
         let packet = rtc::rtp::Packet {
             header: rtc::rtp::header::Header {
                 version: 2,
@@ -377,6 +481,9 @@ impl Peer {
                 sequence_number: o.seq,
                 timestamp: f.ts,
                 ssrc: o.ssrc,
+                extension: !extensions.is_empty(),
+                extension_profile: if extensions.is_empty() { 0 } else { 0xBEDE },
+                extensions,
                 ..Default::default()
             },
             payload: b.freeze(),
@@ -388,6 +495,30 @@ impl Peer {
         {
             self.shared.sent.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The negotiated mid and rid extension ids of the simulcast sender, and its mid.
+    fn simulcast_ids(&mut self) -> Option<(u8, u8, bytes::Bytes)> {
+        let sender = self.video.first()?.sender;
+        let params = self
+            .pc
+            .rtp_sender(sender)?
+            .get_parameters()
+            .rtp_parameters
+            .header_extensions
+            .clone();
+        let id = |uri: &str| {
+            params
+                .iter()
+                .find(|h| h.uri == uri)
+                .and_then(|h| u8::try_from(h.id).ok())
+        };
+        let mid = self.pc.rtp_transceiver(sender.into())?.mid().clone()?;
+        Some((
+            id("urn:ietf:params:rtp-hdrext:sdes:mid")?,
+            id("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id")?,
+            bytes::Bytes::from(mid),
+        ))
     }
 
     /// Run the connection until `until`: socket, signaling, timers.
@@ -497,6 +628,13 @@ impl Peer {
                     self.shared.malformed.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            return false;
+        }
+        if let Some(b) = self.downlink.as_mut()
+            && datagram.first().is_some_and(|x| (128..192).contains(x))
+            && !b.take(datagram.len(), now)
+        {
+            self.shared.shaped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let _ = self.pc.handle_read(TaggedBytesMut {
@@ -654,6 +792,16 @@ fn count_media(
     payload: &[u8],
     now: Instant,
 ) {
+    // A simulcast layer's VP8 payload descriptor (2 bytes) comes before the stamp, whose first
+    // byte is 0.
+    let payload = match payload.first() {
+        Some(0) | None => payload,
+        Some(_) => &payload[payload.len().min(2)..],
+    };
+    // Padding-only packets (the relay's probes of a downlink) carry no payload.
+    if payload.is_empty() {
+        return;
+    }
     if payload.len() < STAMP {
         shared.malformed.fetch_add(1, Ordering::Relaxed);
         return;
@@ -689,4 +837,39 @@ pub trait Signal: Send + 'static {
     /// replies go through [`JsonWs::queue`].
     fn on_message(&mut self, m: Value, peer: &mut Peer);
     fn ws(&mut self) -> &mut JsonWs;
+}
+
+/// An emulated downlink: a token bucket of `bps`, holding 50 ms of it (at least 3 kB); what
+/// does not fit is dropped, as a thin link's full queue drops it.
+struct Bucket {
+    bps: f64,
+    depth: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(bps: u64) -> Bucket {
+        let depth = (bps as f64 / 8.0 * 0.05).max(3000.0);
+        Bucket {
+            bps: bps as f64,
+            depth,
+            tokens: depth,
+            last: None,
+        }
+    }
+
+    /// Whether `bytes` pass now.
+    fn take(&mut self, bytes: usize, now: Instant) -> bool {
+        let elapsed = self
+            .last
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.last = Some(now);
+        self.tokens = (self.tokens + elapsed * self.bps / 8.0).min(self.depth);
+        if self.tokens < bytes as f64 {
+            return false;
+        }
+        self.tokens -= bytes as f64;
+        true
+    }
 }

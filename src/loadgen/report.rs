@@ -69,6 +69,14 @@ pub(super) fn build(
         ),
         _ => (None, None, None, [None, None], None),
     };
+    // What the relay sent of each simulcast layer, kbit/s.
+    let layer_kbps = match [before, after].map(|s| s.metrics.as_ref()) {
+        [Some(b), Some(a)] if window.seconds > 0.0 => Some(
+            [0, 1, 2]
+                .map(|i| (a.layer_bytes[i] - b.layer_bytes[i]) * 8.0 / 1000.0 / window.seconds),
+        ),
+        _ => None,
+    };
     // The server process from /proc (any target).
     let process = match [baseline, before, after].map(|s| s.process) {
         [Some(p0), Some(b), Some(a)] => Some(json!({
@@ -123,6 +131,9 @@ pub(super) fn build(
         "machine_busy_cpu_seconds": machine_busy,
         "other_cpu_seconds": machine_busy.zip(own_cpu).zip(server_cpu).map(|((m, o), s)| m - o - s),
         "join_ms": { "p50": pct(joins, 0.5), "p99": pct(joins, 0.99), "n": joins.len() },
+        "simulcast_kbps_by_layer": layer_kbps.map(|[l, m, h]| json!({"low": l, "medium": m, "high": h})),
+        // Datagrams the subscribers' emulated downlinks (`--downlinks`) dropped.
+        "downlink_drops": shared.shaped.load(Ordering::Relaxed),
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
         // Received datagrams too short for the stamp, or (light subscribers) that did not open.
         "malformed_packets": shared.malformed.load(Ordering::Relaxed),
@@ -203,6 +214,21 @@ pub fn print_human(r: &Value) {
         f(&r["join_ms"]["p99"]),
         r["join_ms"]["n"]
     );
+    let l = &r["simulcast_kbps_by_layer"];
+    if l.is_object()
+        && l.as_object()
+            .into_iter()
+            .flatten()
+            .any(|(_, v)| v.as_f64().unwrap_or(0.0) > 0.0)
+    {
+        println!(
+            "  simulcast sent by layer (kbit/s): low {}, medium {}, high {}; emulated downlinks dropped {} datagrams",
+            f(&l["low"]),
+            f(&l["medium"]),
+            f(&l["high"]),
+            r["downlink_drops"]
+        );
+    }
     if r["corrupt_payloads"].as_u64().unwrap_or(0) > 0 {
         println!("  CORRUPT payloads: {}", r["corrupt_payloads"]);
     }

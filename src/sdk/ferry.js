@@ -455,6 +455,36 @@ export class Ferry extends EventTarget {
     await this._request('setVideoQuality', { userId, quality });
   }
 
+  // Let the size of `element` (where that member's video is shown) pick the quality, as
+  // setVideoQuality would: its height in device pixels up to 180 'low', up to 360 'medium', above
+  // that 'high'; 'off' while it has no size (display: none, detached) or is out of view. Sent
+  // when the quality changes. Returns a function that stops watching (the last quality stays).
+  fitVideoQuality(userId, element) {
+    if (!element || typeof element.getBoundingClientRect !== 'function') {
+      throw new FerryError('bad_request', 'fitVideoQuality needs an element');
+    }
+    let visible = true;
+    let sent = null;
+    const update = () => {
+      const r = element.getBoundingClientRect();
+      const height = r.height * (window.devicePixelRatio || 1);
+      const quality = !visible || r.width === 0 || r.height === 0 ? 'off'
+        : height <= 180 ? 'low' : height <= 360 ? 'medium' : 'high';
+      if (quality === sent) return;
+      sent = quality;
+      this.setVideoQuality(userId, quality).catch(() => { sent = null; });
+    };
+    const resize = new ResizeObserver(update);
+    resize.observe(element);
+    const view = new IntersectionObserver((entries) => {
+      visible = entries[entries.length - 1].isIntersecting;
+      update();
+    });
+    view.observe(element);
+    update();
+    return () => { resize.disconnect(); view.disconnect(); };
+  }
+
   // The MediaStream received from that member (type 'cam' by default), or undefined.
   getStream(userId, type = 'cam') {
     const link = this._links.get(userId);
