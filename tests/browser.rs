@@ -1675,20 +1675,23 @@ async fn the_size_of_the_element_picks_the_layer() {
     .await;
     // Off: once the last frames in flight are in, nothing more is sent or decoded.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let video_out = async || {
-        let (_, m) = http_get(s.addr, "/metrics").await;
-        metric(
-            &m,
-            "ferry_media_packets_total{direction=\"out\",kind=\"video\"}",
-        )
-        .unwrap_or(0.0)
-    };
-    let (sent, decoded) = (video_out().await, frames_now(&mut bc).await);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (sent2, decoded2) = (video_out().await, frames_now(&mut bc).await);
-    eprintln!(
-        "hidden: video packets sent {sent} -> {sent2}, frames decoded {decoded} -> {decoded2}"
+    let received = format!(
+        "(async () => {{ const r = await window.demo.ferry.getStats({a_id:?}); let n = 0; \
+         r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video') n += x.packetsReceived || 0; }}); return n; }})()"
     );
+    let (sent, decoded) = (
+        bc.eval(&c, &received).await.as_u64(),
+        frames_now(&mut bc).await,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (sent2, decoded2) = (
+        bc.eval(&c, &received).await.as_u64(),
+        frames_now(&mut bc).await,
+    );
+    eprintln!(
+        "hidden: video packets received {sent:?} -> {sent2:?}, frames decoded {decoded} -> {decoded2}"
+    );
+    assert!(sent.is_some(), "carol's inbound video stats");
     assert_eq!(sent, sent2, "no video packets for a hidden element");
     assert_eq!(decoded, decoded2, "no frames decoded for a hidden element");
     // Shown again: video comes back.
