@@ -20,7 +20,12 @@ const GOP: u16 = 15;
 /// (key or inter frame), then `L<layer> <i>` so the receiver can tell what it got.
 fn vp8(layer: u32, i: u16) -> Bytes {
     let key = i.is_multiple_of(GOP);
-    let mut v = vec![0x10, if key { 0x9c } else { 0x9d }];
+    // X=1 S=1; I=1 L=1: a 15-bit picture id and TL0PICIDX, each layer numbering its frames on
+    // its own (as an encoder's simulcast streams do).
+    let pid = (layer as u16 * 10_000 + i) & 0x7fff;
+    let tl0 = (layer as u16 * 80 + i) as u8;
+    let mut v = vec![0x90, 0xc0, 0x80 | (pid >> 8) as u8, pid as u8, tl0];
+    v.push(if key { 0x9c } else { 0x9d });
     v.extend_from_slice(format!("L{layer} {i:06}").as_bytes());
     v.resize(200, 0);
     Bytes::from(v)
@@ -34,8 +39,14 @@ fn media(p: &rtc::rtp::Packet) -> Option<(u32, u16)> {
 
 /// (layer, frame index) of a received payload.
 fn what(p: &rtc::rtp::Packet) -> (u32, u16) {
-    let s = std::str::from_utf8(&p.payload[2..11]).unwrap();
+    let s = std::str::from_utf8(&p.payload[6..15]).unwrap();
     (s[1..2].parse().unwrap(), s[3..].parse().unwrap())
+}
+
+/// The picture id and TL0PICIDX a subscriber received in a packet's VP8 payload descriptor.
+fn picture(p: &rtc::rtp::Packet) -> (u16, u8) {
+    let b = &p.payload;
+    (u16::from_be_bytes([b[2] & 0x7f, b[3]]), b[4])
 }
 
 struct Room {
@@ -148,6 +159,30 @@ fn check_contiguous(received: &[(String, rtc::rtp::Packet)]) {
         assert!(
             b.timestamp.wrapping_sub(a.timestamp) < 0x8000_0000,
             "timestamps go on"
+        );
+    }
+    // One packet a frame: picture ids and TL0PICIDX (every frame a base-layer one here) go on by
+    // one, across layer switches too, as a decoder expects of one stream.
+    let pictures: Vec<((u16, u8), (u32, u16))> = received
+        .iter()
+        .filter(|(_, p)| !p.payload.is_empty())
+        .map(|(_, p)| (picture(p), what(p)))
+        .collect();
+    for w in pictures.windows(2) {
+        let ((pa, ta), (pb, tb)) = (w[0].0, w[1].0);
+        assert_eq!(
+            pb,
+            (pa + 1) & 0x7fff,
+            "picture ids go on: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+        assert_eq!(
+            tb,
+            ta.wrapping_add(1),
+            "TL0PICIDX goes on: {:?} then {:?}",
+            w[0],
+            w[1]
         );
     }
 }

@@ -82,87 +82,103 @@ impl MediaCore {
 }
 
 /// One video route of a subscriber, as the allocation sees it.
-struct Candidate {
-    publisher: PeerKey,
-    track: String,
+#[derive(Clone, Copy)]
+pub(super) struct Candidate {
+    /// Its place in the walk over the subscriber's routes.
+    index: usize,
     screen: bool,
-    /// Bits/s of each layer up to the one asked for (`None`: off).
-    rates: Vec<f64>,
+    /// Bits/s of each layer up to the one asked for (`layers` of them).
+    rates: [f64; 4],
+    layers: usize,
     wanted: Option<u8>,
     current: Option<u8>,
+    fit: Option<u8>,
 }
 
 impl Router {
+    /// The subscriber's routes, in a fixed order (the tracks' maps are not changed between two
+    /// walks of one allocation).
+    fn routes_of(&self, sub: PeerKey) -> impl Iterator<Item = (PeerKey, &str, &RoutedTrack, &Route)> {
+        self.tracks.iter().flat_map(move |(publisher, tracks)| {
+            tracks.iter().filter_map(move |(track, t)| {
+                let r = t.routes.iter().find(|r| r.to == sub)?;
+                Some((*publisher, track.as_str(), t, r))
+            })
+        })
+    }
+
     /// Share `sub`'s estimate among its routes (see the module's text): each video route's
-    /// `fit`, and a probe when one is held below what it asked for.
+    /// `fit`, and a probe when one is held below what it asked for. Nothing is allocated once
+    /// the scratch list has grown to the subscriber's routes.
     pub(super) fn allocate(&mut self, peers: &mut Peers, sub: PeerKey, now: Instant) {
         let Some(estimate) = peers.get(&sub).and_then(|s| s.downlink.estimate()) else {
             return;
         };
         let mut budget = estimate as f64;
-        let mut video = Vec::new();
-        for (publisher, tracks) in &self.tracks {
-            for (track, t) in tracks {
-                let Some(r) = t.routes.iter().find(|r| r.to == sub) else {
-                    continue;
-                };
-                let Some(p) = peers.get(publisher).and_then(|p| p.published.get(track)) else {
-                    continue;
-                };
-                if p.kind != RtpCodecKind::Video {
-                    budget -= AUDIO_RESERVE;
-                    continue;
-                }
-                let top = p.layers.len().saturating_sub(1) as u8;
-                let wanted = r.quality.layer().map(|l| l.min(top));
-                let mut rates: Vec<f64> = Vec::new();
-                for l in 0..=wanted.unwrap_or(0) {
-                    let measured = t.rates.bps(l).map(|b| b as f64);
-                    let guess = rates.last().map_or(UNKNOWN_LOWEST, |r| r * UNKNOWN_STEP);
-                    rates.push(measured.unwrap_or(guess));
-                }
-                video.push(Candidate {
-                    publisher: *publisher,
-                    track: track.clone(),
-                    screen: p.ty == "screen",
-                    rates,
-                    wanted,
-                    current: r.layer,
-                });
+        let mut video = std::mem::take(&mut self.allocation);
+        video.clear();
+        for (index, (publisher, track, t, r)) in self.routes_of(sub).enumerate() {
+            let Some(p) = peers.get(&publisher).and_then(|p| p.published.get(track)) else {
+                continue;
+            };
+            if p.kind != RtpCodecKind::Video {
+                budget -= AUDIO_RESERVE;
+                continue;
             }
+            let top = p.layers.len().clamp(1, 4) as u8 - 1;
+            let wanted = r.quality.layer().map(|l| l.min(top));
+            let mut c = Candidate {
+                index,
+                screen: p.ty == "screen",
+                rates: [0.0; 4],
+                layers: usize::from(wanted.unwrap_or(0)) + 1,
+                wanted,
+                current: r.layer,
+                fit: None,
+            };
+            for l in 0..c.layers {
+                let guess = if l == 0 {
+                    UNKNOWN_LOWEST
+                } else {
+                    c.rates[l - 1] * UNKNOWN_STEP
+                };
+                c.rates[l] = t.rates.bps(l as u8).map_or(guess, |b| b as f64);
+            }
+            video.push(c);
         }
-        // Screen shares first.
+        // Screen shares first (stable: otherwise in the walk's order).
         video.sort_by_key(|c| !c.screen);
         for c in video.iter().filter(|c| c.wanted.is_some()) {
             budget -= c.rates[0];
         }
         let mut goal = None;
-        let mut fits = Vec::with_capacity(video.len());
-        for c in &video {
+        for c in video.iter_mut() {
             let Some(wanted) = c.wanted else {
-                fits.push(None);
                 continue;
             };
-            let l = bwe::fit_layer(&c.rates, budget + c.rates[0], c.current);
-            budget -= c.rates[usize::from(l)] - c.rates[0];
+            let rates = &c.rates[..c.layers];
+            let l = bwe::fit_layer(rates, budget + rates[0], c.current);
+            budget -= rates[usize::from(l)] - rates[0];
             if l < wanted && goal.is_none() {
-                let (now_rate, next) = (c.rates[usize::from(l)], c.rates[usize::from(l) + 1]);
-                goal = Some((next * bwe::UP_HEADROOM - now_rate, l));
+                goal = Some(rates[usize::from(l) + 1] * bwe::UP_HEADROOM - rates[usize::from(l)]);
             }
-            fits.push(Some(l));
+            c.fit = Some(l);
         }
-        for (c, fit) in video.iter().zip(fits) {
-            if let Some(r) = self
-                .tracks
-                .get_mut(&c.publisher)
-                .and_then(|t| t.get_mut(&c.track))
-                .and_then(|t| t.routes.iter_mut().find(|r| r.to == sub))
-            {
+        video.sort_by_key(|c| c.index);
+        let mut fits = video.iter().peekable();
+        let routes = self
+            .tracks
+            .values_mut()
+            .flat_map(|t| t.values_mut())
+            .filter_map(|t| t.routes.iter_mut().find(|r| r.to == sub));
+        for (index, r) in routes.enumerate() {
+            if let Some(c) = fits.next_if(|c| c.index == index) {
                 // Off stays off; otherwise the layer the estimate fits.
-                r.fit = Some(fit.unwrap_or(0));
+                r.fit = Some(c.fit.unwrap_or(0));
             }
         }
-        if let (Some((step, _)), Some(s)) = (goal, peers.get_mut(&sub)) {
+        self.allocation = video;
+        if let (Some(step), Some(s)) = (goal, peers.get_mut(&sub)) {
             let used = estimate as f64 - budget.max(0.0);
             s.downlink.want(used + step, now);
         }

@@ -202,6 +202,13 @@ struct ClusterStats {
 }
 
 impl ClusterStats {
+    /// Empty, its lists' room kept.
+    fn clear(&mut self) {
+        self.id = 0;
+        self.sent.clear();
+        self.recv.clear();
+    }
+
     /// The rate the cluster was sent at and (from its later half, past any bucket a shaper
     /// starts with) the rate it arrived at, bits/s.
     fn rates(&mut self) -> Option<(f64, f64)> {
@@ -412,10 +419,8 @@ impl Estimator {
 
     /// Packets of cluster `id` are being sent: feedback on them is collected.
     pub fn start_cluster(&mut self, id: u16) {
-        self.cluster = ClusterStats {
-            id,
-            ..ClusterStats::default()
-        };
+        self.cluster.clear();
+        self.cluster.id = id;
     }
 
     /// The cluster's packets were all reported: what the path carried of it (bits/s), which
@@ -423,7 +428,7 @@ impl Estimator {
     /// packets arrived to say.
     pub fn finish_cluster(&mut self) -> Option<f64> {
         let rates = self.cluster.rates();
-        self.cluster = ClusterStats::default();
+        self.cluster.clear();
         let (send, recv) = rates?;
         // Arrived slower than sent: the path is full; what arrived is about its capacity.
         let carried = if recv < 0.9 * send {
@@ -682,7 +687,7 @@ impl Downlink {
             .is_some_and(|(_, t)| now.saturating_duration_since(t) > PROBE_BACKOFF_MAX)
         {
             p.pending = None;
-            self.estimator.cluster = ClusterStats::default();
+            self.estimator.cluster.clear();
         }
         if !self.active
             || goal <= est

@@ -145,8 +145,14 @@ fn resend(
                 (s.downlink.ext_id, s.downlink.stamp(size, now))
             }),
         };
+        // The picture id and TL0PICIDX it had when first sent.
+        let vp8 = r.vp8.as_ref().and_then(|m| {
+            let d = vp8::Descriptor::parse(&original.payload)?;
+            let (pid, tl0) = m.map_again(&d, seq);
+            (!m.identity()).then_some((d, pid, tl0))
+        });
         if tx.push_with(to, |buf| {
-            write_sealed(buf, &header, &original.payload, sealer, roc)
+            write_sealed(buf, &header, &original.payload, (sealer, vp8), roc)
         }) {
             queued += 1;
         }

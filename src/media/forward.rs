@@ -199,6 +199,9 @@ fn takes_layer(
                 (secs * f64::from(r.clock_rate)) as u32
             });
             r.munger.restart(gap);
+            if let Some(v) = r.vp8.as_mut() {
+                v.restart();
+            }
             let direction = if up { "up" } else { "down" };
             metrics.layer_switches.with_label_values(&[direction]).inc();
             true
@@ -400,7 +403,10 @@ pub(super) fn seal_copy(
         next_report: now,
     });
     let roc = sealed.rollover.roc_for(seq);
-    if !tx.push_with(to, |buf| write_sealed(buf, &header, payload, sealer, roc)) {
+    let vp8 = vp8_patch(r.vp8.as_mut(), payload, seq);
+    if !tx.push_with(to, |buf| {
+        write_sealed(buf, &header, payload, (sealer, vp8), roc)
+    }) {
         return None;
     }
     sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER] = Sent {
@@ -421,6 +427,21 @@ pub(super) fn seal_copy(
         sealed.next_report = now + SENDER_REPORT_INTERVAL;
     }
     Some(report_due)
+}
+
+/// What to write into a VP8 copy's payload descriptor (`None`: nothing to change).
+fn vp8_patch(
+    map: Option<&mut vp8::Vp8Map>,
+    payload: &[u8],
+    seq: u16,
+) -> Option<(vp8::Descriptor, u16, u8)> {
+    let map = map?;
+    let d = vp8::Descriptor::parse(payload)?;
+    if d.pid.is_none() && d.tl0.is_none() {
+        return None;
+    }
+    let (pid, tl0) = map.map(&d, seq);
+    (!map.identity()).then_some((d, pid, tl0))
 }
 
 /// A padding-only packet of `bytes` (1..=255) on route `r`, for a probe of its subscriber's
@@ -546,17 +567,22 @@ pub(super) fn write_header(buf: &mut Vec<u8>, c: &CopyHeader<'_>) -> usize {
     buf.len() - start
 }
 
-/// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place.
+/// Appends header, payload (and padding, as rtc writes it) to `buf` and seals them in place;
+/// `vp8`: the VP8 picture id and TL0PICIDX to write into the copy's payload descriptor.
 pub(super) fn write_sealed(
     buf: &mut Vec<u8>,
     c: &CopyHeader<'_>,
     payload: &[u8],
-    sealer: &mut srtp::Sealer,
+    (sealer, vp8): (&mut srtp::Sealer, Option<(vp8::Descriptor, u16, u8)>),
     roc: u32,
 ) -> bool {
     let start = buf.len();
     let header_len = write_header(buf, c);
+    let body = buf.len();
     buf.extend_from_slice(payload);
+    if let Some((d, pid, tl0)) = vp8 {
+        d.write(&mut buf[body..], pid, tl0);
+    }
     if c.from.padding {
         let pad = match payload.len() % 4 {
             0 => 4,
@@ -636,6 +662,7 @@ mod tests {
             quality: Quality::High,
             limit: LossLimit::default(),
             fit: None,
+            vp8: None,
         };
         let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
             (vec![], vec![], false, false),

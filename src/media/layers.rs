@@ -340,6 +340,7 @@ mod tests {
             quality: Quality::High,
             limit: LossLimit::default(),
             fit: None,
+            vp8: None,
         }
     }
 }

@@ -72,6 +72,7 @@ mod router;
 mod shard;
 pub mod srtp;
 mod stats;
+mod vp8;
 
 use crate::net::udp::{MediaSocket, RX_BATCH, RxBatch, TxBatch};
 use crate::net::{self, Kind, stun};
@@ -295,6 +296,8 @@ struct Route {
     /// The highest layer its subscriber's bandwidth estimate fits (see [`bwe`]): when set, it
     /// replaces `limit`.
     fit: Option<u8>,
+    /// VP8: its picture ids and TL0PICIDX, continuous across layer switches.
+    vp8: Option<vp8::Vp8Map>,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -654,6 +657,7 @@ pub mod bench {
                     quality: Quality::High,
                     limit: LossLimit::default(),
                     fit: None,
+                    vp8: None,
                 });
             }
             Fanout {

@@ -21,6 +21,8 @@ pub(super) struct Router {
     /// (subscriber, publisher) user ids -> the video quality the subscriber asked for (absent:
     /// the highest).
     qualities: HashMap<(String, String), Quality>,
+    /// Scratch for [`Router::allocate`], kept (no allocation per feedback).
+    pub(super) allocation: Vec<super::allocate::Candidate>,
 }
 
 /// A published track with at least one subscriber: its copies, and its recent packets (per
@@ -633,6 +635,10 @@ fn open_feed(
         quality: Quality::High,
         limit: LossLimit::default(),
         fit: s.downlink.starting_fit(),
+        vp8: codec
+            .mime_type
+            .eq_ignore_ascii_case("video/VP8")
+            .then(vp8::Vp8Map::default),
     })
 }
 
