@@ -31,11 +31,14 @@ impl MediaCore {
         if !p.downlink.stamps() {
             return;
         }
-        if let Some(room) = p.downlink.on_feedback(fb, now) {
+        let probed = p.downlink.on_feedback(fb, now);
+        if let Some(room) = probed {
             let result = if room { "room" } else { "no_room" };
             self.metrics.bwe_probes.with_label_values(&[result]).inc();
         }
-        self.router.allocate(&mut self.peers, sub, now);
+        if p.downlink.reallocate(probed.is_some(), now) {
+            self.router.allocate(&mut self.peers, sub, now);
+        }
     }
 
     /// Padding due on `sub`'s probe: sealed onto one of its video routes.
@@ -98,7 +101,10 @@ pub(super) struct Candidate {
 impl Router {
     /// The subscriber's routes, in a fixed order (the tracks' maps are not changed between two
     /// walks of one allocation).
-    fn routes_of(&self, sub: PeerKey) -> impl Iterator<Item = (PeerKey, &str, &RoutedTrack, &Route)> {
+    fn routes_of(
+        &self,
+        sub: PeerKey,
+    ) -> impl Iterator<Item = (PeerKey, &str, &RoutedTrack, &Route)> {
         self.tracks.iter().flat_map(move |(publisher, tracks)| {
             tracks.iter().filter_map(move |(track, t)| {
                 let r = t.routes.iter().find(|r| r.to == sub)?;

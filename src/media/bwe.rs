@@ -505,14 +505,22 @@ pub struct Downlink {
     /// waiting (see [`Downlink::silent`]).
     waiting_since: Option<Instant>,
     pub gave_up: bool,
+    /// When the routes were last fitted to the estimate, and to which.
+    allocated: Option<(Instant, u64)>,
 }
+
+/// How often a subscriber's routes are fitted to its estimate, at most, unless it fell by more
+/// than [`REALLOCATE_DROP`] or a probe ended.
+const REALLOCATE_EVERY: Duration = Duration::from_millis(200);
+const REALLOCATE_DROP: f64 = 0.85;
 
 /// How long a connection may go without transport-cc feedback before its routes' layers no
 /// longer wait for an estimate (they follow its receiver reports instead).
 pub const FEEDBACK_WAIT: Duration = Duration::from_secs(3);
 
-/// Sent packets remembered for feedback (a second of 1000 packets/s).
-const LOG: usize = 1024;
+/// Sent packets remembered for feedback: 8 KiB a connection; half a second at 1000 packets/s,
+/// two at a 2.5 Mbit/s video's 260 (browsers send feedback every 50-100 ms).
+const LOG: usize = 512;
 
 #[derive(Clone, Copy, Default, Debug)]
 struct Record {
@@ -663,6 +671,26 @@ impl Downlink {
     /// be had (it moves up as the estimate allows), else none of its own (`None`).
     pub fn starting_fit(&self) -> Option<u8> {
         (!self.gave_up).then_some(0)
+    }
+
+    /// Whether the routes should be fitted to the estimate again now (`probed`: a probe just
+    /// ended); if so, that is noted.
+    pub fn reallocate(&mut self, probed: bool, now: Instant) -> bool {
+        let Some(est) = self.estimate() else {
+            return false;
+        };
+        let due = match self.allocated {
+            None => true,
+            Some((at, last)) => {
+                probed
+                    || (est as f64) < REALLOCATE_DROP * last as f64
+                    || now.saturating_duration_since(at) >= REALLOCATE_EVERY
+            }
+        };
+        if due {
+            self.allocated = Some((now, est));
+        }
+        due
     }
 
     /// The full sequence number of `wire`, one of the last [`LOG`] sent.
