@@ -463,7 +463,14 @@ pub struct Probe {
     next_at: Option<Instant>,
     backoff: Duration,
     goal: f64,
+    /// The last probe found no room: the next ones ask for little more than the estimate, so
+    /// that a link that is full is not flooded again (cleared by a probe that finds room).
+    gentle: bool,
 }
+
+/// How far above the estimate a probe may go: while probes find room, and after one did not.
+const PROBE_REACH: f64 = 2.0;
+const PROBE_REACH_GENTLE: f64 = 1.3;
 
 impl Default for Probe {
     fn default() -> Self {
@@ -474,6 +481,7 @@ impl Default for Probe {
             next_at: None,
             backoff: PROBE_BACKOFF,
             goal: 0.0,
+            gentle: false,
         }
     }
 }
@@ -575,7 +583,7 @@ impl Downlink {
     }
 
     /// The subscriber's feedback: the estimate updated. When it finished a probe: whether the
-    /// probe found room up to its goal.
+    /// probe found room up to what it asked for.
     pub fn on_feedback(&mut self, fb: &TransportLayerCc, now: Instant) -> Option<bool> {
         let now_us = self.micros(now);
         self.active = true;
@@ -640,7 +648,9 @@ impl Downlink {
             Some((last, _)) if self.covered.is_some_and(|c| c >= last) => {
                 self.probe.pending = None;
                 let carried = self.estimator.finish_cluster();
+                // The link carried what was asked of it (the goal, or less: a gentle probe).
                 let found = carried.is_some_and(|c| c >= 0.9 * self.probe.goal);
+                self.probe.gentle = !found;
                 let wait = if found {
                     self.probe.backoff = PROBE_BACKOFF;
                     PROBE_AFTER_SUCCESS
@@ -726,9 +736,14 @@ impl Downlink {
             return;
         }
         p.id = p.id.wrapping_add(1).max(1);
-        p.goal = goal;
-        // Up to the goal with some headroom, but not beyond four times what is known to fit.
-        let target = (goal * 1.1).min(est * 4.0);
+        // Up to the goal with some headroom, but not far beyond what is known to fit.
+        let reach = if p.gentle {
+            PROBE_REACH_GENTLE
+        } else {
+            PROBE_REACH
+        };
+        let target = (goal * 1.1).min(est * reach);
+        p.goal = target / 1.1;
         p.active = Some((target, now, now + PROBE_LENGTH, 0));
         self.estimator.start_cluster(p.id);
     }
