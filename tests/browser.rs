@@ -1883,6 +1883,99 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
     );
 }
 
+/// A link too thin for even the lowest layer: carol's downlink is shaped to 110 kbit/s. Her route
+/// keeps the lowest layer's base temporal layers only (VP8: fewer frames, picture ids and
+/// sequence numbers without gaps), and her audio keeps its share: she sees fewer frames, not a
+/// frozen picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_too_thin_for_the_lowest_layer_gets_fewer_frames() {
+    const TEST: &str = "a_link_too_thin_for_the_lowest_layer_gets_fewer_frames";
+    let setup = "ip netns del ferry-vthin 2>/dev/null; ip netns add ferry-vthin \
+        && ip link add th0 type veth peer name th1 netns ferry-vthin \
+        && ip addr add 10.208.0.1/24 dev th0 && ip link set th0 up \
+        && ip -n ferry-vthin addr add 10.208.0.2/24 dev th1 && ip -n ferry-vthin link set th1 up \
+        && ip -n ferry-vthin link set lo up && ip -n ferry-vthin route add default via 10.208.0.1 \
+        && tc qdisc add dev th0 root tbf rate 110kbit burst 8kb latency 400ms";
+    let missing = common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)")
+        .or_else(|| {
+            let tc = std::process::Command::new("tc").arg("-V").output();
+            tc.is_err()
+                .then_some("tc is missing (apt-get install iproute2)")
+        });
+    match common::netns::in_new_netns(TEST, setup, missing) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-vthin"]);
+    let s = spawn(ferry::config::Config {
+        http_listen: "0.0.0.0:0".parse().unwrap(),
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec!["127.0.0.1".parse().unwrap(), "10.208.0.1".parse().unwrap()],
+        ..test_config()
+    })
+    .await;
+    let local = format!("http://127.0.0.1:{}", s.addr.port());
+    let (mut ba, a) = member_page_at(&local, "alice").await;
+    let origin = format!("http://10.208.0.1:{}", s.addr.port());
+    let mut bc = Browser::launch_with(Launch {
+        netns: Some("ferry-vthin"),
+        secure_origin: Some(&origin),
+        ..Launch::default()
+    })
+    .await;
+    let c = bc.open("carol", &format!("{origin}/")).await;
+    enter_lobby(&mut bc, &c).await;
+    let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
+    viewer(&mut bc, &c, &room).await;
+    bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let carol = watch(&mut bc, &c, &a_id, 20).await;
+    let scalability = ba
+        .eval(
+            &a,
+            "(async () => { const r = await window.demo.ferry._relay.pc.getStats(); const o = []; \
+             r.forEach((x) => { if (x.type === 'outbound-rtp' && x.kind === 'video') o.push(x.rid + ':' + x.scalabilityMode); }); \
+             return o.sort().join(' '); })()",
+        )
+        .await;
+    let audio = bc
+        .eval(
+            &c,
+            &format!(
+                "(async () => {{ const r = await window.demo.ferry.getStats({a_id:?}); let o = null; \
+                 r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'audio') o = {{ received: x.packetsReceived, lost: x.packetsLost, concealed: x.concealedSamples, total: x.totalSamplesReceived }}; }}); return o; }})()"
+            ),
+        )
+        .await;
+    eprintln!(
+        "110 kbit/s, 20 s: carol {} frames, {:.2} s stalled, {} wide; alice sends {scalability}; carol's audio {audio}",
+        carol.0, carol.1, carol.2
+    );
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    eprintln!(
+        "{}",
+        m.lines()
+            .filter(|l| !l.starts_with('#')
+                && (l.contains("estimate_bps_sum")
+                    || l.contains("estimate_bps_count")
+                    || l.contains("bwe_probes")
+                    || l.contains("keyframe_requests")
+                    || l.contains("layer_bytes")
+                    || l.contains("retransmits")
+                    || l.contains("nacks")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert!(carol.0 >= 60, "at least 3 fps: {carol:?}");
+    assert!(carol.1 < 2.0, "no frozen picture: {carol:?}");
+    assert!(
+        carol.0 < 350,
+        "fewer frames than the publisher sends: {carol:?}"
+    );
+}
+
 /// A link that changes mid-call: carol's downlink (`tc tbf` on the router side of her veth)
 /// starts at 3 Mbit/s, where she decodes alice's full layer; it drops to 300 kbit/s, and her route
 /// goes down to a layer that fits within a few seconds (her estimate follows the link: loss and

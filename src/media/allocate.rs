@@ -84,6 +84,26 @@ impl MediaCore {
     }
 }
 
+/// The highest temporal layer of a lowest layer of `rate` bits/s that fits `budget` (`u8::MAX`:
+/// all of it), moving up only with [`bwe::UP_HEADROOM`] to spare; TID 0 at least.
+fn temporal_fit(rate: f64, budget: f64, now: u8) -> u8 {
+    let mut t = 0;
+    for (tid, share) in TEMPORAL_SHARE.iter().enumerate().skip(1) {
+        let cost = rate
+            * share
+            * if tid as u8 > now {
+                bwe::UP_HEADROOM
+            } else {
+                1.0
+            };
+        if cost > budget {
+            break;
+        }
+        t = tid as u8;
+    }
+    if t == 2 { u8::MAX } else { t }
+}
+
 /// One video route of a subscriber, as the allocation sees it.
 #[derive(Clone, Copy)]
 pub(super) struct Candidate {
@@ -96,7 +116,14 @@ pub(super) struct Candidate {
     wanted: Option<u8>,
     current: Option<u8>,
     fit: Option<u8>,
+    /// The highest temporal layer it takes now, and the one it is given.
+    temporal_now: u8,
+    temporal: u8,
 }
+
+/// The share of a layer's bitrate its temporal layers up to TID 0, 1 and 2 take (libwebrtc's split
+/// of a three-layer VP8 stream).
+const TEMPORAL_SHARE: [f64; 3] = [0.4, 0.6, 1.0];
 
 impl Router {
     /// The subscriber's routes, in a fixed order (the tracks' maps are not changed between two
@@ -141,6 +168,8 @@ impl Router {
                 wanted,
                 current: r.layer,
                 fit: None,
+                temporal_now: r.temporal,
+                temporal: u8::MAX,
             };
             for l in 0..c.layers {
                 let guess = if l == 0 {
@@ -164,6 +193,8 @@ impl Router {
             };
             let rates = &c.rates[..c.layers];
             let l = bwe::fit_layer(rates, budget + rates[0], c.current);
+            // Not even the lowest layer fits: fewer of its frames (VP8 temporal layers).
+            c.temporal = temporal_fit(rates[0], budget + rates[0], c.temporal_now);
             budget -= rates[usize::from(l)] - rates[0];
             if l < wanted && goal.is_none() {
                 goal = Some(rates[usize::from(l) + 1] * bwe::UP_HEADROOM - rates[usize::from(l)]);
@@ -181,6 +212,7 @@ impl Router {
             if let Some(c) = fits.next_if(|c| c.index == index) {
                 // Off stays off; otherwise the layer the estimate fits.
                 r.fit = Some(c.fit.unwrap_or(0));
+                r.temporal = c.temporal;
             }
         }
         self.allocation = video;
@@ -209,5 +241,22 @@ impl Router {
             .find(|r| {
                 r.to == sub && r.clock_rate == 90_000 && r.sealed.is_some() && r.munger.started()
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lowest_layer_that_does_not_fit_loses_its_upper_temporal_layers() {
+        // 100 kbit/s lowest layer: TID 0 is 40 k, up to TID 1 60 k, all of it 100 k.
+        assert_eq!(temporal_fit(100e3, 150e3, u8::MAX), u8::MAX);
+        assert_eq!(temporal_fit(100e3, 99e3, u8::MAX), 1);
+        assert_eq!(temporal_fit(100e3, 50e3, u8::MAX), 0);
+        assert_eq!(temporal_fit(100e3, 10e3, u8::MAX), 0, "TID 0 always");
+        // Up again only with headroom: 100 k fits all, but not all + 15 %.
+        assert_eq!(temporal_fit(100e3, 100e3, 1), 1);
+        assert_eq!(temporal_fit(100e3, 116e3, 1), u8::MAX);
     }
 }

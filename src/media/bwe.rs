@@ -515,7 +515,13 @@ pub struct Downlink {
     pub gave_up: bool,
     /// When the routes were last fitted to the estimate, and to which.
     allocated: Option<(Instant, u64)>,
+    /// Bytes of retransmissions it may be sent now, and when that was worked out.
+    resend_tokens: f64,
+    resend_at: Option<Instant>,
 }
+
+/// The share of the estimate retransmissions may take (a token bucket holding 200 ms of it).
+const RETRANSMIT_SHARE: f64 = 0.25;
 
 /// How often a subscriber's routes are fitted to its estimate, at most, unless it fell by more
 /// than [`REALLOCATE_DROP`] or a probe ended.
@@ -701,6 +707,26 @@ impl Downlink {
             self.allocated = Some((now, est));
         }
         due
+    }
+
+    /// Whether a retransmission of `bytes` fits the connection's share for them now (always,
+    /// without an estimate).
+    pub fn retransmit_allowed(&mut self, bytes: usize, now: Instant) -> bool {
+        let Some(est) = self.estimate() else {
+            return true;
+        };
+        let rate = est as f64 * RETRANSMIT_SHARE / 8.0;
+        let depth = (rate * 0.2).max(3000.0);
+        let elapsed = self
+            .resend_at
+            .map_or(f64::MAX, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.resend_at = Some(now);
+        self.resend_tokens = (self.resend_tokens + elapsed * rate).min(depth);
+        if self.resend_tokens < bytes as f64 {
+            return false;
+        }
+        self.resend_tokens -= bytes as f64;
+        true
     }
 
     /// The full sequence number of `wire`, one of the last [`LOG`] sent.

@@ -97,6 +97,10 @@ impl MediaCore {
     }
 }
 
+/// The least time between two retransmissions of one packet (a round trip, about): a
+/// subscriber NACKs a packet again until it arrives.
+const RESEND_SPACING_MS: u16 = 100;
+
 /// Queue again the packets `lost` that `track`'s route to `sub` (connection `s`) sent, sealed
 /// as they were first sent; how many were queued.
 fn resend(
@@ -121,8 +125,17 @@ fn resend(
     };
     let mut queued = 0;
     for &seq in lost {
-        let sent = sealed.sent[usize::from(seq) % RETRANSMIT_BUFFER];
+        let slot = usize::from(seq) % RETRANSMIT_BUFFER;
+        let sent = sealed.sent[slot];
         if !sent.used || sent.seq != seq {
+            continue;
+        }
+        // A packet sent again lately is not sent again for a NACK that crossed it.
+        let now_ms = now.saturating_duration_since(sealed.since).as_millis() as u16;
+        if sent
+            .resent
+            .is_some_and(|t| now_ms.wrapping_sub(t) < RESEND_SPACING_MS)
+        {
             continue;
         }
         let Some(original) = history
@@ -145,16 +158,25 @@ fn resend(
                 (s.downlink.ext_id, s.downlink.stamp(size, now))
             }),
         };
+        // Retransmissions within their share of the subscriber's estimate: on a full link,
+        // answering every NACK would only lose more.
+        if !s
+            .downlink
+            .retransmit_allowed(original.payload.len() + SEALED_OVERHEAD, now)
+        {
+            continue;
+        }
         // The picture id and TL0PICIDX it had when first sent.
-        let vp8 = r.vp8.as_ref().and_then(|m| {
+        let vp8 = r.vp8.as_ref().and_then(|_| {
             let d = vp8::Descriptor::parse(&original.payload)?;
-            let (pid, tl0) = m.map_again(&d, seq);
-            (!m.identity()).then_some((d, pid, tl0))
+            let (pid, tl0) = vp8::Vp8Map::map_again(&d, sent.vp8);
+            (sent.vp8 != (0, 0)).then_some((d, pid, tl0))
         });
         if tx.push_with(to, |buf| {
             write_sealed(buf, &header, &original.payload, (sealer, vp8), roc)
         }) {
             queued += 1;
+            sealed.sent[slot].resent = Some(now_ms);
         }
     }
     queued

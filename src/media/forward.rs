@@ -107,6 +107,9 @@ pub(super) fn forward(
         if inc.kind == 1 && !takes_layer(r, &inc, live, &mut wanted, metrics) {
             continue;
         }
+        if r.temporal != u8::MAX && drops_temporal_layer(r, &packet) {
+            continue;
+        }
         let Some(sub) = peers.get_mut(&r.to) else {
             continue;
         };
@@ -166,6 +169,25 @@ pub(super) fn forward(
     }
     track.history[layer].store(packet);
     wanted
+}
+
+/// A VP8 packet of a temporal layer above what route `r` takes: left out, its sequence number
+/// and picture id given to what follows (no gap the subscriber would ask for).
+fn drops_temporal_layer(r: &mut Route, packet: &rtc::rtp::Packet) -> bool {
+    let Some(map) = r.vp8.as_mut() else {
+        return false;
+    };
+    let Some(d) = vp8::Descriptor::parse(&packet.payload) else {
+        return false;
+    };
+    if d.tid.is_none_or(|t| t <= r.temporal) {
+        return false;
+    }
+    let h = &packet.header;
+    r.munger.map(h.ssrc, h.sequence_number, h.timestamp);
+    r.munger.dropped(h.sequence_number);
+    map.drop_frame(&d);
+    true
 }
 
 /// Whether video route `r` takes this packet (of layer `inc.layer`; `live`: the highest layer
@@ -401,9 +423,10 @@ pub(super) fn seal_copy(
         octets: 0,
         last_ts: (ts, now),
         next_report: now,
+        since: now,
     });
     let roc = sealed.rollover.roc_for(seq);
-    let vp8 = vp8_patch(r.vp8.as_mut(), payload, seq);
+    let vp8 = vp8_patch(r.vp8.as_mut(), payload);
     if !tx.push_with(to, |buf| {
         write_sealed(buf, &header, payload, (sealer, vp8), roc)
     }) {
@@ -415,6 +438,8 @@ pub(super) fn seal_copy(
         publisher_ssrc: from.ssrc,
         timestamp: ts,
         used: true,
+        vp8: r.vp8.as_ref().map_or((0, 0), |m| m.offsets()),
+        resent: None,
     };
     sealed.packets = sealed.packets.wrapping_add(1);
     sealed.octets = sealed.octets.wrapping_add(payload.len() as u32);
@@ -430,17 +455,13 @@ pub(super) fn seal_copy(
 }
 
 /// What to write into a VP8 copy's payload descriptor (`None`: nothing to change).
-fn vp8_patch(
-    map: Option<&mut vp8::Vp8Map>,
-    payload: &[u8],
-    seq: u16,
-) -> Option<(vp8::Descriptor, u16, u8)> {
+fn vp8_patch(map: Option<&mut vp8::Vp8Map>, payload: &[u8]) -> Option<(vp8::Descriptor, u16, u8)> {
     let map = map?;
     let d = vp8::Descriptor::parse(payload)?;
     if d.pid.is_none() && d.tl0.is_none() {
         return None;
     }
-    let (pid, tl0) = map.map(&d, seq);
+    let (pid, tl0) = map.map(&d);
     (!map.identity()).then_some((d, pid, tl0))
 }
 
@@ -663,6 +684,7 @@ mod tests {
             limit: LossLimit::default(),
             fit: None,
             vp8: None,
+            temporal: u8::MAX,
         };
         let cases: Vec<(Vec<Extension>, Vec<u32>, bool, bool)> = vec![
             (vec![], vec![], false, false),

@@ -341,6 +341,7 @@ mod tests {
             limit: LossLimit::default(),
             fit: None,
             vp8: None,
+            temporal: u8::MAX,
         }
     }
 }

@@ -233,6 +233,10 @@ struct Sent {
     publisher_ssrc: u32,
     timestamp: u32,
     used: bool,
+    /// The VP8 picture-id and TL0PICIDX shift it went out under (see [`vp8::Vp8Map`]).
+    vp8: (u16, u8),
+    /// When it was last sent again (ms since the route's first sealed packet, wrapping).
+    resent: Option<u16>,
 }
 
 /// A route's state on the own sealing path ([`srtp::Sealer`]): rollover counter, what it sent
@@ -245,6 +249,8 @@ struct Sealed {
     /// The last timestamp sent and when (the sender report's RTP/NTP mapping).
     last_ts: (u32, Instant),
     next_report: Instant,
+    /// Its first sealed packet (`Sent::resent` counts from it).
+    since: Instant,
 }
 
 /// How often a sealed route sends a sender report (rtc's report interval).
@@ -298,6 +304,9 @@ struct Route {
     fit: Option<u8>,
     /// VP8: its picture ids and TL0PICIDX, continuous across layer switches.
     vp8: Option<vp8::Vp8Map>,
+    /// The highest VP8 temporal layer (TID) it takes (`u8::MAX`: all): fewer frames of its lowest
+    /// layer when even that does not fit its subscriber's estimate.
+    temporal: u8,
 }
 
 /// How long a subscriber keeps a track whose publisher stopped sending it, waiting for the same
@@ -658,6 +667,7 @@ pub mod bench {
                     limit: LossLimit::default(),
                     fit: None,
                     vp8: None,
+                    temporal: u8::MAX,
                 });
             }
             Fanout {

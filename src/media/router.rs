@@ -639,6 +639,7 @@ fn open_feed(
             .mime_type
             .eq_ignore_ascii_case("video/VP8")
             .then(vp8::Vp8Map::default),
+        temporal: u8::MAX,
     })
 }
 

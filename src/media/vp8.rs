@@ -13,6 +13,8 @@ pub struct Descriptor {
     pub pid: Option<(usize, bool, u16)>,
     /// Offset and value of TL0PICIDX.
     pub tl0: Option<(usize, u8)>,
+    /// The temporal layer (TID) of the frame, when the descriptor says.
+    pub tid: Option<u8>,
 }
 
 impl Descriptor {
@@ -37,6 +39,10 @@ impl Descriptor {
         }
         if x & 0x40 != 0 {
             d.tl0 = Some((i, *p.get(i)?));
+            i += 1;
+        }
+        if x & 0x20 != 0 {
+            d.tid = Some(*p.get(i)? >> 6);
         }
         Some(d)
     }
@@ -68,10 +74,8 @@ pub struct Vp8Map {
     last_tl0: u8,
     /// The next packet starts another layer: the offsets are worked out again.
     restart: bool,
-    /// The route sequence number the offsets apply from, and the offsets before (for
-    /// retransmissions of what was sent before the switch).
-    from_seq: u16,
-    previous: Option<(u16, u8)>,
+    /// The picture id of the last frame the route dropped (a temporal layer it does not take).
+    dropped: Option<u16>,
 }
 
 fn newer(a: u16, b: u16, bits: u32) -> bool {
@@ -88,14 +92,12 @@ impl Vp8Map {
         }
     }
 
-    /// The (picture id, TL0PICIDX) to send for a packet with descriptor `d`, going out as the
-    /// route's sequence number `seq`.
-    pub fn map(&mut self, d: &Descriptor, seq: u16) -> (u16, u8) {
+    /// The (picture id, TL0PICIDX) to send for a packet with descriptor `d`.
+    pub fn map(&mut self, d: &Descriptor) -> (u16, u8) {
         let bits = if d.pid.is_some_and(|p| p.1) { 15 } else { 7 };
         let mask = ((1u32 << bits) - 1) as u16;
         if !self.started {
             self.started = true;
-            self.from_seq = seq;
             if let Some((_, _, v)) = d.pid {
                 self.last_pid = v;
             }
@@ -103,8 +105,6 @@ impl Vp8Map {
                 self.last_tl0 = v;
             }
         } else if std::mem::take(&mut self.restart) {
-            self.previous = Some((self.pid_offset, self.tl0_offset));
-            self.from_seq = seq;
             if let Some((_, _, v)) = d.pid {
                 self.pid_offset = v.wrapping_sub(self.last_pid.wrapping_add(1)) & mask;
             }
@@ -125,23 +125,43 @@ impl Vp8Map {
         (pid, tl0)
     }
 
-    /// The same for a retransmission of what went out as `seq`: the offsets of its time.
-    pub fn map_again(&self, d: &Descriptor, seq: u16) -> (u16, u8) {
-        let bits = if d.pid.is_some_and(|p| p.1) { 15 } else { 7 };
-        let mask = ((1u32 << bits) - 1) as u16;
-        let (po, to) = match self.previous {
-            Some(prev) if seq.wrapping_sub(self.from_seq) >= 0x8000 => prev,
-            _ => (self.pid_offset, self.tl0_offset),
+    /// The shift applied now: kept with what is sent, so that a retransmission goes out with the
+    /// numbers it first had ([`Vp8Map::map_again`]).
+    pub fn offsets(&self) -> (u16, u8) {
+        (self.pid_offset, self.tl0_offset)
+    }
+
+    /// The (picture id, TL0PICIDX) of a retransmission of a packet sent under `offsets`.
+    pub fn map_again(d: &Descriptor, (pid_offset, tl0_offset): (u16, u8)) -> (u16, u8) {
+        let mask = if d.pid.is_some_and(|p| p.1) {
+            0x7fff
+        } else {
+            0x7f
         };
         (
-            d.pid.map_or(0, |(_, _, v)| v.wrapping_sub(po) & mask),
-            d.tl0.map_or(0, |(_, v)| v.wrapping_sub(to)),
+            d.pid
+                .map_or(0, |(_, _, v)| v.wrapping_sub(pid_offset) & mask),
+            d.tl0.map_or(0, |(_, v)| v.wrapping_sub(tl0_offset)),
         )
+    }
+
+    /// A packet of the frame with picture id `d.pid` is not sent (its temporal layer is not
+    /// taken): the frames after it are numbered on from the last one sent.
+    pub fn drop_frame(&mut self, d: &Descriptor) {
+        let Some((_, long, pid)) = d.pid else {
+            return;
+        };
+        if self.dropped == Some(pid) {
+            return;
+        }
+        self.dropped = Some(pid);
+        let mask = if long { 0x7fff } else { 0x7f };
+        self.pid_offset = self.pid_offset.wrapping_add(1) & mask;
     }
 
     /// Nothing was shifted yet: copies go out as they came.
     pub fn identity(&self) -> bool {
-        self.pid_offset == 0 && self.tl0_offset == 0 && self.previous.is_none()
+        self.pid_offset == 0 && self.tl0_offset == 0
     }
 }
 
@@ -176,44 +196,75 @@ mod tests {
     fn picture_ids_and_tl0_go_on_across_a_switch() {
         let mut m = Vp8Map::default();
         let mut out = Vec::new();
-        let mut seq = 100u16;
         // Layer A: pids 500..503, tl0 10..13; then layer B: pids 32760.. (wrapping), tl0 250..
         for (pid, tl0) in (500..503).map(|i| (i, (i - 490) as u8)) {
-            out.push(m.map(&Descriptor::parse(&payload(pid, tl0)).unwrap(), seq));
-            seq += 1;
+            out.push(m.map(&Descriptor::parse(&payload(pid, tl0)).unwrap()));
         }
         m.restart();
         for (pid, tl0) in [(32766u16, 250u8), (32767, 251), (0, 252), (1, 253)] {
-            out.push(m.map(&Descriptor::parse(&payload(pid, tl0)).unwrap(), seq));
-            seq += 1;
+            out.push(m.map(&Descriptor::parse(&payload(pid, tl0)).unwrap()));
         }
         let pids: Vec<u16> = out.iter().map(|o| o.0).collect();
         let tl0s: Vec<u8> = out.iter().map(|o| o.1).collect();
         assert_eq!(pids, [500, 501, 502, 503, 504, 505, 506]);
         assert_eq!(tl0s, [10, 11, 12, 13, 14, 15, 16]);
-        // A retransmission of a packet from before the switch keeps its old numbers.
+        // A retransmission goes out with the numbers it had, by the shift it was sent under.
         let old = Descriptor::parse(&payload(501, 11)).unwrap();
-        assert_eq!(m.map_again(&old, 101), (501, 11));
+        assert_eq!(Vp8Map::map_again(&old, (0, 0)), (501, 11));
         let new = Descriptor::parse(&payload(0, 252)).unwrap();
-        assert_eq!(m.map_again(&new, 105), (505, 15));
+        assert_eq!(Vp8Map::map_again(&new, m.offsets()), (505, 15));
         // Written back in place, same width.
         let mut p = payload(0, 252);
         new.write(&mut p, 505, 15);
         assert_eq!(p, payload(505, 15));
     }
 
+    /// As [`payload`], with T=1 and the frame's TID.
+    fn layered(pid: u16, tl0: u8, tid: u8) -> Vec<u8> {
+        vec![
+            0x90,
+            0xe0,
+            0x80 | (pid >> 8) as u8,
+            pid as u8,
+            tl0,
+            tid << 6,
+            0x9d,
+        ]
+    }
+
+    #[test]
+    fn dropped_temporal_layers_leave_no_gap_in_picture_ids() {
+        let d = Descriptor::parse(&layered(7, 3, 2)).unwrap();
+        assert_eq!((d.tid, d.tl0), (Some(2), Some((4, 3))));
+        // TIDs 0 2 1 2 0 2 1 2: the route takes TID <= 1.
+        let mut m = Vp8Map::default();
+        let mut sent = Vec::new();
+        for (i, tid) in [0u8, 2, 1, 2, 0, 2, 1, 2].into_iter().enumerate() {
+            let pid = 100 + i as u16;
+            let tl0 = 10 + (i / 4) as u8;
+            let d = Descriptor::parse(&layered(pid, tl0, tid)).unwrap();
+            if tid > 1 {
+                m.drop_frame(&d);
+                m.drop_frame(&d); // its second packet
+                continue;
+            }
+            sent.push(m.map(&d));
+        }
+        assert_eq!(sent, [(100, 10), (101, 10), (102, 11), (103, 11)]);
+    }
+
     #[test]
     fn packets_of_one_frame_keep_one_picture_id() {
         let mut m = Vp8Map::default();
         let d = Descriptor::parse(&payload(40, 1)).unwrap();
-        assert_eq!(m.map(&d, 1), (40, 1));
+        assert_eq!(m.map(&d), (40, 1));
         m.restart();
         let d = Descriptor::parse(&payload(9000, 77)).unwrap();
-        assert_eq!(m.map(&d, 2), (41, 2));
-        assert_eq!(m.map(&d, 3), (41, 2), "the frame's second packet");
+        assert_eq!(m.map(&d), (41, 2));
+        assert_eq!(m.map(&d), (41, 2), "the frame's second packet");
         let d = Descriptor::parse(&payload(9001, 77)).unwrap();
         assert_eq!(
-            m.map(&d, 4),
+            m.map(&d),
             (42, 2),
             "TL0PICIDX moves only with a base-layer frame"
         );
