@@ -1576,9 +1576,10 @@ async fn relayed_video_comes_in_the_layer_each_subscriber_asked_for() {
         )
         .await;
     let started = Instant::now();
-    // Frames decoded from here on are of the layers each asked for.
+    // Bob's route starts at the lowest layer and climbs as his downlink estimate grows (probes
+    // find room on loopback): he reaches the full layer.
     let high_expr = format!(
-        "(async () => {{ const v = await {}; return v && v.w >= 480 ? v : null; }})()",
+        "(async () => {{ const v = await {}; return v && v.w >= 960 ? v : null; }})()",
         decoded_width(&a_id, 30)
     );
     let high = bb.wait_for(&b, &high_expr, LIMIT).await;

@@ -119,6 +119,8 @@ pub(super) struct Candidate {
     /// The highest temporal layer it takes now, and the one it is given.
     temporal_now: u8,
     temporal: u8,
+    /// Its track's VP8 frames carry temporal layers.
+    layered: bool,
 }
 
 /// The share of a layer's bitrate its temporal layers up to TID 0, 1 and 2 take (libwebrtc's split
@@ -170,6 +172,7 @@ impl Router {
                 fit: None,
                 temporal_now: r.temporal,
                 temporal: u8::MAX,
+                layered: t.temporal_layers && r.vp8.is_some(),
             };
             for l in 0..c.layers {
                 let guess = if l == 0 {
@@ -193,8 +196,11 @@ impl Router {
             };
             let rates = &c.rates[..c.layers];
             let l = bwe::fit_layer(rates, budget + rates[0], c.current);
-            // Not even the lowest layer fits: fewer of its frames (VP8 temporal layers).
-            c.temporal = temporal_fit(rates[0], budget + rates[0], c.temporal_now);
+            // Not even the lowest layer fits: fewer of its frames (VP8 temporal layers, where
+            // its frames have them).
+            if c.layered {
+                c.temporal = temporal_fit(rates[0], budget + rates[0], c.temporal_now);
+            }
             budget -= rates[usize::from(l)] - rates[0];
             if l < wanted && goal.is_none() {
                 goal = Some(rates[usize::from(l) + 1] * bwe::UP_HEADROOM - rates[usize::from(l)]);

@@ -35,6 +35,10 @@ impl MediaCore {
         // route takes any packet of its layer).
         let gated = simulcast && track.keyframes != Keyframes::Unknown;
         let keyframe = !gated || track.keyframes.starts_keyframe(&packet.payload);
+        if kind == 1 && !track.temporal_layers && track.keyframes == Keyframes::Vp8 {
+            track.temporal_layers =
+                vp8::Descriptor::parse(&packet.payload).is_some_and(|d| d.tid.is_some());
+        }
         let copy = Incoming {
             kind,
             rx_at: self.rx_at,

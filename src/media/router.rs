@@ -35,6 +35,8 @@ pub(super) struct RoutedTrack {
     pub(super) keyframes: Keyframes,
     /// The bitrate of each of its layers.
     pub(super) rates: LayerRates,
+    /// Its VP8 frames carry temporal layers (a TID in their payload descriptors).
+    pub(super) temporal_layers: bool,
 }
 
 /// What a subscriber's new feed is made from: one published track.
