@@ -643,7 +643,12 @@ impl Downlink {
         if let Some(h) = highest {
             self.covered = Some(self.covered.map_or(h, |c| c.max(h)));
         }
+        let before = self.estimator.bps;
         let loss = self.estimator.on_feedback(&self.results, now_us);
+        // The link just proved full (a cut of the estimate): the next probes are gentle.
+        if self.estimator.bps < 0.8 * before {
+            self.probe.gentle = true;
+        }
         // A probe that makes the path lose or queue is stopped at once.
         if self.probe.active.is_some()
             && (self.estimator.usage == Usage::Over || loss.is_some_and(|l| l > LOSS_HIGH))
