@@ -462,6 +462,7 @@ pub struct Probe {
     pending: Option<(u64, Instant)>,
     next_at: Option<Instant>,
     backoff: Duration,
+    /// What the current or last probe asks of the path (bits/s).
     goal: f64,
     /// The last probe found no room: the next ones ask for little more than the estimate, so
     /// that a link that is full is not flooded again (cleared by a probe that finds room).
@@ -471,6 +472,8 @@ pub struct Probe {
 /// How far above the estimate a probe may go: while probes find room, and after one did not.
 const PROBE_REACH: f64 = 2.0;
 const PROBE_REACH_GENTLE: f64 = 1.3;
+/// A probe found room when the path carried this share of its target.
+const PROBE_CARRIED: f64 = 0.93;
 
 impl Default for Probe {
     fn default() -> Self {
@@ -660,7 +663,9 @@ impl Downlink {
                 self.probe.pending = None;
                 let carried = self.estimator.finish_cluster();
                 // The link carried what was asked of it (the goal, or less: a gentle probe).
-                let found = carried.is_some_and(|c| c >= 0.9 * self.probe.goal);
+                // All of it, headroom included: a full link carries a little less than a gentle
+                // probe asks, and that is no room.
+                let found = carried.is_some_and(|c| c >= PROBE_CARRIED * self.probe.goal);
                 self.probe.gentle = !found;
                 let wait = if found {
                     self.probe.backoff = PROBE_BACKOFF;
@@ -774,7 +779,7 @@ impl Downlink {
             PROBE_REACH
         };
         let target = (goal * 1.1).min(est * reach);
-        p.goal = target / 1.1;
+        p.goal = target;
         p.active = Some((target, now, now + PROBE_LENGTH, 0));
         self.estimator.start_cluster(p.id);
     }
