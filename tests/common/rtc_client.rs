@@ -48,6 +48,16 @@ impl From<bool> for Publish {
     }
 }
 
+/// Whether the clients made from now on negotiate transport-cc (the default, as browsers do).
+static TRANSPORT_CC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The clients made from now on negotiate no transport-cc: no transport-wide numbers on what
+/// they send, no feedback on what they receive (so the relay has no estimate of their links).
+#[allow(dead_code)]
+pub fn without_transport_cc() {
+    TRANSPORT_CC.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub struct MediaClient {
     pub ws: Client,
     pub pc: RTCPeerConnection,
@@ -248,13 +258,20 @@ impl MediaClient {
         let registry = Registry::new()
             .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
             .with(Slot::from(14_001), count_reports);
-        let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
-        // Transport-wide sequence numbers on what we send, as browsers do (rtc's defaults only
-        // give feedback on what they receive).
-        let registry = registry.with(
-            Slot::TwccSender,
-            rtc::interceptor::TwccSenderBuilder::new().build(),
-        );
+        let registry = if TRANSPORT_CC.load(std::sync::atomic::Ordering::Relaxed) {
+            let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
+            // Transport-wide sequence numbers on what we send, as browsers do (rtc's defaults
+            // only give feedback on what they receive).
+            registry.with(
+                Slot::TwccSender,
+                rtc::interceptor::TwccSenderBuilder::new().build(),
+            )
+        } else {
+            use rtc::peer_connection::configuration::interceptor_registry as ir;
+            let registry = ir::configure_nack(registry, &mut media_engine);
+            ir::configure_simulcast_extension_headers(&mut media_engine).unwrap();
+            ir::configure_rtcp_reports(registry)
+        };
         let mut settings = SettingEngineBuilder::new();
         if !srtp_profiles.is_empty() {
             settings = settings.with_srtp_protection_profiles(srtp_profiles);
