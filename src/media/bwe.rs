@@ -44,6 +44,9 @@ const LOSS_HIGH: f64 = 0.10;
 const LOSS_LOW: f64 = 0.02;
 /// Packets of feedback a loss figure is made of, at least.
 const LOSS_PACKETS: u32 = 20;
+/// After a cut, for this long, the estimate stays under this many times what the cut left.
+const CUT_MEMORY: Duration = Duration::from_secs(6);
+const CUT_CEILING: f64 = 1.5;
 /// The delivered rate is measured over this window of arrival time.
 const ACKED_WINDOW_US: i64 = 500_000;
 
@@ -247,6 +250,10 @@ pub struct Estimator {
     last_loss_cut_us: Option<i64>,
     /// The last loss figure was between [`LOSS_LOW`] and [`LOSS_HIGH`]: hold.
     loss_hold: bool,
+    /// The last cut (loss or overuse): when, and the estimate it left. For [`CUT_MEMORY`] the
+    /// estimate does not grow past [`CUT_CEILING`] times that: a link that just proved full is
+    /// not taken at its word by a probe a shaper's bucket let through.
+    cut: Option<(i64, f64)>,
     cluster: ClusterStats,
     /// What the last batch of feedback said of the delay gradient.
     pub usage: Usage,
@@ -275,6 +282,7 @@ impl Estimator {
             reported: 0,
             last_loss_cut_us: None,
             loss_hold: false,
+            cut: None,
             cluster: ClusterStats::default(),
             usage: Usage::Normal,
         }
@@ -371,6 +379,7 @@ impl Estimator {
             self.last_loss_cut_us = Some(now_us);
             self.last_decrease_us = Some(now_us);
             self.capacity = self.acked_bps();
+            self.cut = Some((now_us, self.bps));
         }
         Some(loss)
     }
@@ -390,6 +399,7 @@ impl Estimator {
                     self.bps = (BETA * base).min(self.bps).max(MIN_BPS);
                     self.last_decrease_us = Some(now_us);
                     self.capacity = Some(base);
+                    self.cut = Some((now_us, self.bps));
                 }
             }
             Usage::Under => {}
@@ -408,7 +418,9 @@ impl Estimator {
                     self.bps * 1.08f64.powf(dt)
                 };
                 // Not above what the path was seen to carry, by much.
-                let cap = acked.map_or(f64::MAX, |a| 1.5 * a + 10_000.0);
+                let cap = acked
+                    .map_or(f64::MAX, |a| 1.5 * a + 10_000.0)
+                    .min(self.ceiling(now_us));
                 if grown > self.bps {
                     self.bps = grown.min(cap.max(self.bps));
                 }
@@ -431,15 +443,28 @@ impl Estimator {
         self.cluster.clear();
         let (send, recv) = rates?;
         // Arrived slower than sent: the path is full; what arrived is about its capacity.
-        let carried = if recv < 0.9 * send {
+        Some(if recv < 0.9 * send {
             0.95 * recv
         } else {
             send.min(recv)
-        };
+        })
+    }
+
+    /// A probe found the path carries `carried` bits/s: the estimate takes it (up to the
+    /// ceiling a recent cut left), unless the path is queueing.
+    pub fn raise(&mut self, carried: f64, now_us: i64) {
+        let carried = carried.min(self.ceiling(now_us));
         if self.usage != Usage::Over && carried > self.bps {
             self.bps = carried.clamp(MIN_BPS, MAX_BPS);
         }
-        Some(carried)
+    }
+
+    /// How far the estimate may grow now (see `cut`).
+    fn ceiling(&self, now_us: i64) -> f64 {
+        match self.cut {
+            Some((at, bps)) if now_us - at < CUT_MEMORY.as_micros() as i64 => bps * CUT_CEILING,
+            _ => f64::MAX,
+        }
     }
 }
 
@@ -666,6 +691,9 @@ impl Downlink {
                 // All of it, headroom included: a full link carries a little less than a gentle
                 // probe asks, and that is no room.
                 let found = carried.is_some_and(|c| c >= PROBE_CARRIED * self.probe.goal);
+                if let (true, Some(c)) = (found, carried) {
+                    self.estimator.raise(c, now_us);
+                }
                 self.probe.gentle = !found;
                 let wait = if found {
                     self.probe.backoff = PROBE_BACKOFF;
