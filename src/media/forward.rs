@@ -35,10 +35,11 @@ impl MediaCore {
         // route takes any packet of its layer).
         let gated = simulcast && track.keyframes != Keyframes::Unknown;
         let keyframe = !gated || track.keyframes.starts_keyframe(&packet.payload);
-        if kind == 1 && !track.temporal_layers && track.keyframes == Keyframes::Vp8 {
-            track.temporal_layers =
-                vp8::Descriptor::parse(&packet.payload).is_some_and(|d| d.tid.is_some());
-        }
+        // A VP8 payload descriptor, read once for every route's copy.
+        let vp8 = (track.keyframes == Keyframes::Vp8)
+            .then(|| vp8::Descriptor::parse(&packet.payload))
+            .flatten();
+        track.temporal_layers |= vp8.is_some_and(|d| d.tid.is_some());
         let copy = Incoming {
             kind,
             rx_at: self.rx_at,
@@ -46,6 +47,7 @@ impl MediaCore {
             layer,
             layers,
             keyframe,
+            vp8,
         };
         let wanted = forward(
             track,
@@ -77,6 +79,8 @@ pub(super) struct Incoming {
     pub(super) layers: usize,
     /// It starts a keyframe (always true where keyframes do not matter).
     pub(super) keyframe: bool,
+    /// Its VP8 payload descriptor (VP8 tracks).
+    pub(super) vp8: Option<vp8::Descriptor>,
 }
 
 /// One published packet to each of `track`'s routes that takes it (see [`route_takes`]), then
@@ -111,7 +115,7 @@ pub(super) fn forward(
         if inc.kind == 1 && !takes_layer(r, &inc, live, &mut wanted, metrics) {
             continue;
         }
-        if r.temporal != u8::MAX && drops_temporal_layer(r, &packet) {
+        if r.temporal != u8::MAX && drops_temporal_layer(r, &packet, inc.vp8) {
             continue;
         }
         let Some(sub) = peers.get_mut(&r.to) else {
@@ -121,7 +125,7 @@ pub(super) fn forward(
             // The own path: header written and the packet sealed straight into the send batch,
             // from the moment the DTLS handshake gave the keys (and the address it ran on),
             // which can be a few packets before rtc reports the connection connected.
-            let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions);
+            let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions, inc.vp8);
             let seal = (sealer, &mut sub.downlink);
             match seal_copy(&mut out.tx, r, seal, to, copy, inc.now) {
                 Some(report_due) => {
@@ -177,11 +181,12 @@ pub(super) fn forward(
 
 /// A VP8 packet of a temporal layer above what route `r` takes: left out, its sequence number
 /// and picture id given to what follows (no gap the subscriber would ask for).
-fn drops_temporal_layer(r: &mut Route, packet: &rtc::rtp::Packet) -> bool {
-    let Some(map) = r.vp8.as_mut() else {
-        return false;
-    };
-    let Some(d) = vp8::Descriptor::parse(&packet.payload) else {
+fn drops_temporal_layer(
+    r: &mut Route,
+    packet: &rtc::rtp::Packet,
+    d: Option<vp8::Descriptor>,
+) -> bool {
+    let (Some(map), Some(d)) = (r.vp8.as_mut(), d) else {
         return false;
     };
     if d.tid.is_none_or(|t| t <= r.temporal) {
@@ -362,15 +367,18 @@ pub(super) struct SealedCopy<'a> {
     pub(super) extensions: &'a [rtc::rtp::header::Extension],
     pub(super) seq: u16,
     pub(super) ts: u32,
+    /// Its VP8 payload descriptor, when it has one.
+    pub(super) vp8: Option<vp8::Descriptor>,
 }
 
 impl<'a> SealedCopy<'a> {
-    /// The route's copy of `packet` (whose extensions were taken out into `extensions`), its
-    /// sequence number and timestamp from the route's munger.
+    /// The route's copy of `packet` (whose extensions were taken out into `extensions`, its VP8
+    /// descriptor read into `vp8`), its sequence number and timestamp from the route's munger.
     pub(super) fn mapped(
         munger: &mut Munger,
         packet: &'a rtc::rtp::Packet,
         extensions: &'a [rtc::rtp::header::Extension],
+        vp8: Option<vp8::Descriptor>,
     ) -> SealedCopy<'a> {
         let (seq, ts) = munger.map(
             packet.header.ssrc,
@@ -383,6 +391,7 @@ impl<'a> SealedCopy<'a> {
             extensions,
             seq,
             ts,
+            vp8,
         }
     }
 }
@@ -404,6 +413,7 @@ pub(super) fn seal_copy(
         extensions,
         seq,
         ts,
+        vp8,
     } = copy;
     let header = CopyHeader {
         from,
@@ -430,7 +440,7 @@ pub(super) fn seal_copy(
         since: now,
     });
     let roc = sealed.rollover.roc_for(seq);
-    let vp8 = vp8_patch(r.vp8.as_mut(), payload);
+    let vp8 = vp8_patch(r.vp8.as_mut(), vp8);
     if !tx.push_with(to, |buf| {
         write_sealed(buf, &header, payload, (sealer, vp8), roc)
     }) {
@@ -459,9 +469,11 @@ pub(super) fn seal_copy(
 }
 
 /// What to write into a VP8 copy's payload descriptor (`None`: nothing to change).
-fn vp8_patch(map: Option<&mut vp8::Vp8Map>, payload: &[u8]) -> Option<(vp8::Descriptor, u16, u8)> {
-    let map = map?;
-    let d = vp8::Descriptor::parse(payload)?;
+fn vp8_patch(
+    map: Option<&mut vp8::Vp8Map>,
+    d: Option<vp8::Descriptor>,
+) -> Option<(vp8::Descriptor, u16, u8)> {
+    let (map, d) = (map?, d?);
     if d.pid.is_none() && d.tl0.is_none() {
         return None;
     }

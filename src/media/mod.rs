@@ -687,7 +687,7 @@ pub mod bench {
                 let Some((sealer, to, downlink)) = self.peers.get_mut(&r.to) else {
                     continue;
                 };
-                let copy = SealedCopy::mapped(&mut r.munger, packet, &extensions);
+                let copy = SealedCopy::mapped(&mut r.munger, packet, &extensions, None);
                 if seal_copy(&mut self.tx, r, (sealer, downlink), *to, copy, now).is_some() {
                     queued += 1;
                 }
