@@ -121,35 +121,8 @@ pub(super) fn forward(
         let Some(sub) = peers.get_mut(&r.to) else {
             continue;
         };
-        let sent = if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
-            // The own path: header written and the packet sealed straight into the send batch,
-            // from the moment the DTLS handshake gave the keys (and the address it ran on),
-            // which can be a few packets before rtc reports the connection connected.
-            let copy = SealedCopy::mapped(&mut r.munger, &packet, &extensions, inc.vp8);
-            let seal = (sealer, &mut sub.downlink);
-            match seal_copy(&mut out.tx, r, seal, to, copy, inc.now) {
-                Some(report_due) => {
-                    if report_due {
-                        send_sender_report(r, sub, out, inc.now);
-                    }
-                    Ok(())
-                }
-                None => Err("sender_refused"),
-            }
-        } else if !sub.connected && sub.sealer.is_none() {
-            // No SRTP keys yet (its DTLS handshake has not finished): nothing could send it.
-            // rtc's pipeline would take the packet through its interceptors (the NACK
-            // responder's send buffer would be made for it) only to refuse it at SRTP.
-            // (Nothing mapped: the subscriber's numbering starts at the first packet it gets.)
-            metrics
-                .media_dropped
-                .with_label_values(&["not_connected"])
-                .inc();
+        let Some(sent) = send_copy(r, sub, out, metrics, &packet, &extensions, &inc) else {
             continue;
-        } else {
-            let sent = copy_via_rtc(r, sub, &packet, &extensions, inc.now);
-            out.needs_poll.insert(r.to);
-            sent
         };
         match sent {
             Ok(()) => {
@@ -177,6 +150,51 @@ pub(super) fn forward(
     }
     track.history[layer].store(packet);
     wanted
+}
+
+/// Route `r`'s copy of `packet` to its subscriber `sub`: sealed straight into the send batch
+/// once the connection has its keys, else through rtc. None: not sent and not counted a drop
+/// (nothing could send it yet).
+#[inline]
+fn send_copy(
+    r: &mut Route,
+    sub: &mut Peer,
+    out: &mut Outbox,
+    metrics: &Metrics,
+    packet: &rtc::rtp::Packet,
+    extensions: &[rtc::rtp::header::Extension],
+    inc: &Incoming,
+) -> Option<Result<(), &'static str>> {
+    if let (Some(sealer), Some(to)) = (sub.sealer.as_mut(), sub.remote) {
+        // The own path: header written and the packet sealed straight into the send batch,
+        // from the moment the DTLS handshake gave the keys (and the address it ran on),
+        // which can be a few packets before rtc reports the connection connected.
+        let copy = SealedCopy::mapped(&mut r.munger, packet, extensions, inc.vp8);
+        let seal = (sealer, &mut sub.downlink);
+        match seal_copy(&mut out.tx, r, seal, to, copy, inc.now) {
+            Some(report_due) => {
+                if report_due {
+                    send_sender_report(r, sub, out, inc.now);
+                }
+                Some(Ok(()))
+            }
+            None => Some(Err("sender_refused")),
+        }
+    } else if !sub.connected && sub.sealer.is_none() {
+        // No SRTP keys yet (its DTLS handshake has not finished): nothing could send it.
+        // rtc's pipeline would take the packet through its interceptors (the NACK
+        // responder's send buffer would be made for it) only to refuse it at SRTP.
+        // (Nothing mapped: the subscriber's numbering starts at the first packet it gets.)
+        metrics
+            .media_dropped
+            .with_label_values(&["not_connected"])
+            .inc();
+        None
+    } else {
+        let sent = copy_via_rtc(r, sub, packet, extensions, inc.now);
+        out.needs_poll.insert(r.to);
+        Some(sent)
+    }
 }
 
 /// A VP8 packet of a temporal layer above what route `r` takes: left out, its sequence number

@@ -62,6 +62,7 @@ mod allocate;
 mod bwe;
 mod connection;
 mod feedback;
+mod feeds;
 mod forward;
 mod guard;
 mod interceptors;
