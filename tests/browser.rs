@@ -1782,6 +1782,60 @@ async fn watch(br: &mut Browser, page: &Page, remote: &str, secs: u64) -> (u64, 
     (frames, stalled, last["w"].as_u64().unwrap_or(0))
 }
 
+/// The setup of namespace `ns` for a subscriber whose downlink is shaped: a veth whose host side
+/// `th0` (10.`net`.0.1) gets `qdisc` (what the relay sends towards the namespace passes it),
+/// the namespace's side 10.`net`.0.2 with a default route through it.
+fn shaped_link_setup(ns: &str, net: u8, qdisc: &str) -> String {
+    format!(
+        "ip netns del {ns} 2>/dev/null; ip netns add {ns} \
+        && ip link add th0 type veth peer name th1 netns {ns} \
+        && ip addr add 10.{net}.0.1/24 dev th0 && ip link set th0 up \
+        && ip -n {ns} addr add 10.{net}.0.2/24 dev th1 && ip -n {ns} link set th1 up \
+        && ip -n {ns} link set lo up && ip -n {ns} route add default via 10.{net}.0.1 \
+        && tc qdisc add dev th0 {qdisc}"
+    )
+}
+
+/// Why a shaped-link test cannot run here.
+fn shaped_link_missing() -> Option<&'static str> {
+    common::browser::chromium_path()
+        .is_none()
+        .then_some("Chromium is not installed (apt-get install chromium)")
+        .or_else(|| {
+            let tc = std::process::Command::new("tc").arg("-V").output();
+            tc.is_err()
+                .then_some("tc is missing (apt-get install iproute2)")
+        })
+}
+
+/// A server bound as docs/deploy.md says (wildcard, announcing loopback and the shaped link's
+/// 10.`net`.0.1), alice's page on loopback, and carol's browser in namespace `ns` (made by
+/// [`shaped_link_setup`]), in the lobby.
+async fn shaped_room(ns: &'static str, net: u8) -> (TestServer, (Browser, Page), (Browser, Page)) {
+    let s = spawn(ferry::config::Config {
+        http_listen: "0.0.0.0:0".parse().unwrap(),
+        media_listen: "0.0.0.0:0".parse().unwrap(),
+        announce: vec![
+            "127.0.0.1".parse().unwrap(),
+            format!("10.{net}.0.1").parse().unwrap(),
+        ],
+        ..test_config()
+    })
+    .await;
+    let local = format!("http://127.0.0.1:{}", s.addr.port());
+    let alice = member_page_at(&local, "alice").await;
+    let origin = format!("http://10.{net}.0.1:{}", s.addr.port());
+    let mut bc = Browser::launch_with(Launch {
+        netns: Some(ns),
+        secure_origin: Some(&origin),
+        ..Launch::default()
+    })
+    .await;
+    let c = bc.open("carol", &format!("{origin}/")).await;
+    enter_lobby(&mut bc, &c).await;
+    (s, alice, (bc, c))
+}
+
 /// One subscriber on a thin link: carol's browser is in a namespace of its own whose downlink the
 /// test shapes to 300 kbit/s (`tc tbf` on the router side of its veth). alice publishes a 960x540
 /// camera as three layers; bob, on loopback, keeps the full layer, while carol's route steps down
@@ -1789,44 +1843,20 @@ async fn watch(br: &mut Browser, page: &Page, remote: &str, secs: u64) -> (u64, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
     const TEST: &str = "a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video";
-    let setup = "ip netns del ferry-thin 2>/dev/null; ip netns add ferry-thin \
-        && ip link add th0 type veth peer name th1 netns ferry-thin \
-        && ip addr add 10.206.0.1/24 dev th0 && ip link set th0 up \
-        && ip -n ferry-thin addr add 10.206.0.2/24 dev th1 && ip -n ferry-thin link set th1 up \
-        && ip -n ferry-thin link set lo up && ip -n ferry-thin route add default via 10.206.0.1 \
-        && tc qdisc add dev th0 root tbf rate 300kbit burst 8kb latency 50ms";
-    let missing = common::browser::chromium_path()
-        .is_none()
-        .then_some("Chromium is not installed (apt-get install chromium)")
-        .or_else(|| {
-            let tc = std::process::Command::new("tc").arg("-V").output();
-            tc.is_err()
-                .then_some("tc is missing (apt-get install iproute2)")
-        });
-    match common::netns::in_new_netns(TEST, setup, missing) {
+    let setup = shaped_link_setup(
+        "ferry-thin",
+        206,
+        "root tbf rate 300kbit burst 8kb latency 50ms",
+    );
+    let missing = shaped_link_missing();
+    match common::netns::in_new_netns(TEST, &setup, missing) {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
     let _ns = common::netns::Namespaces(&["ferry-thin"]);
-    let s = spawn(ferry::config::Config {
-        http_listen: "0.0.0.0:0".parse().unwrap(),
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["127.0.0.1".parse().unwrap(), "10.206.0.1".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
+    let (s, (mut ba, a), (mut bc, c)) = shaped_room("ferry-thin", 206).await;
     let local = format!("http://127.0.0.1:{}", s.addr.port());
-    let (mut ba, a) = member_page_at(&local, "alice").await;
     let (mut bb, b) = member_page_at(&local, "bob").await;
-    let origin = format!("http://10.206.0.1:{}", s.addr.port());
-    let mut bc = Browser::launch_with(Launch {
-        netns: Some("ferry-thin"),
-        secure_origin: Some(&origin),
-        ..Launch::default()
-    })
-    .await;
-    let c = bc.open("carol", &format!("{origin}/")).await;
-    enter_lobby(&mut bc, &c).await;
     let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
     viewer(&mut bb, &b, &room).await;
     viewer(&mut bc, &c, &room).await;
@@ -1891,43 +1921,18 @@ async fn a_subscriber_on_a_thin_link_gets_a_lower_layer_and_fluid_video() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_too_thin_for_the_lowest_layer_gets_fewer_frames() {
     const TEST: &str = "a_link_too_thin_for_the_lowest_layer_gets_fewer_frames";
-    let setup = "ip netns del ferry-vthin 2>/dev/null; ip netns add ferry-vthin \
-        && ip link add th0 type veth peer name th1 netns ferry-vthin \
-        && ip addr add 10.208.0.1/24 dev th0 && ip link set th0 up \
-        && ip -n ferry-vthin addr add 10.208.0.2/24 dev th1 && ip -n ferry-vthin link set th1 up \
-        && ip -n ferry-vthin link set lo up && ip -n ferry-vthin route add default via 10.208.0.1 \
-        && tc qdisc add dev th0 root tbf rate 110kbit burst 8kb latency 400ms";
-    let missing = common::browser::chromium_path()
-        .is_none()
-        .then_some("Chromium is not installed (apt-get install chromium)")
-        .or_else(|| {
-            let tc = std::process::Command::new("tc").arg("-V").output();
-            tc.is_err()
-                .then_some("tc is missing (apt-get install iproute2)")
-        });
-    match common::netns::in_new_netns(TEST, setup, missing) {
+    let setup = shaped_link_setup(
+        "ferry-vthin",
+        208,
+        "root tbf rate 110kbit burst 8kb latency 400ms",
+    );
+    let missing = shaped_link_missing();
+    match common::netns::in_new_netns(TEST, &setup, missing) {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
     let _ns = common::netns::Namespaces(&["ferry-vthin"]);
-    let s = spawn(ferry::config::Config {
-        http_listen: "0.0.0.0:0".parse().unwrap(),
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["127.0.0.1".parse().unwrap(), "10.208.0.1".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
-    let local = format!("http://127.0.0.1:{}", s.addr.port());
-    let (mut ba, a) = member_page_at(&local, "alice").await;
-    let origin = format!("http://10.208.0.1:{}", s.addr.port());
-    let mut bc = Browser::launch_with(Launch {
-        netns: Some("ferry-vthin"),
-        secure_origin: Some(&origin),
-        ..Launch::default()
-    })
-    .await;
-    let c = bc.open("carol", &format!("{origin}/")).await;
-    enter_lobby(&mut bc, &c).await;
+    let (s, (mut ba, a), (mut bc, c)) = shaped_room("ferry-vthin", 208).await;
     let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
     viewer(&mut bc, &c, &room).await;
     bc.wait_for(&c, &decoded_width(&a_id, 10), LIMIT).await;
@@ -1988,46 +1993,18 @@ async fn a_link_that_drops_mid_call_moves_down_and_back_up() {
     let shape = |rate: &str| {
         format!("tc qdisc replace dev th0 root tbf rate {rate} burst 16kb latency 50ms")
     };
-    let setup = format!(
-        "ip netns del ferry-drop 2>/dev/null; ip netns add ferry-drop \
-        && ip link add th0 type veth peer name th1 netns ferry-drop \
-        && ip addr add 10.207.0.1/24 dev th0 && ip link set th0 up \
-        && ip -n ferry-drop addr add 10.207.0.2/24 dev th1 && ip -n ferry-drop link set th1 up \
-        && ip -n ferry-drop link set lo up && ip -n ferry-drop route add default via 10.207.0.1 \
-        && {}",
-        shape("3mbit")
+    let setup = shaped_link_setup(
+        "ferry-drop",
+        207,
+        "root tbf rate 3mbit burst 16kb latency 50ms",
     );
-    let missing = common::browser::chromium_path()
-        .is_none()
-        .then_some("Chromium is not installed (apt-get install chromium)")
-        .or_else(|| {
-            let tc = std::process::Command::new("tc").arg("-V").output();
-            tc.is_err()
-                .then_some("tc is missing (apt-get install iproute2)")
-        });
+    let missing = shaped_link_missing();
     match common::netns::in_new_netns(TEST, &setup, missing) {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
     let _ns = common::netns::Namespaces(&["ferry-drop"]);
-    let s = spawn(ferry::config::Config {
-        http_listen: "0.0.0.0:0".parse().unwrap(),
-        media_listen: "0.0.0.0:0".parse().unwrap(),
-        announce: vec!["127.0.0.1".parse().unwrap(), "10.207.0.1".parse().unwrap()],
-        ..test_config()
-    })
-    .await;
-    let local = format!("http://127.0.0.1:{}", s.addr.port());
-    let (mut ba, a) = member_page_at(&local, "alice").await;
-    let origin = format!("http://10.207.0.1:{}", s.addr.port());
-    let mut bc = Browser::launch_with(Launch {
-        netns: Some("ferry-drop"),
-        secure_origin: Some(&origin),
-        ..Launch::default()
-    })
-    .await;
-    let c = bc.open("carol", &format!("{origin}/")).await;
-    enter_lobby(&mut bc, &c).await;
+    let (s, (mut ba, a), (mut bc, c)) = shaped_room("ferry-drop", 207).await;
     let (room, a_id) = publish_in_new_relay_room(&mut ba, &a).await;
     viewer(&mut bc, &c, &room).await;
     let sample = decoded_width(&a_id, 0);
