@@ -19,6 +19,11 @@ const GOP: u16 = 15;
 /// Packet `i` of layer `layer`: a VP8 payload descriptor (start of partition 0), the frame header
 /// (key or inter frame), then `L<layer> <i>` so the receiver can tell what it got.
 fn vp8(layer: u32, i: u16) -> Bytes {
+    vp8_sized(layer, i, 200)
+}
+
+/// [`vp8`] of `len` bytes.
+fn vp8_sized(layer: u32, i: u16, len: usize) -> Bytes {
     let key = i.is_multiple_of(GOP);
     // X=1 S=1; I=1 L=1: a 15-bit picture id and TL0PICIDX, each layer numbering its frames on
     // its own (as an encoder's simulcast streams do).
@@ -27,7 +32,7 @@ fn vp8(layer: u32, i: u16) -> Bytes {
     let mut v = vec![0x90, 0xc0, 0x80 | (pid >> 8) as u8, pid as u8, tl0];
     v.push(if key { 0x9c } else { 0x9d });
     v.extend_from_slice(format!("L{layer} {i:06}").as_bytes());
-    v.resize(200, 0);
+    v.resize(len, 0);
     Bytes::from(v)
 }
 
@@ -111,13 +116,25 @@ impl Room {
 
     /// Frames `frames` on all three layers, one packet each.
     async fn send(&mut self, frames: std::ops::Range<u16>) {
-        for i in frames {
-            for layer in 0..3 {
-                self.publ.send_layer(layer, i, vp8(layer, i));
-            }
+        self.send_sized(frames, [200; 3]).await;
+    }
+
+    /// Frames `frames` on all three layers, one packet each, of `sizes` bytes per layer; then
+    /// time for the last to arrive.
+    async fn send_sized(&mut self, frames: std::ops::Range<u16>, sizes: [usize; 3]) {
+        self.frames(frames, sizes).await;
+        for _ in 0..40 {
             self.pump().await;
         }
-        for _ in 0..40 {
+    }
+
+    /// Frames `frames` on all three layers, one packet each, of `sizes` bytes per layer.
+    async fn frames(&mut self, frames: std::ops::Range<u16>, sizes: [usize; 3]) {
+        for i in frames {
+            for layer in 0..3 {
+                let payload = vp8_sized(layer, i, sizes[layer as usize]);
+                self.publ.send_layer(layer, i, payload);
+            }
             self.pump().await;
         }
     }
@@ -249,6 +266,57 @@ async fn each_subscriber_receives_its_layer_and_switches_at_a_keyframe() {
         metric(&m, "ferry_layer_switches_total{direction=\"up\"}").unwrap_or(0.0) >= 3.0,
         "each route's first layer counts as up: {m}"
     );
+}
+
+/// A subscriber that negotiated no transport-cc but sends REMB (its receiver's own estimate, as
+/// a `goog-remb` client does): its layer follows the REMB. Low, it stays on the lowest layer
+/// (longer than the relay waits for transport-cc feedback before it gives up on an estimate);
+/// high, it climbs to the full layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_without_transport_cc_follows_its_remb() {
+    common::rtc_client::without_transport_cc();
+    let s = spawn(test_config()).await;
+    let mut room = Room::new(&s, 1).await;
+    // Layers of 100, 600 and 1200 bytes a frame; at the 40-100 frames/s of this loop, 32-80 k,
+    // 190-480 k and 380-960 k bits/s.
+    let sizes = [100, 600, 1200];
+    let layers = |room: &Room, from: usize| -> Vec<u32> {
+        room.subs[0].received[from..]
+            .iter()
+            .filter_map(|(_, p)| media(p))
+            .map(|(l, _)| l)
+            .collect()
+    };
+    // Low: the lowest layer only, for longer than the 3 s a connection is given to send
+    // transport-cc feedback (the relay would fall back to its receiver reports: no loss, the
+    // full layer).
+    let mut frame = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        room.subs[0].send_remb(100_000.0);
+        room.frames(frame..frame + 30, sizes).await;
+        frame += 30;
+    }
+    let low = layers(&room, 0);
+    assert!(low.len() > 100, "received {} packets", low.len());
+    assert!(
+        low[low.len() - 60..].iter().all(|l| *l == 0),
+        "100 kbit/s: the lowest layer: {low:?}"
+    );
+    // High: the full layer, at one of its keyframes.
+    let before = room.subs[0].received.len();
+    for _ in 0..6 {
+        room.subs[0].send_remb(10_000_000.0);
+        room.frames(frame..frame + 30, sizes).await;
+        frame += 30;
+    }
+    room.send_sized(frame..frame + 1, sizes).await;
+    let high = layers(&room, before);
+    assert!(
+        high[high.len() - 20..].iter().all(|l| *l == 2),
+        "10 Mbit/s: the full layer: {high:?}"
+    );
+    check_contiguous(&room.subs[0].received);
 }
 
 /// `setVideoQuality` refuses what it cannot apply, with a clear error and nothing changed.

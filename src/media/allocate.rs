@@ -41,6 +41,17 @@ impl MediaCore {
         }
     }
 
+    /// A REMB from subscriber `sub`: where it sends no transport-cc feedback, its estimate, and
+    /// its routes' layers fitted to it.
+    pub(super) fn on_remb(&mut self, sub: PeerKey, bps: f32, now: Instant) {
+        let Some(p) = self.peers.get_mut(&sub) else {
+            return;
+        };
+        if p.downlink.on_remb(bps) && p.downlink.reallocate(false, now) {
+            self.router.allocate(&mut self.peers, sub, now);
+        }
+    }
+
     /// Padding due on `sub`'s probe: sealed onto one of its video routes.
     pub(super) fn pad(&mut self, sub: PeerKey, now: Instant) {
         let Some(p) = self.peers.get_mut(&sub) else {

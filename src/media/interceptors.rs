@@ -464,7 +464,7 @@ pub struct DeliverRtcp;
 
 impl DeliverRtcp {
     /// PLI, FIR and NACK (the relay answers NACKs itself on its own sealing path), transport-cc
-    /// feedback (a subscriber's bandwidth estimate) and reception reports (the loss on a
+    /// feedback and REMB (a subscriber's bandwidth estimate) and reception reports (the loss on a
     /// subscriber's link, for its simulcast layers where it sends no transport-cc).
     pub fn relay_feedback() -> impl Interceptor {
         Self::when(|p| {
@@ -472,6 +472,7 @@ impl DeliverRtcp {
             is_keyframe_request_any(p)
                 || p.is::<TransportLayerNack>()
                 || p.is::<rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>()
+                || p.is::<ReceiverEstimatedMaximumBitrate>()
                 || p.is::<rtc::rtcp::receiver_report::ReceiverReport>()
                 || p.is::<rtc::rtcp::sender_report::SenderReport>()
         })

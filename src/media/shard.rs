@@ -520,6 +520,11 @@ impl MediaCore {
                     }) {
                         self.on_transport_feedback(key, fb, now);
                     }
+                    for remb in packets.iter().filter_map(|p| {
+                        p.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                    }) {
+                        self.on_remb(key, remb.bitrate, now);
+                    }
                     for (ssrc, lost) in reception_reports(&packets) {
                         self.router
                             .on_reception_report(&self.peers, key, ssrc, lost, now);

@@ -48,14 +48,19 @@ impl From<bool> for Publish {
     }
 }
 
-/// Whether the clients made from now on negotiate transport-cc (the default, as browsers do).
-static TRANSPORT_CC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+thread_local! {
+    /// Whether the clients this thread makes from now on negotiate transport-cc (the default,
+    /// as browsers do). Per thread: a test's body runs on its own thread, so one test's choice
+    /// does not reach the others of its binary.
+    static TRANSPORT_CC: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
 
-/// The clients made from now on negotiate no transport-cc: no transport-wide numbers on what
-/// they send, no feedback on what they receive (so the relay has no estimate of their links).
+/// The clients this thread makes from now on negotiate no transport-cc: no transport-wide
+/// numbers on what they send, no feedback on what they receive (so the relay has no estimate of
+/// their links but what they send as REMB).
 #[allow(dead_code)]
 pub fn without_transport_cc() {
-    TRANSPORT_CC.store(false, std::sync::atomic::Ordering::Relaxed);
+    TRANSPORT_CC.with(|t| t.set(false));
 }
 
 pub struct MediaClient {
@@ -258,7 +263,7 @@ impl MediaClient {
         let registry = Registry::new()
             .with(Slot::from(14_000), DeliverRtcp::keyframe_requests())
             .with(Slot::from(14_001), count_reports);
-        let registry = if TRANSPORT_CC.load(std::sync::atomic::Ordering::Relaxed) {
+        let registry = if TRANSPORT_CC.with(|t| t.get()) {
             let registry = register_default_interceptors(registry, &mut media_engine).unwrap();
             // Transport-wide sequence numbers on what we send, as browsers do (rtc's defaults
             // only give feedback on what they receive).
@@ -376,6 +381,35 @@ impl MediaClient {
         let (_, ssrc) = self.sender.expect("a publisher");
         let extensions = self.send_extensions.clone();
         self.write(ssrc, seq, extensions, payload);
+    }
+
+    /// Send a REMB saying our downlink takes `bps` bits/s, for every stream we receive (as a
+    /// receiver that negotiated `goog-remb` and no transport-cc does); nothing before we
+    /// receive a track.
+    #[allow(dead_code)]
+    pub fn send_remb(&mut self, bps: f32) {
+        let receivers: Vec<_> = self.pc.get_receivers().collect();
+        let ssrcs: Vec<u32> = self
+            .received
+            .iter()
+            .map(|(_, p)| p.header.ssrc)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let remb = rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 1,
+            bitrate: bps,
+            ssrcs,
+        };
+        // Nothing to say before the relay opened a track to us.
+        let Some(id) = receivers.first() else {
+            return;
+        };
+        self.pc
+            .rtp_receiver(*id)
+            .expect("receiver")
+            .write_rtcp(Instant::now(), vec![Box::new(remb)])
+            .expect("write_rtcp");
     }
 
     /// Send one RTP packet of simulcast layer `layer` (0 = q, 1 = h, 2 = f) of our published

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 /// Where an estimate starts before any feedback (libwebrtc's default start rate).
 pub const START_BPS: f64 = 300_000.0;
-const MIN_BPS: f64 = 30_000.0;
-const MAX_BPS: f64 = 50_000_000.0;
+pub(super) const MIN_BPS: f64 = 30_000.0;
+pub(super) const MAX_BPS: f64 = 50_000_000.0;
 
 /// Packets sent within this span of a group's first form one group (a frame's burst).
 const GROUP_SPAN_US: i64 = 5_000;

@@ -24,8 +24,8 @@ use rtc::rtcp::transport_feedbacks::transport_layer_cc::{
     PacketStatusChunk, SymbolTypeTcc, TransportLayerCc,
 };
 
-use estimator::LOSS_HIGH;
 pub use estimator::{Estimator, PacketResult, Usage};
+use estimator::{LOSS_HIGH, MAX_BPS, MIN_BPS};
 
 /// How long a probe cluster pads, how often the padding is topped up, and how long after a
 /// probe that found no room the next one waits (doubling up to the most).
@@ -105,6 +105,9 @@ pub struct Downlink {
     /// Bytes of retransmissions it may be sent now, and when that was worked out.
     resend_tokens: f64,
     resend_at: Option<Instant>,
+    /// The subscriber's own estimate (bits/s) from its last REMB: the estimate of a connection
+    /// that sends no transport-cc feedback.
+    remb: Option<f64>,
 }
 
 /// The share of the estimate retransmissions may take (a token bucket holding 200 ms of it).
@@ -284,7 +287,7 @@ impl Downlink {
     /// Checked once a second: true once, when no feedback came for [`FEEDBACK_WAIT`] (a client
     /// without transport-cc): its routes stop waiting for an estimate.
     pub fn silent(&mut self, now: Instant) -> bool {
-        if self.active || self.gave_up {
+        if self.active || self.gave_up || self.remb.is_some() {
             return false;
         }
         let since = *self.waiting_since.get_or_insert(now);
@@ -345,9 +348,28 @@ impl Downlink {
         (back >= 1 && back <= LOG as u64 && back <= next).then(|| next - back)
     }
 
-    /// The estimate (bits/s), once the subscriber's feedback drives it.
+    /// The estimate (bits/s), once the subscriber's feedback drives it: its transport-cc
+    /// feedback, or where it sends none, its REMB.
     pub fn estimate(&self) -> Option<u64> {
-        self.active.then(|| self.estimator.bps())
+        if self.active {
+            Some(self.estimator.bps())
+        } else {
+            self.remb.map(|b| b as u64)
+        }
+    }
+
+    /// A REMB from the subscriber (its receiver's own estimate, `bps`): the estimate of a
+    /// connection that sends no transport-cc feedback (a client that negotiated only
+    /// `goog-remb`). Whether it is (transport-cc feedback, when it comes, takes precedence).
+    /// No probing follows it: the client's estimate climbs by itself.
+    pub fn on_remb(&mut self, bps: f32) -> bool {
+        if self.active || !bps.is_finite() {
+            return false;
+        }
+        self.remb = Some(f64::from(bps).clamp(MIN_BPS, MAX_BPS));
+        // Its routes follow the estimate again if they had stopped waiting for one.
+        self.gave_up = false;
+        true
     }
 
     /// The subscriber's routes would take `goal` bits/s: probe towards it when the estimate is
