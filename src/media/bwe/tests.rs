@@ -297,3 +297,31 @@ fn feedback_for_unknown_or_old_sequence_numbers_is_ignored() {
     dl.on_feedback(&fb, t0 + Duration::from_millis(70));
     assert!(dl.results.is_empty(), "each packet counts once");
 }
+
+#[test]
+fn remb_is_the_estimate_only_without_transport_cc_feedback() {
+    let t0 = Instant::now();
+    let mut dl = Downlink::new(0);
+    assert_eq!(dl.estimate(), None);
+    // Given up on transport-cc (3 s without): a REMB brings an estimate back.
+    assert!(!dl.silent(t0));
+    assert!(dl.silent(t0 + FEEDBACK_WAIT));
+    assert_eq!(dl.starting_fit(), None);
+    assert!(dl.on_remb(450_000.0));
+    assert_eq!(dl.estimate(), Some(450_000));
+    assert_eq!(dl.starting_fit(), Some(0), "routes follow the estimate again");
+    assert!(!dl.silent(t0 + 2 * FEEDBACK_WAIT));
+    assert!(!dl.on_remb(f32::NAN), "a broken REMB changes nothing");
+    assert!(dl.on_remb(1.0));
+    assert_eq!(dl.estimate(), Some(MIN_BPS as u64), "clamped");
+    // Transport-cc feedback, once it comes, is the estimate; REMBs are ignored.
+    let mut dl = Downlink::new(3);
+    for i in 0..10 {
+        dl.stamp(1000, t0 + Duration::from_millis(i));
+    }
+    let arrivals: Vec<_> = (0..10).map(|i| Some(30_000 + i * 1000)).collect();
+    dl.on_feedback(&feedback(0, 10, &arrivals, 1), t0 + Duration::from_millis(60));
+    let est = dl.estimate().expect("an estimate");
+    assert!(!dl.on_remb(10_000_000.0));
+    assert_eq!(dl.estimate(), Some(est));
+}
