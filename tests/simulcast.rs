@@ -18,11 +18,7 @@ const GOP: u16 = 15;
 
 /// Packet `i` of layer `layer`: a VP8 payload descriptor (start of partition 0), the frame header
 /// (key or inter frame), then `L<layer> <i>` so the receiver can tell what it got.
-fn vp8(layer: u32, i: u16) -> Bytes {
-    vp8_sized(layer, i, 200)
-}
-
-/// [`vp8`] of `len` bytes.
+/// `len` bytes in all.
 fn vp8_sized(layer: u32, i: u16, len: usize) -> Bytes {
     let key = i.is_multiple_of(GOP);
     // X=1 S=1; I=1 L=1: a 15-bit picture id and TL0PICIDX, each layer numbering its frames on
