@@ -137,7 +137,8 @@ async fn light_subscribers_open_srtp_themselves_from_a_paced_publisher() {
 /// A simulcast publisher (three layers at 1/16, 1/4 and all of 1.2 Mbit/s) and subscribers on
 /// different downlinks: one emulated at 250 kbit/s, two not limited. The thin one's estimate
 /// (from its transport-cc feedback) keeps it on the low layer, the others climb to the high one:
-/// the relay's egress by layer shows both, and the media arrives intact.
+/// the relay's egress by layer shows both, the layer nobody takes is paused at the publisher
+/// (dynacast), and the media arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_subscribers_on_different_downlinks_get_different_layers() {
     let s = spawn(test_config()).await;
@@ -164,6 +165,8 @@ async fn simulcast_subscribers_on_different_downlinks_get_different_layers() {
         kbps("medium") + kbps("high") < 3000.0,
         "the thin one is not on high: {r}"
     );
+    // Nobody takes the medium layer: the relay told the publisher, which stopped sending it.
+    assert_eq!(r["publisher_layers_paused"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,6 +85,15 @@ impl Signal for Signaling {
     }
 
     fn on_message(&mut self, m: Value, peer: &mut Peer) {
+        // Dynacast: the layers nobody receives are not sent (as the SDK pauses their encodings).
+        if m["type"] == "layers" {
+            let paused: Vec<&str> = m["paused"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            peer.pause_layers(&paused);
+            return;
+        }
         if m["from"] != "server" {
             return;
         }

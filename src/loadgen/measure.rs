@@ -53,6 +53,8 @@ pub struct Shared {
     pub next_downlink: AtomicU64,
     /// Datagrams the emulated downlinks dropped.
     pub shaped: AtomicU64,
+    /// Simulcast layers the publishers have paused now, as the relay told them (dynacast).
+    pub layers_paused: AtomicU64,
     /// What the clients offer (`--srtp-profiles`).
     pub srtp_profiles: Option<Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>>,
     /// Latency histogram, µs: each power of two split into `LATENCY_STEPS` buckets.
@@ -79,6 +81,7 @@ impl Shared {
             downlinks: Vec::new(),
             next_downlink: AtomicU64::new(0),
             shaped: AtomicU64::new(0),
+            layers_paused: AtomicU64::new(0),
             srtp_profiles: None,
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_max: AtomicU64::new(0),

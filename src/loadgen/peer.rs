@@ -101,6 +101,8 @@ struct Outgoing {
     counter: u32,
     stream: u32,
     clock_rate: u32,
+    /// A simulcast layer the relay said nobody receives (dynacast): not sent.
+    paused: bool,
 }
 
 /// A frame being sent: its size, packets, timestamp and (paced) which packet goes next and when.
@@ -224,6 +226,7 @@ impl Peer {
                 counter: 0,
                 stream,
                 clock_rate,
+                paused: false,
             };
             let track =
                 |pc: &mut RTCPeerConnection, kind: RtpCodecKind, codec: RTCRtpCodec, id: &str| {
@@ -366,6 +369,19 @@ impl Peer {
         }
     }
 
+    /// Simulcast layers `rids` are paused (the relay's `layers` message), the others sent.
+    pub fn pause_layers(&mut self, rids: &[&str]) {
+        for o in self.video.iter_mut() {
+            let paused = rids.contains(&o.rid);
+            match (o.paused, paused) {
+                (false, true) => self.shared.layers_paused.fetch_add(1, Ordering::Relaxed),
+                (true, false) => self.shared.layers_paused.fetch_sub(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            o.paused = paused;
+        }
+    }
+
     /// Send one video frame (`bytes` split into packets; each simulcast layer its share), or an
     /// audio packet. With `gap`, a video frame's packets go out paced (see [`Peer::send_due`]).
     pub fn send_frame(
@@ -378,10 +394,16 @@ impl Peer {
     ) {
         let keyframe = video && std::mem::take(&mut self.keyframe_wanted);
         let bytes = if keyframe { bytes * 3 } else { bytes };
-        let layers: Vec<(f64, u32)> = if video {
-            self.video.iter().map(|o| (o.share, o.clock_rate)).collect()
+        let layers: Vec<(f64, u32, bool)> = if video {
+            self.video
+                .iter()
+                .map(|o| (o.share, o.clock_rate, o.paused))
+                .collect()
         } else {
-            self.audio.iter().map(|o| (1.0, o.clock_rate)).collect()
+            self.audio
+                .iter()
+                .map(|o| (1.0, o.clock_rate, false))
+                .collect()
         };
         if video {
             for f in std::mem::take(&mut self.frames) {
@@ -390,7 +412,10 @@ impl Peer {
                 }
             }
         }
-        for (layer, (share, clock_rate)) in layers.into_iter().enumerate() {
+        for (layer, (share, clock_rate, paused)) in layers.into_iter().enumerate() {
+            if paused {
+                continue;
+            }
             let bytes = ((bytes as f64 * share) as usize).max(STAMP);
             let frame = Frame {
                 layer,

@@ -135,6 +135,7 @@ pub(super) fn build(
         // Datagrams the subscribers' emulated downlinks (`--downlinks`) dropped.
         "downlink_drops": shared.shaped.load(Ordering::Relaxed),
         "corrupt_payloads": shared.corrupt.load(Ordering::Relaxed),
+        "publisher_layers_paused": shared.layers_paused.load(Ordering::Relaxed),
         // Received datagrams too short for the stamp, or (light subscribers) that did not open.
         "malformed_packets": shared.malformed.load(Ordering::Relaxed),
         "packets_opened_by_light_subscribers": shared.opened_light.load(Ordering::Relaxed),
@@ -222,11 +223,12 @@ pub fn print_human(r: &Value) {
             .any(|(_, v)| v.as_f64().unwrap_or(0.0) > 0.0)
     {
         println!(
-            "  simulcast sent by layer (kbit/s): low {}, medium {}, high {}; emulated downlinks dropped {} datagrams",
+            "  simulcast sent by layer (kbit/s): low {}, medium {}, high {}; emulated downlinks dropped {} datagrams; layers paused at the publishers (dynacast) {}",
             f(&l["low"]),
             f(&l["medium"]),
             f(&l["high"]),
-            r["downlink_drops"]
+            r["downlink_drops"],
+            r["publisher_layers_paused"]
         );
     }
     if r["corrupt_payloads"].as_u64().unwrap_or(0) > 0 {

@@ -395,8 +395,8 @@ impl Router {
         }
     }
 
-    /// Which of the `layers` layers of `publisher`'s `track` some route takes or wants (the
-    /// lowest always counts, so that a new subscriber starts at once).
+    /// Which of the `layers` layers of `publisher`'s `track` some route takes, fits or was asked
+    /// for (the lowest always counts, so that a new subscriber starts at once).
     pub(super) fn layers_needed(
         &self,
         publisher: PeerKey,
@@ -413,8 +413,12 @@ impl Router {
             .get(&publisher)
             .and_then(|t| t.get(track))
             .map_or(&[][..], |t| &t.routes[..]);
+        // What a route receives, what its link fits now, and the most its subscriber asked for:
+        // a layer above what the link fits stays on (its estimate may climb to it; a paused
+        // layer would first have to be resumed and wait for a keyframe).
         for r in routes {
-            for l in [r.layer, r.wanted_layer(top)].into_iter().flatten() {
+            let asked = r.quality.layer().map(|l| l.min(top));
+            for l in [r.layer, r.wanted_layer(top), asked].into_iter().flatten() {
                 if let Some(n) = needed.get_mut(usize::from(l)) {
                     *n = true;
                 }

@@ -222,6 +222,14 @@ impl MediaCore {
                     &p.user_id,
                     json!({"type": "layers", "streamType": t.ty, "paused": rids}),
                 );
+                // No route takes a paused layer: its retransmission history is let go.
+                if let Some(routed) = self.router.track_mut(*key, track_id) {
+                    for (l, _) in paused.iter().enumerate().filter(|(_, p)| **p) {
+                        if let Some(h) = routed.history.get_mut(l) {
+                            *h = History::default();
+                        }
+                    }
+                }
                 t.paused = paused;
             }
         }

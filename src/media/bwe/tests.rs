@@ -309,7 +309,11 @@ fn remb_is_the_estimate_only_without_transport_cc_feedback() {
     assert_eq!(dl.starting_fit(), None);
     assert!(dl.on_remb(450_000.0));
     assert_eq!(dl.estimate(), Some(450_000));
-    assert_eq!(dl.starting_fit(), Some(0), "routes follow the estimate again");
+    assert_eq!(
+        dl.starting_fit(),
+        Some(0),
+        "routes follow the estimate again"
+    );
     assert!(!dl.silent(t0 + 2 * FEEDBACK_WAIT));
     assert!(!dl.on_remb(f32::NAN), "a broken REMB changes nothing");
     assert!(dl.on_remb(1.0));
@@ -320,7 +324,10 @@ fn remb_is_the_estimate_only_without_transport_cc_feedback() {
         dl.stamp(1000, t0 + Duration::from_millis(i));
     }
     let arrivals: Vec<_> = (0..10).map(|i| Some(30_000 + i * 1000)).collect();
-    dl.on_feedback(&feedback(0, 10, &arrivals, 1), t0 + Duration::from_millis(60));
+    dl.on_feedback(
+        &feedback(0, 10, &arrivals, 1),
+        t0 + Duration::from_millis(60),
+    );
     let est = dl.estimate().expect("an estimate");
     assert!(!dl.on_remb(10_000_000.0));
     assert_eq!(dl.estimate(), Some(est));
