@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// Time a new connection has to send `hello` (e.g. "10s").
     #[arg(long, env = "FERRY_HELLO_TIMEOUT")]
     pub hello_timeout: Option<String>,
+    /// How long a session whose connection dropped is held for the client to resume it
+    /// (e.g. "15s"; "0s": no resume, the member leaves at once).
+    #[arg(long, env = "FERRY_RESUME_TIMEOUT")]
+    pub resume_timeout: Option<String>,
     /// How long a shutdown waits for clients to leave (e.g. "30s").
     #[arg(long, env = "FERRY_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
@@ -228,6 +232,7 @@ pub struct FileConfig {
     pub ping_interval: Option<String>,
     pub ping_timeout: Option<String>,
     pub hello_timeout: Option<String>,
+    pub resume_timeout: Option<String>,
     pub drain_timeout: Option<String>,
     pub empty_room_ttl: Option<String>,
     pub log_format: Option<String>,
@@ -276,6 +281,8 @@ pub struct Config {
     pub rate_burst: u32,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// How long a session whose connection dropped (no close) is held for a resume.
+    pub resume_timeout: Duration,
     pub hello_timeout: Duration,
     pub drain_timeout: Duration,
     pub empty_room_ttl: Duration,
@@ -324,6 +331,7 @@ impl Default for Config {
             rate_burst: 100,
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(30),
+            resume_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             empty_room_ttl: Duration::from_secs(300),
@@ -464,6 +472,12 @@ impl Config {
             file.ping_timeout,
             d.ping_timeout,
         )?;
+        let resume_timeout = dur(
+            "resume_timeout",
+            &args.resume_timeout,
+            file.resume_timeout,
+            d.resume_timeout,
+        )?;
         let hello_timeout = dur(
             "hello_timeout",
             &args.hello_timeout,
@@ -535,6 +549,7 @@ impl Config {
             rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(d.rate_burst),
             ping_interval,
             ping_timeout,
+            resume_timeout,
             hello_timeout,
             drain_timeout,
             empty_room_ttl,

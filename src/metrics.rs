@@ -58,6 +58,9 @@ pub const DROP_REASONS: [&str; 14] = [
 /// `ferry_http_refused_total{reason}`'s values.
 pub const HTTP_REFUSALS: [&str; 4] = ["per_ip", "pending", "pending_per_ip", "origin"];
 
+/// `ferry_session_resumes_total{result}`'s values.
+pub const RESUME_RESULTS: [&str; 3] = ["resumed", "expired", "unknown"];
+
 /// `ferry_peer_connections{state}`: the states a relay connection is counted in.
 pub const PEER_STATES: [&str; 5] = ["new", "connecting", "connected", "disconnected", "failed"];
 
@@ -125,6 +128,10 @@ pub struct Metrics {
     pub media_tcp_refused: IntCounter,
     /// `ferry_http_refused_total{reason}`: connections to the HTTP port closed at a limit.
     pub http_refused: IntCounterVec,
+    /// `ferry_sessions_reconnecting`: sessions whose connection dropped, held for a resume.
+    pub sessions_reconnecting: IntGauge,
+    /// `ferry_session_resumes_total{result}`: resumes and held sessions that expired.
+    pub session_resumes: IntCounterVec,
 }
 
 /// `ferry_srtp_profiles_total`'s `profile` values.
@@ -417,9 +424,27 @@ impl Metrics {
         for r in HTTP_REFUSALS {
             http_refused.with_label_values(&[r]);
         }
+        let sessions_reconnecting = IntGauge::new(
+            "ferry_sessions_reconnecting",
+            "Sessions whose connection dropped without a close, held for resume_timeout so that the client can resume them (the room sees them as reconnecting).",
+        )
+        .expect("valid metric");
+        let session_resumes = IntCounterVec::new(
+            Opts::new(
+                "ferry_session_resumes_total",
+                "Session resumes: resumed (a new connection took the session over), expired (held for resume_timeout and nobody resumed it: the member left), unknown (a resume with a token of no live session: it ended, or the server restarted).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for r in RESUME_RESULTS {
+            session_resumes.with_label_values(&[r]);
+        }
         for c in [
             Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_refused.clone()),
+            Box::new(sessions_reconnecting.clone()),
+            Box::new(session_resumes.clone()),
             Box::new(media_tcp_connections.clone()),
             Box::new(layers_paused.clone()),
             Box::new(downlink_estimate.clone()),
@@ -497,6 +522,8 @@ impl Metrics {
             layer_bytes,
             media_tcp_refused,
             http_refused,
+            sessions_reconnecting,
+            session_resumes,
         }
     }
 

@@ -335,3 +335,206 @@ async fn room_creation_is_capped_per_session_and_in_total() {
     );
     assert_eq!(metric(&m, "ferry_rooms"), Some(5.0));
 }
+
+/// Hello as `identity`; the client and its resume token.
+async fn hello_with_token(addr: std::net::SocketAddr, identity: &str) -> (Client, String) {
+    let mut c = Client::connect(addr).await;
+    let w = c
+        .request("hello", json!({"identity": identity}))
+        .await
+        .expect("hello accepted");
+    c.user_id = w["userId"].as_str().unwrap().to_string();
+    let token = w["resumeToken"]
+        .as_str()
+        .expect("a resume token")
+        .to_string();
+    assert_eq!(w["resumeTimeoutMs"], 15_000, "{w}");
+    (c, token)
+}
+
+/// alice's connection drops without a close (as when a phone leaves Wi-Fi): bob sees her
+/// `reconnecting`, not a leave; what is sent to her meanwhile waits; a new connection resumes her
+/// session with the token (same user id, same room), receives what she missed, then the answer
+/// with a fresh token and the room; bob sees `reconnected` and they signal as before.
+#[tokio::test]
+async fn a_dropped_connection_is_resumed_with_its_room_and_what_it_missed() {
+    let s = spawn(test_config()).await;
+    let (a, token) = hello_with_token(s.addr, "alice").await;
+    let mut b = Client::joined_hello(s.addr, "bob").await;
+    let alice = a.user_id.clone();
+    let mut a = a;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    a.event_where(|e| e["event"] == "join").await;
+    // The TCP connection goes away without a WebSocket close.
+    drop(a);
+    let e = b.event().await;
+    assert_eq!(e["event"], "reconnecting", "{e}");
+    assert_eq!(e["userId"], alice.as_str());
+    // bob signals alice while she is away: it is kept for her.
+    b.request("offer", json!({"to": alice, "sdp": "v=0\r\n"}))
+        .await
+        .expect("alice is still a member");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_sessions_reconnecting"), Some(1.0), "{m}");
+    let mut a2 = Client::connect(s.addr).await;
+    let r = a2
+        .request("resume", json!({"token": token}))
+        .await
+        .expect("resumed");
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_eq!(r["userId"], alice.as_str(), "{r}");
+    assert_eq!(r["room"]["roomId"], room.as_str(), "{r}");
+    assert_eq!(r["room"]["members"][0]["userId"], b.user_id.as_str(), "{r}");
+    let fresh = r["resumeToken"].as_str().unwrap();
+    assert_ne!(fresh, token, "a resume token works once");
+    // What was queued came before the answer.
+    let missed = a2.queued().expect("bob's offer");
+    assert_eq!(missed["type"], "offer", "{missed}");
+    assert_eq!(missed["from"], b.user_id.as_str());
+    let e = b.event().await;
+    assert_eq!(e["event"], "reconnected", "{e}");
+    // Signaling goes on as the same member.
+    a2.request("candidate", json!({"to": b.user_id, "candidate": null}))
+        .await
+        .unwrap();
+    let c = b.event().await;
+    assert_eq!(c["type"], "candidate");
+    assert_eq!(c["from"], alice.as_str());
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_session_resumes_total{result=\"resumed\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "ferry_sessions_reconnecting"), Some(0.0), "{m}");
+    // The old token is spent; the fresh one is for the next drop.
+    let mut a3 = Client::connect(s.addr).await;
+    let e = a3
+        .request("resume", json!({"token": token}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.0, "resume_failed", "{e:?}");
+}
+
+/// A session nobody resumes within `resume_timeout` leaves as any dropped one: bob sees
+/// `reconnecting`, then `leave` (disconnected); its token then resumes nothing (a clear error,
+/// and the connection may still say hello).
+#[tokio::test]
+async fn a_session_not_resumed_in_time_leaves() {
+    let s = spawn(ferry::config::Config {
+        resume_timeout: std::time::Duration::from_millis(500),
+        ..test_config()
+    })
+    .await;
+    let (mut a, token) = {
+        let mut c = Client::connect(s.addr).await;
+        let w = c.request("hello", json!({})).await.unwrap();
+        c.user_id = w["userId"].as_str().unwrap().to_string();
+        assert_eq!(w["resumeTimeoutMs"], 500);
+        (c, w["resumeToken"].as_str().unwrap().to_string())
+    };
+    let mut b = Client::joined_hello(s.addr, "bob").await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let alice = a.user_id.clone();
+    drop(a);
+    assert_eq!(b.event().await["event"], "reconnecting");
+    let e = b.event().await;
+    assert_eq!(e["event"], "leave", "{e}");
+    assert_eq!(e["userId"], alice.as_str());
+    assert_eq!(e["reason"], "disconnected", "{e}");
+    let mut a2 = Client::connect(s.addr).await;
+    let e = a2
+        .request("resume", json!({"token": token}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.0, "resume_failed", "{e:?}");
+    assert!(e.1.contains("hello"), "{e:?}");
+    a2.request("hello", json!({})).await.expect("a new session");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_session_resumes_total{result=\"expired\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ferry_session_resumes_total{result=\"unknown\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// A client whose network changed may come back before the server saw its old connection die:
+/// the resume takes the session over at once, and the old connection is closed with 4005.
+/// A clean close (the client's Close frame) is a leave at once, not held.
+#[tokio::test]
+async fn a_resume_takes_over_a_connection_that_still_looks_alive() {
+    let s = spawn(test_config()).await;
+    let (mut a, token) = hello_with_token(s.addr, "alice").await;
+    let mut b = Client::joined_hello(s.addr, "bob").await;
+    let room = a.create_room(json!({})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    b.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut a2 = Client::connect(s.addr).await;
+    let r = a2.request("resume", json!({"token": token})).await.unwrap();
+    assert_eq!(r["userId"], a.user_id.as_str());
+    let (code, reason) = a.expect_close().await;
+    assert_eq!(code, 4005, "{reason}");
+    // bob saw no leave; alice is still there for him.
+    b.request("candidate", json!({"to": a.user_id, "candidate": null}))
+        .await
+        .expect("alice is a member");
+    assert_eq!(a2.event().await["type"], "candidate");
+    // A clean close leaves at once.
+    a2.ws.close(None).await.unwrap();
+    let e = b.event_where(|e| e["type"] == "presence").await;
+    assert_eq!(e["event"], "leave", "{e}");
+    assert_eq!(e["reason"], "disconnected");
+}
+
+/// `resume` with bad input: missing or wrong fields, an unknown token, after `hello`.
+#[tokio::test]
+async fn resume_refuses_bad_input() {
+    let s = spawn(test_config()).await;
+    let mut c = Client::connect(s.addr).await;
+    for (fields, code) in [
+        (json!({}), "bad_request"),
+        (json!({"token": 5}), "bad_request"),
+        (json!({"token": "x", "extra": 1}), "bad_request"),
+        (json!({"token": "not-a-token"}), "resume_failed"),
+    ] {
+        let e = c.request("resume", fields.clone()).await.unwrap_err();
+        assert_eq!(e.0, code, "{fields}: {e:?}");
+    }
+    let w = c.request("hello", json!({})).await.unwrap();
+    let token = w["resumeToken"].as_str().unwrap().to_string();
+    let e = c
+        .request("resume", json!({"token": token}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.0, "already_authenticated", "{e:?}");
+    // With resume_timeout 0 there is no token and a drop is a leave at once.
+    let s = spawn(ferry::config::Config {
+        resume_timeout: std::time::Duration::ZERO,
+        ..test_config()
+    })
+    .await;
+    let mut a = Client::connect(s.addr).await;
+    let w = a.request("hello", json!({})).await.unwrap();
+    assert!(w.get("resumeToken").is_none(), "{w}");
+}

@@ -116,6 +116,8 @@ pub struct Hub {
     /// what a member who joins later is told in its `joinRoom` answer.
     relay_tracks: DashMap<String, Vec<Value>>,
     sessions: DashMap<String, SessionHandle>,
+    /// Live sessions by their resume token: where a `resume` hands its connection over.
+    resumable: DashMap<String, mpsc::Sender<Handover>>,
     rooms: DashMap<String, Room>,
     connections: AtomicUsize,
     draining: AtomicBool,
@@ -161,6 +163,14 @@ impl Drop for ConnectionSlot {
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
         self.hub.metrics.ws_connections.dec();
     }
+}
+
+/// A new connection taking over a session (`resume`): its socket, and the id of the `resume`
+/// request to answer on it. Its connection slot is let go: the session keeps its own.
+pub struct Handover {
+    pub socket: axum::extract::ws::WebSocket,
+    pub id: Value,
+    pub remote: std::net::SocketAddr,
 }
 
 /// Log lines about refused tokens per second (a client without a token can make thousands).
@@ -220,6 +230,7 @@ impl Hub {
             refusal_log: std::sync::Mutex::new((0, 0)),
             relay_tracks: DashMap::new(),
             sessions: DashMap::new(),
+            resumable: DashMap::new(),
             rooms: DashMap::new(),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
@@ -338,6 +349,67 @@ impl Hub {
 
     pub fn unregister(&self, user_id: &str) {
         self.sessions.remove(user_id);
+    }
+
+    /// A fresh resume token for a session that takes handovers on `tx` (its previous token,
+    /// if any, no longer works).
+    pub fn resume_token(&self, previous: Option<&str>, tx: mpsc::Sender<Handover>) -> String {
+        if let Some(p) = previous {
+            self.resumable.remove(p);
+        }
+        loop {
+            let token = random_id(32);
+            if let Entry::Vacant(v) = self.resumable.entry(token.clone()) {
+                v.insert(tx);
+                return token;
+            }
+        }
+    }
+
+    /// The session `token` resumes, taken out of the table (one resume per token).
+    pub fn claim_resume(&self, token: &str) -> Option<mpsc::Sender<Handover>> {
+        self.resumable.remove(token).map(|(_, tx)| tx)
+    }
+
+    /// A session ended: its token no longer resumes anything.
+    pub fn forget_resume(&self, token: &str) {
+        self.resumable.remove(token);
+    }
+
+    /// Room `room_id` as `user_id` would be told it on joining now: its other members, size,
+    /// mode and the tracks at the relay (`None`: it is gone).
+    pub fn room_info(&self, room_id: &str, user_id: &str) -> Option<Value> {
+        let room = self.rooms.get(room_id)?;
+        let members: Vec<MemberInfo> = room
+            .members
+            .iter()
+            .filter(|m| m.user_id != user_id)
+            .map(|m| MemberInfo {
+                user_id: m.user_id.clone(),
+                identity: m.identity.clone(),
+                relay_only: m.relay_only,
+            })
+            .collect();
+        let (max_peers, mode) = (room.max_peers, room.mode);
+        drop(room);
+        Some(json!({
+            "roomId": room_id,
+            "members": members,
+            "maxPeers": max_peers,
+            "mode": mode,
+            "tracks": self.relay_tracks(room_id),
+        }))
+    }
+
+    /// Tell the other members of `room_id` that `user_id`'s connection dropped (`reconnecting`)
+    /// or came back (`reconnected`).
+    pub fn announce_connection(&self, room_id: &str, user_id: &str, event: &str) {
+        crate::media::ClientSink::send_to_room(
+            self,
+            room_id,
+            user_id,
+            json!({"type": "presence", "event": event, "roomId": room_id, "userId": user_id}),
+        );
     }
 
     /// Queue a message for a session without waiting. A full queue kicks that session.

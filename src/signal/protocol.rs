@@ -31,10 +31,11 @@ pub enum ErrorCode {
     MediaUnavailable,
     TooManyRooms,
     TooManyConnections,
+    ResumeFailed,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MessageTooLarge,
@@ -54,6 +55,7 @@ impl ErrorCode {
         ErrorCode::MediaUnavailable,
         ErrorCode::TooManyRooms,
         ErrorCode::TooManyConnections,
+        ErrorCode::ResumeFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +79,7 @@ impl ErrorCode {
             ErrorCode::MediaUnavailable => "media_unavailable",
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::ResumeFailed => "resume_failed",
         }
     }
 }
@@ -113,6 +116,8 @@ pub mod close {
     pub const PING_TIMEOUT: u16 = 4003;
     /// The client does not read its messages fast enough (outbound queue full).
     pub const SLOW_CONSUMER: u16 = 4004;
+    /// The session was resumed on another connection: this one is no longer used.
+    pub const RESUMED_ELSEWHERE: u16 = 4005;
     /// Standard (policy violation): the client kept sending past its rate limit, or sent too many
     /// invalid messages.
     pub const POLICY_VIOLATION: u16 = 1008;
@@ -124,6 +129,7 @@ pub mod close {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestType {
     Hello,
+    Resume,
     Ping,
     CreateRoom,
     JoinRoom,
@@ -142,6 +148,7 @@ impl RequestType {
     pub fn parse(s: &str) -> Option<RequestType> {
         Some(match s {
             "hello" => RequestType::Hello,
+            "resume" => RequestType::Resume,
             "ping" => RequestType::Ping,
             "createRoom" => RequestType::CreateRoom,
             "joinRoom" => RequestType::JoinRoom,
@@ -161,6 +168,7 @@ impl RequestType {
     pub fn as_str(self) -> &'static str {
         match self {
             RequestType::Hello => "hello",
+            RequestType::Resume => "resume",
             RequestType::Ping => "ping",
             RequestType::CreateRoom => "createRoom",
             RequestType::JoinRoom => "joinRoom",
@@ -187,6 +195,14 @@ pub struct Hello {
     /// Display name, honoured only on a dev-mode server (a token's `sub` wins otherwise).
     #[serde(default)]
     pub identity: Option<String>,
+}
+
+/// Take over a session whose connection dropped (see docs/protocol.md "Resume").
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resume {
+    /// The session's resume token, from its `hello` answer or its last `resume` answer.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -16,11 +16,11 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::auth::{Grants, TokenError};
 use crate::media::{Command, SERVER_ID};
-use crate::signal::hub::{ConnectionSlot, Hub, OUTBOUND_QUEUE, SessionHandle};
+use crate::signal::hub::{ConnectionSlot, Handover, Hub, OUTBOUND_QUEUE, SessionHandle};
 use crate::signal::protocol::{
     self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, MODE_REASONS, MediaMode,
-    PROTOCOL_VERSION, ReportMode, RequestType, Sdp, SetVideoQuality, SignalError, Subscription,
-    close, fields,
+    PROTOCOL_VERSION, ReportMode, RequestType, Resume, Sdp, SetVideoQuality, SignalError,
+    Subscription, close, fields,
 };
 
 /// A send that does not complete within this time means the client stopped reading.
@@ -79,6 +79,27 @@ impl RateLimit {
 enum Flow {
     Continue,
     Close(u16, String),
+    /// This connection resumes another session (the `resume` request's id): it is handed over.
+    Handover(mpsc::Sender<Handover>, Value),
+}
+
+impl Flow {
+    /// Where the loop stops: everything but `Continue`.
+    fn end(self) -> Option<End> {
+        match self {
+            Flow::Continue => None,
+            Flow::Close(c, r) => Some(End::Close(c, r)),
+            Flow::Handover(tx, id) => Some(End::Handover(tx, id)),
+        }
+    }
+}
+
+/// How a connection's loop ended.
+enum End {
+    /// Closed with this code and reason.
+    Close(u16, String),
+    /// The connection resumes another session: it goes to that session's task.
+    Handover(mpsc::Sender<Handover>, Value),
 }
 
 /// Whether a frame may be handled (see [`Session::admit`]).
@@ -116,6 +137,10 @@ struct Session {
     /// The room it was last in (for the log line of its end; a session's span does not carry
     /// the room: a field recorded again is appended to every later line of the text format).
     last_room: Option<String>,
+    /// Its resume token now, and where connections that resume it arrive (from `hello` on,
+    /// when `resume_timeout` is set).
+    resume_token: Option<String>,
+    handovers: Option<(mpsc::Sender<Handover>, mpsc::Receiver<Handover>)>,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -165,16 +190,145 @@ pub async fn run(
             client_closed: false,
             slot,
             last_room: None,
+            resume_token: None,
+            handovers: None,
         };
-        let (code, reason) = s.run_loop().await;
-        s.finish(code, &reason).await;
+        match s.run_loop().await {
+            End::Close(code, reason) => s.finish(code, &reason).await,
+            End::Handover(tx, id) => {
+                let Session { socket, hub, .. } = s;
+                if let Err(mpsc::error::SendError(h)) =
+                    tx.send(Handover { socket, id, remote }).await
+                {
+                    // The session ended between the claim and the handover.
+                    resume_failed(&hub, h.socket, &h.id).await;
+                }
+            }
+        }
     }
     .instrument(span)
     .await
 }
 
+/// A `resume` whose session is gone: the error, then the connection closes (the client says
+/// hello on a new one).
+async fn resume_failed(hub: &Hub, mut socket: WebSocket, id: &Value) {
+    hub.metrics
+        .session_resumes
+        .with_label_values(&["unknown"])
+        .inc();
+    let err = SignalError::new(ErrorCode::ResumeFailed, NO_SESSION_TO_RESUME);
+    let _ = socket
+        .send(Message::Text(protocol::response_err(id, &err).into()))
+        .await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+const NO_SESSION_TO_RESUME: &str = "no session to resume with this token: it ended (its \
+    resume_timeout passed, or it left), or the server restarted; say hello and join again";
+
 impl Session {
-    async fn run_loop(&mut self) -> (u16, String) {
+    /// The session's loop: its connection's, then, when the connection drops without a close,
+    /// held for `resume_timeout` until a `resume` on another connection takes it over.
+    async fn run_loop(&mut self) -> End {
+        loop {
+            let (code, reason) = match self.connected_loop().await {
+                End::Close(code, reason) => (code, reason),
+                handover => return handover,
+            };
+            // Dropped, not closed: the client's network went away (no Close frame, a reset, or
+            // silence past ping_timeout). A session is held for a resume.
+            let lost = (code == 1000 && !self.client_closed) || code == close::PING_TIMEOUT;
+            if !lost || self.handovers.is_none() {
+                return End::Close(code, reason);
+            }
+            if let Some(end) = self.held(code, reason).await {
+                return end;
+            }
+        }
+    }
+
+    /// Held after its connection dropped: queued messages wait (bounded: a full queue ends the
+    /// session), the room is told `reconnecting`. `None`: resumed on a new connection.
+    async fn held(&mut self, code: u16, reason: String) -> Option<End> {
+        let cfg = self.hub.config.clone();
+        let user_id = self
+            .auth
+            .as_ref()
+            .map(|a| a.user_id.clone())
+            .unwrap_or_default();
+        if let Some(room) = &self.room {
+            self.hub.announce_connection(room, &user_id, "reconnecting");
+        }
+        info!(code, "connection lost: session held for a resume");
+        self.hub.metrics.sessions_reconnecting.inc();
+        let (kick, shutdown) = (self.kick.clone(), self.hub.shutdown.clone());
+        let deadline = Instant::now() + cfg.resume_timeout;
+        let rx = &mut self.handovers.as_mut().expect("resumable").1;
+        let taken = tokio::select! {
+            _ = kick.cancelled() => Err(End::Close(
+                close::SLOW_CONSUMER,
+                "outbound queue full while the connection was down".into(),
+            )),
+            _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down".into())),
+            Some(h) = rx.recv() => Ok(h),
+            _ = sleep_until(deadline) => {
+                self.hub.metrics.session_resumes.with_label_values(&["expired"]).inc();
+                info!("no resume within resume_timeout: the member leaves");
+                Err(End::Close(code, reason))
+            }
+        };
+        self.hub.metrics.sessions_reconnecting.dec();
+        let h = match taken {
+            Ok(h) => h,
+            Err(end) => return Some(end),
+        };
+        let flow = self.take_over(h).await;
+        if let Some(room) = &self.room {
+            self.hub.announce_connection(room, &user_id, "reconnected");
+        }
+        flow.end()
+    }
+
+    /// A `resume` on another connection takes this session over: that connection is its own
+    /// from now on (the old one, if it still works, is closed with 4005). What was queued goes
+    /// out first, then the answer to `resume` with a fresh token and the room as it is now.
+    async fn take_over(&mut self, h: Handover) -> Flow {
+        let mut old = std::mem::replace(&mut self.socket, h.socket);
+        tokio::spawn(async move {
+            let frame = Message::Close(Some(CloseFrame {
+                code: close::RESUMED_ELSEWHERE,
+                reason: "session resumed on another connection".into(),
+            }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), old.send(frame)).await;
+        });
+        self.client_closed = false;
+        self.hub
+            .metrics
+            .session_resumes
+            .with_label_values(&["resumed"])
+            .inc();
+        info!(remote = %h.remote, "session resumed");
+        let tx = self.handovers.as_ref().expect("resumable").0.clone();
+        let token = self.hub.resume_token(self.resume_token.as_deref(), tx);
+        self.resume_token = Some(token);
+        while let Ok(text) = self.rx.try_recv() {
+            if let flow @ (Flow::Close(..) | Flow::Handover(..)) = self.send_text(text).await {
+                return flow;
+            }
+        }
+        let mut result = self.welcome();
+        result["resumed"] = json!(true);
+        result["room"] = self
+            .room
+            .as_deref()
+            .zip(self.auth.as_ref())
+            .and_then(|(r, a)| self.hub.room_info(r, &a.user_id))
+            .unwrap_or(Value::Null);
+        self.reply(&h.id, Ok(result)).await
+    }
+
+    async fn connected_loop(&mut self) -> End {
         let cfg = self.hub.config.clone();
         let mut ping =
             tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
@@ -190,38 +344,38 @@ impl Session {
                 drain_announced = true;
                 let ms = cfg.drain_timeout.as_millis() as u64;
                 let ev = json!({"type": "draining", "deadlineMs": ms}).to_string();
-                if let Flow::Close(c, r) = self.send_text(ev.into()).await {
-                    return (c, r);
+                if let Some(end) = self.send_text(ev.into()).await.end() {
+                    return end;
                 }
             }
             tokio::select! {
                 biased;
                 _ = kick.cancelled() => {
-                    return (close::SLOW_CONSUMER, "outbound queue full: client is not reading".into());
+                    return End::Close(close::SLOW_CONSUMER, "outbound queue full: client is not reading".into());
                 }
                 _ = shutdown.cancelled() => {
-                    return (close::GOING_AWAY, "server shutting down".into());
+                    return End::Close(close::GOING_AWAY, "server shutting down".into());
                 }
                 _ = drain.changed(), if !drain_announced => {}
                 Some(text) = self.rx.recv() => {
-                    if let Flow::Close(c, r) = self.send_text(text).await {
-                        return (c, r);
+                    if let Some(end) = self.send_text(text).await.end() {
+                        return end;
                     }
                 }
                 msg = self.socket.recv() => {
                     last_heard = Instant::now();
                     let flow = match msg {
-                        None => return (1000, String::new()),
+                        None => return End::Close(1000, String::new()),
                         Some(Err(e)) => {
                             let text = e.to_string();
                             debug!(error = %text, "websocket read error");
                             if text.contains("too long") || text.contains("Space limit") {
                                 self.count_error(ErrorCode::MessageTooLarge);
-                                return (close::MESSAGE_TOO_BIG, "message too large".into());
+                                return End::Close(close::MESSAGE_TOO_BIG, "message too large".into());
                             }
                             if text.to_ascii_lowercase().contains("utf-8") {
                                 self.count_error(ErrorCode::BadRequest);
-                                return (close::INVALID_PAYLOAD, "text frame is not valid UTF-8".into());
+                                return End::Close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8".into());
                             }
                             // The client's side went away without a closing handshake (reset,
                             // broken pipe): a disconnect like a clean close.
@@ -229,9 +383,9 @@ impl Session {
                                 .iter()
                                 .any(|w| text.to_ascii_lowercase().contains(w))
                             {
-                                return (1000, String::new());
+                                return End::Close(1000, String::new());
                             }
-                            return (1002, "protocol error".into());
+                            return End::Close(1002, "protocol error".into());
                         }
                         Some(Ok(Message::Text(t))) => match self.admit().await {
                             Admit::Yes => self.handle_text(t.as_str()).await,
@@ -247,31 +401,47 @@ impl Session {
                         },
                         Some(Ok(Message::Close(_))) => {
                             self.client_closed = true;
-                            return (1000, String::new());
+                            return End::Close(1000, String::new());
                         }
                         Some(Ok(_)) => Flow::Continue, // ping/pong: answered by the library
                     };
-                    if let Flow::Close(c, r) = flow {
-                        return (c, r);
+                    if let Some(end) = flow.end() {
+                        return end;
                     }
+                }
+                Some(h) = async {
+                    match self.handovers.as_mut() {
+                        Some((_, rx)) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Resumed on a new connection before this one was seen to drop (a client
+                    // whose network changed): this one is presumed dead.
+                    if let Some(end) = self.take_over(h).await.end() {
+                        return end;
+                    }
+                    last_heard = Instant::now();
                 }
                 _ = ping.tick() => {
                     if last_heard.elapsed() >= cfg.ping_timeout {
                         info!("no traffic within ping_timeout: closing dead connection");
-                        return (close::PING_TIMEOUT, "ping timeout".into());
+                        return End::Close(close::PING_TIMEOUT, "ping timeout".into());
                     }
-                    if let Flow::Close(c, r) = self.send(Message::Ping(Default::default())).await {
-                        return (c, r);
+                    if let Some(end) = self.send(Message::Ping(Default::default())).await.end() {
+                        return end;
                     }
                 }
                 _ = sleep_until(hello_deadline), if self.auth.is_none() => {
-                    return (close::HELLO_TIMEOUT, "no hello within hello_timeout".into());
+                    return End::Close(close::HELLO_TIMEOUT, "no hello within hello_timeout".into());
                 }
             }
         }
     }
 
     async fn finish(&mut self, code: u16, reason: &str) {
+        if let Some(token) = self.resume_token.take() {
+            self.hub.forget_resume(&token);
+        }
         if let (Some(auth), Some(room)) = (&self.auth, self.room.take()) {
             let why = match code {
                 close::PING_TIMEOUT => "timeout",
@@ -453,6 +623,7 @@ impl Session {
                 let _ = self.reply(&id, Err(e)).await;
                 Flow::Close(code, reason)
             }
+            Err(Reject::Handover(tx)) => Flow::Handover(tx, id),
         }
     }
 
@@ -467,6 +638,27 @@ impl Session {
         }
         if ty == RequestType::Hello {
             return self.hello(fields(ty, obj)?);
+        }
+        if ty == RequestType::Resume {
+            let req: Resume = fields(ty, obj)?;
+            if self.auth.is_some() {
+                return Err(SignalError::new(
+                    ErrorCode::AlreadyAuthenticated,
+                    "this connection already has a session: resume is the first message of a new connection",
+                )
+                .into());
+            }
+            return match self.hub.claim_resume(&req.token) {
+                Some(tx) => Err(Reject::Handover(tx)),
+                None => {
+                    self.hub
+                        .metrics
+                        .session_resumes
+                        .with_label_values(&["unknown"])
+                        .inc();
+                    Err(SignalError::new(ErrorCode::ResumeFailed, NO_SESSION_TO_RESUME).into())
+                }
+            };
         }
         let Some(auth) = &self.auth else {
             return Err(SignalError::new(ErrorCode::NotAuthenticated, "send hello first").into());
@@ -671,7 +863,9 @@ impl Session {
                 })?;
                 Ok(json!({}))
             }
-            RequestType::Hello | RequestType::Ping => unreachable!("handled above"),
+            RequestType::Hello | RequestType::Resume | RequestType::Ping => {
+                unreachable!("handled above")
+            }
         }
     }
 
@@ -753,25 +947,40 @@ impl Session {
         let user_id = self.hub.register(SessionHandle { tx, kick });
         tracing::Span::current().record("user", user_id.as_str());
         info!(%identity, "session started");
-        let cfg = &self.hub.config;
-        let welcome = json!({
-            "userId": user_id,
-            "identity": identity,
-            "protocol": PROTOCOL_VERSION,
-            "iceServers": crate::signal::ice::for_session(cfg, &self.hub.media_addrs, &user_id),
-            "p2pMaxPeers": cfg.p2p_max_peers,
-            "p2pTimeoutMs": cfg.p2p_timeout.as_millis() as u64,
-            "pingIntervalMs": cfg.ping_interval.as_millis() as u64,
-            "pingTimeoutMs": cfg.ping_timeout.as_millis() as u64,
-            "maxMessageBytes": cfg.max_message_bytes,
-            "grants": grants,
-        });
         self.auth = Some(Auth {
             user_id,
             identity,
             grants,
         });
-        Ok(welcome)
+        if !self.hub.config.resume_timeout.is_zero() {
+            let (tx, rx) = mpsc::channel(1);
+            self.resume_token = Some(self.hub.resume_token(None, tx.clone()));
+            self.handovers = Some((tx, rx));
+        }
+        Ok(self.welcome())
+    }
+
+    /// What `hello` answers (and `resume`, with more): the session and the server's settings.
+    fn welcome(&self) -> Value {
+        let cfg = &self.hub.config;
+        let auth = self.auth.as_ref().expect("a session");
+        let mut welcome = json!({
+            "userId": auth.user_id,
+            "identity": auth.identity,
+            "protocol": PROTOCOL_VERSION,
+            "iceServers": crate::signal::ice::for_session(cfg, &self.hub.media_addrs, &auth.user_id),
+            "p2pMaxPeers": cfg.p2p_max_peers,
+            "p2pTimeoutMs": cfg.p2p_timeout.as_millis() as u64,
+            "pingIntervalMs": cfg.ping_interval.as_millis() as u64,
+            "pingTimeoutMs": cfg.ping_timeout.as_millis() as u64,
+            "maxMessageBytes": cfg.max_message_bytes,
+            "grants": auth.grants,
+        });
+        if let Some(token) = &self.resume_token {
+            welcome["resumeToken"] = json!(token);
+            welcome["resumeTimeoutMs"] = json!(cfg.resume_timeout.as_millis() as u64);
+        }
+        welcome
     }
 }
 
@@ -779,6 +988,8 @@ enum Reject {
     Error(SignalError),
     /// Answer with the error, then close with this code.
     Close(SignalError, u16),
+    /// Not an error: the connection goes to the session it resumes.
+    Handover(mpsc::Sender<Handover>),
 }
 
 impl From<SignalError> for Reject {
