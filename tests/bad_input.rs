@@ -286,7 +286,9 @@ async fn too_many_connections_are_refused_with_a_reason() {
     let (code, reason) = c.expect_close().await;
     assert_eq!(code, 1013);
     assert!(reason.contains("too many sessions"), "{reason}");
-    drop(a);
+    // Closed, not dropped (a dropped session is held for a resume, in its slot).
+    let mut a = a;
+    a.ws.close(None).await.unwrap();
     // The slot comes back once a's session has ended.
     let mut tries = 0;
     loop {
@@ -576,6 +578,8 @@ async fn connections_without_hello_cannot_crowd_out_sessions() {
     for i in 0..20 {
         let mut c = Client::joined_hello(s.addr, &format!("real-{i}")).await;
         c.request("ping", json!({})).await.unwrap();
+        // Closed, not dropped: a dropped session is held for a resume (and keeps its slot).
+        c.ws.close(None).await.unwrap();
     }
     let (_, m) = http_get(s.addr, "/metrics").await;
     assert_eq!(
