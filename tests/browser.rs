@@ -2170,3 +2170,283 @@ async fn layers_nobody_takes_are_paused_at_the_publisher() {
         "{m}"
     );
 }
+
+/// Records the SDK's own `connection` events into `window.events` (as `connection:<state>`).
+const RECORD_CONNECTION: &str = "(() => { window.demo.ferry.addEventListener('connection', (e) => \
+    window.events.push({ type: 'connection:' + e.detail.state, rejoined: e.detail.rejoined, at: performance.now() })); return true; })()";
+
+/// A call between alice (on loopback) and carol (in namespace `ns`, at 10.`net`.0.2) in a room
+/// made with `create_opts`, both decoding each other over `mode`: the server, the two pages and
+/// their user ids.
+async fn call_with_carol_in(
+    ns: &'static str,
+    net: u8,
+    create_opts: &str,
+    mode: &str,
+) -> (TestServer, (Browser, Page, String), (Browser, Page, String)) {
+    let (s, (mut ba, a), (mut bc, c)) = shaped_room(ns, net).await;
+    let origin = format!("http://10.{net}.0.1:{}", s.addr.port());
+    bc.grant_media(&origin).await;
+    let ra = ba.eval(&a, &sdk_member(None, create_opts)).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rc = bc.eval(&c, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, c_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rc["userId"].as_str().unwrap().to_string(),
+    );
+    ba.eval(&a, RECORD_CONNECTION).await;
+    bc.eval(&c, RECORD_CONNECTION).await;
+    wait_or_explain(&mut ba, &a, &decoded_via(&c_id, mode, 10), &c_id).await;
+    wait_or_explain(&mut bc, &c, &decoded_via(&a_id, mode, 10), &a_id).await;
+    (s, (ba, a, a_id), (bc, c, c_id))
+}
+
+/// Frames `page` has decoded from `remote` so far (0 before any).
+async fn decoded_frames(br: &mut Browser, page: &Page, remote: &str) -> u64 {
+    br.eval(page, &decoded_width(remote, 0)).await["frames"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits until `page` decodes 20 more frames from `remote` than `before` (at most `limit`): how
+/// long that took.
+async fn video_back(
+    br: &mut Browser,
+    page: &Page,
+    remote: &str,
+    before: u64,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        // A new connection starts its own count: any count under `before` is a new one.
+        let now = decoded_frames(br, page, remote).await;
+        let new = if now >= before { now - before } else { now };
+        if new > 20 && start.elapsed() > Duration::from_millis(500) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "[{}] no video from {remote} within {limit:?}: {}\nconsole: {:#?}",
+            page.name,
+            br.eval(page, "JSON.stringify(window.events)").await,
+            br.console
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `page`'s recorded events of `types`.
+async fn events_of(br: &mut Browser, page: &Page, types: &[&str]) -> Vec<Value> {
+    let all = br.eval(page, "window.events").await;
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| types.contains(&e["type"].as_str().unwrap_or("")))
+        .cloned()
+        .collect()
+}
+
+/// carol's address changes mid-call (her namespace's 10.`net`.0.2 is replaced by .3, as when a
+/// phone leaves Wi-Fi): her SDK sees its signaling socket die, resumes the same session from the
+/// new address, restarts ICE (P2P) or opens a new relay connection, and the video comes back both
+/// ways; alice never sees her leave.
+async fn an_address_change_mid_call(
+    test: &str,
+    ns: &'static str,
+    net: u8,
+    create_opts: &str,
+    mode: &str,
+) {
+    let setup = shaped_link_setup(ns, net, "root pfifo limit 1000");
+    match common::netns::in_new_netns(test, &setup, shaped_link_missing()) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(Box::leak(Box::new([ns])));
+    let (_s, (mut ba, a, a_id), (mut bc, c, c_id)) =
+        call_with_carol_in(ns, net, create_opts, mode).await;
+    let (from_c, from_a) = (
+        decoded_frames(&mut ba, &a, &c_id).await,
+        decoded_frames(&mut bc, &c, &a_id).await,
+    );
+    let moved = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ip -n {ns} addr flush dev th1 && ip -n {ns} addr add 10.{net}.0.3/24 dev th1 \
+             && ip -n {ns} route add default via 10.{net}.0.1"
+        ))
+        .status()
+        .unwrap();
+    assert!(moved.success());
+    let at_a = video_back(&mut ba, &a, &c_id, from_c, LIMIT * 3).await;
+    let at_c = video_back(&mut bc, &c, &a_id, from_a, LIMIT * 3).await;
+    eprintln!(
+        "{mode}: carol's video back at alice {} ms after her address changed, alice's at carol {} ms",
+        at_a.as_millis(),
+        at_c.as_millis()
+    );
+    // The same session: same user id, no leave at alice; carol's SDK resumed.
+    let same = bc.eval(&c, "window.demo.ferry.getUserId()").await;
+    assert_eq!(same, Value::String(c_id.clone()));
+    let left = events_of(&mut ba, &a, &["leave"]).await;
+    assert!(left.is_empty(), "alice saw carol leave: {left:?}");
+    let resumed = events_of(&mut bc, &c, &["connection:resumed"]).await;
+    assert_eq!(
+        resumed.len(),
+        1,
+        "{}",
+        bc.eval(&c, "JSON.stringify(window.events)").await
+    );
+    assert_eq!(
+        ba.eval(&a, &format!("window.demo.ferry.getMode({c_id:?})"))
+            .await,
+        Value::String(mode.into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p2p_call_survives_an_address_change() {
+    an_address_change_mid_call(
+        "a_p2p_call_survives_an_address_change",
+        "ferry-mv1",
+        210,
+        "{}",
+        "p2p",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_call_survives_an_address_change() {
+    an_address_change_mid_call(
+        "a_relayed_call_survives_an_address_change",
+        "ferry-mv2",
+        211,
+        "{ mode: 'relay' }",
+        "relay",
+    )
+    .await;
+}
+
+/// Every packet to and from namespace `ns` dropped (`on`) or passed again: a link that goes dead
+/// without any interface change, as a Wi-Fi dropout or a tunnel does.
+fn blackhole(ns: &str, on: bool) {
+    let q = if on {
+        "netem loss 100%"
+    } else {
+        "pfifo limit 1000"
+    };
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tc qdisc replace dev th0 root {q} && ip netns exec {ns} tc qdisc replace dev th1 root {q}"
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// carol's link goes dead for 5 s in a P2P call: her SDK notices (its own ping), retries, and
+/// resumes the same session once the link is back (the server, whose ping timeout is 30 s, never
+/// saw the drop); the video comes back both ways and alice sees no leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_survives_a_five_second_link_drop() {
+    const TEST: &str = "a_call_survives_a_five_second_link_drop";
+    let setup = shaped_link_setup("ferry-dr5", 212, "root pfifo limit 1000");
+    match common::netns::in_new_netns(TEST, &setup, shaped_link_missing()) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-dr5"]);
+    let (_s, (mut ba, a, a_id), (mut bc, c, c_id)) =
+        call_with_carol_in("ferry-dr5", 212, "{}", "p2p").await;
+    blackhole("ferry-dr5", true);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (from_c, from_a) = (
+        decoded_frames(&mut ba, &a, &c_id).await,
+        decoded_frames(&mut bc, &c, &a_id).await,
+    );
+    blackhole("ferry-dr5", false);
+    let at_a = video_back(&mut ba, &a, &c_id, from_c, LIMIT * 3).await;
+    let at_c = video_back(&mut bc, &c, &a_id, from_a, LIMIT * 3).await;
+    eprintln!(
+        "5 s drop: carol's video back at alice {} ms after the link returned, alice's at carol {} ms",
+        at_a.as_millis(),
+        at_c.as_millis()
+    );
+    assert!(events_of(&mut ba, &a, &["leave"]).await.is_empty());
+    // Her SDK saw the drop and resumed (within the server's resume window).
+    let conn = events_of(
+        &mut bc,
+        &c,
+        &["connection:reconnecting", "connection:resumed"],
+    )
+    .await;
+    let resumed = || conn.iter().any(|e| e["type"] == "connection:resumed");
+    let deadline = Instant::now() + LIMIT;
+    while !resumed() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let conn = events_of(
+        &mut bc,
+        &c,
+        &["connection:reconnecting", "connection:resumed"],
+    )
+    .await;
+    assert!(
+        conn.iter().any(|e| e["type"] == "connection:reconnecting")
+            && conn.iter().any(|e| e["type"] == "connection:resumed"),
+        "{conn:?}"
+    );
+    let same = bc.eval(&c, "window.demo.ferry.getUserId()").await;
+    assert_eq!(same, Value::String(c_id));
+}
+
+/// carol's link goes dead for 60 s: longer than the server's ping timeout (30 s) and resume
+/// timeout (15 s) together, so alice sees her `reconnecting`, then `leave`. When the link is
+/// back carol's SDK finds its session gone and joins the same room as a new session by itself;
+/// alice sees her join and the video comes back both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_minute_without_link_the_sdk_rejoins_by_itself() {
+    const TEST: &str = "after_a_minute_without_link_the_sdk_rejoins_by_itself";
+    let setup = shaped_link_setup("ferry-dr60", 213, "root pfifo limit 1000");
+    match common::netns::in_new_netns(TEST, &setup, shaped_link_missing()) {
+        Place::Inside => {}
+        Place::Done | Place::Skipped => return,
+    }
+    let _ns = common::netns::Namespaces(&["ferry-dr60"]);
+    let (_s, (mut ba, a, _a_id), (mut bc, c, c_id)) =
+        call_with_carol_in("ferry-dr60", 213, "{}", "p2p").await;
+    blackhole("ferry-dr60", true);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let seen = events_of(&mut ba, &a, &["reconnecting", "leave"]).await;
+    assert_eq!(
+        seen.len(),
+        2,
+        "alice saw carol reconnecting, then leave: {seen:?}"
+    );
+    assert_eq!(seen[0]["type"], "reconnecting");
+    assert_eq!(seen[1]["userId"], c_id.as_str());
+    blackhole("ferry-dr60", false);
+    // carol comes back as a new member of the same room.
+    let joined = format!(
+        "(() => {{ const j = window.events.filter((e) => e.type === 'join' && e.userId !== {c_id:?}); return j.length ? j[j.length - 1].userId : null; }})()"
+    );
+    let new_c = ba.wait_for(&a, &joined, LIMIT * 3).await;
+    let new_c = new_c.as_str().unwrap().to_string();
+    let a_id = ba.eval(&a, "window.demo.ferry.getUserId()").await;
+    let a_id = a_id.as_str().unwrap().to_string();
+    let at_a = video_back(&mut ba, &a, &new_c, 0, LIMIT * 3).await;
+    let at_c = video_back(&mut bc, &c, &a_id, 0, LIMIT * 3).await;
+    eprintln!(
+        "60 s drop: carol rejoined; video at alice within {} ms, at carol within {} ms of the join",
+        at_a.as_millis(),
+        at_c.as_millis()
+    );
+    let conn = events_of(&mut bc, &c, &["connection:connected"]).await;
+    assert!(
+        conn.iter().any(|e| e["rejoined"] == true),
+        "carol's SDK rejoined: {conn:?}"
+    );
+}

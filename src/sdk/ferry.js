@@ -29,6 +29,18 @@ const FIRST_OFFER_WAIT_MS = 1500;
 const SERVER = 'server';
 // After the room no longer needs the relay, wait this long before going back to P2P (no flapping).
 const BACK_TO_P2P_MS = 3000;
+// The SDK's own liveness check of the signaling socket: a ping this often, and a socket whose
+// ping gets no answer within the timeout is taken for dead (a network change leaves a socket
+// that looks open for a long while). At most the server's own figures.
+const LINK_PING_MS = 2000;
+const LINK_PING_TIMEOUT_MS = 4000;
+// Reconnecting: the first try at once, then backoff doubling from this up to the most, each
+// with jitter (x0.5-1.5); a new socket must open within CONNECT_TIMEOUT_MS.
+const RECONNECT_MIN_MS = 250;
+const RECONNECT_MAX_MS = 5000;
+const CONNECT_TIMEOUT_MS = 5000;
+// Close codes after which the SDK does not reconnect: the server refused this client.
+const FINAL_CLOSE_CODES = [1007, 1008, 1009, 4001, 4005];
 
 export class FerryError extends Error {
   constructor(code, message) {
@@ -329,9 +341,20 @@ class Link {
 
 export class Ferry extends EventTarget {
   // opts: { token?, identity? (dev-mode display name), rtcConfig? (extra RTCConfiguration),
-  //         videoCodec? ('VP8' | 'VP9' | 'H264' | 'AV1': preferred for video we send) }
+  //         videoCodec? ('VP8' | 'VP9' | 'H264' | 'AV1': preferred for video we send),
+  //         reconnectTimeoutMs? (how long to keep trying to reconnect, default 120000; 0: never
+  //         reconnect) }
   constructor(opts = {}) {
     super();
+    this._reconnectTimeoutMs = opts.reconnectTimeoutMs === undefined ? 120000 : opts.reconnectTimeoutMs;
+    this._url = undefined;
+    this._state = 'new'; // 'connected' | 'reconnecting' | 'closed'
+    this._resumeToken = undefined;
+    this._lostAt = 0;
+    this._attempt = 0;
+    this._reconnectTimer = null;
+    this._connecting = false;
+    this._netWatch = null;
     this._videoCodec = opts.videoCodec;
     this._token = opts.token;
     this._identity = opts.identity;
@@ -358,27 +381,87 @@ export class Ferry extends EventTarget {
 
   // Connect and say hello. Resolves { userId, identity, iceServers, p2pMaxPeers, p2pTimeoutMs, grants }.
   async init(url) {
-    if (this._ws) throw new FerryError('already_initialized', 'init() was already called');
-    const ws = (this._ws = new WebSocket(wsUrl(url)));
-    await new Promise((resolve, reject) => {
-      ws.onopen = resolve;
-      ws.onclose = (ev) => reject(closeError(ev));
-    });
-    ws.onmessage = (ev) => this._onMessage(ev.data);
-    ws.onclose = (ev) => this._onClose(ev);
+    if (this._ws || this._state !== 'new') throw new FerryError('already_initialized', 'init() was already called');
+    this._url = url;
+    this._attach(await openSocket(url));
+    const welcome = await this._request('hello', this._hello());
+    this._welcomed(welcome);
+    this._setState('connected', {});
+    this._watchNetwork();
+    return welcome;
+  }
+
+  // The state of this client's own link to the server: 'connected', 'reconnecting' or 'closed'.
+  getConnectionState() {
+    return this._state;
+  }
+
+  _hello() {
     const hello = { protocol: PROTOCOL };
     if (this._token) hello.token = this._token;
     if (this._identity) hello.identity = this._identity;
-    const welcome = await this._request('hello', hello);
+    return hello;
+  }
+
+  _attach(ws) {
+    this._ws = ws;
+    ws.onmessage = (ev) => {
+      if (this._ws === ws) this._onMessage(ev.data);
+    };
+    ws.onclose = (ev) => this._onClose(ws, ev);
+  }
+
+  _welcomed(welcome) {
     this._welcome = welcome;
     this._userId = welcome.userId;
-    const every = Math.max(1000, welcome.pingIntervalMs || 10000);
-    this._pingTimer = setInterval(() => {
-      this._request('ping', {}, welcome.pingTimeoutMs || 30000).catch((e) => {
-        if (e.code === 'timeout' && this._ws) this._ws.close(4000, 'server did not answer ping');
-      });
-    }, every);
-    return welcome;
+    this._resumeToken = welcome.resumeToken;
+    this._resumeTimeoutMs = welcome.resumeTimeoutMs || 0;
+    clearInterval(this._pingTimer);
+    const every = Math.max(1000, Math.min(welcome.pingIntervalMs || 10000, LINK_PING_MS));
+    const timeout = Math.min(welcome.pingTimeoutMs || 30000, LINK_PING_TIMEOUT_MS);
+    this._pingTimer = setInterval(() => this._probe(timeout), every);
+  }
+
+  // Ping the server; no answer within `timeout` means the socket is dead.
+  _probe(timeout) {
+    const ws = this._ws;
+    if (!ws) return;
+    this._request('ping', {}, timeout).catch((e) => {
+      if (e.code === 'timeout' && this._ws === ws) this._lost(ws, 'the server did not answer a ping');
+    });
+  }
+
+  _setState(state, detail) {
+    this._state = state;
+    this.dispatchEvent(new CustomEvent('connection', { detail: Object.assign({ state }, detail) }));
+  }
+
+  // The browser's own signs of a network change: back online, another connection type. A
+  // reconnect is tried at once, or the socket is checked; going offline drops it.
+  _watchNetwork() {
+    if (typeof window === 'undefined' || !window.addEventListener || this._netWatch) return;
+    this._netWatch = {
+      online: () => {
+        if (this._state === 'reconnecting') this._scheduleReconnect(0);
+        else if (this._state === 'connected') this._probe(LINK_PING_TIMEOUT_MS / 2);
+      },
+      offline: () => {
+        if (this._state === 'connected' && this._ws) this._lost(this._ws, 'the browser went offline');
+      },
+    };
+    window.addEventListener('online', this._netWatch.online);
+    window.addEventListener('offline', this._netWatch.offline);
+    const c = globalThis.navigator && navigator.connection;
+    if (c && c.addEventListener) c.addEventListener('change', this._netWatch.online);
+  }
+
+  _unwatchNetwork() {
+    if (!this._netWatch) return;
+    window.removeEventListener('online', this._netWatch.online);
+    window.removeEventListener('offline', this._netWatch.offline);
+    const c = globalThis.navigator && navigator.connection;
+    if (c && c.removeEventListener) c.removeEventListener('change', this._netWatch.online);
+    this._netWatch = null;
   }
 
   getUserId() {
@@ -531,10 +614,19 @@ export class Ferry extends EventTarget {
 
   close() {
     clearInterval(this._pingTimer);
+    clearTimeout(this._reconnectTimer);
+    this._unwatchNetwork();
     this._closeLinks();
     this._closeRelay();
     this._roomId = undefined;
-    if (this._ws) this._ws.close(1000);
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.close(1000);
+    }
+    if (this._state !== 'closed' && this._state !== 'new') this._setState('closed', { reason: 'close() was called' });
+    this._state = 'closed';
   }
 
   // --- internals ---
@@ -756,24 +848,12 @@ export class Ferry extends EventTarget {
       case 'presence':
         if (msg.roomId !== this._roomId) return;
         if (msg.event === 'join') {
-          this._members.set(msg.userId, msg.identity);
-          if (msg.relayOnly) this._relayOnlyMembers.add(msg.userId);
-          this._presence({ type: 'join', userId: msg.userId, identity: msg.identity });
-          this._evaluateMode();
+          this._memberJoined(msg);
         } else if (msg.event === 'leave') {
-          this._dropLink(msg.userId);
-          this._members.delete(msg.userId);
-          this._relayOnlyMembers.delete(msg.userId);
-          this._p2pFailed.delete(msg.userId);
-          this._pairs.delete(msg.userId);
-          clearTimeout(this._backTimers.get(msg.userId));
-          this._backTimers.delete(msg.userId);
-          this._dropRelayStreams(msg.userId);
-          this._presence({ type: 'leave', userId: msg.userId, reason: msg.reason });
-          this._evaluateMode();
-          if (this._relay && !this._anyPairRelayed() && !this._backTimers.size) {
-            this._closeRelay();
-          }
+          this._memberLeft(msg.userId, msg.reason);
+        } else if (msg.event === 'reconnecting' || msg.event === 'reconnected') {
+          // That member's signaling dropped and (for 'reconnected') came back; it stays in the room.
+          this._presence({ type: msg.event, userId: msg.userId });
         }
         return;
       case 'offer':
@@ -846,20 +926,187 @@ export class Ferry extends EventTarget {
     }
   }
 
-  _onClose(ev) {
-    clearInterval(this._pingTimer);
-    const err = closeError(ev);
+  _memberJoined(m) {
+    this._members.set(m.userId, m.identity);
+    if (m.relayOnly) this._relayOnlyMembers.add(m.userId);
+    this._presence({ type: 'join', userId: m.userId, identity: m.identity });
+    this._evaluateMode();
+  }
+
+  _memberLeft(userId, reason) {
+    this._dropLink(userId);
+    this._members.delete(userId);
+    this._relayOnlyMembers.delete(userId);
+    this._p2pFailed.delete(userId);
+    this._pairs.delete(userId);
+    clearTimeout(this._backTimers.get(userId));
+    this._backTimers.delete(userId);
+    this._dropRelayStreams(userId);
+    this._presence({ type: 'leave', userId, reason });
+    this._evaluateMode();
+    if (this._relay && !this._anyPairRelayed() && !this._backTimers.size) {
+      this._closeRelay();
+    }
+  }
+
+  _rejectPending(err) {
     for (const p of this._pending.values()) {
       clearTimeout(p.timer);
       p.reject(err);
     }
     this._pending.clear();
+  }
+
+  _onClose(ws, ev) {
+    if (this._ws !== ws) return;
+    const final = FINAL_CLOSE_CODES.includes(ev.code) || !this._welcome || this._reconnectTimeoutMs === 0;
+    if (!final) {
+      this._lost(ws, closeError(ev).message);
+      return;
+    }
+    this._ended(closeError(ev), ev.code, ev.reason);
+  }
+
+  // The session is over for good: everything closes, `disconnected` fires.
+  _ended(err, code, reason) {
+    clearInterval(this._pingTimer);
+    clearTimeout(this._reconnectTimer);
+    this._unwatchNetwork();
+    this._rejectPending(err);
     this._closeLinks();
     this._closeRelay();
     this._roomId = undefined;
     this._ws = null;
-    this.dispatchEvent(new CustomEvent('disconnected', { detail: { code: ev.code, reason: ev.reason } }));
+    this._setState('closed', { code, reason: reason || err.message });
+    this.dispatchEvent(new CustomEvent('disconnected', { detail: { code, reason } }));
   }
+
+  // The signaling socket died (closed without a reason to stop, or silent past the ping
+  // timeout): the media connections stay as they are, and the SDK reconnects.
+  _lost(ws, why) {
+    if (this._ws !== ws) return;
+    ws.onclose = null;
+    try {
+      ws.close();
+    } catch (_) {
+      // already closed
+    }
+    this._ws = null;
+    this._rejectPending(new FerryError('disconnected', 'the connection to the server dropped: ' + why));
+    if (this._state === 'reconnecting') return; // a try's socket: that try goes on with backoff
+    clearInterval(this._pingTimer);
+    this._lostAt = Date.now();
+    this._attempt = 0;
+    this._setState('reconnecting', { reason: why });
+    this._scheduleReconnect(0);
+  }
+
+  _scheduleReconnect(delay) {
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._tryReconnect(), delay);
+  }
+
+  async _tryReconnect() {
+    if (this._state !== 'reconnecting' || this._connecting) return;
+    if (Date.now() - this._lostAt > this._reconnectTimeoutMs) {
+      this._ended(new FerryError('disconnected', 'could not reconnect to the server'), 1006, 'could not reconnect');
+      return;
+    }
+    this._connecting = true;
+    try {
+      this._attach(await openSocket(this._url));
+      // Within the server's resume_timeout the session is still there: take it over.
+      if (this._resumeToken && Date.now() - this._lostAt < this._resumeTimeoutMs) {
+        try {
+          this._resumed(await this._request('resume', { token: this._resumeToken }));
+          return;
+        } catch (e) {
+          if (e.code !== 'resume_failed') throw e;
+        }
+      }
+      await this._rejoin();
+    } catch (e) {
+      if (this._state !== 'reconnecting') return;
+      if (this._ws) this._lost(this._ws, e.message);
+      this._attempt++;
+      const wait = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** this._attempt);
+      this._scheduleReconnect(wait * (0.5 + Math.random()));
+    } finally {
+      this._connecting = false;
+    }
+  }
+
+  // The session was resumed: the same member of the same room. What changed meanwhile is
+  // caught up, then the media connections are repaired: an ICE restart on every direct one (the
+  // network may have changed under them) and a fresh connection to the relay (its
+  // subscriptions are kept by the server).
+  _resumed(res) {
+    this._welcomed(res);
+    this._state = 'connected';
+    const room = res.room;
+    if (this._roomId && (!room || room.roomId !== this._roomId)) {
+      for (const userId of [...this._members.keys()]) this._memberLeft(userId, 'left');
+      this._roomId = undefined;
+    } else if (room) {
+      const now = new Map(room.members.map((m) => [m.userId, m]));
+      for (const userId of [...this._members.keys()]) if (!now.has(userId)) this._memberLeft(userId, 'left');
+      for (const m of room.members) if (!this._members.has(m.userId)) this._memberJoined(m);
+    }
+    for (const link of this._links.values()) link._restartIce();
+    if (this._relay) this._resetRelay();
+    this.dispatchEvent(new CustomEvent('connection', { detail: { state: 'resumed' } }));
+  }
+
+  // The session is gone (the server restarted, or the resume timeout passed): a new session,
+  // in the same room if it still exists or may be made again (dev mode, or a token that may
+  // create it), with everything published again.
+  async _rejoin() {
+    const welcome = await this._request('hello', this._hello());
+    const roomId = this._roomId;
+    const mode = this._roomMode;
+    for (const userId of [...this._members.keys()]) this._memberLeft(userId, 'disconnected');
+    this._closeLinks();
+    this._closeRelay();
+    this._roomId = undefined;
+    this._welcomed(welcome);
+    let joined = null;
+    if (roomId) {
+      try {
+        joined = await this.joinRoom(roomId);
+      } catch (e) {
+        if (e.code !== 'room_not_found') throw e;
+        try {
+          await this.createRoom({ roomId, mode });
+        } catch (c) {
+          if (c.code !== 'room_exists') throw c;
+        }
+        joined = await this.joinRoom(roomId);
+      }
+      for (const userId of joined.members) this._presence({ type: 'join', userId, identity: this._members.get(userId) });
+    }
+    this._setState('connected', { resumed: false, rejoined: !!joined });
+  }
+}
+
+// A WebSocket to the server's /ws, once open (rejects if it closes first or does not open within
+// CONNECT_TIMEOUT_MS).
+function openSocket(url) {
+  const ws = new WebSocket(wsUrl(url));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      ws.onclose = null;
+      ws.close();
+      reject(new FerryError('timeout', 'the server did not answer within ' + CONNECT_TIMEOUT_MS + ' ms'));
+    }, CONNECT_TIMEOUT_MS);
+    ws.onopen = () => {
+      clearTimeout(timer);
+      resolve(ws);
+    };
+    ws.onclose = (ev) => {
+      clearTimeout(timer);
+      reject(closeError(ev));
+    };
+  });
 }
 
 // Put `codec` (e.g. 'VP9') first in the transceiver's codec list; the rest keep their order.
