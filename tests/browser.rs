@@ -2329,44 +2329,51 @@ async fn a_relayed_call_survives_an_address_change() {
     .await;
 }
 
-/// Every packet to and from namespace `ns` dropped (`on`) or passed again: a link that goes dead
-/// without any interface change, as a Wi-Fi dropout or a tunnel does.
+/// Every packet to and from namespace `ns` dropped (`on`) or passed again (iptables in the
+/// namespace): a link that goes dead without any interface change, as a Wi-Fi dropout does.
 fn blackhole(ns: &str, on: bool) {
-    let q = if on {
-        "netem loss 100%"
-    } else {
-        "pfifo limit 1000"
-    };
+    let op = if on { "-I" } else { "-D" };
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "tc qdisc replace dev th0 root {q} && ip netns exec {ns} tc qdisc replace dev th1 root {q}"
+            "ip netns exec {ns} iptables {op} INPUT -i th1 -j DROP && ip netns exec {ns} iptables {op} OUTPUT -o th1 -j DROP"
         ))
         .status()
         .unwrap();
     assert!(status.success());
 }
 
-/// carol's link goes dead for 5 s in a P2P call: her SDK notices (its own ping), retries, and
-/// resumes the same session once the link is back (the server, whose ping timeout is 30 s, never
-/// saw the drop); the video comes back both ways and alice sees no leave.
+/// Why the link-drop tests cannot run here.
+fn blackhole_missing() -> Option<&'static str> {
+    shaped_link_missing().or_else(|| {
+        let ipt = std::process::Command::new("iptables").arg("-V").output();
+        ipt.is_err()
+            .then_some("iptables is missing (apt-get install iptables)")
+    })
+}
+
+/// carol's link goes dead for 5 s in a P2P call: the video comes back both ways once the link is
+/// back, alice sees no leave and carol is the same member (her SDK resumed the session if its own
+/// ping noticed the drop; the server, whose ping timeout is 30 s, did not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_survives_a_five_second_link_drop() {
     const TEST: &str = "a_call_survives_a_five_second_link_drop";
     let setup = shaped_link_setup("ferry-dr5", 212, "root pfifo limit 1000");
-    match common::netns::in_new_netns(TEST, &setup, shaped_link_missing()) {
+    match common::netns::in_new_netns(TEST, &setup, blackhole_missing()) {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }
     let _ns = common::netns::Namespaces(&["ferry-dr5"]);
     let (_s, (mut ba, a, a_id), (mut bc, c, c_id)) =
         call_with_carol_in("ferry-dr5", 212, "{}", "p2p").await;
+    let before = decoded_frames(&mut ba, &a, &c_id).await;
     blackhole("ferry-dr5", true);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (from_c, from_a) = (
         decoded_frames(&mut ba, &a, &c_id).await,
         decoded_frames(&mut bc, &c, &a_id).await,
     );
+    eprintln!("frames from carol at alice: {before} before the drop, {from_c} at its end");
     blackhole("ferry-dr5", false);
     let at_a = video_back(&mut ba, &a, &c_id, from_c, LIMIT * 3).await;
     let at_c = video_back(&mut bc, &c, &a_id, from_a, LIMIT * 3).await;
@@ -2376,29 +2383,19 @@ async fn a_call_survives_a_five_second_link_drop() {
         at_c.as_millis()
     );
     assert!(events_of(&mut ba, &a, &["leave"]).await.is_empty());
-    // Her SDK saw the drop and resumed (within the server's resume window).
+    // Her SDK either rode the drop out (its ping, every 2 s with a 4 s timeout, may not have
+    // expired within 5 s) or noticed it and resumed: the same session either way.
     let conn = events_of(
         &mut bc,
         &c,
         &["connection:reconnecting", "connection:resumed"],
     )
     .await;
-    let resumed = || conn.iter().any(|e| e["type"] == "connection:resumed");
-    let deadline = Instant::now() + LIMIT;
-    while !resumed() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    eprintln!("5 s drop: carol's SDK events {conn:?}");
+    if conn.iter().any(|e| e["type"] == "connection:reconnecting") {
+        let resumed = "window.events.some((e) => e.type === 'connection:resumed')";
+        bc.wait_for(&c, resumed, LIMIT).await;
     }
-    let conn = events_of(
-        &mut bc,
-        &c,
-        &["connection:reconnecting", "connection:resumed"],
-    )
-    .await;
-    assert!(
-        conn.iter().any(|e| e["type"] == "connection:reconnecting")
-            && conn.iter().any(|e| e["type"] == "connection:resumed"),
-        "{conn:?}"
-    );
     let same = bc.eval(&c, "window.demo.ferry.getUserId()").await;
     assert_eq!(same, Value::String(c_id));
 }
@@ -2411,7 +2408,7 @@ async fn a_call_survives_a_five_second_link_drop() {
 async fn after_a_minute_without_link_the_sdk_rejoins_by_itself() {
     const TEST: &str = "after_a_minute_without_link_the_sdk_rejoins_by_itself";
     let setup = shaped_link_setup("ferry-dr60", 213, "root pfifo limit 1000");
-    match common::netns::in_new_netns(TEST, &setup, shaped_link_missing()) {
+    match common::netns::in_new_netns(TEST, &setup, blackhole_missing()) {
         Place::Inside => {}
         Place::Done | Place::Skipped => return,
     }

@@ -500,8 +500,23 @@ async fn a_resume_takes_over_a_connection_that_still_looks_alive() {
         .await
         .expect("alice is a member");
     assert_eq!(a2.event().await["type"], "candidate");
+    // A close with 4000 (the client gives the connection up to resume) holds the session.
+    a2.ws
+        .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: 4000.into(),
+            reason: "reconnecting".into(),
+        }))
+        .await
+        .unwrap();
+    let e = b.event_where(|e| e["type"] == "presence").await;
+    assert_eq!(e["event"], "reconnecting", "{e}");
+    let mut a3 = Client::connect(s.addr).await;
+    a3.request("resume", json!({"token": r["resumeToken"]}))
+        .await
+        .expect("resumed after a 4000 close");
+    assert_eq!(b.event().await["event"], "reconnected");
     // A clean close leaves at once.
-    a2.ws.close(None).await.unwrap();
+    a3.ws.close(None).await.unwrap();
     let e = b.event_where(|e| e["type"] == "presence").await;
     assert_eq!(e["event"], "leave", "{e}");
     assert_eq!(e["reason"], "disconnected");

@@ -987,7 +987,8 @@ export class Ferry extends EventTarget {
     if (this._ws !== ws) return;
     ws.onclose = null;
     try {
-      ws.close();
+      // 4000 tells the server (if this ever reaches it) to hold the session for a resume.
+      ws.close(4000, 'reconnecting');
     } catch (_) {
       // already closed
     }

@@ -118,6 +118,9 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4004;
     /// The session was resumed on another connection: this one is no longer used.
     pub const RESUMED_ELSEWHERE: u16 = 4005;
+    /// From the client: it gives this connection up and will resume its session on a new one
+    /// (the session is held, as for a connection that dropped).
+    pub const CLIENT_RECONNECTING: u16 = 4000;
     /// Standard (policy violation): the client kept sending past its rate limit, or sent too many
     /// invalid messages.
     pub const POLICY_VIOLATION: u16 = 1008;

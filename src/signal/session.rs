@@ -399,8 +399,12 @@ impl Session {
                             }
                             Admit::No(flow) => flow,
                         },
-                        Some(Ok(Message::Close(_))) => {
-                            self.client_closed = true;
+                        Some(Ok(Message::Close(frame))) => {
+                            // 4000: the client gives this connection up to resume on a new
+                            // one (its own ping went unanswered): held like a dropped one.
+                            let resuming = frame
+                                .is_some_and(|f| f.code == close::CLIENT_RECONNECTING);
+                            self.client_closed = !resuming;
                             return End::Close(1000, String::new());
                         }
                         Some(Ok(_)) => Flow::Continue, // ping/pong: answered by the library
