@@ -2447,3 +2447,92 @@ async fn after_a_minute_without_link_the_sdk_rejoins_by_itself() {
         "carol's SDK rejoined: {conn:?}"
     );
 }
+
+/// The `ferry` binary serving on `http` (dev mode, the media port on 127.0.0.1:`media`), once it
+/// listens.
+async fn ferry_process(http: u16, media: u16) -> ChildGuard {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+            "--media-listen",
+            &format!("127.0.0.1:{media}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start ferry");
+    let guard = ChildGuard(child);
+    assert!(
+        wait_for_listener(std::net::SocketAddr::from(([127, 0, 0, 1], http))).await,
+        "ferry did not listen"
+    );
+    guard
+}
+
+/// A single node killed with SIGKILL mid-call and started again on the same ports: both SDKs
+/// find their sessions gone, say hello again and come back into the same room id (made again by
+/// whichever is first: dev mode lets anyone create it), see each other join, and their video
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_members_come_back_into_their_room() {
+    if !runs_here("after_a_restart_members_come_back_into_their_room", &[]) {
+        return;
+    }
+    let (http, media) = (free_port(), free_port());
+    let mut server = ferry_process(http, media).await;
+    let origin = format!("http://127.0.0.1:{http}");
+    let (mut ba, a) = member_page_at(&origin, "alice").await;
+    let (mut bb, b) = member_page_at(&origin, "bob").await;
+    let ra = ba.eval(&a, &sdk_member(None, "{}")).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb.eval(&b, &sdk_member(Some(&room), "{}")).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    ba.eval(&a, RECORD_CONNECTION).await;
+    bb.eval(&b, RECORD_CONNECTION).await;
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "p2p", 10), &b_id).await;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "p2p", 10), &a_id).await;
+    server.0.kill().expect("SIGKILL");
+    server.0.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let restarted = Instant::now();
+    let _server = ferry_process(http, media).await;
+    // Each page: back in the same room as a new session, with the other's new id.
+    let back = |me: &str| {
+        format!(
+            "(() => {{ const f = window.demo.ferry; if (f.getRoomId() !== {room:?} || f.getUserId() === {me:?}) return null; \
+             const others = [...f._members.keys()]; return others.length === 1 ? {{ me: f.getUserId(), other: others[0] }} : null; }})()"
+        )
+    };
+    let va = ba.wait_for(&a, &back(&a_id), LIMIT * 3).await;
+    let vb = bb.wait_for(&b, &back(&b_id), LIMIT * 3).await;
+    assert_eq!(va["other"], vb["me"], "{va} {vb}");
+    assert_eq!(vb["other"], va["me"], "{va} {vb}");
+    let (new_a, new_b) = (
+        va["me"].as_str().unwrap().to_string(),
+        vb["me"].as_str().unwrap().to_string(),
+    );
+    let at_a = video_back(&mut ba, &a, &new_b, 0, LIMIT * 3).await;
+    let at_b = video_back(&mut bb, &b, &new_a, 0, LIMIT * 3).await;
+    eprintln!(
+        "restart: both back in room {room} and decoding each other {} ms after the server started again",
+        restarted.elapsed().as_millis()
+    );
+    let _ = (at_a, at_b);
+    for (br, page) in [(&mut ba, &a), (&mut bb, &b)] {
+        let conn = events_of(
+            br,
+            page,
+            &["connection:reconnecting", "connection:connected"],
+        )
+        .await;
+        assert!(
+            conn.iter().any(|e| e["rejoined"] == true),
+            "[{}] rejoined: {conn:?}",
+            page.name
+        );
+    }
+}
