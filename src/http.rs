@@ -78,6 +78,7 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
 }
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
+    hub.observe_tables();
     (
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         hub.metrics.render(),

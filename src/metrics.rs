@@ -58,6 +58,29 @@ pub const DROP_REASONS: [&str; 14] = [
 /// `ferry_http_refused_total{reason}`'s values.
 pub const HTTP_REFUSALS: [&str; 4] = ["per_ip", "pending", "pending_per_ip", "origin"];
 
+/// `ferry_table_entries{table}`'s values: the signaling hub's tables, then the media shards'.
+pub const HUB_TABLES: [&str; 6] = [
+    "sessions",
+    "resume_tokens",
+    "rooms",
+    "room_creators",
+    "relay_track_rooms",
+    "pending_addresses",
+];
+pub const MEDIA_TABLES: [&str; 11] = [
+    "connections",
+    "connection_users",
+    "connection_ufrags",
+    "connection_addresses",
+    "routed_tracks",
+    "routes",
+    "subscriptions",
+    "qualities",
+    "timers",
+    "left_members",
+    "tcp_clients",
+];
+
 /// `ferry_session_resumes_total{result}`'s values.
 pub const RESUME_RESULTS: [&str; 3] = ["resumed", "expired", "unknown"];
 
@@ -130,6 +153,10 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// `ferry_sessions_reconnecting`: sessions whose connection dropped, held for a resume.
     pub sessions_reconnecting: IntGauge,
+    /// `ferry_table_entries{table}`: entries in the server's tables (leaks show here).
+    pub tables: IntGaugeVec,
+    /// `ferry_tasks`: live tokio tasks.
+    pub tasks: IntGauge,
     /// `ferry_session_resumes_total{result}`: resumes and held sessions that expired.
     pub session_resumes: IntCounterVec,
 }
@@ -440,10 +467,28 @@ impl Metrics {
         for r in RESUME_RESULTS {
             session_resumes.with_label_values(&[r]);
         }
+        let tables = IntGaugeVec::new(
+            Opts::new(
+                "ferry_table_entries",
+                "Entries in the server's tables, signaling (sessions, resume_tokens, rooms, room_creators, relay_track_rooms, pending_addresses) and media, summed over shards (connections and their indexes by user, ufrag and address, routed_tracks, routes, subscriptions, qualities, timers, left_members, tcp_clients). With no one connected every one goes back to 0 (rooms after empty_room_ttl); one that keeps growing is a leak.",
+            ),
+            &["table"],
+        )
+        .expect("valid metric");
+        for t in HUB_TABLES.iter().chain(MEDIA_TABLES.iter()) {
+            tables.with_label_values(&[t]);
+        }
+        let tasks = IntGauge::new(
+            "ferry_tasks",
+            "Live tokio tasks (each session is one, plus a fixed few).",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(ws_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_refused.clone()),
             Box::new(sessions_reconnecting.clone()),
+            Box::new(tables.clone()),
+            Box::new(tasks.clone()),
             Box::new(session_resumes.clone()),
             Box::new(media_tcp_connections.clone()),
             Box::new(layers_paused.clone()),
@@ -524,6 +569,8 @@ impl Metrics {
             http_refused,
             sessions_reconnecting,
             session_resumes,
+            tables,
+            tasks,
         }
     }
 

@@ -496,6 +496,8 @@ pub struct MediaCore {
     tcp_port: Option<u16>,
     /// Clients connected over TCP, by address: where their framed datagrams go.
     tcp: FxHashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+    /// The table sizes last added into `ferry_table_entries` (see `report_tables`).
+    reported_tables: [i64; crate::metrics::MEDIA_TABLES.len()],
 }
 
 impl MediaCore {

@@ -29,6 +29,16 @@ impl Default for Peers {
 }
 
 impl Peers {
+    /// How many connections the table holds.
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The sizes of the indexes: by user, by ufrag, by address.
+    pub(super) fn index_sizes(&self) -> (usize, usize, usize) {
+        (self.by_user.len(), self.by_ufrag.len(), self.by_addr.len())
+    }
+
     pub(super) fn get(&self, key: &PeerKey) -> Option<&Peer> {
         self.map.get(key)
     }

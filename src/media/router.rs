@@ -52,6 +52,16 @@ pub(super) struct Source {
 }
 
 impl Router {
+    /// Members with subscriptions kept (for `ferry_table_entries`).
+    pub(super) fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// (subscriber, publisher) qualities kept.
+    pub(super) fn quality_count(&self) -> usize {
+        self.qualities.len()
+    }
+
     /// Whether `sub` asked for `publisher`'s `ty` source.
     pub(super) fn wants(&self, sub: &str, publisher: &str, ty: &str) -> bool {
         self.subscriptions.get(sub).is_some_and(|i| {

@@ -53,6 +53,7 @@ impl MediaCore {
             next_consent_sweep: Instant::now() + Duration::from_secs(1),
             tcp_port: None,
             tcp: FxHashMap::default(),
+            reported_tables: Default::default(),
             rx_tcp: false,
         })
     }
@@ -161,6 +162,7 @@ impl MediaCore {
             self.expire_consent(now);
             self.dynacast();
             self.observe_estimates(now);
+            self.report_tables();
         }
         while let Some(&(t, k)) = self.timers.first() {
             if t > now {
@@ -231,6 +233,38 @@ impl MediaCore {
                     }
                 }
                 t.paused = paused;
+            }
+        }
+    }
+
+    /// This shard's table sizes into `ferry_table_entries` (as changes: the gauges are the sum
+    /// over shards). Once a second.
+    pub(super) fn report_tables(&mut self) {
+        let (users, ufrags, addrs) = self.peers.index_sizes();
+        let sizes = [
+            self.peers.len(),
+            users,
+            ufrags,
+            addrs,
+            self.router.tracks.values().map(|t| t.len()).sum(),
+            self.router
+                .tracks
+                .values()
+                .flat_map(|t| t.values())
+                .map(|t| t.routes.len())
+                .sum(),
+            self.router.subscription_count(),
+            self.router.quality_count(),
+            self.timers.len(),
+            self.left.len(),
+            self.tcp.len(),
+        ];
+        for (i, (table, n)) in crate::metrics::MEDIA_TABLES.iter().zip(sizes).enumerate() {
+            let n = n as i64;
+            let delta = n - self.reported_tables[i];
+            if delta != 0 {
+                self.metrics.tables.with_label_values(&[table]).add(delta);
+                self.reported_tables[i] = n;
             }
         }
     }

@@ -401,6 +401,27 @@ impl Hub {
         }))
     }
 
+    /// The hub's table sizes and the live tasks, into their gauges (at each scrape).
+    pub fn observe_tables(&self) {
+        let sizes = [
+            self.sessions.len(),
+            self.resumable.len(),
+            self.rooms.len(),
+            self.created_by.len(),
+            self.relay_tracks.len(),
+            self.pending_by_ip.len(),
+        ];
+        for (table, n) in crate::metrics::HUB_TABLES.iter().zip(sizes) {
+            self.metrics
+                .tables
+                .with_label_values(&[table])
+                .set(n as i64);
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.metrics.tasks.set(h.metrics().num_alive_tasks() as i64);
+        }
+    }
+
     /// Tell the other members of `room_id` that `user_id`'s connection dropped (`reconnecting`)
     /// or came back (`reconnected`).
     pub fn announce_connection(&self, room_id: &str, user_id: &str, event: &str) {
