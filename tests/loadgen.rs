@@ -247,3 +247,48 @@ fn args_for_url(url: &str) -> LoadgenArgs {
         ..LoadgenArgs::default()
     }
 }
+
+/// 10 000 members come and go (join and leave, vanish without a close, a room of their own, and
+/// every 200th a relay connection: abandoned mid-handshake, or up and receiving, in turn): none
+/// fails, and once they are gone every table of the hub and of the media core is back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_joins_and_leaves_leave_every_table_empty() {
+    let s = spawn(ferry::config::Config {
+        // Vanished members are held this long for a resume before they leave.
+        resume_timeout: Duration::from_millis(300),
+        empty_room_ttl: Duration::from_secs(1),
+        ..test_config()
+    })
+    .await;
+    let r = run(LoadgenArgs {
+        churn: true,
+        churn_cycles: 10_000,
+        churn_media_every: 200,
+        churn_sample: Duration::from_secs(5),
+        churn_settle: Duration::from_secs(30),
+        duration: Duration::from_secs(600),
+        ..args(&s, Shape::Broadcast, 1, 0)
+    })
+    .await
+    .expect("loadgen runs");
+    let samples = r["samples"].as_array().unwrap();
+    eprintln!(
+        "{} cycles in {:.1} s; last sample {}",
+        r["cycles"],
+        r["seconds"].as_f64().unwrap(),
+        samples.last().unwrap()
+    );
+    assert_eq!(r["cycles"], 10_000, "{r}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["not_drained"].as_array().unwrap().len(), 0, "{r}");
+    let last = samples.last().unwrap();
+    let tables = last["tables"].as_object().unwrap();
+    assert!(tables.len() >= 17, "every table sampled: {last}");
+    for (t, n) in tables {
+        if t != "rooms" && t != "room_creators" {
+            assert_eq!(n.as_f64(), Some(0.0), "{t}: {last}");
+        }
+    }
+    // The hub's own view agrees.
+    assert_eq!(s.hub.connection_count(), 0);
+}

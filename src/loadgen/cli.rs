@@ -117,6 +117,28 @@ pub struct LoadgenArgs {
     pub api_key: Option<String>,
     #[arg(long, env = "FERRY_API_SECRET", hide_env_values = true)]
     pub api_secret: Option<String>,
+    /// Churn instead of a steady load: members join and leave, vanish without a close, abandon
+    /// relay connections mid-handshake, connect to the relay and leave, for `--duration` or
+    /// `--churn-cycles`; the server's RSS, descriptors, tasks and table sizes are sampled (leak
+    /// hunting; `benches/soak.sh`).
+    #[arg(long)]
+    pub churn: bool,
+    /// Stop the churn after this many cycles (0: only `--duration` ends it).
+    #[arg(long, default_value_t = 0)]
+    pub churn_cycles: u64,
+    /// Cycles run at once.
+    #[arg(long, default_value_t = 8)]
+    pub churn_workers: u32,
+    /// A relay cycle (an abandoned handshake, or a full connection receiving media, in turn)
+    /// every this many cycles (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub churn_media_every: u64,
+    /// How often the server is sampled during the churn.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub churn_sample: Duration,
+    /// After the churn, how long to wait for the server's tables to drain.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub churn_settle: Duration,
 }
 
 impl Default for LoadgenArgs {

@@ -17,9 +17,9 @@ pub struct Signaling {
     next_id: u64,
     pub user_id: String,
     /// The stream index this client publishes, if it does.
-    publishing: Option<u32>,
+    pub(super) publishing: Option<u32>,
     /// The members whose media this client asks for when it opens.
-    subscribe_to: Vec<String>,
+    pub(super) subscribe_to: Vec<String>,
 }
 
 impl Signaling {
@@ -34,6 +34,11 @@ impl Signaling {
         let w = s.request("hello", json!({"protocol": 1})).await?;
         s.user_id = w["userId"].as_str().unwrap_or_default().to_string();
         Ok(s)
+    }
+
+    /// A clean close (the WebSocket closing handshake: a leave at once).
+    pub async fn close(mut self) {
+        self.ws.close().await;
     }
 
     pub async fn request(&mut self, ty: &str, fields: Value) -> Result<Value, String> {
@@ -122,7 +127,7 @@ impl Signal for Signaling {
     }
 }
 
-fn ws_url(args: &LoadgenArgs, url: &str, identity: &str) -> String {
+pub(super) fn ws_url(args: &LoadgenArgs, url: &str, identity: &str) -> String {
     let base = url
         .trim_end_matches('/')
         .replacen("http://", "ws://", 1)

@@ -14,6 +14,7 @@
 //! client's loop), [`peer`] (its connection and media), [`ws`] (the JSON WebSocket), [`measure`]
 //! (what is counted and read from the server), [`report`] (the figures, as JSON and for people).
 
+mod churn;
 mod cli;
 mod client;
 mod ferry;
@@ -76,6 +77,9 @@ pub async fn run(args: LoadgenArgs) -> Result<Value, String> {
         local_ip: args.local_ip,
         pace: Duration::from_secs_f64(1.0 / f64::from(args.join_rate.max(1))),
     };
+    if args.churn {
+        return churn::run(&args, &url, &probe, &ctx).await;
+    }
     let plan = Plan::new(&args);
     let started = Instant::now();
     let tasks = set_up(&args, &url, &ctx).await?;

@@ -146,6 +146,22 @@ pub(super) fn build(
 
 /// Print a report for people.
 pub fn print_human(r: &Value) {
+    if r["churn"] == true {
+        println!(
+            "ferry loadgen churn: {} cycles in {:.0} s ({:.1}/s); RSS slope after warm-up {} KiB/min; not drained after: {}",
+            r["cycles"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["cycles_per_s"].as_f64().unwrap_or(0.0),
+            r["rss_slope_kib_per_min"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.1}")),
+            r["not_drained"]
+        );
+        for e in r["errors"].as_array().into_iter().flatten() {
+            println!("  error: {}", e.as_str().unwrap_or_default());
+        }
+        return;
+    }
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     let mb = |v: &Value, unit: f64| f(&v.as_f64().map_or(Value::Null, |x| json!(x / unit)));
     println!(

@@ -55,6 +55,11 @@ impl JsonWs {
         })
     }
 
+    /// Close with the WebSocket closing handshake (at most a second).
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.close(None)).await;
+    }
+
     pub async fn send(&mut self, m: &Value) -> Result<(), String> {
         self.ws
             .send(Message::text(m.to_string()))
