@@ -99,6 +99,10 @@ pub(super) async fn run(
                 if Instant::now() >= ends || (args.churn_cycles > 0 && i >= args.churn_cycles) {
                     return;
                 }
+                if args.churn_rate > 0.0 {
+                    let at = started + Duration::from_secs_f64(i as f64 / args.churn_rate);
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                }
                 let kind = Cycle::of(i, args.churn_media_every);
                 let r = cycle(kind, &args, &url, &room, &publisher_id, &ctx, i).await;
                 if let Err(e) = r {

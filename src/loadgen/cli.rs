@@ -129,6 +129,9 @@ pub struct LoadgenArgs {
     /// Cycles run at once.
     #[arg(long, default_value_t = 8)]
     pub churn_workers: u32,
+    /// Cycles started per second at most (0: as fast as the workers go).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn_rate: f64,
     /// A relay cycle (an abandoned handshake, or a full connection receiving media, in turn)
     /// every this many cycles (0: none).
     #[arg(long, default_value_t = 10)]
