@@ -124,6 +124,14 @@ pub struct ServeArgs {
     /// Time a new connection has to send `hello` (e.g. "10s").
     #[arg(long, env = "FERRY_HELLO_TIMEOUT")]
     pub hello_timeout: Option<String>,
+    /// Relay connections one session may open per minute (a new one after each `bye` to the
+    /// server); past it, offers to the server are refused.
+    #[arg(long, env = "FERRY_MAX_RELAY_CONNECTIONS_PER_MINUTE")]
+    pub max_relay_connections_per_minute: Option<u32>,
+    /// Relay connections from one IP address that may be in their ICE/DTLS handshake at once;
+    /// past it, the checks of a new one from that address are dropped.
+    #[arg(long, env = "FERRY_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: Option<usize>,
     /// How long a session whose connection dropped is held for the client to resume it
     /// (e.g. "15s"; "0s": no resume, the member leaves at once).
     #[arg(long, env = "FERRY_RESUME_TIMEOUT")]
@@ -233,6 +241,8 @@ pub struct FileConfig {
     pub ping_timeout: Option<String>,
     pub hello_timeout: Option<String>,
     pub resume_timeout: Option<String>,
+    pub max_relay_connections_per_minute: Option<u32>,
+    pub max_handshakes_per_ip: Option<usize>,
     pub drain_timeout: Option<String>,
     pub empty_room_ttl: Option<String>,
     pub log_format: Option<String>,
@@ -283,6 +293,10 @@ pub struct Config {
     pub ping_timeout: Duration,
     /// How long a session whose connection dropped (no close) is held for a resume.
     pub resume_timeout: Duration,
+    /// New relay connections per session per minute.
+    pub max_relay_connections_per_minute: u32,
+    /// Relay connections in their handshake from one IP address.
+    pub max_handshakes_per_ip: usize,
     pub hello_timeout: Duration,
     pub drain_timeout: Duration,
     pub empty_room_ttl: Duration,
@@ -332,6 +346,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(10),
             ping_timeout: Duration::from_secs(30),
             resume_timeout: Duration::from_secs(15),
+            max_relay_connections_per_minute: 20,
+            max_handshakes_per_ip: 32,
             hello_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             empty_room_ttl: Duration::from_secs(300),
@@ -550,6 +566,14 @@ impl Config {
             ping_interval,
             ping_timeout,
             resume_timeout,
+            max_relay_connections_per_minute: args
+                .max_relay_connections_per_minute
+                .or(file.max_relay_connections_per_minute)
+                .unwrap_or(d.max_relay_connections_per_minute),
+            max_handshakes_per_ip: args
+                .max_handshakes_per_ip
+                .or(file.max_handshakes_per_ip)
+                .unwrap_or(d.max_handshakes_per_ip),
             hello_timeout,
             drain_timeout,
             empty_room_ttl,
@@ -641,6 +665,15 @@ impl Config {
                 "rate_limit",
                 "must be at least 1 message per second",
             ));
+        }
+        if self.max_relay_connections_per_minute == 0 {
+            return Err(invalid(
+                "max_relay_connections_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if self.max_handshakes_per_ip == 0 {
+            return Err(invalid("max_handshakes_per_ip", "must be at least 1"));
         }
         if self.rate_burst == 0 {
             return Err(invalid("rate_burst", "must be at least 1"));

@@ -81,6 +81,9 @@ pub const MEDIA_TABLES: [&str; 11] = [
     "tcp_clients",
 ];
 
+/// `ferry_limit_refusals_total{limit}`'s values.
+pub const LIMITS: [&str; 2] = ["relay_connections_per_minute", "handshakes_per_ip"];
+
 /// `ferry_session_resumes_total{result}`'s values.
 pub const RESUME_RESULTS: [&str; 3] = ["resumed", "expired", "unknown"];
 
@@ -157,6 +160,8 @@ pub struct Metrics {
     pub tables: IntGaugeVec,
     /// `ferry_tasks`: live tokio tasks.
     pub tasks: IntGauge,
+    /// `ferry_limit_refusals_total{limit}`: requests refused at a per-client limit.
+    pub limit_refusals: IntCounterVec,
     /// `ferry_session_resumes_total{result}`: resumes and held sessions that expired.
     pub session_resumes: IntCounterVec,
 }
@@ -478,6 +483,17 @@ impl Metrics {
         for t in HUB_TABLES.iter().chain(MEDIA_TABLES.iter()) {
             tables.with_label_values(&[t]);
         }
+        let limit_refusals = IntCounterVec::new(
+            Opts::new(
+                "ferry_limit_refusals_total",
+                "Refused at a per-client limit: relay_connections_per_minute (an offer to the server past a session's max_relay_connections_per_minute new relay connections: answered rate_limited), handshakes_per_ip (an ICE check of a new relay connection from an address with max_handshakes_per_ip connections already in their handshake: dropped).",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        for l in LIMITS {
+            limit_refusals.with_label_values(&[l]);
+        }
         let tasks = IntGauge::new(
             "ferry_tasks",
             "Live tokio tasks (each session is one, plus a fixed few).",
@@ -489,6 +505,7 @@ impl Metrics {
             Box::new(sessions_reconnecting.clone()),
             Box::new(tables.clone()),
             Box::new(tasks.clone()),
+            Box::new(limit_refusals.clone()),
             Box::new(session_resumes.clone()),
             Box::new(media_tcp_connections.clone()),
             Box::new(layers_paused.clone()),
@@ -571,6 +588,7 @@ impl Metrics {
             session_resumes,
             tables,
             tasks,
+            limit_refusals,
         }
     }
 

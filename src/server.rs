@@ -308,6 +308,7 @@ async fn start_shard(
     let (metrics, sink, shutdown) = (hub.metrics.clone(), hub.clone(), hub.shutdown.clone());
     let srtp_profiles = hub.config.srtp_profiles.clone();
     let tcp_max = hub.config.media_tcp_max_connections;
+    let max_handshakes_per_ip = hub.config.max_handshakes_per_ip;
     std::thread::Builder::new()
         .name(format!("ferry-media-{index}"))
         .spawn(move || {
@@ -340,6 +341,7 @@ async fn start_shard(
                         let mut core =
                             crate::media::MediaCore::new(shard.socket, shard.addrs, metrics, sink)?;
                         core.set_srtp_profiles(srtp_profiles);
+                        core.set_max_handshakes_per_ip(max_handshakes_per_ip);
                         let tcp = tcp.map(|(port, rx)| {
                             core.set_tcp_port(port);
                             rx

@@ -1422,3 +1422,124 @@ async fn a_late_joiner_is_told_the_tracks_at_the_relay_and_receives_them() {
     }
     assert!(left, "the track stayed listed after its connection closed");
 }
+
+/// An offer for a relay connection (a data channel only) that will never be connected.
+fn idle_offer() -> String {
+    use rtc::peer_connection::RTCPeerConnectionBuilder;
+    use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .build(std::time::Instant::now())
+        .unwrap();
+    pc.create_data_channel("x", None).unwrap();
+    let offer = pc.create_offer(None).unwrap();
+    pc.set_local_description(std::time::Instant::now(), offer)
+        .unwrap();
+    pc.local_description().unwrap().sdp
+}
+
+/// `a` offers the server a relay connection.
+async fn relay_offer(a: &mut Client) -> Result<serde_json::Value, Refusal> {
+    a.request("offer", json!({"to": "server", "sdp": idle_offer()}))
+        .await
+}
+
+/// A session may open `max_relay_connections_per_minute` relay connections (an offer to the
+/// server with none open, e.g. after each `bye` to it); the next offer is refused with a clear
+/// error and counted. Offers on an open connection (renegotiation) do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_connections_per_session_are_capped() {
+    let s = spawn(Config {
+        max_relay_connections_per_minute: 3,
+        ..test_config()
+    })
+    .await;
+    let mut a = Client::joined_hello(s.addr, "alice").await;
+    let room = a.create_room(json!({"mode": "relay"})).await;
+    a.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        relay_offer(&mut a).await.expect("within the limit");
+        // A second offer on the same connection is a renegotiation: not counted.
+        relay_offer(&mut a).await.expect("renegotiation");
+        a.request("bye", json!({"to": "server"})).await.unwrap();
+    }
+    let e = relay_offer(&mut a).await.unwrap_err();
+    assert_eq!(e.0, "rate_limited", "{e:?}");
+    assert!(e.1.contains("max_relay_connections_per_minute"), "{e:?}");
+    let (_, m) = http_get(s.addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "ferry_limit_refusals_total{limit=\"relay_connections_per_minute\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// Relay connections in their handshake from one IP address are capped
+/// (`max_handshakes_per_ip`): the first check of one more from that address is dropped (no
+/// answer, no address learned) and counted; the connections already in theirs are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_per_address_are_capped() {
+    use rtc::crypto::RTCCryptoProvider;
+    use rtc::stun::attributes::ATTR_USERNAME;
+    use rtc::stun::fingerprint::FINGERPRINT;
+    use rtc::stun::integrity::MessageIntegrity;
+    use rtc::stun::message::{BINDING_REQUEST, Message, Setter};
+    use rtc::stun::textattrs::Username;
+
+    let s = spawn(Config {
+        max_handshakes_per_ip: 2,
+        ..test_config()
+    })
+    .await;
+    let mut owner = Client::joined_hello(s.addr, "owner").await;
+    let room = owner.create_room(json!({"mode": "relay"})).await;
+    let crypto = rtc::crypto::providers::RingProvider::new();
+    let refused = async || {
+        let (_, m) = http_get(s.addr, "/metrics").await;
+        metric(
+            &m,
+            "ferry_limit_refusals_total{limit=\"handshakes_per_ip\"}",
+        )
+        .unwrap_or(-1.0)
+    };
+    let mut seen = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut c = Client::joined_hello(s.addr, &format!("m{i}")).await;
+        c.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        let offer = idle_offer();
+        c.request("offer", json!({"to": "server", "sdp": offer}))
+            .await
+            .unwrap();
+        let answer = c.event_where(|e| e["type"] == "answer").await;
+        let sdp = answer["sdp"].as_str().unwrap().to_string();
+        let (ufrag, pwd) = (sdp_attr(&sdp, "ice-ufrag"), sdp_attr(&sdp, "ice-pwd"));
+        let mine = sdp_attr(&offer, "ice-ufrag");
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(BINDING_REQUEST) as Box<dyn Setter>,
+            Box::new(rtc::stun::message::TransactionId::new()),
+            Box::new(Username::new(ATTR_USERNAME, format!("{ufrag}:{mine}"))),
+            Box::new(MessageIntegrity::new_short_term_integrity_with_provider(
+                pwd,
+                crypto.crypto(),
+            )),
+            Box::new(FINGERPRINT),
+        ])
+        .unwrap();
+        // Each from its own port of the same address (127.0.0.1), never finishing DTLS.
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(&m.raw, s.media_addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        seen.push(refused().await);
+        members.push((c, sock));
+    }
+    assert_eq!(seen, [0.0, 0.0, 1.0], "the third is over the cap");
+}

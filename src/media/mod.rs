@@ -498,6 +498,8 @@ pub struct MediaCore {
     tcp: FxHashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
     /// The table sizes last added into `ferry_table_entries` (see `report_tables`).
     reported_tables: [i64; crate::metrics::MEDIA_TABLES.len()],
+    /// `max_handshakes_per_ip`.
+    max_handshakes_per_ip: usize,
 }
 
 impl MediaCore {

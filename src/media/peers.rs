@@ -29,6 +29,15 @@ impl Default for Peers {
 }
 
 impl Peers {
+    /// Connections with an address at `ip` that are not connected yet (in their ICE/DTLS
+    /// handshake). A scan: done once per new connection's first check.
+    pub(super) fn handshakes_from(&self, ip: std::net::IpAddr) -> usize {
+        self.map
+            .values()
+            .filter(|p| !p.connected && p.addrs.iter().any(|(a, _)| a.ip() == ip))
+            .count()
+    }
+
     /// How many connections the table holds.
     pub(super) fn len(&self) -> usize {
         self.map.len()

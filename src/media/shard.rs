@@ -17,6 +17,11 @@ impl MediaCore {
     }
 
     /// Offer a passive TCP candidate on `port` (ICE-TCP) in every new connection's answer.
+    /// At most `n` connections from one IP address in their ICE/DTLS handshake at once.
+    pub fn set_max_handshakes_per_ip(&mut self, n: usize) {
+        self.max_handshakes_per_ip = n;
+    }
+
     pub fn set_tcp_port(&mut self, port: u16) {
         self.tcp_port = Some(port);
     }
@@ -54,6 +59,7 @@ impl MediaCore {
             tcp_port: None,
             tcp: FxHashMap::default(),
             reported_tables: Default::default(),
+            max_handshakes_per_ip: usize::MAX,
             rx_tcp: false,
         })
     }
@@ -454,6 +460,18 @@ impl MediaCore {
                 // password shows that the sender has the SDP.
                 if !stun::authentic(buf, &p.pwd) {
                     return Err("unauthenticated");
+                }
+                // A connection's first address starts its handshake: one address may have only
+                // so many connections in theirs at once.
+                if p.addrs.is_empty()
+                    && !p.connected
+                    && self.peers.handshakes_from(from.ip()) >= self.max_handshakes_per_ip
+                {
+                    self.metrics
+                        .limit_refusals
+                        .with_label_values(&["handshakes_per_ip"])
+                        .inc();
+                    return Err("rate_limited");
                 }
                 self.peers.learn_address(k, from, now);
                 if let Some(local) = to {

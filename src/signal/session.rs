@@ -63,6 +63,16 @@ impl RateLimit {
         }
     }
 
+    /// `n` a minute, all of them at once at most.
+    fn per_minute(n: u32) -> Self {
+        RateLimit {
+            tokens: f64::from(n),
+            rate: f64::from(n) / 60.0,
+            burst: f64::from(n),
+            last: Instant::now(),
+        }
+    }
+
     fn allow(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
@@ -141,6 +151,10 @@ struct Session {
     /// when `resume_timeout` is set).
     resume_token: Option<String>,
     handovers: Option<(mpsc::Sender<Handover>, mpsc::Receiver<Handover>)>,
+    /// It has a relay connection open (an offer to the server since its last `bye` to it, in
+    /// this room), and how many more it may open (`max_relay_connections_per_minute`).
+    relay_open: bool,
+    relay_limiter: RateLimit,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -173,6 +187,8 @@ pub async fn run(
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let kick = CancellationToken::new();
         let limiter = RateLimit::new(hub.config.rate_limit, hub.config.rate_burst);
+        let per_minute = hub.config.max_relay_connections_per_minute;
+        let relay_limiter = RateLimit::per_minute(per_minute);
         let mut s = Session {
             hub,
             socket,
@@ -192,6 +208,8 @@ pub async fn run(
             last_room: None,
             resume_token: None,
             handovers: None,
+            relay_open: false,
+            relay_limiter,
         };
         match s.run_loop().await {
             End::Close(code, reason) => s.finish(code, &reason).await,
@@ -686,6 +704,7 @@ impl Session {
                     hub.join_room(&auth.user_id, &auth.identity, &auth.grants, &req.room_id)?;
                 info!(room = %req.room_id, "joined room");
                 self.room = Some(req.room_id.clone());
+                self.relay_open = false;
                 self.last_room = Some(req.room_id.clone());
                 self.shard = hub.room_shard(&req.room_id);
                 self.joins += 1;
@@ -709,9 +728,29 @@ impl Session {
             }
             RequestType::Offer | RequestType::Answer => {
                 let req: Sdp = fields(ty, obj)?;
-                let room = self.require_room()?;
+                let room = self.require_room()?.to_string();
+                let room = room.as_str();
                 check_sdp_grants(&req.sdp, &auth.grants)?;
                 if req.to == SERVER_ID {
+                    // An offer while no relay connection is open opens one: so many a minute.
+                    if ty == RequestType::Offer && !self.relay_open {
+                        if !self.relay_limiter.allow(Instant::now()) {
+                            hub.metrics
+                                .limit_refusals
+                                .with_label_values(&["relay_connections_per_minute"])
+                                .inc();
+                            return Err(SignalError::new(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "more than {} new relay connections a minute \
+                                     (max_relay_connections_per_minute): try again later",
+                                    hub.config.max_relay_connections_per_minute
+                                ),
+                            )
+                            .into());
+                        }
+                        self.relay_open = true;
+                    }
                     let user_id = auth.user_id.clone();
                     let cmd = if ty == RequestType::Offer {
                         Command::Offer {
@@ -770,6 +809,7 @@ impl Session {
                     self.to_media(Command::Close {
                         user_id: auth.user_id.clone(),
                     })?;
+                    self.relay_open = false;
                     return Ok(json!({}));
                 }
                 let mut ev = serde_json::Map::new();
