@@ -63,6 +63,8 @@ mod bwe;
 mod connection;
 mod feedback;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 mod interceptors;
 mod layers;
