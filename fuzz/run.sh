@@ -11,14 +11,17 @@ cd "$(dirname "$0")"
 secs=${1:?usage: fuzz/run.sh SECONDS [TARGET...]}
 shift
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo +nightly fuzz list); fi
-cargo +nightly fuzz build
+# FUZZ_TARGET_DIR: build there instead of fuzz/target (CI keeps one across its runs).
+dir=()
+if [ -n "${FUZZ_TARGET_DIR:-}" ]; then dir=(--target-dir "$FUZZ_TARGET_DIR"); fi
+cargo +nightly fuzz build "${dir[@]}"
 mkdir -p logs
 for t in "${targets[@]}"; do
   echo "fuzz: $t for ${secs}s"
   mkdir -p "corpus/$t"
   log="logs/$t.log"
   set +e
-  cargo +nightly fuzz run "$t" "corpus/$t" -- \
+  cargo +nightly fuzz run "${dir[@]}" "$t" "corpus/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1
   status=$?
   set -e
