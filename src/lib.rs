@@ -17,6 +17,14 @@ pub mod server;
 pub mod signal;
 pub mod tls;
 
+/// Entry points for the fuzz targets in `fuzz/`: thin wrappers over private functions, with no
+/// behaviour of their own. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::media::fuzzing::*;
+    pub use crate::signal::session::fuzz_check_sdp_grants as check_sdp_grants;
+}
+
 /// The log filter when `FERRY_LOG` is not set: Ferry's own lines from `info` up, and what the
 /// engine says that an operator must act on. rtc's DTLS handshake warns about every extension
 /// it does not know in a browser's hello (harmless: they are ignored), so it speaks from `error`.

@@ -332,7 +332,9 @@ pub(super) fn remap_extensions(
     out.extensions_padding = 0;
     for e in from {
         let id = map[usize::from(e.id)];
-        if id != 0 {
+        // As `write_header`: no extension form carries more than 255 bytes (a publisher's
+        // RFC 3550 extension block is read as one extension, of any length).
+        if id != 0 && e.payload.len() <= 255 {
             out.extensions.push(rtc::rtp::header::Extension {
                 id,
                 payload: e.payload.clone(),
@@ -691,6 +693,22 @@ mod tests {
             id,
             payload: Bytes::from((0..len).map(|i| id ^ i as u8).collect::<Vec<u8>>()),
         }
+    }
+
+    /// Found by fuzz/fuzz_targets/rtp_rewrite.rs: the rtc path's rewrite kept an extension of
+    /// more than 255 bytes (a publisher's RFC 3550 extension block, read as one extension) that
+    /// no extension form can carry and that `write_header` leaves out.
+    #[test]
+    fn both_paths_leave_out_extensions_too_long_for_any_form() {
+        let mut map = [0u8; 256];
+        map[0] = 4;
+        map[1] = 5;
+        let from = [ext(0, 300), ext(1, 2)];
+        let mut h = Header::default();
+        remap_extensions(&from, &map, &mut h);
+        let ids: Vec<u8> = h.extensions.iter().map(|e| e.id).collect();
+        assert_eq!(ids, [5]);
+        assert_eq!(h.extension_profile, 0xBEDE);
     }
 
     /// `write_header` against rtc's marshal of the same rewritten header, over the forms a

@@ -65,6 +65,8 @@ mod connection;
 mod feedback;
 mod feeds;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 mod interceptors;
 mod layers;

@@ -10,15 +10,25 @@ fn newer(a: u16, b: u16) -> bool {
     a != b && a.wrapping_sub(b) < 0x8000
 }
 
+/// Packets after a change (a drop or an insert) past which no late packet from before it is
+/// expected (far beyond any reordering or retransmission buffer; under half the sequence space).
+const FORGET_AFTER: u16 = 0x1000;
+
+/// Changes remembered for late packets (a route that leaves out a temporal layer drops a frame
+/// in two: one change per dropped frame).
+const CHANGES: usize = 32;
+
 #[derive(Debug, Default, Clone)]
 pub struct Munger {
     started: bool,
     in_ssrc: u32,
     seq_offset: u16,
     ts_offset: u32,
-    /// The offset before the last change, and the first input sequence number the new one
-    /// applies to: a late (reordered) packet from before the change keeps its old number.
-    previous: Option<(u16, u16)>,
+    /// The changes of the offset (a drop, an insert), oldest first: the offset before each, and
+    /// the first input sequence number the new one applies to. A late (reordered) packet keeps
+    /// the number of its time: the offset before the first change after it.
+    changes: [(u16, u16); CHANGES],
+    changes_len: usize,
     highest_in: u16,
     last_out_seq: u16,
     last_out_ts: u32,
@@ -42,18 +52,33 @@ impl Munger {
             // The publisher restarted: continue right after the last number we sent.
             let gap = self.restart.take().unwrap_or(0).max(1);
             self.in_ssrc = ssrc;
-            self.previous = None;
+            self.changes_len = 0;
             self.seq_offset = seq.wrapping_sub(self.last_out_seq.wrapping_add(1));
             self.ts_offset = ts.wrapping_sub(self.last_out_ts.wrapping_add(gap));
             self.highest_in = seq.wrapping_sub(1);
         }
-        let offset = match self.previous {
-            Some((old, from)) if newer(from, seq) => old,
+        // A packet newer than any before comes after the last change; only a late one can be
+        // from before it.
+        let newest = newer(seq, self.highest_in);
+        let offset = match self.changes[..self.changes_len]
+            .iter()
+            .find(|(_, from)| newer(*from, seq))
+        {
+            Some((old, _)) if !newest => *old,
             _ => self.seq_offset,
         };
         let out_seq = seq.wrapping_sub(offset);
         let out_ts = ts.wrapping_sub(self.ts_offset);
-        if newer(seq, self.highest_in) {
+        if newest {
+            // A change long past is forgotten: no packet from before it is still to come, and
+            // half the sequence space after it `newer` would take the stream's own packets for
+            // ones from before it.
+            let past = self.changes[..self.changes_len]
+                .iter()
+                .take_while(|(_, from)| seq.wrapping_sub(*from) >= FORGET_AFTER)
+                .count();
+            self.changes.copy_within(past..self.changes_len, 0);
+            self.changes_len -= past;
             self.highest_in = seq;
             self.last_out_seq = out_seq;
             self.last_out_ts = out_ts;
@@ -81,11 +106,7 @@ impl Munger {
         if !self.started {
             return None;
         }
-        // Several inserts at one point: late packets from before them keep the first offset.
-        let from = self.highest_in.wrapping_add(1);
-        if self.previous.is_none_or(|(_, f)| f != from) {
-            self.previous = Some((self.seq_offset, from));
-        }
+        self.changed();
         self.seq_offset = self.seq_offset.wrapping_sub(1);
         self.last_out_seq = self.last_out_seq.wrapping_add(1);
         Some((self.last_out_seq, self.last_out_ts))
@@ -94,12 +115,32 @@ impl Munger {
     /// The packet that came in with `seq` was not sent after all: if it was the newest, the next
     /// packet takes its number.
     pub fn dropped(&mut self, seq: u16) {
-        if seq != self.highest_in {
+        if !self.started || seq != self.highest_in {
             return;
         }
-        self.previous = Some((self.seq_offset, seq.wrapping_add(1)));
+        self.changed();
         self.seq_offset = self.seq_offset.wrapping_add(1);
         self.last_out_seq = self.last_out_seq.wrapping_sub(1);
+    }
+
+    /// The offset changes now, for the packets after the newest (a drop or an insert): the
+    /// offset until now is kept for late packets from before. Not when the last change was at
+    /// the same point (several inserts: late packets keep the first offset) or just before the
+    /// newest packet (the newest, already here, is all it applied to).
+    fn changed(&mut self) {
+        let from = self.highest_in.wrapping_add(1);
+        if let Some(&(_, last)) = self.changes[..self.changes_len].last()
+            && (last == from || last == self.highest_in)
+        {
+            return;
+        }
+        if self.changes_len == CHANGES {
+            // The oldest goes: a packet older than all the rest is too late to matter.
+            self.changes.copy_within(1.., 0);
+            self.changes_len -= 1;
+        }
+        self.changes[self.changes_len] = (self.seq_offset, from);
+        self.changes_len += 1;
     }
 }
 
@@ -174,6 +215,63 @@ mod tests {
         assert_eq!(m.map(1, 102, 15_000), (103, 15_000));
     }
 
+    /// Found writing the model of fuzz/fuzz_targets/munger.rs: the offset from before a drop
+    /// was taken again for the stream's newest packets once they were half the sequence space
+    /// past the drop (a hole, and a wrap later a duplicate), 32 768 packets after any single
+    /// drop or padding insert.
+    #[test]
+    fn a_change_long_past_does_not_come_back_half_a_wrap_later() {
+        let mut m = Munger::default();
+        assert_eq!(m.map(1, 10, 0), (10, 0));
+        m.insert();
+        let mut seq = 10u16;
+        let mut last: u16 = 11;
+        for _ in 0..(3 * 65_536 / 100) {
+            seq = seq.wrapping_add(100);
+            let (out, _) = m.map(1, seq, 0);
+            assert_eq!(out, last.wrapping_add(100), "in {seq}");
+            last = out;
+        }
+    }
+
+    /// Found by the property test below: one saved offset was overwritten by the next change,
+    /// and a late packet from before both took a number another packet had.
+    #[test]
+    fn a_late_packet_keeps_its_number_across_several_changes() {
+        // Lost upstream (102), a relay drop, a padding insert, then the late one.
+        let mut m = Munger::default();
+        assert_eq!(m.map(1, 101, 0).0, 101);
+        assert_eq!(m.map(1, 103, 0).0, 103);
+        m.dropped(103);
+        assert_eq!(m.map(1, 104, 0).0, 103);
+        assert_eq!(m.insert().map(|x| x.0), Some(104));
+        assert_eq!(m.map(1, 102, 0).0, 102);
+        assert_eq!(m.map(1, 105, 0).0, 105);
+        // A temporal layer left out: two frames dropped apart, then the late one.
+        let mut m = Munger::default();
+        assert_eq!(m.map(1, 10, 0).0, 10);
+        assert_eq!(m.map(1, 12, 0).0, 12);
+        assert_eq!(m.map(1, 13, 0).0, 13);
+        m.dropped(13);
+        assert_eq!(m.map(1, 14, 0).0, 13);
+        assert_eq!(m.map(1, 15, 0).0, 14);
+        m.dropped(15);
+        assert_eq!(m.map(1, 11, 0).0, 11, "not 10, which packet 10 had");
+        assert_eq!(m.map(1, 16, 0).0, 14);
+    }
+
+    #[test]
+    fn a_drop_before_the_first_packet_changes_nothing() {
+        let mut m = Munger::default();
+        m.dropped(0);
+        assert_eq!(m.map(1, 0, 5), (0, 5));
+        assert_eq!(m.map(1, 1, 6), (1, 6));
+        let mut m = Munger::default();
+        m.dropped(0);
+        assert_eq!(m.map(1, 100, 5), (100, 5));
+        assert_eq!(m.map(1, 101, 6), (101, 6));
+    }
+
     #[test]
     fn wraps_around() {
         run(&[
@@ -209,5 +307,133 @@ mod tests {
         m.map(1, 500, 1000);
         let (_, ts) = m.map(2, 7, 77_000);
         assert_eq!(ts, 1001, "timestamps continue too");
+    }
+}
+
+/// Property tests: a route's stream through packets lost upstream and arriving late, relay-side
+/// drops, padding inserts and layer switches, against what the subscriber must see.
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        /// The publisher's next packet, `advance` numbers on (the ones between lost upstream),
+        /// `step` ticks later; the relay refuses to send it when `drop`.
+        Packet { advance: u16, step: u32, drop: bool },
+        /// The most recent packet lost upstream arrives after all.
+        Late,
+        /// A padding packet of the relay's.
+        Insert,
+        /// The route moves to another layer (its own SSRC, sequence numbers and timestamps),
+        /// `gap` ticks after the last packet sent; `restart`: announced (a layer switch or a
+        /// republished track), else only seen as a new SSRC.
+        Switch {
+            seq: u16,
+            ts: u32,
+            gap: u32,
+            restart: bool,
+        },
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            8 => (1u16..=3, 0u32..6000, proptest::bool::weighted(0.2))
+                .prop_map(|(advance, step, drop)| Event::Packet { advance, step, drop }),
+            1 => Just(Event::Late),
+            1 => Just(Event::Insert),
+            1 => (any::<u16>(), any::<u32>(), 0u32..90_000, any::<bool>())
+                .prop_map(|(seq, ts, gap, restart)| Event::Switch { seq, ts, gap, restart }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn output_is_one_continuous_stream(
+            start in prop_oneof![Just(65_500u16), any::<u16>()],
+            events in proptest::collection::vec(event(), 1..300),
+        ) {
+            let mut m = Munger::default();
+            let (mut ssrc, mut seq, mut ts) = (1u32, start, 0u32);
+            // The last number taken (sent, inserted, or reserved for a packet lost upstream),
+            // and the last timestamp sent.
+            let mut last: Option<(u16, u32)> = None;
+            // Packets lost upstream: (seq, ts, the number kept for them).
+            let mut holes: Vec<(u16, u32, u16)> = Vec::new();
+            // The next packet's (seq, ts) after a switch, and the gap of the last restart.
+            let mut switch: Option<(u16, u32)> = None;
+            let mut pending_gap: Option<u32> = None;
+            let mut sent = HashSet::new();
+            for e in events {
+                match e {
+                    Event::Packet { advance, step, drop } => {
+                        let (got, want) = match (last, switch.take()) {
+                            (None, _) => {
+                                let got = m.map(ssrc, seq, ts);
+                                (got, (seq, ts))
+                            }
+                            (Some((n, t)), Some((s, t0))) => {
+                                (seq, ts) = (s, t0);
+                                let got = m.map(ssrc, seq, ts);
+                                let gap = pending_gap.take().unwrap_or(0).max(1);
+                                (got, (n.wrapping_add(1), t.wrapping_add(gap)))
+                            }
+                            (Some((n, t)), None) => {
+                                for k in 1..advance {
+                                    holes.push((seq.wrapping_add(k), ts, n.wrapping_add(k)));
+                                }
+                                seq = seq.wrapping_add(advance);
+                                ts = ts.wrapping_add(step);
+                                let got = m.map(ssrc, seq, ts);
+                                (got, (n.wrapping_add(advance), t.wrapping_add(step)))
+                            }
+                        };
+                        prop_assert_eq!(got, want, "packet {}", seq);
+                        if drop {
+                            m.dropped(seq);
+                            last = Some((got.0.wrapping_sub(1), got.1));
+                        } else {
+                            prop_assert!(sent.insert(got.0), "{} sent twice", got.0);
+                            last = Some(got);
+                        }
+                    }
+                    Event::Late => {
+                        if let Some((s, t, n)) = holes.pop() {
+                            let got = m.map(ssrc, s, t);
+                            prop_assert_eq!(got.0, n, "late packet {}", s);
+                            prop_assert!(sent.insert(got.0), "{} sent twice", got.0);
+                        }
+                    }
+                    Event::Insert => {
+                        let got = m.insert();
+                        match last {
+                            None => prop_assert_eq!(got, None),
+                            Some((n, t)) => {
+                                prop_assert_eq!(got, Some((n.wrapping_add(1), t)));
+                                prop_assert!(sent.insert(n.wrapping_add(1)));
+                                last = got;
+                            }
+                        }
+                    }
+                    Event::Switch { seq: s, ts: t, gap, restart } => {
+                        if last.is_none() {
+                            continue;
+                        }
+                        // An unannounced switch is a new SSRC, its timestamps one tick on
+                        // (or as an announced one still to come says).
+                        if restart {
+                            m.restart(gap);
+                            pending_gap = Some(gap);
+                        }
+                        ssrc += 1;
+                        // The old layer's late packets are not the route's any more.
+                        holes.clear();
+                        switch = Some((s, t));
+                    }
+                }
+            }
+        }
     }
 }

@@ -1123,6 +1123,12 @@ fn check_sdp_grants(sdp: &str, grants: &Grants) -> Result<(), SignalError> {
     Ok(())
 }
 
+/// [`check_sdp_grants`], for the fuzz targets (`fuzz/`); not an API.
+#[doc(hidden)]
+pub fn fuzz_check_sdp_grants(sdp: &str, grants: &Grants) -> Result<(), SignalError> {
+    check_sdp_grants(sdp, grants)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,7 +63,9 @@ impl Opener {
 
     /// Authenticates and decrypts the SRTP packet `packet` (an RTP header of `header_len` bytes,
     /// then the encrypted payload and the tag) in place; the payload's range. A packet refused
-    /// changes nothing.
+    /// changes nothing in the opener (its replay window and rollover counter); the packet's
+    /// bytes after the header may have been overwritten (AES-GCM decrypts in place before it
+    /// checks the tag), so a caller that keeps a refused packet opens a copy.
     pub fn open(
         &mut self,
         packet: &mut [u8],
