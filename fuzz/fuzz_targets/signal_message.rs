@@ -7,7 +7,7 @@ use ferry::auth::Grants;
 use ferry::fuzzing::check_sdp_grants;
 use ferry::signal::protocol::{
     self, Bye, Candidate, CreateRoom, Empty, ErrorCode, Hello, JoinRoom, ReportMode, RequestType,
-    Sdp, SetVideoQuality, SignalError, Subscription,
+    Resume, Sdp, SetVideoQuality, SignalError, Subscription,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -55,6 +55,7 @@ fn frame(text: &str) {
     let obj = env.fields;
     match ty {
         RequestType::Hello => drop(fields::<Hello>(ty, obj)),
+        RequestType::Resume => drop(fields::<Resume>(ty, obj)),
         RequestType::Ping | RequestType::LeaveRoom => drop(fields::<Empty>(ty, obj)),
         RequestType::CreateRoom => drop(fields::<CreateRoom>(ty, obj)),
         RequestType::JoinRoom => drop(fields::<JoinRoom>(ty, obj)),
