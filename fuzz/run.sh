@@ -12,8 +12,12 @@ secs=${1:?usage: fuzz/run.sh SECONDS [TARGET...]}
 shift
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo +nightly fuzz list); fi
 # FUZZ_TARGET_DIR: build there instead of fuzz/target (CI keeps one across its runs).
+# FUZZ_BUILD_ARGS: more cargo-fuzz build flags, e.g. "--dev --sanitizer none" (CI: a build in
+# half the time, for short runs; the long runs use the default, release with AddressSanitizer).
 dir=()
 if [ -n "${FUZZ_TARGET_DIR:-}" ]; then dir=(--target-dir "$FUZZ_TARGET_DIR"); fi
+read -r -a build_args <<<"${FUZZ_BUILD_ARGS:-}"
+dir+=("${build_args[@]}")
 cargo +nightly fuzz build "${dir[@]}"
 mkdir -p logs
 for t in "${targets[@]}"; do
