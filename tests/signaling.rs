@@ -336,20 +336,29 @@ async fn room_creation_is_capped_per_session_and_in_total() {
     assert_eq!(metric(&m, "ferry_rooms"), Some(5.0));
 }
 
-/// Hello as `identity`; the client and its resume token.
-async fn hello_with_token(addr: std::net::SocketAddr, identity: &str) -> (Client, String) {
-    let mut c = Client::connect(addr).await;
-    let w = c
-        .request("hello", json!({"identity": identity}))
+/// alice (with her resume token) and bob in a new room, alice's event of bob's join consumed;
+/// the server's `resume_timeout` is `resume_ms`.
+async fn resumable_pair(s: &TestServer, resume_ms: u64) -> (Client, String, Client, String) {
+    let mut a = Client::connect(s.addr).await;
+    let w = a
+        .request("hello", json!({"identity": "alice"}))
         .await
         .expect("hello accepted");
-    c.user_id = w["userId"].as_str().unwrap().to_string();
+    a.user_id = w["userId"].as_str().unwrap().to_string();
     let token = w["resumeToken"]
         .as_str()
         .expect("a resume token")
         .to_string();
-    assert_eq!(w["resumeTimeoutMs"], 15_000, "{w}");
-    (c, token)
+    assert_eq!(w["resumeTimeoutMs"], resume_ms, "{w}");
+    let mut b = Client::joined_hello(s.addr, "bob").await;
+    let room = a.create_room(json!({})).await;
+    for c in [&mut a, &mut b] {
+        c.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+    }
+    a.event_where(|e| e["event"] == "join").await;
+    (a, token, b, room)
 }
 
 /// alice's connection drops without a close (as when a phone leaves Wi-Fi): bob sees her
@@ -359,18 +368,8 @@ async fn hello_with_token(addr: std::net::SocketAddr, identity: &str) -> (Client
 #[tokio::test]
 async fn a_dropped_connection_is_resumed_with_its_room_and_what_it_missed() {
     let s = spawn(test_config()).await;
-    let (a, token) = hello_with_token(s.addr, "alice").await;
-    let mut b = Client::joined_hello(s.addr, "bob").await;
+    let (a, token, mut b, room) = resumable_pair(&s, 15_000).await;
     let alice = a.user_id.clone();
-    let mut a = a;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    a.event_where(|e| e["event"] == "join").await;
     // The TCP connection goes away without a WebSocket close.
     drop(a);
     let e = b.event().await;
@@ -432,21 +431,7 @@ async fn a_session_not_resumed_in_time_leaves() {
         ..test_config()
     })
     .await;
-    let (mut a, token) = {
-        let mut c = Client::connect(s.addr).await;
-        let w = c.request("hello", json!({})).await.unwrap();
-        c.user_id = w["userId"].as_str().unwrap().to_string();
-        assert_eq!(w["resumeTimeoutMs"], 500);
-        (c, w["resumeToken"].as_str().unwrap().to_string())
-    };
-    let mut b = Client::joined_hello(s.addr, "bob").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
+    let (a, token, mut b, _) = resumable_pair(&s, 500).await;
     let alice = a.user_id.clone();
     drop(a);
     assert_eq!(b.event().await["event"], "reconnecting");
@@ -481,15 +466,7 @@ async fn a_session_not_resumed_in_time_leaves() {
 #[tokio::test]
 async fn a_resume_takes_over_a_connection_that_still_looks_alive() {
     let s = spawn(test_config()).await;
-    let (mut a, token) = hello_with_token(s.addr, "alice").await;
-    let mut b = Client::joined_hello(s.addr, "bob").await;
-    let room = a.create_room(json!({})).await;
-    a.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
-    b.request("joinRoom", json!({"roomId": room}))
-        .await
-        .unwrap();
+    let (mut a, token, mut b, _) = resumable_pair(&s, 15_000).await;
     let mut a2 = Client::connect(s.addr).await;
     let r = a2.request("resume", json!({"token": token})).await.unwrap();
     assert_eq!(r["userId"], a.user_id.as_str());
