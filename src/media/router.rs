@@ -52,6 +52,17 @@ pub(super) struct Source {
 }
 
 impl Router {
+    /// `paused` layers of `publisher`'s `track` (dynacast): no route takes them, so their
+    /// retransmission histories are let go.
+    pub(super) fn forget_paused(&mut self, publisher: PeerKey, track: &str, paused: &[bool]) {
+        let Some(t) = self.track_mut(publisher, track) else {
+            return;
+        };
+        for (h, _) in t.history.iter_mut().zip(paused).filter(|(_, p)| **p) {
+            *h = History::default();
+        }
+    }
+
     /// Members with subscriptions kept (for `ferry_table_entries`).
     pub(super) fn subscription_count(&self) -> usize {
         self.subscriptions.len()

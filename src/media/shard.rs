@@ -230,14 +230,7 @@ impl MediaCore {
                     &p.user_id,
                     json!({"type": "layers", "streamType": t.ty, "paused": rids}),
                 );
-                // No route takes a paused layer: its retransmission history is let go.
-                if let Some(routed) = self.router.track_mut(*key, track_id) {
-                    for (l, _) in paused.iter().enumerate().filter(|(_, p)| **p) {
-                        if let Some(h) = routed.history.get_mut(l) {
-                            *h = History::default();
-                        }
-                    }
-                }
+                self.router.forget_paused(*key, track_id, &paused);
                 t.paused = paused;
             }
         }

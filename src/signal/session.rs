@@ -54,21 +54,12 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn new(rate: u32, burst: u32) -> Self {
+    /// `rate` a second, up to `burst` at once.
+    fn new(rate: f64, burst: f64) -> Self {
         RateLimit {
-            tokens: burst as f64,
-            rate: rate as f64,
-            burst: burst as f64,
-            last: Instant::now(),
-        }
-    }
-
-    /// `n` a minute, all of them at once at most.
-    fn per_minute(n: u32) -> Self {
-        RateLimit {
-            tokens: f64::from(n),
-            rate: f64::from(n) / 60.0,
-            burst: f64::from(n),
+            tokens: burst,
+            rate,
+            burst,
             last: Instant::now(),
         }
     }
@@ -186,9 +177,13 @@ pub async fn run(
         };
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let kick = CancellationToken::new();
-        let limiter = RateLimit::new(hub.config.rate_limit, hub.config.rate_burst);
-        let per_minute = hub.config.max_relay_connections_per_minute;
-        let relay_limiter = RateLimit::per_minute(per_minute);
+        let limiter = RateLimit::new(
+            f64::from(hub.config.rate_limit),
+            f64::from(hub.config.rate_burst),
+        );
+        // So many relay connections a minute, all of them at once at most.
+        let per_minute = f64::from(hub.config.max_relay_connections_per_minute);
+        let relay_limiter = RateLimit::new(per_minute / 60.0, per_minute);
         let mut s = Session {
             hub,
             socket,
@@ -269,7 +264,6 @@ impl Session {
     /// Held after its connection dropped: queued messages wait (bounded: a full queue ends the
     /// session), the room is told `reconnecting`. `None`: resumed on a new connection.
     async fn held(&mut self, code: u16, reason: String) -> Option<End> {
-        let cfg = self.hub.config.clone();
         let user_id = self
             .auth
             .as_ref()
@@ -281,7 +275,7 @@ impl Session {
         info!(code, "connection lost: session held for a resume");
         self.hub.metrics.sessions_reconnecting.inc();
         let (kick, shutdown) = (self.kick.clone(), self.hub.shutdown.clone());
-        let deadline = Instant::now() + cfg.resume_timeout;
+        let deadline = Instant::now() + self.hub.config.resume_timeout;
         let rx = &mut self.handovers.as_mut().expect("resumable").1;
         let taken = tokio::select! {
             _ = kick.cancelled() => Err(End::Close(
@@ -1135,7 +1129,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rate_limit_refills_over_time() {
-        let mut rl = RateLimit::new(10, 3);
+        let mut rl = RateLimit::new(10.0, 3.0);
         let t = Instant::now();
         assert!(rl.allow(t) && rl.allow(t) && rl.allow(t));
         assert!(!rl.allow(t));
