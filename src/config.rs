@@ -184,6 +184,25 @@ pub struct ServeArgs {
     /// The private key (PEM) of tls_cert.
     #[arg(long, env = "FERRY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Redis that the nodes of a cluster share (e.g. redis://10.0.0.2:6379); unset: one node,
+    /// no Redis.
+    #[arg(long, env = "FERRY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Name of this cluster: several clusters may share one Redis.
+    #[arg(long, env = "FERRY_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// This node's id in the cluster (default: a random id at every start).
+    #[arg(long, env = "FERRY_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Where the other nodes reach this node's HTTP port (e.g. http://10.0.0.5:8080).
+    #[arg(long, env = "FERRY_NODE_ADDRESS")]
+    pub node_address: Option<String>,
+    /// Shared secret the nodes of a cluster present to each other (default: api_secret).
+    #[arg(long, env = "FERRY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// A node that has not refreshed its entry in the registry for this long is dead (e.g. "3s").
+    #[arg(long, env = "FERRY_NODE_TTL")]
+    pub node_ttl: Option<String>,
 }
 
 /// An ICE server handed to clients in the welcome message.
@@ -258,6 +277,12 @@ pub struct FileConfig {
     pub allowed_origins: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub redis_url: Option<String>,
+    pub cluster_name: Option<String>,
+    pub node_id: Option<String>,
+    pub node_address: Option<String>,
+    pub cluster_secret: Option<String>,
+    pub node_ttl: Option<String>,
     #[serde(default)]
     pub ice_servers: Vec<IceServer>,
     #[serde(default)]
@@ -325,6 +350,21 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// `(certificate chain, key)` PEM files: the HTTP port serves TLS (HTTPS and WSS).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Several nodes sharing a Redis (`redis_url`); `None`: one node on its own.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A node of a cluster (`redis_url` set).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub redis_url: String,
+    /// Prefix of every key (`ferry:<name>:`).
+    pub name: String,
+    pub node_id: String,
+    /// Base URL of this node's HTTP port for the other nodes (`http://host:port`).
+    pub node_address: String,
+    pub secret: String,
+    pub node_ttl: Duration,
 }
 
 impl Default for Config {
@@ -365,8 +405,122 @@ impl Default for Config {
             max_pending_per_ip: 32,
             allowed_origins: Vec::new(),
             tls: None,
+            cluster: None,
         }
     }
+}
+
+/// The cluster's settings, when `redis_url` is set (the other cluster options need it).
+fn cluster_config(
+    args: &ServeArgs,
+    file: &FileConfig,
+    cfg: &Config,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let pick = |a: &Option<String>, f: &Option<String>| a.clone().or_else(|| f.clone());
+    let redis_url = pick(&args.redis_url, &file.redis_url).filter(|u| !u.is_empty());
+    let name = pick(&args.cluster_name, &file.cluster_name);
+    let node_id = pick(&args.node_id, &file.node_id);
+    let node_address = pick(&args.node_address, &file.node_address);
+    let secret = pick(&args.cluster_secret, &file.cluster_secret);
+    let node_ttl = pick(&args.node_ttl, &file.node_ttl);
+    let Some(redis_url) = redis_url else {
+        for (name, set) in [
+            ("cluster_name", name.is_some()),
+            ("node_id", node_id.is_some()),
+            ("node_address", node_address.is_some()),
+            ("cluster_secret", secret.is_some()),
+            ("node_ttl", node_ttl.is_some()),
+        ] {
+            if set {
+                return Err(invalid(name, "only means something with redis_url (a cluster)"));
+            }
+        }
+        return Ok(None);
+    };
+    if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+        return Err(invalid(
+            "redis_url",
+            format!("expected redis://host:port, got {redis_url:?}"),
+        ));
+    }
+    let name = name.unwrap_or_else(|| "ferry".to_string());
+    let id_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !id_ok(&name) {
+        return Err(invalid(
+            "cluster_name",
+            "1-64 characters of A-Z a-z 0-9 - _ .",
+        ));
+    }
+    let node_id = match node_id {
+        Some(id) if !id_ok(&id) => {
+            return Err(invalid("node_id", "1-64 characters of A-Z a-z 0-9 - _ ."));
+        }
+        Some(id) => id,
+        None => {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            let tail: String = (0..10)
+                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+                .collect();
+            format!("n-{tail}")
+        }
+    };
+    let node_address = match node_address {
+        Some(a) => {
+            let a = a.trim_end_matches('/').to_string();
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(invalid(
+                    "node_address",
+                    format!("expected http://host:port, got {a:?}"),
+                ));
+            }
+            a
+        }
+        None if cfg.http_listen.ip().is_unspecified() => {
+            return Err(invalid(
+                "node_address",
+                format!(
+                    "http_listen is {} (every address): say at which address the other nodes \
+                     reach this one, e.g. http://10.0.0.5:{}",
+                    cfg.http_listen,
+                    cfg.http_listen.port()
+                ),
+            ));
+        }
+        None => {
+            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", cfg.http_listen)
+        }
+    };
+    let secret = match secret.or_else(|| cfg.api.as_ref().map(|(_, s)| s.clone())) {
+        Some(s) if s.len() >= 16 => s,
+        Some(_) => return Err(invalid("cluster_secret", "must be at least 16 characters")),
+        None => {
+            return Err(invalid(
+                "cluster_secret",
+                "a cluster needs a secret the nodes share: set cluster_secret (or api_secret)",
+            ));
+        }
+    };
+    let node_ttl = match node_ttl {
+        Some(s) => parse_duration("node_ttl", &s)?,
+        None => Duration::from_secs(3),
+    };
+    if node_ttl < Duration::from_millis(500) {
+        return Err(invalid("node_ttl", "must be at least 500ms"));
+    }
+    Ok(Some(ClusterConfig {
+        redis_url,
+        name,
+        node_id,
+        node_address,
+        secret,
+        node_ttl,
+    }))
 }
 
 /// The WebSocket layer closes a connection outright above this multiple of `max_message_bytes`;
@@ -394,8 +548,17 @@ impl Config {
         Config::merge(args, file)
     }
 
-    pub fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+    pub fn merge(args: &ServeArgs, mut file: FileConfig) -> Result<Config, ConfigError> {
         let d = Config::default();
+        let file_cluster = FileConfig {
+            redis_url: file.redis_url.take(),
+            cluster_name: file.cluster_name.take(),
+            node_id: file.node_id.take(),
+            node_address: file.node_address.take(),
+            cluster_secret: file.cluster_secret.take(),
+            node_ttl: file.node_ttl.take(),
+            ..FileConfig::default()
+        };
         let http_listen = match args.http_listen.clone().or(file.http_listen) {
             Some(s) => parse_addr("http_listen", &s)?,
             None => d.http_listen,
@@ -628,7 +791,10 @@ impl Config {
                 .max_rooms_per_session
                 .or(file.max_rooms_per_session)
                 .unwrap_or(d.max_rooms_per_session),
+            cluster: None,
         };
+        let mut cfg = cfg;
+        cfg.cluster = cluster_config(args, &file_cluster, &cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }

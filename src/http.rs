@@ -27,6 +27,7 @@ pub fn router(hub: Arc<Hub>, with_metrics: bool) -> Router {
         .route("/", get(demo))
         .route("/sdk/ferry.js", get(sdk))
         .route("/ws", get(ws))
+        .route("/cluster/attach", get(attach))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if with_metrics {
@@ -70,10 +71,22 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
+    // A cluster node stays ready while Redis is away (calls in progress go on, rooms here can
+    // be joined): the body says how the cluster looks from here.
+    let cluster = match hub.directory().cluster() {
+        Some(c) => format!(
+            "cluster {}: node {}, {} nodes seen, redis {}\n",
+            c.config.name,
+            c.node_id(),
+            c.nodes().len(),
+            if c.is_up() { "reachable" } else { "unreachable" }
+        ),
+        None => String::new(),
+    };
     if hub.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("draining\n{cluster}")).into_response()
     } else {
-        (StatusCode::OK, "ready\n").into_response()
+        (StatusCode::OK, format!("ready\n{cluster}")).into_response()
     }
 }
 
@@ -84,6 +97,50 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
         hub.metrics.render(),
     )
         .into_response()
+}
+
+/// A member link from another node of the cluster (see cluster::link): only with the cluster's
+/// secret.
+async fn attach(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(cluster) = hub.directory().cluster() else {
+        return (StatusCode::NOT_FOUND, "not a cluster node\n").into_response();
+    };
+    let presented = headers
+        .get(crate::cluster::link::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !crate::cluster::link::secret_matches(presented, &cluster.config.secret) {
+        hub.metrics
+            .http_refused
+            .with_label_values(&["cluster_secret"])
+            .inc();
+        return (StatusCode::FORBIDDEN, "wrong or missing cluster secret\n").into_response();
+    }
+    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
+    let upgrade = upgrade
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .max_message_size(limit)
+        .max_frame_size(limit);
+    upgrade.on_upgrade(move |socket| async move {
+        if hub.is_draining() {
+            session::refuse(socket, close::TRY_AGAIN_LATER, "node is draining").await;
+            return;
+        }
+        let slot = match hub.try_connect(remote.ip()) {
+            Ok(slot) => slot,
+            Err(_) => {
+                session::refuse(socket, close::TRY_AGAIN_LATER, "too many pending connections")
+                    .await;
+                return;
+            }
+        };
+        session::run_attached(hub, socket, slot, remote).await;
+    })
 }
 
 async fn ws(

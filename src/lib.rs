@@ -6,6 +6,7 @@
 //! Prometheus registry.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listener;

@@ -126,7 +126,14 @@ impl Server {
         }
         // Clients use shard 0's port for STUN; each relay connection gets its shard's candidates.
         let media_addrs = media[0].addrs.clone();
-        let hub = Hub::new(config, Arc::new(Metrics::new()), media_addrs, senders);
+        let hub = Hub::new(config.clone(), Arc::new(Metrics::new()), media_addrs, senders);
+        if let Some(c) = &config.cluster {
+            let media: Vec<String> = hub.media_addrs.iter().map(|a| a.to_string()).collect();
+            let dir = crate::cluster::RedisDirectory::new(c.clone(), media, &hub.metrics.registry)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            info!(node = %c.node_id, address = %c.node_address, cluster = %c.name, "cluster node");
+            hub.set_directory(crate::cluster::Directory::Redis(Arc::new(dir)));
+        }
         let (shutdown_tx, _) = watch::channel(false);
         let (shutdown_now_tx, _) = watch::channel(false);
         Ok(Server {
@@ -216,6 +223,10 @@ impl Server {
             );
         }
         tokio::spawn(hub.clone().reaper());
+        let cluster = hub.directory().cluster().cloned();
+        if let Some(dir) = &cluster {
+            tokio::spawn(crate::cluster::heartbeat(hub.clone(), dir.clone()));
+        }
         let mut media_threads = Vec::new();
         for (i, shard) in media.into_iter().enumerate() {
             media_threads.push(start_shard(i, shard, &hub, media_thread_start.clone()).await?);
@@ -255,6 +266,9 @@ impl Server {
         info!(sessions, drain_timeout = ?cfg.drain_timeout, "draining");
         hub.start_drain();
         hub.metrics.ready.set(0);
+        if let Some(dir) = &cluster {
+            crate::cluster::drain(&hub, dir).await;
+        }
         let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
         let now_rx = shutdown_now_tx.subscribe();
         while hub.connection_count() > 0
@@ -275,6 +289,9 @@ impl Server {
         let grace = tokio::time::Instant::now() + Duration::from_secs(2);
         while hub.connection_count() > 0 && tokio::time::Instant::now() < grace {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(dir) = &cluster {
+            dir.leave().await;
         }
         http_stop_tx.send_replace(true);
         let res = serve.await.map_err(std::io::Error::other)?;

@@ -33,6 +33,8 @@ pub struct SessionHandle {
     pub tx: mpsc::Sender<Utf8Bytes>,
     /// Cancelled when the session must be closed as a slow consumer.
     pub kick: CancellationToken,
+    /// Cancelled when the session's room moved to another node of the cluster (close 1012).
+    pub moved: CancellationToken,
 }
 
 struct Member {
@@ -125,7 +127,11 @@ pub struct Hub {
     drain_tx: watch::Sender<bool>,
     /// Cancelled when the drain timeout passed: remaining sessions close.
     pub shutdown: CancellationToken,
+    /// Which node owns which room (set once, before serving; local when unset).
+    directory: std::sync::OnceLock<crate::cluster::Directory>,
 }
+
+static LOCAL_DIRECTORY: crate::cluster::Directory = crate::cluster::Directory::Local;
 
 /// Keeps the connection counts right however a session ends: a connection counts as pending
 /// (`max_pending_connections`, and per address) until its `hello` makes it a session
@@ -187,14 +193,14 @@ pub enum Refused {
 
 const ID_ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyz23456789";
 
-fn random_id(len: usize) -> String {
+pub fn random_id(len: usize) -> String {
     let mut rng = rand::rng();
     (0..len)
         .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
         .collect()
 }
 
-fn valid_room_id(id: &str) -> bool {
+pub fn valid_room_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id
@@ -236,6 +242,7 @@ impl Hub {
             draining: AtomicBool::new(false),
             drain_tx,
             shutdown: CancellationToken::new(),
+            directory: std::sync::OnceLock::new(),
         })
     }
 
@@ -345,6 +352,67 @@ impl Hub {
                 return id;
             }
         }
+    }
+
+    /// Register a session under the id its entry node gave it (a member link); `false` if a
+    /// session of that id is here already.
+    pub fn register_as(&self, user_id: &str, handle: SessionHandle) -> bool {
+        match self.sessions.entry(user_id.to_string()) {
+            Entry::Vacant(v) => {
+                v.insert(handle);
+                true
+            }
+            Entry::Occupied(_) => false,
+        }
+    }
+
+    /// The cluster's directory (local when the server is on its own).
+    pub fn directory(&self) -> &crate::cluster::Directory {
+        self.directory.get().unwrap_or(&LOCAL_DIRECTORY)
+    }
+
+    pub fn set_directory(&self, d: crate::cluster::Directory) {
+        let _ = self.directory.set(d);
+    }
+
+    pub fn has_room(&self, room_id: &str) -> bool {
+        self.rooms.contains_key(room_id)
+    }
+
+    /// Make a room this node took over in the cluster, as the directory describes it (nothing
+    /// if it is here already).
+    pub fn ensure_room(&self, room_id: &str, settings: crate::cluster::RoomSettings) {
+        if self.rooms.contains_key(room_id) {
+            return;
+        }
+        self.room_count.fetch_add(1, Ordering::SeqCst);
+        if self
+            .make_room("", settings.max_peers, settings.mode, Some(room_id.to_string()))
+            .is_err()
+        {
+            self.room_count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The room moved to another node: its members here are closed with 1012 (they reconnect
+    /// and join it there).
+    pub fn evict_room(&self, room_id: &str) {
+        for m in self.room_members(room_id) {
+            if let Some(s) = self.sessions.get(&m) {
+                s.moved.cancel();
+            }
+        }
+    }
+
+    /// Every session here is closed with 1012 (a draining node of a cluster).
+    pub fn evict_all(&self) {
+        for s in self.sessions.iter() {
+            s.moved.cancel();
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     pub fn unregister(&self, user_id: &str) {
@@ -457,12 +525,12 @@ impl Hub {
         }
     }
 
-    pub fn create_room(
+    /// What `createRoom` asks for, checked: the requested id (if any) and the room's settings.
+    pub fn check_create(
         &self,
-        creator: &str,
         grants: &Grants,
-        req: CreateRoom,
-    ) -> Result<Value, SignalError> {
+        req: &CreateRoom,
+    ) -> Result<(Option<String>, crate::cluster::RoomSettings), SignalError> {
         if self.is_draining() {
             return Err(SignalError::new(
                 ErrorCode::Draining,
@@ -494,7 +562,26 @@ impl Hub {
             (None, Some(allowed)) => Some(allowed.clone()),
             (None, None) => None,
         };
+        if let Some(id) = &requested
+            && !valid_room_id(id)
+        {
+            return Err(SignalError::new(
+                ErrorCode::BadRequest,
+                "roomId must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'",
+            ));
+        }
         let mode = req.mode.unwrap_or_default();
+        Ok((requested, crate::cluster::RoomSettings { max_peers, mode }))
+    }
+
+    pub fn create_room(
+        &self,
+        creator: &str,
+        grants: &Grants,
+        req: CreateRoom,
+    ) -> Result<Value, SignalError> {
+        let (requested, settings) = self.check_create(grants, &req)?;
+        let (max_peers, mode) = (settings.max_peers, settings.mode);
         let per_session = self.config.max_rooms_per_session;
         if self
             .created_by
@@ -866,18 +953,20 @@ impl Hub {
     /// Delete rooms empty for longer than `empty_room_ttl`. Returns how many went.
     pub fn reap_rooms(&self, now: Instant) -> usize {
         let ttl = self.config.empty_room_ttl;
-        let before = self.rooms.len();
-        self.rooms.retain(|_, r| {
+        let mut deleted = Vec::new();
+        self.rooms.retain(|id, r| {
             let expired = r.members.is_empty()
                 && r.empty_since
                     .is_some_and(|t| now.saturating_duration_since(t) >= ttl);
             if expired {
                 self.forget_room(r);
+                deleted.push(id.clone());
             }
             !expired
         });
-        let gone = before.saturating_sub(self.rooms.len());
+        let gone = deleted.len();
         self.metrics.rooms.sub(gone as i64);
+        self.directory().rooms_deleted(deleted);
         gone
     }
 

@@ -32,10 +32,12 @@ pub enum ErrorCode {
     TooManyRooms,
     TooManyConnections,
     ResumeFailed,
+    /// The cluster directory (Redis) cannot be reached: retry.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::MessageTooLarge,
@@ -56,6 +58,7 @@ impl ErrorCode {
         ErrorCode::TooManyRooms,
         ErrorCode::TooManyConnections,
         ErrorCode::ResumeFailed,
+        ErrorCode::ClusterUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -126,6 +130,9 @@ pub mod close {
     pub const POLICY_VIOLATION: u16 = 1008;
     /// Standard: a text frame that is not UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Standard (service restart): the member's room moved to another node of the cluster (its
+    /// node drains, died, or lost it to another): reconnect and join it again.
+    pub const ROOM_MOVED: u16 = 1012;
 }
 
 /// The request types, with their metric label.

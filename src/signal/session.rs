@@ -146,6 +146,12 @@ struct Session {
     /// this room), and how many more it may open (`max_relay_connections_per_minute`).
     relay_open: bool,
     relay_limiter: RateLimit,
+    /// Cancelled when its room moved to another node of the cluster.
+    moved: CancellationToken,
+    /// Its link to the node that owns its room, when that is another node (see cluster::link).
+    upstream: Option<crate::cluster::link::Upstream>,
+    /// Its own outbound queue (for a member link to feed).
+    events_tx: Option<mpsc::Sender<Utf8Bytes>>,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -175,37 +181,7 @@ pub async fn run(
             },
             _ => None,
         };
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let kick = CancellationToken::new();
-        let limiter = RateLimit::new(
-            f64::from(hub.config.rate_limit),
-            f64::from(hub.config.rate_burst),
-        );
-        // So many relay connections a minute, all of them at once at most.
-        let per_minute = f64::from(hub.config.max_relay_connections_per_minute);
-        let relay_limiter = RateLimit::new(per_minute / 60.0, per_minute);
-        let mut s = Session {
-            hub,
-            socket,
-            query_claims,
-            auth: None,
-            room: None,
-            shard: 0,
-            rx,
-            pending: Some((tx, kick.clone())),
-            kick,
-            limiter,
-            joins: 0,
-            refused_in_a_row: 0,
-            invalid: 0,
-            client_closed: false,
-            slot,
-            last_room: None,
-            resume_token: None,
-            handovers: None,
-            relay_open: false,
-            relay_limiter,
-        };
+        let mut s = Session::new(hub, socket, slot, query_claims);
         match s.run_loop().await {
             End::Close(code, reason) => s.finish(code, &reason).await,
             End::Handover(tx, id) => {
@@ -217,6 +193,76 @@ pub async fn run(
                     resume_failed(&hub, h.socket, &h.id).await;
                 }
             }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Run the session of a member whose WebSocket is on another node of the cluster: the first
+/// message is that node's `attach` (who the member is); from then on the socket is the member's
+/// (see cluster::link). Such a session is not held for a resume: its entry node holds it.
+pub async fn run_attached(
+    hub: Arc<Hub>,
+    mut socket: WebSocket,
+    slot: ConnectionSlot,
+    remote: std::net::SocketAddr,
+) {
+    let first = tokio::time::timeout(Duration::from_secs(5), socket.recv()).await;
+    let attach = match first {
+        Ok(Some(Ok(Message::Text(t)))) => crate::cluster::link::read_attach(t.as_str()),
+        _ => Err("no attach message".to_string()),
+    };
+    let attach = match attach {
+        Ok(a) => a,
+        Err(e) => {
+            refuse(socket, close::POLICY_VIOLATION, &e).await;
+            return;
+        }
+    };
+    let span = info_span!("session", %remote, user = %attach.user_id, linked = true);
+    async move {
+        let mut s = Session::new(hub, socket, slot, None);
+        if !s.slot.promote() {
+            refuse(s.socket, close::TRY_AGAIN_LATER, "too many sessions (max_connections)").await;
+            return;
+        }
+        let (tx, kick) = s.pending.take().expect("not registered yet");
+        let handle = SessionHandle {
+            tx: tx.clone(),
+            kick,
+            moved: s.moved.clone(),
+        };
+        if !s.hub.register_as(&attach.user_id, handle) {
+            refuse(s.socket, close::POLICY_VIOLATION, "this user id has a session here").await;
+            return;
+        }
+        s.events_tx = Some(tx);
+        s.auth = Some(Auth {
+            user_id: attach.user_id,
+            identity: attach.identity,
+            grants: attach.grants,
+        });
+        let links = s
+            .hub
+            .directory()
+            .cluster()
+            .map(|c| c.metrics.links.with_label_values(&["in"]));
+        if let Some(l) = &links {
+            l.inc();
+        }
+        info!("member linked from another node");
+        let end = match s.send_text(r#"{"type":"attached"}"#.into()).await.end() {
+            Some(end) => end,
+            None => s.run_loop().await,
+        };
+        let (code, reason) = match end {
+            End::Close(code, reason) => (code, reason),
+            End::Handover(..) => (1000, String::new()),
+        };
+        s.finish(code, &reason).await;
+        if let Some(l) = &links {
+            l.dec();
         }
     }
     .instrument(span)
@@ -241,6 +287,48 @@ const NO_SESSION_TO_RESUME: &str = "no session to resume with this token: it end
     resume_timeout passed, or it left), or the server restarted; say hello and join again";
 
 impl Session {
+    fn new(
+        hub: Arc<Hub>,
+        socket: WebSocket,
+        slot: ConnectionSlot,
+        query_claims: Option<crate::auth::Claims>,
+    ) -> Session {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let kick = CancellationToken::new();
+        let limiter = RateLimit::new(
+            f64::from(hub.config.rate_limit),
+            f64::from(hub.config.rate_burst),
+        );
+        // So many relay connections a minute, all of them at once at most.
+        let per_minute = f64::from(hub.config.max_relay_connections_per_minute);
+        let relay_limiter = RateLimit::new(per_minute / 60.0, per_minute);
+        Session {
+            hub,
+            socket,
+            query_claims,
+            auth: None,
+            room: None,
+            shard: 0,
+            rx,
+            pending: Some((tx, kick.clone())),
+            kick,
+            limiter,
+            joins: 0,
+            refused_in_a_row: 0,
+            invalid: 0,
+            client_closed: false,
+            slot,
+            last_room: None,
+            resume_token: None,
+            handovers: None,
+            relay_open: false,
+            relay_limiter,
+            moved: CancellationToken::new(),
+            upstream: None,
+            events_tx: None,
+        }
+    }
+
     /// The session's loop: its connection's, then, when the connection drops without a close,
     /// held for `resume_timeout` until a `resume` on another connection takes it over.
     async fn run_loop(&mut self) -> End {
@@ -351,6 +439,7 @@ impl Session {
         let mut drain_announced = false;
         let shutdown = self.hub.shutdown.clone();
         let kick = self.kick.clone();
+        let moved = self.moved.clone();
         loop {
             if !drain_announced && *drain.borrow_and_update() {
                 drain_announced = true;
@@ -367,6 +456,24 @@ impl Session {
                 }
                 _ = shutdown.cancelled() => {
                     return End::Close(close::GOING_AWAY, "server shutting down".into());
+                }
+                _ = moved.cancelled() => {
+                    return End::Close(close::ROOM_MOVED, "the room moved to another node: join it again".into());
+                }
+                _ = async {
+                    match &self.upstream {
+                        Some(up) => up.ended().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let up = self.upstream.take().expect("a link");
+                    if up.in_room() {
+                        // The owner let the member go (drain, its death, a lost room, or its
+                        // own close): the client is told as the owner told it.
+                        let (code, reason) = up.end();
+                        info!(node = %up.node, code, "member link to the room's node ended");
+                        return End::Close(code, reason);
+                    }
                 }
                 _ = drain.changed(), if !drain_announced => {}
                 Some(text) = self.rx.recv() => {
@@ -631,6 +738,15 @@ impl Session {
             return self.invalid_message(&id, err).await;
         };
         self.metrics_message(ty.as_str());
+        if self.auth.is_some()
+            && !matches!(
+                ty,
+                RequestType::Hello | RequestType::Resume | RequestType::Ping
+            )
+            && let Some(flow) = self.elsewhere(ty, &id, text, &obj).await
+        {
+            return flow;
+        }
         match self.dispatch(ty, obj) {
             Ok(v) => self.reply(&id, Ok(v)).await,
             Err(Reject::Error(e)) => self.reply(&id, Err(e)).await,
@@ -641,6 +757,169 @@ impl Session {
             }
             Err(Reject::Handover(tx)) => Flow::Handover(tx, id),
         }
+    }
+
+    /// In a cluster: a request that goes to (or is answered for) another node. `None`: handle
+    /// it here.
+    async fn elsewhere(
+        &mut self,
+        ty: RequestType,
+        id: &Value,
+        text: &str,
+        obj: &serde_json::Map<String, Value>,
+    ) -> Option<Flow> {
+        use crate::cluster::link::Watch;
+        use crate::cluster::{Located, Placed};
+        let dir = self.hub.directory().clone();
+        dir.cluster()?;
+        if let Some(up) = &self.upstream
+            && up.is_alive()
+            && up.in_room()
+        {
+            let watch = match ty {
+                RequestType::LeaveRoom => Some((id, Watch::Leave)),
+                RequestType::JoinRoom => Some((id, Watch::Join)),
+                _ => None,
+            };
+            up.forward(text, watch).await;
+            return Some(Flow::Continue);
+        }
+        if self.room.is_some() {
+            return None;
+        }
+        match ty {
+            RequestType::JoinRoom => {
+                let room = obj.get("roomId")?.as_str()?.to_string();
+                if !crate::signal::hub::valid_room_id(&room) {
+                    return None;
+                }
+                // A dead owner stays in the registry for up to node_ttl: meanwhile its rooms
+                // cannot be reached, then they are taken over.
+                let deadline = Instant::now()
+                    + dir.cluster().expect("a cluster").config.node_ttl
+                    + Duration::from_secs(1);
+                loop {
+                    let held = self.hub.has_room(&room);
+                    match dir.locate(&room, held).await {
+                        Ok(Located::Here(settings)) => {
+                            if let Some(s) = settings {
+                                self.hub.ensure_room(&room, s);
+                            }
+                            return None;
+                        }
+                        Ok(Located::Nowhere) => {
+                            return Some(
+                                self.reply(
+                                    id,
+                                    Err(SignalError::new(
+                                        ErrorCode::RoomNotFound,
+                                        format!("room {room:?} not found"),
+                                    )),
+                                )
+                                .await,
+                            );
+                        }
+                        Ok(Located::There(node)) => match self.link_to(&node).await {
+                            Ok(up) => {
+                                up.forward(text, Some((id, Watch::Join))).await;
+                                return Some(Flow::Continue);
+                            }
+                            Err(e) if Instant::now() >= deadline => {
+                                let err = SignalError::new(
+                                    ErrorCode::ClusterUnavailable,
+                                    format!("the node of room {room:?} cannot be reached ({e}): try again"),
+                                );
+                                return Some(self.reply(id, Err(err)).await);
+                            }
+                            Err(e) => {
+                                debug!(error = %e, "room's node unreachable: looking again");
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                            }
+                        },
+                        Err(e) => return Some(self.reply(id, Err(e.into())).await),
+                    }
+                }
+            }
+            RequestType::CreateRoom => {
+                let req: CreateRoom = serde_json::from_value(Value::Object(obj.clone())).ok()?;
+                let auth = self.auth.as_ref().expect("a session");
+                let (requested, settings) = match self.hub.check_create(&auth.grants, &req) {
+                    Ok(v) => v,
+                    Err(e) => return Some(self.reply(id, Err(e)).await),
+                };
+                let room = requested.unwrap_or_else(|| crate::signal::hub::random_id(10));
+                match dir.place(&room, settings).await {
+                    Ok(Placed::Here) => {
+                        let req = CreateRoom {
+                            room_id: Some(room.clone()),
+                            ..req
+                        };
+                        let made = self.hub.create_room(&auth.user_id, &auth.grants, req);
+                        if made.is_err() {
+                            dir.unclaim(&room).await;
+                        }
+                        Some(self.reply(id, made).await)
+                    }
+                    Ok(Placed::There(node)) => match self.link_to(&node).await {
+                        Ok(up) => {
+                            up.forward(text, None).await;
+                            Some(Flow::Continue)
+                        }
+                        Err(e) => {
+                            let err = SignalError::new(
+                                ErrorCode::ClusterUnavailable,
+                                format!("the node chosen for the room cannot be reached ({e}): try again"),
+                            );
+                            Some(self.reply(id, Err(err)).await)
+                        }
+                    },
+                    Ok(Placed::Exists) => {
+                        let err = SignalError::new(
+                            ErrorCode::RoomExists,
+                            format!("room {room:?} already exists"),
+                        );
+                        Some(self.reply(id, Err(err)).await)
+                    }
+                    Err(e) => Some(self.reply(id, Err(e.into())).await),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// This session's link to `node` (the one it has, if it goes there and still works).
+    async fn link_to(
+        &mut self,
+        node: &crate::cluster::NodeInfo,
+    ) -> Result<&crate::cluster::link::Upstream, String> {
+        let reuse = self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.node == node.id && u.is_alive());
+        if !reuse {
+            self.upstream = None;
+            let cluster = self.hub.directory().cluster().expect("a cluster").clone();
+            let auth = self.auth.as_ref().expect("a session");
+            let attach = crate::cluster::link::Attach {
+                ty: "attach".into(),
+                user_id: auth.user_id.clone(),
+                identity: auth.identity.clone(),
+                grants: auth.grants.clone(),
+            };
+            let events = self.events_tx.clone().expect("a session");
+            let up = crate::cluster::link::open(
+                node,
+                &cluster.config.secret,
+                &attach,
+                events,
+                self.kick.clone(),
+                cluster.metrics.clone(),
+            )
+            .await?;
+            info!(node = %node.id, "member linked to the room's node");
+            self.upstream = Some(up);
+        }
+        Ok(self.upstream.as_ref().expect("a link"))
     }
 
     fn dispatch(
@@ -982,7 +1261,9 @@ impl Session {
             ));
         }
         let (tx, kick) = self.pending.take().expect("hello registers once");
-        let user_id = self.hub.register(SessionHandle { tx, kick });
+        self.events_tx = Some(tx.clone());
+        let moved = self.moved.clone();
+        let user_id = self.hub.register(SessionHandle { tx, kick, moved });
         tracing::Span::current().record("user", user_id.as_str());
         info!(%identity, "session started");
         self.auth = Some(Auth {
