@@ -432,7 +432,10 @@ fn cluster_config(
             ("node_ttl", node_ttl.is_some()),
         ] {
             if set {
-                return Err(invalid(name, "only means something with redis_url (a cluster)"));
+                return Err(invalid(
+                    name,
+                    "only means something with redis_url (a cluster)",
+                ));
             }
         }
         return Ok(None);
@@ -447,7 +450,8 @@ fn cluster_config(
     let id_ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 64
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     if !id_ok(&name) {
         return Err(invalid(
@@ -464,7 +468,9 @@ fn cluster_config(
             use rand::Rng;
             let mut rng = rand::rng();
             let tail: String = (0..10)
-                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+                .map(|_| {
+                    char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
+                })
                 .collect();
             format!("n-{tail}")
         }

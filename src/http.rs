@@ -79,12 +79,20 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> Response {
             c.config.name,
             c.node_id(),
             c.nodes().len(),
-            if c.is_up() { "reachable" } else { "unreachable" }
+            if c.is_up() {
+                "reachable"
+            } else {
+                "unreachable"
+            }
         ),
         None => String::new(),
     };
     if hub.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("draining\n{cluster}")).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("draining\n{cluster}"),
+        )
+            .into_response()
     } else {
         (StatusCode::OK, format!("ready\n{cluster}")).into_response()
     }
@@ -134,8 +142,12 @@ async fn attach(
         let slot = match hub.try_connect(remote.ip()) {
             Ok(slot) => slot,
             Err(_) => {
-                session::refuse(socket, close::TRY_AGAIN_LATER, "too many pending connections")
-                    .await;
+                session::refuse(
+                    socket,
+                    close::TRY_AGAIN_LATER,
+                    "too many pending connections",
+                )
+                .await;
                 return;
             }
         };

@@ -126,7 +126,12 @@ impl Server {
         }
         // Clients use shard 0's port for STUN; each relay connection gets its shard's candidates.
         let media_addrs = media[0].addrs.clone();
-        let hub = Hub::new(config.clone(), Arc::new(Metrics::new()), media_addrs, senders);
+        let hub = Hub::new(
+            config.clone(),
+            Arc::new(Metrics::new()),
+            media_addrs,
+            senders,
+        );
         if let Some(c) = &config.cluster {
             let media: Vec<String> = hub.media_addrs.iter().map(|a| a.to_string()).collect();
             let dir = crate::cluster::RedisDirectory::new(c.clone(), media, &hub.metrics.registry)

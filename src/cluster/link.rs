@@ -341,8 +341,12 @@ mod tests {
     fn attach_messages_are_checked() {
         let ok = r#"{"type":"attach","userId":"u-1","identity":"alice","grants":{}}"#;
         assert_eq!(read_attach(ok).unwrap().user_id, "u-1");
-        assert!(read_attach(r#"{"type":"hello","userId":"u-1","identity":"a","grants":{}}"#).is_err());
-        assert!(read_attach(r#"{"type":"attach","userId":"","identity":"a","grants":{}}"#).is_err());
+        assert!(
+            read_attach(r#"{"type":"hello","userId":"u-1","identity":"a","grants":{}}"#).is_err()
+        );
+        assert!(
+            read_attach(r#"{"type":"attach","userId":"","identity":"a","grants":{}}"#).is_err()
+        );
         assert!(read_attach("{").is_err());
         assert!(secret_matches(b"0123456789abcdef", "0123456789abcdef"));
         assert!(!secret_matches(b"0123456789abcdeX", "0123456789abcdef"));

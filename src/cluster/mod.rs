@@ -150,7 +150,11 @@ impl Directory {
     /// room of that id right now.
     pub async fn locate(&self, room: &str, held: bool) -> Result<Located, Unavailable> {
         match self {
-            Directory::Local => Ok(if held { Located::Here(None) } else { Located::Nowhere }),
+            Directory::Local => Ok(if held {
+                Located::Here(None)
+            } else {
+                Located::Nowhere
+            }),
             Directory::Redis(r) => r.locate(room).await,
         }
     }
@@ -201,7 +205,10 @@ pub async fn heartbeat(hub: Arc<crate::signal::hub::Hub>, dir: Arc<RedisDirector
         }
         let lost = beat(&hub, &dir, cpu.percent()).await;
         for room in lost {
-            tracing::warn!(room, "another node owns this room now: its members here move there");
+            tracing::warn!(
+                room,
+                "another node owns this room now: its members here move there"
+            );
             hub.evict_room(&room);
         }
     }
@@ -259,7 +266,11 @@ impl CpuMeter {
         let p = match self.last {
             Some((t, s)) => {
                 let wall = at.duration_since(t).as_secs_f64();
-                if wall > 0.0 { 100.0 * (now - s) / wall } else { 0.0 }
+                if wall > 0.0 {
+                    100.0 * (now - s) / wall
+                } else {
+                    0.0
+                }
             }
             None => 0.0,
         };
@@ -321,8 +332,8 @@ mod tests {
 
     #[test]
     fn node_entries_read_back_with_defaults_for_missing_fields() {
-        let n: NodeInfo = serde_json::from_str(r#"{"id":"n1","http":"http://10.0.0.1:8080"}"#)
-            .expect("parses");
+        let n: NodeInfo =
+            serde_json::from_str(r#"{"id":"n1","http":"http://10.0.0.1:8080"}"#).expect("parses");
         assert_eq!(n.members, 0);
         assert!(!n.draining);
         let back: NodeInfo =

@@ -276,7 +276,10 @@ impl RedisDirectory {
             let epoch = epoch.parse().unwrap_or(0);
             if taken == "1" {
                 self.metrics.takeovers.inc();
-                info!(room, epoch, "took the room over (its owner is gone or let it go)");
+                info!(
+                    room,
+                    epoch, "took the room over (its owner is gone or let it go)"
+                );
             }
             self.owned
                 .lock()
@@ -287,7 +290,9 @@ impl RedisDirectory {
         }
         match serde_json::from_str::<NodeInfo>(info) {
             Ok(node) => Ok(Located::There(node)),
-            Err(e) => Err(Unavailable(format!("bad registry entry of node {owner}: {e}"))),
+            Err(e) => Err(Unavailable(format!(
+                "bad registry entry of node {owner}: {e}"
+            ))),
         }
     }
 

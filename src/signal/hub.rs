@@ -387,7 +387,12 @@ impl Hub {
         }
         self.room_count.fetch_add(1, Ordering::SeqCst);
         if self
-            .make_room("", settings.max_peers, settings.mode, Some(room_id.to_string()))
+            .make_room(
+                "",
+                settings.max_peers,
+                settings.mode,
+                Some(room_id.to_string()),
+            )
             .is_err()
         {
             self.room_count.fetch_sub(1, Ordering::SeqCst);

@@ -224,7 +224,12 @@ pub async fn run_attached(
     async move {
         let mut s = Session::new(hub, socket, slot, None);
         if !s.slot.promote() {
-            refuse(s.socket, close::TRY_AGAIN_LATER, "too many sessions (max_connections)").await;
+            refuse(
+                s.socket,
+                close::TRY_AGAIN_LATER,
+                "too many sessions (max_connections)",
+            )
+            .await;
             return;
         }
         let (tx, kick) = s.pending.take().expect("not registered yet");
@@ -234,7 +239,12 @@ pub async fn run_attached(
             moved: s.moved.clone(),
         };
         if !s.hub.register_as(&attach.user_id, handle) {
-            refuse(s.socket, close::POLICY_VIOLATION, "this user id has a session here").await;
+            refuse(
+                s.socket,
+                close::POLICY_VIOLATION,
+                "this user id has a session here",
+            )
+            .await;
             return;
         }
         s.events_tx = Some(tx);
@@ -827,7 +837,9 @@ impl Session {
                             Err(e) if Instant::now() >= deadline => {
                                 let err = SignalError::new(
                                     ErrorCode::ClusterUnavailable,
-                                    format!("the node of room {room:?} cannot be reached ({e}): try again"),
+                                    format!(
+                                        "the node of room {room:?} cannot be reached ({e}): try again"
+                                    ),
                                 );
                                 return Some(self.reply(id, Err(err)).await);
                             }
@@ -868,7 +880,9 @@ impl Session {
                         Err(e) => {
                             let err = SignalError::new(
                                 ErrorCode::ClusterUnavailable,
-                                format!("the node chosen for the room cannot be reached ({e}): try again"),
+                                format!(
+                                    "the node chosen for the room cannot be reached ({e}): try again"
+                                ),
                             );
                             Some(self.reply(id, Err(err)).await)
                         }

@@ -1,0 +1,683 @@
+//! Ferry as a cluster, with the real parts: a real `redis-server` and real `ferry` processes on
+//! loopback, configured as docs/deploy.md tells operators (`redis_url`, `node_address`,
+//! `cluster_secret`). Members whose WebSockets reach different nodes meet and signal as in one
+//! node; a room's owner killed with SIGKILL has its room taken over; a drained node hands its
+//! rooms off; Redis restarting leaves calls alone; nothing is left in Redis once everyone left.
+//! The directory's scripts are also driven directly, two directories on one Redis, to check
+//! ownership and fencing step by step.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry::cluster::{Located, Placed, RedisDirectory, RoomSettings};
+use ferry::config::ClusterConfig;
+use ferry::signal::protocol::RoomMode;
+use serde_json::json;
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+/// Short, so that a killed node's rooms are taken over quickly in the tests.
+const NODE_TTL: &str = "1500ms";
+
+/// A real redis-server on a free loopback port, no persistence, stopped by PID when dropped.
+struct Redis {
+    child: ChildGuard,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    fn start(test: &str) -> Option<Redis> {
+        if !program_available("redis-server", "--version", test, "redis-server") {
+            return None;
+        }
+        let dir = TempDir::new("ferry-redis");
+        let port = free_port();
+        Some(Redis {
+            child: start_redis(port, &dir),
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill it (SIGKILL) and start it again on the same port, empty.
+    async fn restart_empty(&mut self, down_for: Duration) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        tokio::time::sleep(down_for).await;
+        self.child = start_redis(self.port, &self._dir);
+        assert!(wait_for_listener(SocketAddr::from(([127, 0, 0, 1], self.port))).await);
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    /// Every key of cluster `name`.
+    async fn keys(&self, name: &str) -> Vec<String> {
+        let mut c = self.conn().await;
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("ferry:{name}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+}
+
+fn start_redis(port: u16, dir: &TempDir) -> ChildGuard {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    ChildGuard(child)
+}
+
+/// One real `ferry` node of cluster `name`, its HTTP on 127.0.0.1 and a wildcard-free media port.
+struct Node {
+    child: ChildGuard,
+    http: SocketAddr,
+    _log: TempDir,
+}
+
+impl Node {
+    async fn start(redis: &Redis, name: &str, extra: &[&str]) -> Node {
+        let (http, media) = (free_port(), free_port());
+        let log = TempDir::new("ferry-node");
+        let out = std::fs::File::create(log.path().join("ferry.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "--http-listen",
+                &format!("127.0.0.1:{http}"),
+                "--media-listen",
+                &format!("127.0.0.1:{media}"),
+                "--redis-url",
+                &redis.url(),
+                "--cluster-name",
+                name,
+                "--node-address",
+                &format!("http://127.0.0.1:{http}"),
+                "--cluster-secret",
+                SECRET,
+                "--node-ttl",
+                NODE_TTL,
+                "--empty-room-ttl",
+                "1s",
+                "--drain-timeout",
+                "10s",
+            ])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start ferry");
+        let http = SocketAddr::from(([127, 0, 0, 1], http));
+        assert!(wait_for_listener(http).await, "ferry did not listen");
+        Node {
+            child: ChildGuard(child),
+            http,
+            _log: log,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.0.id() as i32
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+
+    fn sigterm(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._log.path().join("ferry.log")).unwrap_or_default()
+    }
+}
+
+/// Wait until every node's registry shows `n` nodes (each node reads it at its heartbeat).
+async fn until_nodes_seen(nodes: &[&Node], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in nodes {
+        loop {
+            let (_, body) = http_get(node.http, "/readyz").await;
+            if body.contains(&format!("{n} nodes seen")) && body.contains("redis reachable") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never saw {n} nodes: {body}",
+                node.http
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn cluster_name(test: &str) -> String {
+    format!("{test}-{:x}", rand::random::<u32>())
+}
+
+/// Alice on node 1 makes a room; Bob, on node 2, joins it. Everything a member of one node does
+/// works between them: presence both ways, offers/answers/candidates with `from`, errors as on
+/// one node (unknown target, room full, already in room, a room that does not exist), leaving.
+#[tokio::test]
+async fn members_on_two_nodes_meet_and_signal_as_on_one() {
+    let Some(redis) = Redis::start("members_on_two_nodes_meet_and_signal_as_on_one") else {
+        return;
+    };
+    let name = cluster_name("meet");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+
+    let mut alice = Client::joined_hello(n1.http, "alice").await;
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    let room = alice
+        .create_room(json!({"maxPeers": 2, "roomId": format!("r-{name}")}))
+        .await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("alice joins on the owner");
+    // A room that does not exist anywhere: the same error as on one node.
+    let err = bob
+        .request("joinRoom", json!({"roomId": "no-such-room"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "room_not_found");
+    // The same id again, from the other node: taken in the cluster.
+    let err = bob
+        .request("createRoom", json!({"roomId": room}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "room_exists");
+
+    let joined = bob
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("bob joins through node 2");
+    assert_eq!(joined["members"][0]["userId"], alice.user_id.as_str());
+    assert_eq!(joined["maxPeers"], 2);
+    let ev = alice.event().await;
+    assert_eq!(ev["event"], "join");
+    assert_eq!(ev["userId"], bob.user_id.as_str());
+    assert_eq!(ev["identity"], "bob");
+
+    // P2P signaling both ways, in order.
+    for i in 0..20 {
+        bob.request(
+            "candidate",
+            json!({"to": alice.user_id, "candidate": {"candidate": format!("candidate:{i} 1 udp 1 127.0.0.1 {} typ host", 5000 + i), "sdpMid": "0", "sdpMLineIndex": 0}}),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..20 {
+        let c = alice.event_where(|e| e["type"] == "candidate").await;
+        assert_eq!(c["from"], bob.user_id.as_str());
+        assert!(
+            c["candidate"]["candidate"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("candidate:{i} ")),
+            "in order: {c}"
+        );
+    }
+    alice
+        .request(
+            "offer",
+            json!({"to": bob.user_id, "sdp": "v=0\r\n", "meta": {"streams": {}}}),
+        )
+        .await
+        .unwrap();
+    let offer = bob.event_where(|e| e["type"] == "offer").await;
+    assert_eq!(offer["from"], alice.user_id.as_str());
+    bob.request("answer", json!({"to": alice.user_id, "sdp": "v=0\r\n"}))
+        .await
+        .unwrap();
+    let answer = alice.event_where(|e| e["type"] == "answer").await;
+    assert_eq!(answer["from"], bob.user_id.as_str());
+
+    // Errors from the owner reach the member on the other node unchanged.
+    let err = bob
+        .request("offer", json!({"to": "u-nobody", "sdp": "v=0\r\n"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "target_not_found");
+    let err = bob
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "already_in_room");
+    let mut carol = Client::joined_hello(n2.http, "carol").await;
+    let err = carol
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "room_full", "{err:?}");
+    let err = bob.request("bogus", json!({})).await.unwrap_err();
+    assert_eq!(err.0, "unknown_type");
+
+    // Leaving from node 2: alice sees it; bob can join another room afterwards.
+    bob.request("leaveRoom", json!({})).await.unwrap();
+    let ev = alice.event_where(|e| e["type"] == "presence").await;
+    assert_eq!(ev["event"], "leave");
+    assert_eq!(ev["userId"], bob.user_id.as_str());
+    let other = bob.create_room(json!({})).await;
+    bob.request("joinRoom", json!({"roomId": other}))
+        .await
+        .expect("a room of its own after leaving the remote one");
+
+    let (_, metrics) = http_get(n2.http, "/metrics").await;
+    assert!(
+        metric(
+            &metrics,
+            "ferry_cluster_forwarded_messages_total{direction=\"to_owner\"}"
+        )
+        .unwrap_or(0.0)
+            >= 20.0,
+        "node 2 forwarded bob's messages"
+    );
+    assert_eq!(metric(&metrics, "ferry_cluster_nodes"), Some(2.0));
+    assert_eq!(metric(&metrics, "ferry_cluster_redis_up"), Some(1.0));
+}
+
+/// A member whose room's owner is killed (SIGKILL) is told (1012) by its own node, reconnects,
+/// and joins the room again: the room was taken over by the node it reached, with its settings,
+/// once the dead node's registry entry expired.
+#[tokio::test]
+async fn a_room_whose_owner_is_killed_is_taken_over() {
+    let Some(redis) = Redis::start("a_room_whose_owner_is_killed_is_taken_over") else {
+        return;
+    };
+    let name = cluster_name("kill");
+    let mut n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let mut alice = Client::joined_hello(n1.http, "alice").await;
+    let room = alice
+        .create_room(json!({"maxPeers": 3, "mode": "relay"}))
+        .await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+
+    n1.kill9();
+    let killed = Instant::now();
+    let (code, _) = bob.expect_close().await;
+    assert_eq!(
+        code, 1012,
+        "the member on the surviving node is told its room moved"
+    );
+    // What the SDK does: a new session, the same room (retrying while the directory says the
+    // room cannot be reached yet).
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    let joined = loop {
+        match bob.request("joinRoom", json!({"roomId": room})).await {
+            Ok(j) => break j,
+            Err((code, msg)) => {
+                assert_eq!(code, "cluster_unavailable", "{msg}");
+                assert!(
+                    killed.elapsed() < Duration::from_secs(10),
+                    "never taken over"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(joined["maxPeers"], 3, "the room's settings survive");
+    assert_eq!(joined["mode"], "relay");
+    eprintln!(
+        "room taken over {} ms after its owner was killed",
+        killed.elapsed().as_millis()
+    );
+    // Alice, reconnecting to the survivor, finds bob there.
+    let mut alice = Client::joined_hello(n2.http, "alice").await;
+    let j = alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    assert_eq!(j["members"][0]["userId"], bob.user_id.as_str());
+    let (_, metrics) = http_get(n2.http, "/metrics").await;
+    assert_eq!(
+        metric(&metrics, "ferry_cluster_room_takeovers_total"),
+        Some(1.0)
+    );
+}
+
+/// A node that drains gives its rooms to another node and closes its members with 1012; they
+/// join again through any node and meet on the heir. The drained node refuses new sessions and
+/// leaves the registry when it stops.
+#[tokio::test]
+async fn a_draining_node_hands_its_rooms_off() {
+    let Some(redis) = Redis::start("a_draining_node_hands_its_rooms_off") else {
+        return;
+    };
+    let name = cluster_name("drain");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let mut alice = Client::joined_hello(n1.http, "alice").await;
+    let room = alice.create_room(json!({"maxPeers": 4})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+
+    n1.sigterm();
+    let (code, _) = alice.expect_close().await;
+    assert_eq!(code, 1012, "alice, on the draining node");
+    let (code, _) = bob.expect_close().await;
+    assert_eq!(code, 1012, "bob, linked to the draining node");
+    let (status, _) = http_get(n1.http, "/readyz").await;
+    assert_eq!(status, 503);
+
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("the room lives on node 2 now");
+    let mut alice = Client::joined_hello(n2.http, "alice").await;
+    let j = alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    assert_eq!(j["members"][0]["userId"], bob.user_id.as_str());
+    assert_eq!(j["maxPeers"], 4);
+    // The drained node stops and leaves the registry at once.
+    let mut n1 = n1;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while n1.child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "node 1 did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = redis.keys(&name).await;
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("node:") && !k.ends_with(&node_id_of(&n2))),
+        "{keys:?}"
+    );
+    assert!(n1.log().contains("rooms handed off"), "{}", n1.log());
+}
+
+fn node_id_of(n: &Node) -> String {
+    // The node's id is in its first log lines.
+    let log = n.log();
+    let at = log.find("node=").map(|i| &log[i + 5..]).unwrap_or_default();
+    at.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Redis goes away in the middle of a call: the call goes on (signaling between members on two
+/// nodes does not touch Redis), a new join that needs the directory gets a clear retryable
+/// error, and once Redis is back (empty) the owner writes its rooms again and joins work.
+#[tokio::test]
+async fn calls_go_on_while_redis_is_away_and_all_recovers() {
+    let Some(mut redis) = Redis::start("calls_go_on_while_redis_is_away_and_all_recovers") else {
+        return;
+    };
+    let name = cluster_name("redis");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let (mut alice, mut bob, room) = {
+        let mut alice = Client::joined_hello(n1.http, "alice").await;
+        let room = alice.create_room(json!({})).await;
+        alice
+            .request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        let mut bob = Client::joined_hello(n2.http, "bob").await;
+        bob.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        (alice, bob, room)
+    };
+    let _ = alice.event_where(|e| e["event"] == "join").await;
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    bob.request("offer", json!({"to": alice.user_id, "sdp": "v=0\r\n"}))
+        .await
+        .expect("signaling between nodes goes on without redis");
+    let o = alice.event_where(|e| e["type"] == "offer").await;
+    assert_eq!(o["from"], bob.user_id.as_str());
+    let mut carol = Client::joined_hello(n2.http, "carol").await;
+    let err = carol
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "cluster_unavailable", "{err:?}");
+    let (status, body) = http_get(n2.http, "/readyz").await;
+    assert_eq!(status, 200, "a node stays ready without redis: {body}");
+    assert!(body.contains("redis unreachable"), "{body}");
+    // The owner's own members still join its rooms.
+    let mut dave = Client::joined_hello(n1.http, "dave").await;
+    dave.request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("a room's owner takes joins without redis");
+
+    redis.restart_empty(Duration::ZERO).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match carol.request("joinRoom", json!({"roomId": room})).await {
+            Ok(j) => {
+                assert_eq!(j["members"].as_array().unwrap().len(), 3);
+                break;
+            }
+            Err((code, _)) => {
+                assert!(
+                    ["cluster_unavailable", "room_not_found"].contains(&code.as_str()),
+                    "{code}"
+                );
+                assert!(Instant::now() < deadline, "never recovered: {code}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let o = alice
+        .event_where(|e| e["type"] == "presence" && e["identity"] == "carol")
+        .await;
+    assert_eq!(o["event"], "join");
+}
+
+/// Everyone leaves, the room expires, the nodes stop: nothing of the cluster is left in Redis.
+#[tokio::test]
+async fn no_keys_are_left_behind_after_everyone_leaves() {
+    let Some(redis) = Redis::start("no_keys_are_left_behind_after_everyone_leaves") else {
+        return;
+    };
+    let name = cluster_name("keys");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let mut alice = Client::joined_hello(n1.http, "alice").await;
+    let room = alice.create_room(json!({})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let keys = redis.keys(&name).await;
+    assert!(
+        keys.contains(&format!("ferry:{name}:room:{room}")),
+        "{keys:?}"
+    );
+    bob.request("leaveRoom", json!({})).await.unwrap();
+    alice.request("leaveRoom", json!({})).await.unwrap();
+    drop((alice, bob));
+    // empty_room_ttl is 1 s in these tests.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.keys(&name).await.iter().any(|k| k.contains(":room:")) {
+        assert!(Instant::now() < deadline, "the room's key stayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for mut n in [n1, n2] {
+        n.sigterm();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while n.child.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "node did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(redis.keys(&name).await, Vec::<String>::new());
+}
+
+/// A node's `/cluster/attach` takes only the cluster's secret.
+#[tokio::test]
+async fn member_links_need_the_cluster_secret() {
+    let Some(redis) = Redis::start("member_links_need_the_cluster_secret") else {
+        return;
+    };
+    let n1 = Node::start(&redis, &cluster_name("secret"), &[]).await;
+    let req = concat!(
+        "GET /cluster/attach HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         x-ferry-cluster-secret: not-the-secret-at-all\r\n\r\n"
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(n1.http).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+fn dir_config(redis: &Redis, name: &str, node: &str) -> ClusterConfig {
+    ClusterConfig {
+        redis_url: redis.url(),
+        name: name.into(),
+        node_id: node.into(),
+        node_address: format!("http://{node}.invalid:8080"),
+        secret: SECRET.into(),
+        node_ttl: Duration::from_millis(1000),
+    }
+}
+
+/// The directory's logic, step by step on a real Redis with two directories: a claim, a
+/// locate from the other node, a takeover once the owner's entry is gone, and fencing: the old
+/// owner's release and renewal fail, its check reports the room lost.
+#[tokio::test]
+async fn the_directory_fences_ownership_by_epoch() {
+    let Some(redis) = Redis::start("the_directory_fences_ownership_by_epoch") else {
+        return;
+    };
+    assert!(wait_for_listener(SocketAddr::from(([127, 0, 0, 1], redis.port))).await);
+    let name = cluster_name("dir");
+    let reg_a = prometheus::Registry::new();
+    let reg_b = prometheus::Registry::new();
+    let a = RedisDirectory::new(dir_config(&redis, &name, "a"), vec![], &reg_a).unwrap();
+    let b = RedisDirectory::new(dir_config(&redis, &name, "b"), vec![], &reg_b).unwrap();
+    assert!(a.beat(0, 0, 0.0, false).await.is_empty());
+    assert!(b.beat(0, 0, 0.0, false).await.is_empty());
+    assert!(a.beat(0, 0, 0.0, false).await.is_empty());
+    assert_eq!(a.nodes().len(), 2);
+    let s = RoomSettings {
+        max_peers: 5,
+        mode: RoomMode::Relay,
+    };
+    assert_eq!(a.place("r1", s).await.unwrap(), Placed::Here);
+    assert_eq!(b.place("r1", s).await.unwrap(), Placed::Exists);
+    match b.locate("r1").await.unwrap() {
+        Located::There(n) => assert_eq!(n.id, "a"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.locate("r2").await.unwrap(), Located::Nowhere);
+
+    // a stops beating: its entry expires (node_ttl 1 s); b takes r1 over at epoch 2.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    b.beat(0, 0, 0.0, false).await;
+    assert_eq!(
+        b.nodes().len(),
+        1,
+        "a dropped out of the registry by itself"
+    );
+    assert_eq!(b.locate("r1").await.unwrap(), Located::Here(Some(s)));
+    let mut c = redis.conn().await;
+    let epoch: String = redis::cmd("HGET")
+        .arg(format!("ferry:{name}:room:r1"))
+        .arg("epoch")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(epoch, "2");
+    // a comes back (a partition healed): its next check finds r1 lost, and its release of it
+    // does nothing.
+    assert_eq!(a.beat(0, 0, 0.0, false).await, vec!["r1".to_string()]);
+    assert!(!a.owns("r1"));
+    a.release("r1").await;
+    match a.locate("r1").await.unwrap() {
+        Located::There(n) => assert_eq!(n.id, "b"),
+        other => panic!("{other:?}"),
+    }
+    // b hands its rooms to a (a drain): a owns r1 at epoch 3 without locating it again... once
+    // it locates it; b's later release does nothing.
+    assert_eq!(b.hand_off_all("a").await, vec!["r1".to_string()]);
+    assert_eq!(a.locate("r1").await.unwrap(), Located::Here(Some(s)));
+    b.release("r1").await;
+    let owner: String = redis::cmd("HGET")
+        .arg(format!("ferry:{name}:room:r1"))
+        .arg("owner")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(owner, "a");
+    // The owner deletes its room's entry; leaving removes its node entry.
+    a.release("r1").await;
+    a.leave().await;
+    b.leave().await;
+    assert_eq!(redis.keys(&name).await, Vec::<String>::new());
+}
