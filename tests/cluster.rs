@@ -579,11 +579,9 @@ async fn member_links_need_the_cluster_secret() {
         return;
     };
     let n1 = Node::start(&redis, &cluster_name("secret"), &[]).await;
-    let req = concat!(
-        "GET /cluster/attach HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+    let req = "GET /cluster/attach HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         x-ferry-cluster-secret: not-the-secret-at-all\r\n\r\n"
-    );
+         x-ferry-cluster-secret: not-the-secret-at-all\r\n\r\n";
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(n1.http).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
