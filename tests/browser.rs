@@ -2536,3 +2536,122 @@ async fn after_a_restart_members_come_back_into_their_room() {
         );
     }
 }
+
+/// A member in Chromium whose SDK connects to `url` (a balancer in front of a cluster):
+/// creates a room (when `room` is None) or joins it, and publishes its camera.
+fn sdk_member_at(url: &str, room: Option<&str>) -> String {
+    let room = room.map_or("null".to_string(), |r| format!("{r:?}"));
+    format!(
+        "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true, audio: true }}); \
+         const f = new window.Ferry({{}}); window.demo.ferry = f; window.demo.local = s; \
+         const w = await f.init({url:?}); \
+         const roomId = {room} || (await f.createRoom({{}})).roomId; await f.joinRoom(roomId); \
+         await f.publish(s, 'cam'); return {{ roomId, userId: w.userId }}; }})()"
+    )
+}
+
+/// Every other member of the page's room (`n` of them, none of `not`) decoded more than 10
+/// video frames in `mode`; null until then.
+fn all_decoded(n: usize, mode: &str, not: &[String]) -> String {
+    let not = serde_json::to_string(not).unwrap();
+    format!(
+        "(async () => {{ const f = window.demo.ferry; const ids = [...f._members.keys()]; \
+         if (ids.length !== {n} || ids.some((i) => {not}.includes(i))) return null; const out = {{}}; \
+         for (const id of ids) {{ if (f.getMode(id) !== {mode:?}) return null; const s = f.getStream(id); \
+           if (!s || !s.getVideoTracks().length) return null; const r = await f.getStats(id); if (!r) return null; \
+           let frames = 0; const tid = s.getVideoTracks()[0].id; \
+           r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video' && (!x.trackIdentifier || x.trackIdentifier === tid)) frames += x.framesDecoded || 0; }}); \
+           if (frames <= 10) return null; out[id] = frames; }} return out; }})()"
+    )
+}
+
+/// Two real `ferry` nodes sharing a real Redis, behind a real nginx doing plain round-robin
+/// (no hashing), in the test's own namespace. Alice's and Bob's SDKs connect through nginx and
+/// land on different nodes: they meet and decode each other P2P. Carol joins: the room goes
+/// through the relay of the room's node, and everyone decodes everyone. Then the room's node is
+/// killed (SIGKILL): every SDK reconnects by itself through nginx, the surviving node takes the
+/// room over, and everyone decodes everyone through its relay again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_behind_round_robin_carries_calls_and_survives_its_owner() {
+    let test = "a_cluster_behind_round_robin_carries_calls_and_survives_its_owner";
+    if !runs_here(test, &[("redis-server", "--version"), ("nginx", "-v")]) {
+        return;
+    }
+    use common::cluster::*;
+    let redis = Redis::start(test).expect("redis-server");
+    let name = cluster_name("browser");
+    let mut nodes = vec![
+        Node::start(&redis, &name, &[]).await,
+        Node::start(&redis, &name, &[]).await,
+    ];
+    until_nodes_seen(&[&nodes[0], &nodes[1]], 2).await;
+    let dir = TempDir::new("ferry-nginx");
+    let lb = free_port();
+    let _nginx = nginx_round_robin(&dir, lb, &[nodes[0].http, nodes[1].http]);
+    assert!(wait_for_listener(std::net::SocketAddr::from(([127, 0, 0, 1], lb))).await);
+    let url = format!("ws://127.0.0.1:{lb}/ws");
+    // Pages come from node 0 directly: only the WebSockets go through nginx.
+    let origin = format!("http://{}", nodes[0].http);
+    let (mut ba, a) = member_page_at(&origin, "alice").await;
+    let (mut bb, b) = member_page_at(&origin, "bob").await;
+    let ra = ba.eval(&a, &sdk_member_at(&url, None)).await;
+    let room = ra["roomId"].as_str().unwrap().to_string();
+    let rb = bb.eval(&b, &sdk_member_at(&url, Some(&room))).await;
+    let (a_id, b_id) = (
+        ra["userId"].as_str().unwrap().to_string(),
+        rb["userId"].as_str().unwrap().to_string(),
+    );
+    wait_or_explain(&mut ba, &a, &decoded_via(&b_id, "p2p", 10), &b_id).await;
+    wait_or_explain(&mut bb, &b, &decoded_via(&a_id, "p2p", 10), &a_id).await;
+    let mut linked = 0.0;
+    for n in &nodes {
+        let (_, m) = http_get(n.http, "/metrics").await;
+        linked += metric(&m, "ferry_cluster_links{direction=\"out\"}").unwrap_or(0.0);
+    }
+    assert!(
+        linked >= 1.0,
+        "round-robin put alice and bob on different nodes: one is linked to the room's node"
+    );
+
+    let (mut bc, c) = member_page_at(&origin, "carol").await;
+    let rc = bc.eval(&c, &sdk_member_at(&url, Some(&room))).await;
+    let c_id = rc["userId"].as_str().unwrap().to_string();
+    let before = vec![a_id.clone(), b_id.clone(), c_id.clone()];
+    for (br, page, who) in [
+        (&mut ba, &a, &b_id),
+        (&mut bb, &b, &a_id),
+        (&mut bc, &c, &a_id),
+    ] {
+        wait_or_explain(br, page, &all_decoded(2, "relay", &[]), who).await;
+    }
+
+    // Kill the room's node.
+    let mut conn = redis.conn().await;
+    let owner: String = redis::cmd("HGET")
+        .arg(format!("ferry:{name}:room:{room}"))
+        .arg("owner")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let i = nodes
+        .iter()
+        .position(|n| n.id() == owner)
+        .expect("owner is a node");
+    nodes[i].kill9();
+    let killed = Instant::now();
+    let mut back = Vec::new();
+    for (br, page, who) in [
+        (&mut ba, &a, &b_id),
+        (&mut bb, &b, &a_id),
+        (&mut bc, &c, &a_id),
+    ] {
+        wait_or_explain(br, page, &all_decoded(2, "relay", &before), who).await;
+        back.push(killed.elapsed().as_millis());
+    }
+    eprintln!(
+        "relayed media decoded again by all three {back:?} ms after the room's node was killed"
+    );
+    let survivor = &nodes[1 - i];
+    let (_, m) = http_get(survivor.http, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_cluster_room_takeovers_total"), Some(1.0));
+}

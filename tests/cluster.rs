@@ -9,187 +9,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cluster::*;
 use common::*;
 use ferry::cluster::{Located, Placed, RedisDirectory, RoomSettings};
 use ferry::config::ClusterConfig;
 use ferry::signal::protocol::RoomMode;
 use serde_json::json;
-
-const SECRET: &str = "cluster-test-secret-0123456789";
-/// Short, so that a killed node's rooms are taken over quickly in the tests.
-const NODE_TTL: &str = "1500ms";
-
-/// A real redis-server on a free loopback port, no persistence, stopped by PID when dropped.
-struct Redis {
-    child: ChildGuard,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl Redis {
-    fn start(test: &str) -> Option<Redis> {
-        if !program_available("redis-server", "--version", test, "redis-server") {
-            return None;
-        }
-        let dir = TempDir::new("ferry-redis");
-        let port = free_port();
-        Some(Redis {
-            child: start_redis(port, &dir),
-            port,
-            _dir: dir,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Kill it (SIGKILL) and start it again on the same port, empty.
-    async fn restart_empty(&mut self, down_for: Duration) {
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-        tokio::time::sleep(down_for).await;
-        self.child = start_redis(self.port, &self._dir);
-        assert!(wait_for_listener(SocketAddr::from(([127, 0, 0, 1], self.port))).await);
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-    }
-
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to redis")
-    }
-
-    /// Every key of cluster `name`.
-    async fn keys(&self, name: &str) -> Vec<String> {
-        let mut c = self.conn().await;
-        let mut keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("ferry:{name}:*"))
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        keys.sort();
-        keys
-    }
-}
-
-fn start_redis(port: u16, dir: &TempDir) -> ChildGuard {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    ChildGuard(child)
-}
-
-/// One real `ferry` node of cluster `name`, its HTTP on 127.0.0.1 and a wildcard-free media port.
-struct Node {
-    child: ChildGuard,
-    http: SocketAddr,
-    _log: TempDir,
-}
-
-impl Node {
-    async fn start(redis: &Redis, name: &str, extra: &[&str]) -> Node {
-        let (http, media) = (free_port(), free_port());
-        let log = TempDir::new("ferry-node");
-        let out = std::fs::File::create(log.path().join("ferry.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "--http-listen",
-                &format!("127.0.0.1:{http}"),
-                "--media-listen",
-                &format!("127.0.0.1:{media}"),
-                "--redis-url",
-                &redis.url(),
-                "--cluster-name",
-                name,
-                "--node-address",
-                &format!("http://127.0.0.1:{http}"),
-                "--cluster-secret",
-                SECRET,
-                "--node-ttl",
-                NODE_TTL,
-                "--empty-room-ttl",
-                "1s",
-                "--drain-timeout",
-                "10s",
-            ])
-            .args(extra)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start ferry");
-        let http = SocketAddr::from(([127, 0, 0, 1], http));
-        assert!(wait_for_listener(http).await, "ferry did not listen");
-        Node {
-            child: ChildGuard(child),
-            http,
-            _log: log,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.0.id() as i32
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-    }
-
-    fn sigterm(&self) {
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._log.path().join("ferry.log")).unwrap_or_default()
-    }
-}
-
-/// Wait until every node's registry shows `n` nodes (each node reads it at its heartbeat).
-async fn until_nodes_seen(nodes: &[&Node], n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for node in nodes {
-        loop {
-            let (_, body) = http_get(node.http, "/readyz").await;
-            if body.contains(&format!("{n} nodes seen")) && body.contains("redis reachable") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} never saw {n} nodes: {body}",
-                node.http
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn cluster_name(test: &str) -> String {
-    format!("{test}-{:x}", rand::random::<u32>())
-}
 
 /// Alice on node 1 makes a room; Bob, on node 2, joins it. Everything a member of one node does
 /// works between them: presence both ways, offers/answers/candidates with `from`, errors as on
@@ -437,21 +264,10 @@ async fn a_draining_node_hands_its_rooms_off() {
     assert!(
         !keys
             .iter()
-            .any(|k| k.contains("node:") && !k.ends_with(&node_id_of(&n2))),
+            .any(|k| k.contains("node:") && !k.ends_with(&n2.id())),
         "{keys:?}"
     );
     assert!(n1.log().contains("rooms handed off"), "{}", n1.log());
-}
-
-fn node_id_of(n: &Node) -> String {
-    // The node's id is in its first log lines.
-    let log = n.log();
-    let at = log.find("node=").map(|i| &log[i + 5..]).unwrap_or_default();
-    at.split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .trim_matches('"')
-        .to_string()
 }
 
 /// Redis goes away in the middle of a call: the call goes on (signaling between members on two
@@ -600,7 +416,7 @@ fn dir_config(redis: &Redis, name: &str, node: &str) -> ClusterConfig {
         name: name.into(),
         node_id: node.into(),
         node_address: format!("http://{node}.invalid:8080"),
-        secret: SECRET.into(),
+        secret: CLUSTER_SECRET.into(),
         node_ttl: Duration::from_millis(1000),
     }
 }
