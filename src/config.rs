@@ -200,7 +200,7 @@ pub struct ServeArgs {
     /// Shared secret the nodes of a cluster present to each other (default: api_secret).
     #[arg(long, env = "FERRY_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
-    /// A node that has not refreshed its entry in the registry for this long is dead (e.g. "3s").
+    /// A node that has not refreshed its entry in the registry for this long is dead (e.g. "2s").
     #[arg(long, env = "FERRY_NODE_TTL")]
     pub node_ttl: Option<String>,
 }
@@ -514,7 +514,7 @@ fn cluster_config(
     };
     let node_ttl = match node_ttl {
         Some(s) => parse_duration("node_ttl", &s)?,
-        None => Duration::from_secs(3),
+        None => Duration::from_secs(2),
     };
     if node_ttl < Duration::from_millis(500) {
         return Err(invalid("node_ttl", "must be at least 500ms"));

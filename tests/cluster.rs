@@ -495,3 +495,141 @@ async fn the_directory_fences_ownership_by_epoch() {
     b.leave().await;
     assert_eq!(redis.keys(&name).await, Vec::<String>::new());
 }
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Directory operations of joins and creations (not the heartbeat's) a node has done.
+async fn join_ops(node: &Node) -> f64 {
+    let (_, m) = http_get(node.http, "/metrics").await;
+    ["locate", "claim", "release"]
+        .iter()
+        .map(|op| {
+            metric(
+                &m,
+                &format!("ferry_cluster_directory_seconds_count{{op=\"{op}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// The numbers of docs/performance.md "Cluster": join latency for a member on the room's node
+/// and on another node, directory operations per join, and the signaling messages per second
+/// one node forwards for another. Run it with
+/// `cargo test --release --test cluster -- --ignored --nocapture cluster_numbers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints numbers, asserts nothing about time"]
+async fn cluster_numbers() {
+    let Some(redis) = Redis::start("cluster_numbers") else {
+        return;
+    };
+    let name = cluster_name("numbers");
+    let fast = ["--rate-limit", "100000", "--rate-burst", "100000"];
+    let n1 = Node::start(&redis, &name, &fast).await;
+    let n2 = Node::start(&redis, &name, &fast).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let mut owner = Client::joined_hello(n1.http, "owner").await;
+    let room = owner.create_room(json!({"maxPeers": 50})).await;
+    owner
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    const JOINS: usize = 300;
+    for (label, node) in [("local", &n1), ("remote", &n2)] {
+        let ops_before = join_ops(node).await;
+        let mut times = Vec::new();
+        for _ in 0..JOINS {
+            let mut c = Client::joined_hello(node.http, "m").await;
+            let t = Instant::now();
+            c.request("joinRoom", json!({"roomId": room}))
+                .await
+                .unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            c.request("leaveRoom", json!({})).await.unwrap();
+        }
+        let ops = join_ops(node).await - ops_before;
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "join {label}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {JOINS}; directory operations per join {:.2}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times[times.len() - 1],
+            ops / JOINS as f64
+        );
+    }
+    let ops_before = join_ops(&n2).await;
+    for _ in 0..50 {
+        let mut c = Client::joined_hello(n2.http, "creator").await;
+        c.create_room(json!({})).await;
+    }
+    eprintln!(
+        "directory operations per createRoom: {:.2}",
+        (join_ops(&n2).await - ops_before) / 50.0
+    );
+
+    // Forwarding: senders on node 2 (their room is on node 1) send candidates to receivers on
+    // node 1 as fast as they can.
+    const PAIRS: usize = 8;
+    const EACH: usize = 5000;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..PAIRS {
+        let mut r = Client::joined_hello(n1.http, "rx").await;
+        let mut s = Client::joined_hello(n2.http, "tx").await;
+        let room = r.create_room(json!({"roomId": format!("fw-{i}")})).await;
+        r.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        s.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        let _ = r.event().await;
+        senders.push(s);
+        receivers.push(r);
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut s, mut r) in senders.into_iter().zip(receivers) {
+        let to = r.user_id.clone();
+        tasks.push(tokio::spawn(async move {
+            // A window of 100 requests in flight, and their 100 events read, before the next:
+            // no queue (256 messages) ever fills.
+            for window in 0..EACH / 100 {
+                for i in 0..100 {
+                    s.send_raw(
+                        &json!({"id": window * 100 + i, "type": "candidate", "to": to, "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0}})
+                            .to_string(),
+                    )
+                    .await;
+                }
+                let mut answered = 0;
+                while answered < 100 {
+                    let m = s.recv().await.expect("sender open");
+                    assert!(m.get("error").is_none(), "{m}");
+                    if m["type"] == "response" {
+                        answered += 1;
+                    }
+                }
+                let mut got = 0;
+                while got < 100 {
+                    let m = r.recv().await.expect("receiver open");
+                    if m["type"] == "candidate" {
+                        got += 1;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let total = (PAIRS * EACH) as f64;
+    eprintln!(
+        "forwarding: {total} requests from members on node 2 to a room on node 1 (each: request and response over the link, one event to the receiver) in {secs:.2} s: {:.0} requests/s, {:.0} messages/s over the links",
+        total / secs,
+        2.0 * total / secs
+    );
+}
