@@ -1048,4 +1048,101 @@ mod tests {
         let e = toml::from_str::<FileConfig>("htp_listen = \"x\"").unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
     }
+
+    #[test]
+    fn cluster_options() {
+        // No redis_url: one node, and the other cluster options are refused as meaningless.
+        let cfg = Config::merge(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert!(cfg.cluster.is_none());
+        let args = ServeArgs {
+            node_id: Some("n1".into()),
+            ..Default::default()
+        };
+        let e = Config::merge(&args, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("redis_url"), "{e}");
+
+        let cluster = |f: FileConfig| Config::merge(&ServeArgs::default(), f);
+        let base = || FileConfig {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            cluster_secret: Some("0123456789abcdef".into()),
+            ..Default::default()
+        };
+        let c = cluster(base()).unwrap().cluster.unwrap();
+        assert_eq!(c.name, "ferry");
+        assert!(c.node_id.starts_with("n-"));
+        assert_eq!(c.node_address, "http://127.0.0.1:8080");
+        assert_eq!(c.node_ttl, Duration::from_secs(2));
+        // A wildcard bind needs the address the other nodes use.
+        let e = cluster(FileConfig {
+            http_listen: Some("0.0.0.0:8080".into()),
+            ..base()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("node_address"), "{e}");
+        let c = cluster(FileConfig {
+            http_listen: Some("0.0.0.0:8080".into()),
+            node_address: Some("http://10.0.0.5:8080/".into()),
+            ..base()
+        })
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.node_address, "http://10.0.0.5:8080");
+        // The secret: its own, or the API secret, and not short.
+        for (secret, api, want) in [
+            (None, None, Some("cluster_secret")),
+            (Some("short"), None, Some("at least 16")),
+            (None, Some("s".repeat(32)), None),
+        ] {
+            let args = ServeArgs {
+                api_key: api.as_ref().map(|_| "k".into()),
+                api_secret: api,
+                ..Default::default()
+            };
+            let r = Config::merge(
+                &args,
+                FileConfig {
+                    cluster_secret: secret.map(String::from),
+                    ..base()
+                },
+            );
+            match want {
+                Some(w) => assert!(r.unwrap_err().to_string().contains(w)),
+                None => assert!(r.unwrap().cluster.is_some()),
+            }
+        }
+        for (field, bad) in [
+            (
+                "redis_url",
+                FileConfig {
+                    redis_url: Some("localhost:6379".into()),
+                    ..base()
+                },
+            ),
+            (
+                "cluster_name",
+                FileConfig {
+                    cluster_name: Some("a b".into()),
+                    ..base()
+                },
+            ),
+            (
+                "node_ttl",
+                FileConfig {
+                    node_ttl: Some("100ms".into()),
+                    ..base()
+                },
+            ),
+            (
+                "node_address",
+                FileConfig {
+                    node_address: Some("10.0.0.5:8080".into()),
+                    ..base()
+                },
+            ),
+        ] {
+            let e = cluster(bad).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+    }
 }
