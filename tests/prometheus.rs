@@ -93,7 +93,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 /// The metric families Ferry exports: name -> type, from a fresh registry.
 fn exported_families() -> BTreeMap<String, String> {
-    let text = ferry::metrics::Metrics::new().render();
+    let text = every_metric();
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .map(|l| {
@@ -101,6 +101,13 @@ fn exported_families() -> BTreeMap<String, String> {
             (name.to_string(), ty.to_string())
         })
         .collect()
+}
+
+/// What a node exports, a cluster node's metrics included.
+fn every_metric() -> String {
+    let m = ferry::metrics::Metrics::new();
+    let _cluster = ferry::cluster::ClusterMetrics::new(&m.registry);
+    m.render()
 }
 
 /// The family a sample name belongs to (`_bucket`, `_sum`, `_count` of a histogram).
@@ -282,7 +289,7 @@ fn every_exported_metric_is_documented_with_its_labels() {
         })
         .collect();
     let families = exported_families();
-    let text = ferry::metrics::Metrics::new().render();
+    let text = every_metric();
     for (name, ty) in &families {
         let row = rows
             .get(name)

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::signal::protocol::{ErrorCode, RoomMode, SignalError};
 
-pub use redis_dir::RedisDirectory;
+pub use redis_dir::{ClusterMetrics, RedisDirectory};
 
 /// What one node tells the others about itself (its registry entry).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

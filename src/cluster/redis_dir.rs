@@ -35,8 +35,20 @@ pub struct ClusterMetrics {
     pub rooms_lost: IntCounter,
 }
 
+/// The directory's operations, as `ferry_cluster_directory_seconds{op}` names them.
+pub const OPS: [&str; 7] = [
+    "locate",
+    "claim",
+    "release",
+    "handoff",
+    "heartbeat",
+    "check",
+    "leave",
+];
+
 impl ClusterMetrics {
-    fn new(registry: &prometheus::Registry) -> ClusterMetrics {
+    /// Registered in `registry`, every label value present from the start.
+    pub fn new(registry: &prometheus::Registry) -> ClusterMetrics {
         let m = ClusterMetrics {
             nodes: IntGauge::new(
                 "ferry_cluster_nodes",
@@ -112,6 +124,16 @@ impl ClusterMetrics {
             Box::new(m.rooms_lost.clone()),
         ] {
             registry.register(c).expect("cluster metrics register once");
+        }
+        for op in OPS {
+            m.ops.with_label_values(&[op]);
+            m.op_errors.with_label_values(&[op]);
+        }
+        for d in ["in", "out"] {
+            m.links.with_label_values(&[d]);
+        }
+        for d in ["to_owner", "from_owner"] {
+            m.forwarded.with_label_values(&[d]);
         }
         m
     }
