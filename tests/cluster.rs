@@ -633,3 +633,72 @@ async fn cluster_numbers() {
         2.0 * total / secs
     );
 }
+
+/// The fenced block of docs/deploy.md that starts with ```` ```lang ```` and holds `marker`.
+fn deploy_block(lang: &str, marker: &str) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/deploy.md"))
+        .expect("docs/deploy.md");
+    let fence = format!("```{lang}\n");
+    doc.split(fence.as_str())
+        .skip(1)
+        .map(|b| &b[..b.find("```").unwrap()])
+        .find(|b| b.contains(marker))
+        .unwrap_or_else(|| panic!("no {lang} block with {marker} in docs/deploy.md"))
+        .to_string()
+}
+
+/// The nginx and haproxy configurations that docs/deploy.md gives for a cluster are accepted by
+/// the real programs (`nginx -t`, `haproxy -c`).
+#[test]
+fn the_balancer_configs_in_deploy_md_are_valid() {
+    let test = "the_balancer_configs_in_deploy_md_are_valid";
+    let nginx = if std::path::Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    let haproxy = if std::path::Path::new("/usr/sbin/haproxy").exists() {
+        "/usr/sbin/haproxy"
+    } else {
+        "haproxy"
+    };
+    if !program_available(nginx, "-v", test, "nginx")
+        || !program_available(haproxy, "-v", test, "haproxy")
+    {
+        return;
+    }
+    let dir = TempDir::new("ferry-lb-conf");
+    let d = dir.path().display();
+    // The documented block goes into nginx's http context, as /etc/nginx/conf.d/ files do.
+    let block = deploy_block("nginx", "ferry_cluster");
+    let conf = format!(
+        "pid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\naccess_log off;\n\
+         client_body_temp_path {d}/cb; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
+         uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n{block}}}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let out = std::process::Command::new(nginx)
+        .args(["-t", "-c"])
+        .arg(dir.path().join("nginx.conf"))
+        .args(["-p", &d.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let block = deploy_block("haproxy", "ferry_cluster");
+    std::fs::write(dir.path().join("haproxy.cfg"), block).unwrap();
+    let out = std::process::Command::new(haproxy)
+        .args(["-c", "-f"])
+        .arg(dir.path().join("haproxy.cfg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "haproxy -c: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
