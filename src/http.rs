@@ -28,6 +28,7 @@ pub fn router(hub: Arc<Hub>, with_metrics: bool) -> Router {
         .route("/sdk/ferry.js", get(sdk))
         .route("/ws", get(ws))
         .route("/cluster/attach", get(attach))
+        .route("/cluster/ws", get(cluster_ws))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if with_metrics {
@@ -155,6 +156,41 @@ async fn attach(
     })
 }
 
+/// A client's connection carried from another node of the cluster (a `resume` of a session
+/// held here): the signaling WebSocket, with the client's address from that node.
+async fn cluster_ws(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(cluster) = hub.directory().cluster() else {
+        return (StatusCode::NOT_FOUND, "not a cluster node\n").into_response();
+    };
+    let presented = headers
+        .get(crate::cluster::link::SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !crate::cluster::link::secret_matches(presented, &cluster.config.secret) {
+        hub.metrics
+            .http_refused
+            .with_label_values(&["cluster_secret"])
+            .inc();
+        return (StatusCode::FORBIDDEN, "wrong or missing cluster secret\n").into_response();
+    }
+    let client = headers
+        .get(crate::cluster::link::CLIENT_IP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+        .map_or(remote, |ip| SocketAddr::new(ip, 0));
+    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
+    let upgrade = upgrade
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .max_message_size(limit)
+        .max_frame_size(limit);
+    upgrade.on_upgrade(move |socket| serve_session(hub, socket, client, None))
+}
+
 async fn ws(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
@@ -192,40 +228,49 @@ async fn ws(
         .max_message_size(limit)
         .max_frame_size(limit);
     let token = query.get("token").cloned();
-    upgrade.on_upgrade(move |socket| async move {
-        if hub.is_draining() {
-            session::refuse(socket, close::TRY_AGAIN_LATER, "server is draining").await;
+    upgrade.on_upgrade(move |socket| serve_session(hub, socket, remote, token))
+}
+
+/// A signaling WebSocket after its upgrade: refused while draining or past the pending caps,
+/// else a session.
+async fn serve_session(
+    hub: Arc<Hub>,
+    socket: axum::extract::ws::WebSocket,
+    remote: SocketAddr,
+    token: Option<String>,
+) {
+    if hub.is_draining() {
+        session::refuse(socket, close::TRY_AGAIN_LATER, "server is draining").await;
+        return;
+    }
+    let slot = match hub.try_connect(remote.ip()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            let (label, reason) = match why {
+                Refused::Pending => (
+                    "pending",
+                    format!(
+                        "too many connections waiting for hello (max_pending_connections = {})",
+                        hub.config.max_pending_connections
+                    ),
+                ),
+                Refused::PendingPerIp => (
+                    "pending_per_ip",
+                    format!(
+                        "too many connections from your address waiting for hello \
+                         (max_pending_per_ip = {})",
+                        hub.config.max_pending_per_ip
+                    ),
+                ),
+            };
+            hub.metrics.http_refused.with_label_values(&[label]).inc();
+            hub.metrics
+                .signal_errors
+                .with_label_values(&["too_many_connections"])
+                .inc();
+            session::refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
             return;
         }
-        let slot = match hub.try_connect(remote.ip()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                let (label, reason) = match why {
-                    Refused::Pending => (
-                        "pending",
-                        format!(
-                            "too many connections waiting for hello (max_pending_connections = {})",
-                            hub.config.max_pending_connections
-                        ),
-                    ),
-                    Refused::PendingPerIp => (
-                        "pending_per_ip",
-                        format!(
-                            "too many connections from your address waiting for hello \
-                             (max_pending_per_ip = {})",
-                            hub.config.max_pending_per_ip
-                        ),
-                    ),
-                };
-                hub.metrics.http_refused.with_label_values(&[label]).inc();
-                hub.metrics
-                    .signal_errors
-                    .with_label_values(&["too_many_connections"])
-                    .inc();
-                session::refuse(socket, close::TRY_AGAIN_LATER, &reason).await;
-                return;
-            }
-        };
-        session::run(hub, socket, slot, token, remote).await;
-    })
+    };
+    session::run(hub, socket, slot, token, remote).await;
 }

@@ -2565,33 +2565,70 @@ fn all_decoded(n: usize, mode: &str, not: &[String]) -> String {
     )
 }
 
-/// Two real `ferry` nodes sharing a real Redis, behind a real nginx doing plain round-robin
-/// (no hashing), in the test's own namespace. Alice's and Bob's SDKs connect through nginx and
-/// land on different nodes: they meet and decode each other P2P. Carol joins: the room goes
-/// through the relay of the room's node, and everyone decodes everyone. Then the room's node is
-/// killed (SIGKILL): every SDK reconnects by itself through nginx, the surviving node takes the
-/// room over, and everyone decodes everyone through its relay again.
+/// Start sampling, every 100 ms, the video frames the page decoded from `remote` on its direct
+/// connection (-1 when it has none), and remember that connection.
+fn sample_p2p_frames(remote: &str) -> String {
+    format!(
+        "(() => {{ const f = window.demo.ferry; window.keptLink = f._links.get({remote:?}); window.samples = []; \
+         window.connStates = []; f.addEventListener('connection', (e) => window.connStates.push(e.detail.state)); \
+         window.sampler = setInterval(async () => {{ const l = f._links.get({remote:?}); if (!l) {{ window.samples.push([performance.now(), -1]); return; }} \
+           const r = await l.pc.getStats(); let n = 0; r.forEach((x) => {{ if (x.type === 'inbound-rtp' && x.kind === 'video') n += x.framesDecoded || 0; }}); \
+           window.samples.push([performance.now(), n]); }}, 100); return true; }})()"
+    )
+}
+
+/// The longest time (ms) between two samples in which the decoded frames did not grow.
+fn longest_stall(samples: &Value) -> f64 {
+    let s = samples.as_array().unwrap();
+    let mut worst = 0.0f64;
+    let mut last_growth = s[0][0].as_f64().unwrap();
+    for w in s.windows(2) {
+        let (t, a, b) = (
+            w[1][0].as_f64().unwrap(),
+            w[0][1].as_f64().unwrap(),
+            w[1][1].as_f64().unwrap(),
+        );
+        if b > a && a >= 0.0 {
+            worst = worst.max(t - last_growth);
+            last_growth = t;
+        }
+    }
+    worst.max(s[s.len() - 1][0].as_f64().unwrap() - last_growth)
+}
+
+/// Four real `ferry` nodes sharing a real Redis, behind a real nginx doing plain round-robin
+/// (no hashing), in the test's own namespace; every SDK connects through nginx.
+/// - Alice and Bob land on different nodes and decode each other P2P.
+/// - The room's node is killed (SIGKILL): their SDKs reconnect through nginx and join the room
+///   again, taken over by another node, under the same user ids; their direct connection is the
+///   same one throughout and its video keeps being decoded.
+/// - Carol joins: the room goes through the relay of its node, everyone decodes everyone.
+/// - That node is killed: the room is taken over, everyone decodes everyone through the relay
+///   of its new node.
+/// - That node drains (SIGTERM): it hands the room to the last node, everyone rejoins there and
+///   decodes everyone through its relay again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_behind_round_robin_carries_calls_and_survives_its_owner() {
-    let test = "a_cluster_behind_round_robin_carries_calls_and_survives_its_owner";
+async fn a_cluster_behind_round_robin_carries_calls_through_a_kill_and_a_drain() {
+    let test = "a_cluster_behind_round_robin_carries_calls_through_a_kill_and_a_drain";
     if !runs_here(test, &[("redis-server", "--version"), ("nginx", "-v")]) {
         return;
     }
     use common::cluster::*;
     let redis = Redis::start(test).expect("redis-server");
     let name = cluster_name("browser");
-    let mut nodes = vec![
-        Node::start(&redis, &name, &[]).await,
-        Node::start(&redis, &name, &[]).await,
-    ];
-    until_nodes_seen(&[&nodes[0], &nodes[1]], 2).await;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(Node::start(&redis, &name, &[]).await);
+    }
+    until_nodes_seen(&nodes.iter().collect::<Vec<_>>(), 4).await;
     let dir = TempDir::new("ferry-nginx");
     let lb = free_port();
-    let _nginx = nginx_round_robin(&dir, lb, &[nodes[0].http, nodes[1].http]);
+    let addrs: Vec<_> = nodes.iter().map(|n| n.http).collect();
+    let _nginx = nginx_round_robin(&dir, lb, &addrs);
     assert!(wait_for_listener(std::net::SocketAddr::from(([127, 0, 0, 1], lb))).await);
     let url = format!("ws://127.0.0.1:{lb}/ws");
-    // Pages come from node 0 directly: only the WebSockets go through nginx.
-    let origin = format!("http://{}", nodes[0].http);
+    // Pages come from a node directly: only the WebSockets go through nginx.
+    let origin = format!("http://{}", nodes[2].http);
     let (mut ba, a) = member_page_at(&origin, "alice").await;
     let (mut bb, b) = member_page_at(&origin, "bob").await;
     let ra = ba.eval(&a, &sdk_member_at(&url, None)).await;
@@ -2613,10 +2650,80 @@ async fn a_cluster_behind_round_robin_carries_calls_and_survives_its_owner() {
         "round-robin put alice and bob on different nodes: one is linked to the room's node"
     );
 
+    // Kill the room's node, with the pair in P2P.
+    let owner_of = |redis: &Redis| {
+        let key = format!("ferry:{name}:room:{room}");
+        let url = redis.url();
+        async move {
+            let mut c = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            redis::cmd("HGET")
+                .arg(key)
+                .arg("owner")
+                .query_async::<String>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(ba.eval(&a, &sample_p2p_frames(&b_id)).await, true);
+    assert_eq!(bb.eval(&b, &sample_p2p_frames(&a_id)).await, true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let owner = owner_of(&redis).await;
+    let killed = nodes
+        .iter()
+        .position(|n| n.id() == owner)
+        .expect("owner is a node");
+    nodes[killed].kill9();
+    let kill_time = Instant::now();
+    for (br, page, me, other) in [(&mut ba, &a, &a_id, &b_id), (&mut bb, &b, &b_id, &a_id)] {
+        // Back in the room (taken over), as the same member, with the same direct connection.
+        let back = format!(
+            "(() => {{ const f = window.demo.ferry; return f.getConnectionState() === 'connected' && \
+             window.connStates.includes('reconnecting') && f._roomId === {room:?} && f._userId === {me:?} && \
+             f._links.get({other:?}) === window.keptLink && f.getMode({other:?}) === 'p2p' && !f._returning.has({other:?}); }})()"
+        );
+        wait_or_explain(br, page, &back, other).await;
+    }
+    // Three more seconds of samples after both came back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (br, page, who) in [(&mut ba, &a, "alice"), (&mut bb, &b, "bob")] {
+        let samples = br
+            .eval(
+                page,
+                "(() => { clearInterval(window.sampler); return window.samples; })()",
+            )
+            .await;
+        let s = samples.as_array().unwrap();
+        let first = s.iter().find(|x| x[1].as_f64().unwrap() >= 0.0).unwrap()[1]
+            .as_f64()
+            .unwrap();
+        let last = s[s.len() - 1][1].as_f64().unwrap();
+        assert!(
+            s.iter().all(|x| x[1].as_f64().unwrap() >= 0.0),
+            "{who}: the direct connection never went away"
+        );
+        assert!(
+            last > first + 60.0,
+            "{who}: video kept being decoded over the same connection ({first} -> {last})"
+        );
+        eprintln!(
+            "{who}: P2P video over the room's move: longest time without a new frame {:.0} ms ({first} -> {last} frames)",
+            longest_stall(&samples)
+        );
+    }
+    eprintln!(
+        "both back in the room {} ms after its node was killed",
+        kill_time.elapsed().as_millis().saturating_sub(3000)
+    );
+
+    eprintln!("phase: carol joins");
+    // Carol: the room goes through the relay of its new node.
     let (mut bc, c) = member_page_at(&origin, "carol").await;
     let rc = bc.eval(&c, &sdk_member_at(&url, Some(&room))).await;
     let c_id = rc["userId"].as_str().unwrap().to_string();
-    let before = vec![a_id.clone(), b_id.clone(), c_id.clone()];
     for (br, page, who) in [
         (&mut ba, &a, &b_id),
         (&mut bb, &b, &a_id),
@@ -2624,34 +2731,56 @@ async fn a_cluster_behind_round_robin_carries_calls_and_survives_its_owner() {
     ] {
         wait_or_explain(br, page, &all_decoded(2, "relay", &[]), who).await;
     }
-
-    // Kill the room's node.
-    let mut conn = redis.conn().await;
-    let owner: String = redis::cmd("HGET")
-        .arg(format!("ferry:{name}:room:{room}"))
-        .arg("owner")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let i = nodes
-        .iter()
-        .position(|n| n.id() == owner)
-        .expect("owner is a node");
-    nodes[i].kill9();
-    let killed = Instant::now();
-    let mut back = Vec::new();
-    for (br, page, who) in [
-        (&mut ba, &a, &b_id),
-        (&mut bb, &b, &a_id),
-        (&mut bc, &c, &a_id),
-    ] {
-        wait_or_explain(br, page, &all_decoded(2, "relay", &before), who).await;
-        back.push(killed.elapsed().as_millis());
+    // Kill the room's node again, now with everyone relayed through it; then drain the next
+    // one. Each time everyone gets a new relay connection, to the room's next node, and decodes
+    // everyone through it, under the same ids.
+    let mut gone = vec![killed];
+    for how in ["killed", "drained"] {
+        let owner = owner_of(&redis).await;
+        let i = nodes
+            .iter()
+            .position(|n| n.id() == owner)
+            .expect("owner is a node");
+        assert!(!gone.contains(&i));
+        for (br, page) in [(&mut ba, &a), (&mut bb, &b), (&mut bc, &c)] {
+            br.eval(
+                page,
+                "(() => { window.demo.ferry._relayBefore = window.demo.ferry._relay; return true; })()",
+            )
+            .await;
+        }
+        eprintln!("phase: the room's node {how}");
+        if how == "killed" {
+            nodes[i].kill9();
+        } else {
+            nodes[i].sigterm();
+        }
+        gone.push(i);
+        let t = Instant::now();
+        let mut back = Vec::new();
+        for (br, page, me, who) in [
+            (&mut ba, &a, &a_id, &b_id),
+            (&mut bb, &b, &b_id, &a_id),
+            (&mut bc, &c, &c_id, &a_id),
+        ] {
+            // A new relay connection (to the next node), everyone decoding everyone, same ids.
+            let same = format!(
+                "(async () => {{ const f = window.demo.ferry; if (f._userId !== {me:?} || !f._relay || f._relay === f._relayBefore) return null; \
+                 return await ({}); }})()",
+                all_decoded(2, "relay", &[])
+            );
+            wait_or_explain(br, page, &same, who).await;
+            back.push(t.elapsed().as_millis());
+        }
+        eprintln!(
+            "relayed media decoded again by all three {back:?} ms after the room's node was {how}"
+        );
     }
-    eprintln!(
-        "relayed media decoded again by all three {back:?} ms after the room's node was killed"
+    let survivor = (0..4).find(|i| !gone.contains(i)).unwrap();
+    let (_, m) = http_get(nodes[survivor].http, "/metrics").await;
+    assert_eq!(
+        metric(&m, "ferry_cluster_rooms_owned"),
+        Some(1.0),
+        "the heir owns the room"
     );
-    let survivor = &nodes[1 - i];
-    let (_, m) = http_get(survivor.http, "/metrics").await;
-    assert_eq!(metric(&m, "ferry_cluster_room_takeovers_total"), Some(1.0));
 }

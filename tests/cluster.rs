@@ -702,3 +702,144 @@ fn the_balancer_configs_in_deploy_md_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Say hello on a new connection to `addr`; returns the client and the welcome.
+async fn hello_at(addr: SocketAddr, fields: serde_json::Value) -> (Client, serde_json::Value) {
+    let mut c = Client::connect(addr).await;
+    let w = c.request("hello", fields).await.expect("hello accepted");
+    c.user_id = w["userId"].as_str().unwrap().to_string();
+    (c, w)
+}
+
+/// A client whose connection to one node drops and whose reconnect the balancer sends to
+/// another node resumes its session there: the second node carries the connection to the node
+/// that holds the session. The answer has the room as it is (asked of the room's node when that
+/// is yet another node), what was queued arrives, signaling goes on, and the room sees the
+/// member `reconnecting` wherever its session is held.
+#[tokio::test]
+async fn a_resume_that_reaches_another_node_is_carried_to_the_session() {
+    let Some(redis) = Redis::start("a_resume_that_reaches_another_node_is_carried_to_the_session")
+    else {
+        return;
+    };
+    let name = cluster_name("resume");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    // Alice's session and her room on node 1; Bob's session on node 2, linked to node 1.
+    let (mut alice, w) = hello_at(n1.http, json!({"identity": "alice"})).await;
+    let token = w["resumeToken"].as_str().unwrap().to_string();
+    let room = alice.create_room(json!({})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let (mut bob, wb) = hello_at(n2.http, json!({"identity": "bob"})).await;
+    let bob_token = wb["resumeToken"].as_str().unwrap().to_string();
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let _ = alice.event_where(|e| e["event"] == "join").await;
+
+    // Alice's connection drops (no Close frame); meanwhile Bob sends her an offer.
+    drop(alice);
+    let reconnecting = bob.event_where(|e| e["type"] == "presence").await;
+    assert_eq!(reconnecting["event"], "reconnecting");
+    bob.request("offer", json!({"to": w["userId"], "sdp": "v=0\r\n"}))
+        .await
+        .unwrap();
+    // She comes back through node 2.
+    let mut alice = Client::connect(n2.http).await;
+    let r = alice
+        .request("resume", json!({"token": token}))
+        .await
+        .expect("resumed through node 2");
+    assert_eq!(r["resumed"], true);
+    assert_eq!(r["userId"], w["userId"]);
+    assert_eq!(r["room"]["roomId"], room.as_str());
+    assert_eq!(r["room"]["members"][0]["userId"], bob.user_id.as_str());
+    let queued = alice.queued().expect("the offer queued while she was away");
+    assert_eq!(queued["type"], "offer");
+    assert_eq!(queued["from"], bob.user_id.as_str());
+    bob.request("candidate", json!({"to": w["userId"], "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0}}))
+        .await
+        .unwrap();
+    let c = alice.event_where(|e| e["type"] == "candidate").await;
+    assert_eq!(c["from"], bob.user_id.as_str());
+
+    // Bob's session is on node 2, his room on node 1: his resume on node 1 is carried to node 2,
+    // and node 2 asks node 1 for the room.
+    drop(bob);
+    let mut bob = Client::connect(n1.http).await;
+    let r = bob
+        .request("resume", json!({"token": bob_token}))
+        .await
+        .expect("bob resumed through node 1");
+    assert_eq!(r["room"]["roomId"], room.as_str());
+    assert_eq!(r["room"]["members"][0]["userId"], w["userId"]);
+    let ev = alice.event_where(|e| e["type"] == "presence").await;
+    assert_eq!(ev["event"], "reconnecting");
+}
+
+/// A member whose room's node died says hello again with its last resume token (`rejoin`) and
+/// gets its user id back, so that the others keep their connections with it; a token that this
+/// cluster did not sign gets a new id.
+#[tokio::test]
+async fn a_member_whose_room_moved_gets_its_user_id_back() {
+    let Some(redis) = Redis::start("a_member_whose_room_moved_gets_its_user_id_back") else {
+        return;
+    };
+    let name = cluster_name("rejoin");
+    let mut n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let (mut alice, _) = hello_at(n1.http, json!({"identity": "alice"})).await;
+    let room = alice.create_room(json!({})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let (mut bob, wb) = hello_at(n2.http, json!({"identity": "bob"})).await;
+    bob.request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    n1.kill9();
+    assert_eq!(bob.expect_close().await.0, 1012);
+    // What the SDK does: resume (the session went with the link: resume_failed), then hello
+    // with the token.
+    let mut c = Client::connect(n2.http).await;
+    let err = c
+        .request("resume", json!({"token": wb["resumeToken"]}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.0, "resume_failed");
+    let (mut bob2, w2) = hello_at(
+        n2.http,
+        json!({"identity": "bob", "rejoin": wb["resumeToken"]}),
+    )
+    .await;
+    assert_eq!(w2["userId"], wb["userId"], "the same member");
+    loop {
+        match bob2.request("joinRoom", json!({"roomId": room})).await {
+            Ok(_) => break,
+            Err((code, _)) => {
+                assert_eq!(code, "cluster_unavailable");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // Alice, back too (her session died with node 1): her old id, and bob is there.
+    // (Her token is of node 1, which is dead: nothing to resume; the rejoin gives the id.)
+    let forged = wb["resumeToken"].as_str().unwrap().replace("~u-", "~u-x");
+    let (_, w3) = hello_at(n2.http, json!({"identity": "eve", "rejoin": forged})).await;
+    assert_ne!(w3["userId"], wb["userId"], "a forged token gets a new id");
+    let (_, w4) = hello_at(
+        n2.http,
+        json!({"identity": "eve", "rejoin": wb["resumeToken"]}),
+    )
+    .await;
+    assert_ne!(
+        w4["userId"], wb["userId"],
+        "an id with a live session is not given twice"
+    );
+}

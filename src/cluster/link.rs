@@ -34,6 +34,10 @@ use crate::signal::protocol::close;
 
 /// The header that carries `cluster_secret` on `/cluster/attach`.
 pub const SECRET_HEADER: &str = "x-ferry-cluster-secret";
+/// How an entry node's notice about its client's connection starts (`{"type":"~connection",
+/// "event":"reconnecting"|"reconnected"}`): the room's node tells the room, as for a local member.
+pub const CONNECTION_NOTICE: &str = r#"{"type":"~connection"#;
+
 /// A link's connect and `attach` must complete within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The entry node pings the owner this often; a link silent for three times as long is dead.
@@ -64,7 +68,13 @@ pub enum Watch {
 struct Outgoing {
     text: String,
     watch: Option<(String, Watch)>,
+    /// A request of the entry node's own: its answer comes here, not to the client.
+    call: Option<(String, tokio::sync::oneshot::Sender<Value>)>,
 }
+
+/// The id of the entry node's own requests on a link (clients' ids are numbers or strings of
+/// their choice; this one is answered on the link and not passed on).
+const OWN_ID: &str = "~ferry-entry-node";
 
 /// The entry node's end of a member link.
 pub struct Upstream {
@@ -99,8 +109,25 @@ impl Upstream {
             .send(Outgoing {
                 text: text.to_string(),
                 watch,
+                call: None,
             })
             .await;
+    }
+
+    /// Ask the owner for the member's room as it is now (`getRoom`), for a `resume` answer.
+    pub async fn room_info(&self) -> Option<Value> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let text = serde_json::json!({"id": OWN_ID, "type": "getRoom"}).to_string();
+        self.to_owner
+            .send(Outgoing {
+                text,
+                watch: None,
+                call: Some((OWN_ID.to_string(), tx)),
+            })
+            .await
+            .ok()?;
+        let answer = tokio::time::timeout(CONNECT_TIMEOUT, rx).await.ok()?.ok()?;
+        answer.get("result").cloned()
     }
 
     /// Resolves when the link ended.
@@ -116,12 +143,131 @@ impl Upstream {
 
 /// `http://host:port` -> `ws://host:port/cluster/attach`.
 fn attach_url(http: &str) -> String {
-    let rest = http
-        .strip_prefix("http://")
+    format!("{}/cluster/attach", ws_base(http))
+}
+
+fn ws_base(http: &str) -> String {
+    http.strip_prefix("http://")
         .map(|r| format!("ws://{r}"))
         .or_else(|| http.strip_prefix("https://").map(|r| format!("wss://{r}")))
-        .unwrap_or_else(|| http.to_string());
-    format!("{rest}/cluster/attach")
+        .unwrap_or_else(|| http.to_string())
+}
+
+/// The header with which a node carrying a client's connection to another (`/cluster/ws`)
+/// says the client's address (trusted with the cluster's secret).
+pub const CLIENT_IP_HEADER: &str = "x-ferry-client-ip";
+
+/// Carry a client's connection to `node`, which holds the session its `resume` (`first`) names:
+/// frames pass both ways as they are until either side closes. A client connection that dies
+/// (no Close frame, or silent past `ping_timeout`) is given up with 4000 on the other side, so
+/// that the session is held for its next resume, as if the client had reached that node itself.
+pub async fn proxy(
+    mut client: axum::extract::ws::WebSocket,
+    node: &NodeInfo,
+    secret: &str,
+    first: String,
+    remote: std::net::SocketAddr,
+    cfg: &crate::config::Config,
+) {
+    use axum::extract::ws::{CloseFrame as AxClose, Message as Ax};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let url = format!("{}/cluster/ws", ws_base(&node.http));
+    let connect = async {
+        let mut req = url.as_str().into_client_request().ok()?;
+        req.headers_mut()
+            .insert(SECRET_HEADER, secret.parse().ok()?);
+        req.headers_mut()
+            .insert(CLIENT_IP_HEADER, remote.ip().to_string().parse().ok()?);
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.ok()?;
+        Some(ws)
+    };
+    let Some(mut up) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .ok()
+        .flatten()
+    else {
+        let _ = client
+            .send(Ax::Close(Some(AxClose {
+                code: close::TRY_AGAIN_LATER,
+                reason: "the node that holds this session cannot be reached: try again".into(),
+            })))
+            .await;
+        return;
+    };
+    if up.send(Message::text(first)).await.is_err() {
+        return;
+    }
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.reset();
+    let mut last_heard = Instant::now();
+    let lost = || {
+        Message::Close(Some(CloseFrame {
+            code: close::CLIENT_RECONNECTING.into(),
+            reason: "the client's connection to another node was lost".into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            m = client.recv() => {
+                last_heard = Instant::now();
+                match m {
+                    Some(Ok(Ax::Text(t))) => {
+                        if up.send(Message::text(t.as_str())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Ax::Binary(b))) => {
+                        if up.send(Message::binary(b)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Ax::Close(f))) => {
+                        let f = f.map(|f| CloseFrame { code: f.code.into(), reason: f.reason.as_str().into() });
+                        let _ = up.send(Message::Close(f)).await;
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => {
+                        let _ = up.send(lost()).await;
+                        break;
+                    }
+                }
+            }
+            m = up.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if client.send(Ax::Text(t.as_str().into())).await.is_err() {
+                        let _ = up.send(lost()).await;
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let f = f.map(|f| AxClose { code: f.code.into(), reason: f.reason.as_str().into() });
+                    let _ = client.send(Ax::Close(f)).await;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => {
+                    let _ = client
+                        .send(Ax::Close(Some(AxClose {
+                            code: close::ROOM_MOVED,
+                            reason: "the node that holds this session went away".into(),
+                        })))
+                        .await;
+                    break;
+                }
+            },
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= cfg.ping_timeout {
+                    let _ = up.send(lost()).await;
+                    break;
+                }
+                if client.send(Ax::Ping(Default::default())).await.is_err() {
+                    let _ = up.send(lost()).await;
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Open a link to `owner` for the session `attach` describes. Frames from the owner go into
@@ -213,6 +359,7 @@ impl LinkTask {
     ) {
         let (mut sink, mut stream) = ws.split();
         let mut watched: Vec<(String, Watch)> = Vec::new();
+        let mut calls: Vec<(String, tokio::sync::oneshot::Sender<Value>)> = Vec::new();
         let mut ping = tokio::time::interval(LINK_PING);
         let mut last_heard = Instant::now();
         let to_owner = self.metrics.forwarded.with_label_values(&["to_owner"]);
@@ -229,6 +376,9 @@ impl LinkTask {
                     if let Some(w) = out.watch {
                         watched.push(w);
                     }
+                    if let Some(c) = out.call {
+                        calls.push(c);
+                    }
                     to_owner.inc();
                     if sink.send(Message::text(out.text)).await.is_err() {
                         break;
@@ -239,6 +389,14 @@ impl LinkTask {
                     match msg {
                         Some(Ok(Message::Text(t))) => {
                             from_owner.inc();
+                            if !calls.is_empty() && t.as_str().contains(OWN_ID)
+                                && let Ok(v) = serde_json::from_str::<Value>(t.as_str())
+                                && let Some(i) = calls.iter().position(|(id, _)| v["id"].as_str() == Some(id.as_str()))
+                            {
+                                let (_, tx) = calls.swap_remove(i);
+                                let _ = tx.send(v);
+                                continue;
+                            }
                             if !watched.is_empty() {
                                 self.note_answer(t.as_str(), &mut watched);
                             }

@@ -19,6 +19,7 @@
 pub mod link;
 mod redis_dir;
 mod scripts;
+pub mod token;
 
 use std::sync::Arc;
 

@@ -37,6 +37,8 @@ const LINK_PING_TIMEOUT_MS = 4000;
 // Reconnecting: the first try at once, then backoff doubling from this up to the most, each
 // with jitter (x0.5-1.5); a new socket must open within CONNECT_TIMEOUT_MS.
 const RECONNECT_MIN_MS = 250;
+// After a rejoin under the same user id, how long the other members have to come back too.
+const REJOIN_GRACE_MS = 15000;
 const RECONNECT_MAX_MS = 5000;
 const CONNECT_TIMEOUT_MS = 5000;
 // Close codes after which the SDK does not reconnect: the server refused this client.
@@ -377,6 +379,8 @@ export class Ferry extends EventTarget {
     this._relayStreams = new Map(); // userId -> Map('cam' | 'screen' -> MediaStream)
     this._relayOnlyMembers = new Set(); // members whose token says relayOnly
     this._backTimers = new Map(); // userId -> timer before that pair returns to P2P
+    this._returning = new Set(); // members not back yet after this client's room moved
+    this._returningTimer = null;
   }
 
   // Connect and say hello. Resolves { userId, identity, iceServers, p2pMaxPeers, p2pTimeoutMs, grants }.
@@ -396,10 +400,13 @@ export class Ferry extends EventTarget {
     return this._state;
   }
 
-  _hello() {
+  // rejoin: the last resume token, when the session it resumed is gone (a cluster node gives
+  // the same user id back with it, so that the others keep their connections with this member).
+  _hello(rejoin) {
     const hello = { protocol: PROTOCOL };
     if (this._token) hello.token = this._token;
     if (this._identity) hello.identity = this._identity;
+    if (rejoin) hello.rejoin = rejoin;
     return hello;
   }
 
@@ -927,6 +934,15 @@ export class Ferry extends EventTarget {
   }
 
   _memberJoined(m) {
+    if (this._members.has(m.userId)) {
+      // A member coming back under its id after its room moved: its connections go on.
+      this._returning.delete(m.userId);
+      if (m.relayOnly) this._relayOnlyMembers.add(m.userId);
+      // Relayed: subscribe again (asked before it was back, the subscription found no member).
+      if (this.getMode(m.userId) === 'relay') this._pairs.delete(m.userId);
+      this._evaluateMode();
+      return;
+    }
     this._members.set(m.userId, m.identity);
     if (m.relayOnly) this._relayOnlyMembers.add(m.userId);
     this._presence({ type: 'join', userId: m.userId, identity: m.identity });
@@ -970,6 +986,7 @@ export class Ferry extends EventTarget {
   // The session is over for good: everything closes, `disconnected` fires.
   _ended(err, code, reason) {
     clearInterval(this._pingTimer);
+    clearTimeout(this._returningTimer);
     clearTimeout(this._reconnectTimer);
     this._unwatchNetwork();
     this._rejectPending(err);
@@ -1062,9 +1079,14 @@ export class Ferry extends EventTarget {
   // in the same room if it still exists or may be made again (dev mode, or a token that may
   // create it), with everything published again.
   async _rejoin() {
-    const welcome = await this._request('hello', this._hello());
+    const previousUserId = this._userId;
+    const welcome = await this._request('hello', this._hello(this._resumeToken));
     const roomId = this._roomId;
     const mode = this._roomMode;
+    if (roomId && welcome.userId === previousUserId) {
+      await this._rejoinAsBefore(welcome, roomId, mode);
+      return;
+    }
     for (const userId of [...this._members.keys()]) this._memberLeft(userId, 'disconnected');
     this._closeLinks();
     this._closeRelay();
@@ -1072,20 +1094,48 @@ export class Ferry extends EventTarget {
     this._welcomed(welcome);
     let joined = null;
     if (roomId) {
-      try {
-        joined = await this.joinRoom(roomId);
-      } catch (e) {
-        if (e.code !== 'room_not_found') throw e;
-        try {
-          await this.createRoom({ roomId, mode });
-        } catch (c) {
-          if (c.code !== 'room_exists') throw c;
-        }
-        joined = await this.joinRoom(roomId);
-      }
+      joined = await this._joinOrMake(roomId, mode);
       for (const userId of joined.members) this._presence({ type: 'join', userId, identity: this._members.get(userId) });
     }
     this._setState('connected', { resumed: false, rejoined: !!joined });
+  }
+
+  // The room, joined again (made again if it is gone and this client may make it).
+  async _joinOrMake(roomId, mode) {
+    try {
+      return await this.joinRoom(roomId);
+    } catch (e) {
+      if (e.code !== 'room_not_found') throw e;
+      try {
+        await this.createRoom({ roomId, mode });
+      } catch (c) {
+        if (c.code !== 'room_exists') throw c;
+      }
+      return this.joinRoom(roomId);
+    }
+  }
+
+  // A new session with this member's old user id (a cluster: its room moved to another node):
+  // the direct connections with the other members go on untouched, only the relay connection
+  // starts afresh (it was to the old node). Members not back in the room yet get a while to
+  // rejoin too; those that do not are then gone.
+  async _rejoinAsBefore(welcome, roomId, mode) {
+    this._roomId = undefined; // no `bye` for the old relay connection: it was another node's
+    this._closeRelay();
+    this._welcomed(welcome);
+    const before = new Set(this._members.keys());
+    const joined = await this._joinOrMake(roomId, mode);
+    const missing = new Set([...before].filter((u) => !joined.members.includes(u)));
+    for (const userId of joined.members) {
+      if (!before.has(userId)) this._presence({ type: 'join', userId, identity: this._members.get(userId) });
+    }
+    this._returning = missing;
+    clearTimeout(this._returningTimer);
+    this._returningTimer = setTimeout(() => {
+      for (const userId of this._returning) if (this._members.has(userId)) this._memberLeft(userId, 'left');
+      this._returning = new Set();
+    }, REJOIN_GRACE_MS);
+    this._setState('connected', { resumed: false, rejoined: true, sameUserId: true });
   }
 }
 

@@ -25,6 +25,9 @@ use tracing::info;
 
 use crate::signal::protocol::{CreateRoom, ErrorCode, MemberInfo, RoomMode, SignalError};
 
+/// The `leave_room` reason of a member whose room moved to another node: no presence event.
+pub const LEFT_MOVED: &str = "moved";
+
 /// Capacity of each session's outbound queue.
 pub const OUTBOUND_QUEUE: usize = 256;
 
@@ -356,13 +359,13 @@ impl Hub {
 
     /// Register a session under the id its entry node gave it (a member link); `false` if a
     /// session of that id is here already.
-    pub fn register_as(&self, user_id: &str, handle: SessionHandle) -> bool {
+    pub fn register_as(&self, user_id: &str, handle: SessionHandle) -> Result<(), SessionHandle> {
         match self.sessions.entry(user_id.to_string()) {
             Entry::Vacant(v) => {
                 v.insert(handle);
-                true
+                Ok(())
             }
-            Entry::Occupied(_) => false,
+            Entry::Occupied(_) => Err(handle),
         }
     }
 
@@ -426,17 +429,36 @@ impl Hub {
 
     /// A fresh resume token for a session that takes handovers on `tx` (its previous token,
     /// if any, no longer works).
-    pub fn resume_token(&self, previous: Option<&str>, tx: mpsc::Sender<Handover>) -> String {
+    pub fn resume_token(
+        &self,
+        previous: Option<&str>,
+        user_id: &str,
+        tx: mpsc::Sender<Handover>,
+    ) -> String {
         if let Some(p) = previous {
             self.resumable.remove(p);
         }
         loop {
-            let token = random_id(32);
+            // A cluster node's tokens say which node holds the session, and whose it is.
+            let token = match self.directory().cluster() {
+                Some(c) => crate::cluster::token::sign(
+                    &c.config.secret,
+                    c.node_id(),
+                    user_id,
+                    &random_id(24),
+                ),
+                None => random_id(32),
+            };
             if let Entry::Vacant(v) = self.resumable.entry(token.clone()) {
                 v.insert(tx);
                 return token;
             }
         }
+    }
+
+    /// Whether `token` resumes a session here.
+    pub fn has_resume(&self, token: &str) -> bool {
+        self.resumable.contains_key(token)
     }
 
     /// The session `token` resumes, taken out of the table (one resume per token).
@@ -814,6 +836,11 @@ impl Hub {
             room.members.iter().map(|m| m.user_id.clone()).collect()
         };
         self.metrics.room_members.dec();
+        if reason == LEFT_MOVED {
+            // Its room moved to another node (a cluster's drain or a lost room): the member
+            // joins it there under the same id, so the others are not told it left.
+            return;
+        }
         let event: Utf8Bytes = json!({
             "type": "presence", "event": "leave", "roomId": room_id,
             "userId": user_id, "reason": reason,

@@ -152,6 +152,7 @@ pub enum RequestType {
     Subscribe,
     Unsubscribe,
     SetVideoQuality,
+    GetRoom,
 }
 
 impl RequestType {
@@ -171,6 +172,7 @@ impl RequestType {
             "subscribe" => RequestType::Subscribe,
             "unsubscribe" => RequestType::Unsubscribe,
             "setVideoQuality" => RequestType::SetVideoQuality,
+            "getRoom" => RequestType::GetRoom,
             _ => return None,
         })
     }
@@ -191,6 +193,7 @@ impl RequestType {
             RequestType::Subscribe => "subscribe",
             RequestType::Unsubscribe => "unsubscribe",
             RequestType::SetVideoQuality => "setVideoQuality",
+            RequestType::GetRoom => "getRoom",
         }
     }
 }
@@ -205,6 +208,11 @@ pub struct Hello {
     /// Display name, honoured only on a dev-mode server (a token's `sub` wins otherwise).
     #[serde(default)]
     pub identity: Option<String>,
+    /// The resume token of the client's previous session (gone: its node died or its room
+    /// moved). On a cluster node the new session gets that session's user id back when no live
+    /// session here has it, so that the room's other members keep their connections with it.
+    #[serde(default)]
+    pub rejoin: Option<String>,
 }
 
 /// Take over a session whose connection dropped (see docs/protocol.md "Resume").

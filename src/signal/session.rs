@@ -82,6 +82,9 @@ enum Flow {
     Close(u16, String),
     /// This connection resumes another session (the `resume` request's id): it is handed over.
     Handover(mpsc::Sender<Handover>, Value),
+    /// This connection resumes a session another node of the cluster holds: it is carried
+    /// there, starting with this `resume` message.
+    Proxy(Box<crate::cluster::NodeInfo>, String),
 }
 
 impl Flow {
@@ -91,6 +94,7 @@ impl Flow {
             Flow::Continue => None,
             Flow::Close(c, r) => Some(End::Close(c, r)),
             Flow::Handover(tx, id) => Some(End::Handover(tx, id)),
+            Flow::Proxy(node, text) => Some(End::Proxy(node, text)),
         }
     }
 }
@@ -101,6 +105,8 @@ enum End {
     Close(u16, String),
     /// The connection resumes another session: it goes to that session's task.
     Handover(mpsc::Sender<Handover>, Value),
+    /// The connection resumes a session on another node: it is carried there.
+    Proxy(Box<crate::cluster::NodeInfo>, String),
 }
 
 /// Whether a frame may be handled (see [`Session::admit`]).
@@ -152,6 +158,8 @@ struct Session {
     upstream: Option<crate::cluster::link::Upstream>,
     /// Its own outbound queue (for a member link to feed).
     events_tx: Option<mpsc::Sender<Utf8Bytes>>,
+    /// The session of a member whose WebSocket is on another node (a member link).
+    linked: bool,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -192,6 +200,17 @@ pub async fn run(
                     // The session ended between the claim and the handover.
                     resume_failed(&hub, h.socket, &h.id).await;
                 }
+            }
+            End::Proxy(node, text) => {
+                let Session { socket, hub, .. } = s;
+                let secret = hub
+                    .directory()
+                    .cluster()
+                    .map(|c| c.config.secret.clone())
+                    .unwrap_or_default();
+                info!(node = %node.id, "resume of a session on another node: carried there");
+                crate::cluster::link::proxy(socket, &node, &secret, text, remote, &hub.config)
+                    .await;
             }
         }
     }
@@ -238,7 +257,7 @@ pub async fn run_attached(
             kick,
             moved: s.moved.clone(),
         };
-        if !s.hub.register_as(&attach.user_id, handle) {
+        if s.hub.register_as(&attach.user_id, handle).is_err() {
             refuse(
                 s.socket,
                 close::POLICY_VIOLATION,
@@ -248,6 +267,7 @@ pub async fn run_attached(
             return;
         }
         s.events_tx = Some(tx);
+        s.linked = true;
         s.auth = Some(Auth {
             user_id: attach.user_id,
             identity: attach.identity,
@@ -268,7 +288,7 @@ pub async fn run_attached(
         };
         let (code, reason) = match end {
             End::Close(code, reason) => (code, reason),
-            End::Handover(..) => (1000, String::new()),
+            End::Handover(..) | End::Proxy(..) => (1000, String::new()),
         };
         s.finish(code, &reason).await;
         if let Some(l) = &links {
@@ -336,6 +356,7 @@ impl Session {
             moved: CancellationToken::new(),
             upstream: None,
             events_tx: None,
+            linked: false,
         }
     }
 
@@ -370,6 +391,7 @@ impl Session {
         if let Some(room) = &self.room {
             self.hub.announce_connection(room, &user_id, "reconnecting");
         }
+        self.notice_to_owner("reconnecting").await;
         info!(code, "connection lost: session held for a resume");
         self.hub.metrics.sessions_reconnecting.inc();
         let (kick, shutdown) = (self.kick.clone(), self.hub.shutdown.clone());
@@ -397,6 +419,7 @@ impl Session {
         if let Some(room) = &self.room {
             self.hub.announce_connection(room, &user_id, "reconnected");
         }
+        self.notice_to_owner("reconnected").await;
         flow.end()
     }
 
@@ -420,10 +443,19 @@ impl Session {
             .inc();
         info!(remote = %h.remote, "session resumed");
         let tx = self.handovers.as_ref().expect("resumable").0.clone();
-        let token = self.hub.resume_token(self.resume_token.as_deref(), tx);
+        let user_id = self
+            .auth
+            .as_ref()
+            .map(|a| a.user_id.clone())
+            .unwrap_or_default();
+        let token = self
+            .hub
+            .resume_token(self.resume_token.as_deref(), &user_id, tx);
         self.resume_token = Some(token);
         while let Ok(text) = self.rx.try_recv() {
-            if let flow @ (Flow::Close(..) | Flow::Handover(..)) = self.send_text(text).await {
+            if let flow @ (Flow::Close(..) | Flow::Handover(..) | Flow::Proxy(..)) =
+                self.send_text(text).await
+            {
                 return flow;
             }
         }
@@ -435,6 +467,14 @@ impl Session {
             .zip(self.auth.as_ref())
             .and_then(|(r, a)| self.hub.room_info(r, &a.user_id))
             .unwrap_or(Value::Null);
+        // A member of a room on another node: that node says how its room is now.
+        if let Some(up) = &self.upstream
+            && up.is_alive()
+            && up.in_room()
+            && let Some(room) = up.room_info().await
+        {
+            result["room"] = room;
+        }
         self.reply(&h.id, Ok(result)).await
     }
 
@@ -577,6 +617,7 @@ impl Session {
         }
         if let (Some(auth), Some(room)) = (&self.auth, self.room.take()) {
             let why = match code {
+                close::ROOM_MOVED => crate::signal::hub::LEFT_MOVED,
                 close::PING_TIMEOUT => "timeout",
                 1000 => "disconnected",
                 _ => "closed",
@@ -708,6 +749,17 @@ impl Session {
     }
 
     async fn handle_text(&mut self, text: &str) -> Flow {
+        // The entry node of a linked member says its client's connection dropped or came back
+        // (clients cannot send this: their entry node refuses the unknown type).
+        if self.linked && text.starts_with(crate::cluster::link::CONNECTION_NOTICE) {
+            if let (Ok(v), Some(auth), Some(room)) =
+                (serde_json::from_str::<Value>(text), &self.auth, &self.room)
+                && let Some(event @ ("reconnecting" | "reconnected")) = v["event"].as_str()
+            {
+                self.hub.announce_connection(room, &auth.user_id, event);
+            }
+            return Flow::Continue;
+        }
         if text.len() > self.hub.config.max_message_bytes {
             self.metrics_message("invalid");
             let err = SignalError::new(
@@ -748,6 +800,12 @@ impl Session {
             return self.invalid_message(&id, err).await;
         };
         self.metrics_message(ty.as_str());
+        if ty == RequestType::Resume
+            && self.auth.is_none()
+            && let Some(node) = self.resume_elsewhere(&obj)
+        {
+            return Flow::Proxy(Box::new(node), text.to_string());
+        }
         if self.auth.is_some()
             && !matches!(
                 ty,
@@ -899,6 +957,43 @@ impl Session {
             }
             _ => None,
         }
+    }
+
+    /// Tell the room's node, when that is another node, that this member's connection dropped
+    /// or came back.
+    async fn notice_to_owner(&mut self, event: &str) {
+        if let Some(up) = &self.upstream
+            && up.is_alive()
+            && up.in_room()
+        {
+            let notice = format!(
+                r#"{}","event":"{event}"}}"#,
+                crate::cluster::link::CONNECTION_NOTICE
+            );
+            up.forward(&notice, None).await;
+        }
+    }
+
+    /// The live node of the cluster that holds the session a `resume` names, when that is not
+    /// this node.
+    fn resume_elsewhere(
+        &self,
+        obj: &serde_json::Map<String, Value>,
+    ) -> Option<crate::cluster::NodeInfo> {
+        let cluster = self.hub.directory().cluster()?;
+        let token = obj.get("token")?.as_str()?;
+        if self.hub.has_resume(token) {
+            return None;
+        }
+        let (node, _) = crate::cluster::token::read(&cluster.config.secret, token)?;
+        if node == cluster.node_id() {
+            return None;
+        }
+        // A draining node closed its sessions: nothing to resume there.
+        cluster
+            .nodes()
+            .into_iter()
+            .find(|n| n.id == node && !n.draining)
     }
 
     /// This session's link to `node` (the one it has, if it goes there and still works).
@@ -1177,6 +1272,11 @@ impl Session {
                 self.to_media(cmd)?;
                 Ok(json!({}))
             }
+            RequestType::GetRoom => {
+                let _: Empty = fields(ty, obj)?;
+                let room = self.require_room()?;
+                Ok(hub.room_info(room, &auth.user_id).unwrap_or(Value::Null))
+            }
             RequestType::SetVideoQuality => {
                 let req: SetVideoQuality = fields(ty, obj)?;
                 let room = self.require_room()?.to_string();
@@ -1277,7 +1377,24 @@ impl Session {
         let (tx, kick) = self.pending.take().expect("hello registers once");
         self.events_tx = Some(tx.clone());
         let moved = self.moved.clone();
-        let user_id = self.hub.register(SessionHandle { tx, kick, moved });
+        let handle = SessionHandle { tx, kick, moved };
+        // A client whose session went with its room's node asks for its user id back.
+        let previous = match (self.hub.directory().cluster(), &req.rejoin) {
+            (Some(c), Some(t)) => crate::cluster::token::read(&c.config.secret, t)
+                .map(|(_, user)| user.to_string())
+                .filter(|u| u.len() <= 64),
+            _ => None,
+        };
+        let user_id = match previous {
+            Some(u) => match self.hub.register_as(&u, handle) {
+                Ok(()) => {
+                    info!(user = %u, "session takes its previous user id back (rejoin)");
+                    u
+                }
+                Err(handle) => self.hub.register(handle),
+            },
+            None => self.hub.register(handle),
+        };
         tracing::Span::current().record("user", user_id.as_str());
         info!(%identity, "session started");
         self.auth = Some(Auth {
@@ -1287,7 +1404,8 @@ impl Session {
         });
         if !self.hub.config.resume_timeout.is_zero() {
             let (tx, rx) = mpsc::channel(1);
-            self.resume_token = Some(self.hub.resume_token(None, tx.clone()));
+            let user_id = self.auth.as_ref().expect("a session").user_id.clone();
+            self.resume_token = Some(self.hub.resume_token(None, &user_id, tx.clone()));
             self.handovers = Some((tx, rx));
         }
         Ok(self.welcome())
