@@ -227,6 +227,16 @@ async fn ws(
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .max_message_size(limit)
         .max_frame_size(limit);
+    // A draining node of a cluster answers before the upgrade, so that a balancer can take the
+    // connection to another node at once (nginx `proxy_next_upstream http_503`, haproxy's
+    // health check); one node on its own closes after the upgrade with 1013, as clients expect.
+    if hub.is_draining() && hub.directory().cluster().is_some() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining: connect to another\n",
+        )
+            .into_response();
+    }
     let token = query.get("token").cloned();
     upgrade.on_upgrade(move |socket| serve_session(hub, socket, remote, token))
 }

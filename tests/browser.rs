@@ -2544,6 +2544,7 @@ fn sdk_member_at(url: &str, room: Option<&str>) -> String {
     format!(
         "(async () => {{ const s = await navigator.mediaDevices.getUserMedia({{ video: true, audio: true }}); \
          const f = new window.Ferry({{}}); window.demo.ferry = f; window.demo.local = s; \
+         window.connLog = []; f.addEventListener('connection', (e) => window.connLog.push([Math.round(performance.now()), JSON.stringify(e.detail)])); \
          const w = await f.init({url:?}); \
          const roomId = {room} || (await f.createRoom({{}})).roomId; await f.joinRoom(roomId); \
          await f.publish(s, 'cam'); return {{ roomId, userId: w.userId }}; }})()"
@@ -2775,6 +2776,12 @@ async fn a_cluster_behind_round_robin_carries_calls_through_a_kill_and_a_drain()
         eprintln!(
             "relayed media decoded again by all three {back:?} ms after the room's node was {how}"
         );
+        for (br, page) in [(&mut ba, &a), (&mut bb, &b), (&mut bc, &c)] {
+            let log = br
+                .eval(page, "(() => { const l = window.connLog; window.connLog = []; return [Math.round(performance.now()), l]; })()")
+                .await;
+            eprintln!("  connection events (now, [at, detail]): {log}");
+        }
     }
     let survivor = (0..4).find(|i| !gone.contains(i)).unwrap();
     let (_, m) = http_get(nodes[survivor].http, "/metrics").await;

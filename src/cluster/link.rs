@@ -157,20 +157,17 @@ fn ws_base(http: &str) -> String {
 /// says the client's address (trusted with the cluster's secret).
 pub const CLIENT_IP_HEADER: &str = "x-ferry-client-ip";
 
-/// Carry a client's connection to `node`, which holds the session its `resume` (`first`) names:
-/// frames pass both ways as they are until either side closes. A client connection that dies
-/// (no Close frame, or silent past `ping_timeout`) is given up with 4000 on the other side, so
-/// that the session is held for its next resume, as if the client had reached that node itself.
-pub async fn proxy(
-    mut client: axum::extract::ws::WebSocket,
+/// A client's connection to another node on its way (see [`pipe`]).
+pub type Carried =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Open the way to `node` for a client's connection (`/cluster/ws`, with the client's address);
+/// `None` when the node cannot be reached.
+pub async fn carry_to(
     node: &NodeInfo,
     secret: &str,
-    first: String,
     remote: std::net::SocketAddr,
-    cfg: &crate::config::Config,
-) {
-    use axum::extract::ws::{CloseFrame as AxClose, Message as Ax};
-    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+) -> Option<Carried> {
     let url = format!("{}/cluster/ws", ws_base(&node.http));
     let connect = async {
         let mut req = url.as_str().into_client_request().ok()?;
@@ -181,19 +178,25 @@ pub async fn proxy(
         let (ws, _) = tokio_tungstenite::connect_async(req).await.ok()?;
         Some(ws)
     };
-    let Some(mut up) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .ok()
         .flatten()
-    else {
-        let _ = client
-            .send(Ax::Close(Some(AxClose {
-                code: close::TRY_AGAIN_LATER,
-                reason: "the node that holds this session cannot be reached: try again".into(),
-            })))
-            .await;
-        return;
-    };
+}
+
+/// Carry a client's connection to the node that holds the session its `resume` (`first`)
+/// names: frames pass both ways as they are until either side closes. A client connection that
+/// dies (no Close frame, or silent past `ping_timeout`) is given up with 4000 on the other
+/// side, so that the session is held for its next resume, as if the client had reached that
+/// node itself.
+pub async fn pipe(
+    mut client: axum::extract::ws::WebSocket,
+    mut up: Carried,
+    first: String,
+    cfg: &crate::config::Config,
+) {
+    use axum::extract::ws::{CloseFrame as AxClose, Message as Ax};
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     if up.send(Message::text(first)).await.is_err() {
         return;
     }

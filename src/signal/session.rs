@@ -84,7 +84,7 @@ enum Flow {
     Handover(mpsc::Sender<Handover>, Value),
     /// This connection resumes a session another node of the cluster holds: it is carried
     /// there, starting with this `resume` message.
-    Proxy(Box<crate::cluster::NodeInfo>, String),
+    Proxy(Box<crate::cluster::link::Carried>, String),
 }
 
 impl Flow {
@@ -106,7 +106,7 @@ enum End {
     /// The connection resumes another session: it goes to that session's task.
     Handover(mpsc::Sender<Handover>, Value),
     /// The connection resumes a session on another node: it is carried there.
-    Proxy(Box<crate::cluster::NodeInfo>, String),
+    Proxy(Box<crate::cluster::link::Carried>, String),
 }
 
 /// Whether a frame may be handled (see [`Session::admit`]).
@@ -160,6 +160,8 @@ struct Session {
     events_tx: Option<mpsc::Sender<Utf8Bytes>>,
     /// The session of a member whose WebSocket is on another node (a member link).
     linked: bool,
+    /// The client's address.
+    remote: std::net::SocketAddr,
 }
 
 /// Run a session to its end. `query_token` is the `token` query parameter, if any.
@@ -189,7 +191,7 @@ pub async fn run(
             },
             _ => None,
         };
-        let mut s = Session::new(hub, socket, slot, query_claims);
+        let mut s = Session::new(hub, socket, slot, query_claims, remote);
         match s.run_loop().await {
             End::Close(code, reason) => s.finish(code, &reason).await,
             End::Handover(tx, id) => {
@@ -201,16 +203,9 @@ pub async fn run(
                     resume_failed(&hub, h.socket, &h.id).await;
                 }
             }
-            End::Proxy(node, text) => {
+            End::Proxy(up, text) => {
                 let Session { socket, hub, .. } = s;
-                let secret = hub
-                    .directory()
-                    .cluster()
-                    .map(|c| c.config.secret.clone())
-                    .unwrap_or_default();
-                info!(node = %node.id, "resume of a session on another node: carried there");
-                crate::cluster::link::proxy(socket, &node, &secret, text, remote, &hub.config)
-                    .await;
+                crate::cluster::link::pipe(socket, *up, text, &hub.config).await;
             }
         }
     }
@@ -241,7 +236,7 @@ pub async fn run_attached(
     };
     let span = info_span!("session", %remote, user = %attach.user_id, linked = true);
     async move {
-        let mut s = Session::new(hub, socket, slot, None);
+        let mut s = Session::new(hub, socket, slot, None, remote);
         if !s.slot.promote() {
             refuse(
                 s.socket,
@@ -322,6 +317,7 @@ impl Session {
         socket: WebSocket,
         slot: ConnectionSlot,
         query_claims: Option<crate::auth::Claims>,
+        remote: std::net::SocketAddr,
     ) -> Session {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let kick = CancellationToken::new();
@@ -357,6 +353,7 @@ impl Session {
             upstream: None,
             events_tx: None,
             linked: false,
+            remote,
         }
     }
 
@@ -804,7 +801,31 @@ impl Session {
             && self.auth.is_none()
             && let Some(node) = self.resume_elsewhere(&obj)
         {
-            return Flow::Proxy(Box::new(node), text.to_string());
+            let secret = self
+                .hub
+                .directory()
+                .cluster()
+                .map(|c| c.config.secret.clone())
+                .unwrap_or_default();
+            if let Some(up) = crate::cluster::link::carry_to(&node, &secret, self.remote).await {
+                info!(node = %node.id, "resume of a session on another node: carried there");
+                return Flow::Proxy(Box::new(up), text.to_string());
+            }
+            // Its node is gone (a killed node stays in the registry for up to node_ttl):
+            // nothing to resume; this connection stays open for a hello (with `rejoin`).
+            self.hub
+                .metrics
+                .session_resumes
+                .with_label_values(&["unknown"])
+                .inc();
+            let err = SignalError::new(
+                ErrorCode::ResumeFailed,
+                format!(
+                    "the node that held this session ({}) cannot be reached: say hello and join again",
+                    node.id
+                ),
+            );
+            return self.reply(&id, Err(err)).await;
         }
         if self.auth.is_some()
             && !matches!(
