@@ -503,7 +503,20 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
     {
         return;
     }
-    let s = spawn(test_config()).await;
+    // A node of a cluster (with a real Redis), so that the cluster's panels have data too.
+    let Some(redis) = common::cluster::Redis::start(test) else {
+        return;
+    };
+    let mut cfg = test_config();
+    cfg.cluster = Some(ferry::config::ClusterConfig {
+        redis_url: redis.url(),
+        name: common::cluster::cluster_name("prom"),
+        node_id: "n-prom".into(),
+        node_address: "http://127.0.0.1:1".into(),
+        secret: common::cluster::CLUSTER_SECRET.into(),
+        node_ttl: Duration::from_secs(2),
+    });
+    let s = spawn(cfg).await;
     let prom = Prometheus::start(s.addr).await;
     prom.wait_for("up{job=\"ferry\"}", 1.0).await;
 
@@ -669,6 +682,10 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
         "Relay-path drop ratio",
         // No relay connection failed.
         "Relay connection failures /min by stage",
+        // One node: no member of another node, nothing forwarded, nothing failed or moved.
+        "Member links",
+        "Forwarded signaling",
+        "Directory failures, takeovers, lost rooms",
     ];
     let d = dashboard();
     let exprs = dashboard_exprs(&d);
