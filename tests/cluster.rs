@@ -443,8 +443,8 @@ async fn the_directory_fences_ownership_by_epoch() {
         max_peers: 5,
         mode: RoomMode::Relay,
     };
-    assert_eq!(a.place("r1", s).await.unwrap(), Placed::Here);
-    assert_eq!(b.place("r1", s).await.unwrap(), Placed::Exists);
+    assert_eq!(a.place("r1", s, false).await.unwrap(), Placed::Here);
+    assert_eq!(b.place("r1", s, false).await.unwrap(), Placed::Exists);
     match b.locate("r1").await.unwrap() {
         Located::There(n) => assert_eq!(n.id, "a"),
         other => panic!("{other:?}"),
@@ -783,7 +783,8 @@ async fn a_resume_that_reaches_another_node_is_carried_to_the_session() {
 
 /// A member whose room's node died says hello again with its last resume token (`rejoin`) and
 /// gets its user id back, so that the others keep their connections with it; a token that this
-/// cluster did not sign gets a new id.
+/// cluster did not sign gets a new id; the token used again takes the id over from the session
+/// that has it.
 #[tokio::test]
 async fn a_member_whose_room_moved_gets_its_user_id_back() {
     let Some(redis) = Redis::start("a_member_whose_room_moved_gets_its_user_id_back") else {
@@ -833,13 +834,100 @@ async fn a_member_whose_room_moved_gets_its_user_id_back() {
     let forged = wb["resumeToken"].as_str().unwrap().replace("~u-", "~u-x");
     let (_, w3) = hello_at(n2.http, json!({"identity": "eve", "rejoin": forged})).await;
     assert_ne!(w3["userId"], wb["userId"], "a forged token gets a new id");
+    // The token again, while bob2 lives: the newest wins (whoever holds the token is that
+    // member), and the session it replaces is closed as moved.
     let (_, w4) = hello_at(
         n2.http,
-        json!({"identity": "eve", "rejoin": wb["resumeToken"]}),
+        json!({"identity": "bob", "rejoin": wb["resumeToken"]}),
     )
     .await;
-    assert_ne!(
-        w4["userId"], wb["userId"],
-        "an id with a live session is not given twice"
-    );
+    assert_eq!(w4["userId"], wb["userId"]);
+    assert_eq!(bob2.expect_close().await.0, 1012);
+}
+
+/// The node a member's WebSocket reached dies, its room's node lives: the room sees the member
+/// `reconnecting` (its session there is held, not ended), and when the member comes back, as
+/// itself (`hello` with `rejoin`), through the room's node or through yet another node, it takes
+/// its place: the others see no `leave`, only its `join`, under its id.
+#[tokio::test]
+async fn a_member_whose_own_node_dies_comes_back_as_itself() {
+    let Some(redis) = Redis::start("a_member_whose_own_node_dies_comes_back_as_itself") else {
+        return;
+    };
+    let name = cluster_name("entry");
+    let owner = Node::start(&redis, &name, &[]).await;
+    let mut bob_node = Node::start(&redis, &name, &[]).await;
+    let mut carol_node = Node::start(&redis, &name, &[]).await;
+    let spare = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&owner, &bob_node, &carol_node, &spare], 4).await;
+    let (mut alice, _) = hello_at(owner.http, json!({"identity": "alice"})).await;
+    let room = alice.create_room(json!({})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+    let mut tokens = Vec::new();
+    for (who, node) in [("bob", &bob_node), ("carol", &carol_node)] {
+        let (mut c, w) = hello_at(node.http, json!({"identity": who})).await;
+        c.request("joinRoom", json!({"roomId": room}))
+            .await
+            .unwrap();
+        let ev = alice.event_where(|e| e["type"] == "presence").await;
+        assert_eq!(ev["event"], "join");
+        tokens.push((c.user_id.clone(), w["resumeToken"].clone()));
+        std::mem::forget(c); // its socket dies with its node
+    }
+    bob_node.kill9();
+    carol_node.kill9();
+    for _ in 0..2 {
+        let ev = alice.event_where(|e| e["type"] == "presence").await;
+        assert_eq!(ev["event"], "reconnecting", "{ev}");
+    }
+    // Bob comes back through the room's node, carol through the spare one.
+    let mut back = Vec::new();
+    for ((user, token), node) in tokens.iter().zip([&owner, &spare]) {
+        let (mut c, w) = hello_at(node.http, json!({"rejoin": token})).await;
+        assert_eq!(w["userId"], user.as_str(), "the same member");
+        let j = loop {
+            match c.request("joinRoom", json!({"roomId": room})).await {
+                Ok(j) => break j,
+                Err((code, m)) => {
+                    assert_eq!(code, "cluster_unavailable", "{m}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        assert!(
+            j["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["userId"] != user.as_str()),
+            "not twice in the room: {j}"
+        );
+        back.push(c);
+    }
+    for (user, _) in &tokens {
+        let ev = alice
+            .event_where(|e| e["type"] == "presence" && e["event"] != "reconnecting")
+            .await;
+        assert_eq!(ev["event"], "join", "no leave: {ev}");
+        assert!(
+            tokens.iter().any(|(u, _)| ev["userId"] == u.as_str()),
+            "{ev} {user}"
+        );
+    }
+    let r = alice.request("getRoom", json!({})).await.unwrap();
+    assert_eq!(r["members"].as_array().unwrap().len(), 2, "{r}");
+    // Signaling reaches them where they are now.
+    for (user, _) in &tokens {
+        alice
+            .request("offer", json!({"to": user, "sdp": "v=0\r\n"}))
+            .await
+            .expect("to the member's new session");
+    }
+    for c in &mut back {
+        let o = c.event_where(|e| e["type"] == "offer").await;
+        assert_eq!(o["from"], alice.user_id.as_str());
+    }
 }

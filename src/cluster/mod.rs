@@ -160,11 +160,17 @@ impl Directory {
         }
     }
 
-    /// Where a new room `room` with `settings` is made.
-    pub async fn place(&self, room: &str, settings: RoomSettings) -> Result<Placed, Unavailable> {
+    /// Where a new room `room` with `settings` is made (`here`: on this node, placed already
+    /// by the node the request came through).
+    pub async fn place(
+        &self,
+        room: &str,
+        settings: RoomSettings,
+        here: bool,
+    ) -> Result<Placed, Unavailable> {
         match self {
             Directory::Local => Ok(Placed::Here),
-            Directory::Redis(r) => r.place(room, settings).await,
+            Directory::Redis(r) => r.place(room, settings, here).await,
         }
     }
 

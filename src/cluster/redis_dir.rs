@@ -318,11 +318,16 @@ impl RedisDirectory {
         }
     }
 
-    pub async fn place(&self, room: &str, settings: RoomSettings) -> Result<Placed, Unavailable> {
+    pub async fn place(
+        &self,
+        room: &str,
+        settings: RoomSettings,
+        here: bool,
+    ) -> Result<Placed, Unavailable> {
         let me = self.me.lock().unwrap().clone();
         let nodes = self.nodes();
         let target = super::place(&me, &nodes).clone();
-        if target.id != me.id {
+        if target.id != me.id && !here {
             // The other node claims it when the request reaches it.
             return Ok(Placed::There(target));
         }

@@ -369,6 +369,14 @@ impl Hub {
         }
     }
 
+    /// Close the session registered as `user_id` as moved (1012, no presence event): a member
+    /// coming back through another node takes its place.
+    pub fn displace(&self, user_id: &str) {
+        if let Some(s) = self.sessions.get(user_id) {
+            s.moved.cancel();
+        }
+    }
+
     /// The cluster's directory (local when the server is on its own).
     pub fn directory(&self) -> &crate::cluster::Directory {
         self.directory.get().unwrap_or(&LOCAL_DIRECTORY)
@@ -425,6 +433,17 @@ impl Hub {
 
     pub fn unregister(&self, user_id: &str) {
         self.sessions.remove(user_id);
+    }
+
+    /// Unregister `user_id` if it is still the session whose queue is `tx` (another may have
+    /// taken its id since: a member coming back through another node).
+    pub fn unregister_own(&self, user_id: &str, tx: &mpsc::Sender<Utf8Bytes>) {
+        self.sessions
+            .remove_if(user_id, |_, h| h.tx.same_channel(tx));
+    }
+
+    pub fn has_session(&self, user_id: &str) -> bool {
+        self.sessions.contains_key(user_id)
     }
 
     /// A fresh resume token for a session that takes handovers on `tx` (its previous token,

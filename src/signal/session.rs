@@ -252,7 +252,23 @@ pub async fn run_attached(
             kick,
             moved: s.moved.clone(),
         };
-        if s.hub.register_as(&attach.user_id, handle).is_err() {
+        // The member's previous session here (its entry node died, and it came back through
+        // another) gives way.
+        let mut handle = Some(handle);
+        for _ in 0..100 {
+            match s
+                .hub
+                .register_as(&attach.user_id, handle.take().expect("a handle"))
+            {
+                Ok(()) => break,
+                Err(h) => {
+                    handle = Some(h);
+                    s.hub.displace(&attach.user_id);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        if handle.is_some() {
             refuse(
                 s.socket,
                 close::POLICY_VIOLATION,
@@ -281,10 +297,29 @@ pub async fn run_attached(
             Some(end) => end,
             None => s.run_loop().await,
         };
-        let (code, reason) = match end {
+        let (mut code, reason) = match end {
             End::Close(code, reason) => (code, reason),
             End::Handover(..) | End::Proxy(..) => (1000, String::new()),
         };
+        // The link dropped without a Close: the member's entry node died (or the network between
+        // the nodes). Held like a dropped connection, for the member to come back through
+        // another node (which displaces this session: no leave, no second join for the others).
+        let timeout = s.hub.config.resume_timeout;
+        if code == 1000
+            && !s.client_closed
+            && !timeout.is_zero()
+            && let (Some(room), Some(auth)) = (&s.room, &s.auth)
+        {
+            s.hub
+                .announce_connection(room, &auth.user_id, "reconnecting");
+            info!("member link lost: the member's session is held for its return");
+            let (moved, shutdown) = (s.moved.clone(), s.hub.shutdown.clone());
+            tokio::select! {
+                _ = moved.cancelled() => code = close::ROOM_MOVED,
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(timeout) => {}
+            }
+        }
         s.finish(code, &reason).await;
         if let Some(l) = &links {
             l.dec();
@@ -392,6 +427,7 @@ impl Session {
         info!(code, "connection lost: session held for a resume");
         self.hub.metrics.sessions_reconnecting.inc();
         let (kick, shutdown) = (self.kick.clone(), self.hub.shutdown.clone());
+        let moved = self.moved.clone();
         let deadline = Instant::now() + self.hub.config.resume_timeout;
         let rx = &mut self.handovers.as_mut().expect("resumable").1;
         let taken = tokio::select! {
@@ -400,6 +436,7 @@ impl Session {
                 "outbound queue full while the connection was down".into(),
             )),
             _ = shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, "server shutting down".into())),
+            _ = moved.cancelled() => Err(End::Close(close::ROOM_MOVED, "the member came back through another node".into())),
             Some(h) = rx.recv() => Ok(h),
             _ = sleep_until(deadline) => {
                 self.hub.metrics.session_resumes.with_label_values(&["expired"]).inc();
@@ -623,7 +660,10 @@ impl Session {
             self.hub.media_leave(self.shard, &auth.user_id, self.joins);
         }
         if let Some(auth) = &self.auth {
-            self.hub.unregister(&auth.user_id);
+            match &self.events_tx {
+                Some(tx) => self.hub.unregister_own(&auth.user_id, tx),
+                None => self.hub.unregister(&auth.user_id),
+            }
             info!(
                 code,
                 reason,
@@ -797,6 +837,9 @@ impl Session {
             return self.invalid_message(&id, err).await;
         };
         self.metrics_message(ty.as_str());
+        if ty == RequestType::Hello && self.auth.is_none() {
+            self.make_room_for_rejoin(&obj).await;
+        }
         if ty == RequestType::Resume
             && self.auth.is_none()
             && let Some(node) = self.resume_elsewhere(&obj)
@@ -939,7 +982,7 @@ impl Session {
                     Err(e) => return Some(self.reply(id, Err(e)).await),
                 };
                 let room = requested.unwrap_or_else(|| crate::signal::hub::random_id(10));
-                match dir.place(&room, settings).await {
+                match dir.place(&room, settings, self.linked).await {
                     Ok(Placed::Here) => {
                         let req = CreateRoom {
                             room_id: Some(room.clone()),
@@ -992,6 +1035,29 @@ impl Session {
                 crate::cluster::link::CONNECTION_NOTICE
             );
             up.forward(&notice, None).await;
+        }
+    }
+
+    /// A `hello` with `rejoin` whose user id has a session here still (the member's link from
+    /// a node that died, held for its return): that session gives way, so that the member gets
+    /// its id back (see `hello`).
+    async fn make_room_for_rejoin(&mut self, obj: &serde_json::Map<String, Value>) {
+        let Some(cluster) = self.hub.directory().cluster() else {
+            return;
+        };
+        let Some(token) = obj.get("rejoin").and_then(Value::as_str) else {
+            return;
+        };
+        let Some((_, user)) = crate::cluster::token::read(&cluster.config.secret, token) else {
+            return;
+        };
+        let user = user.to_string();
+        for _ in 0..100 {
+            if !self.hub.has_session(&user) {
+                return;
+            }
+            self.hub.displace(&user);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
