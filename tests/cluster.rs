@@ -931,3 +931,53 @@ async fn a_member_whose_own_node_dies_comes_back_as_itself() {
         assert_eq!(o["from"], alice.user_id.as_str());
     }
 }
+
+/// A partition, played by freezing a node (SIGSTOP) for longer than `node_ttl`: another node
+/// takes its room over for a member who joins meanwhile. When the frozen node runs again (the
+/// partition heals), its next check finds the room owned by another at a newer epoch: it never
+/// serves it on, and its members there are moved (1012) to the room's new node, where they meet.
+#[tokio::test]
+async fn after_a_partition_heals_the_old_owner_gives_the_room_up() {
+    let Some(redis) = Redis::start("after_a_partition_heals_the_old_owner_gives_the_room_up")
+    else {
+        return;
+    };
+    let name = cluster_name("partition");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let (mut alice, wa) = hello_at(n1.http, json!({"identity": "alice"})).await;
+    let room = alice.create_room(json!({})).await;
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .unwrap();
+
+    unsafe { libc::kill(n1.pid(), libc::SIGSTOP) };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (mut bob, _) = hello_at(n2.http, json!({"identity": "bob"})).await;
+    let j = bob
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("node 2 took the room over");
+    assert_eq!(j["members"].as_array().unwrap().len(), 0, "a new life of the room");
+    unsafe { libc::kill(n1.pid(), libc::SIGCONT) };
+
+    let (code, _) = alice.expect_close().await;
+    assert_eq!(code, 1012, "the old owner let its member go");
+    // Alice comes back as herself and meets bob on the room's node.
+    let (mut alice, w) = hello_at(
+        n1.http,
+        json!({"identity": "alice", "rejoin": wa["resumeToken"]}),
+    )
+    .await;
+    assert_eq!(w["userId"], wa["userId"]);
+    let j = alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("joined on node 2 through node 1");
+    assert_eq!(j["members"][0]["userId"], bob.user_id.as_str());
+    let (_, m) = http_get(n1.http, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_cluster_rooms_lost_total"), Some(1.0));
+    assert_eq!(metric(&m, "ferry_cluster_rooms_owned"), Some(0.0));
+}
