@@ -960,7 +960,11 @@ async fn after_a_partition_heals_the_old_owner_gives_the_room_up() {
         .request("joinRoom", json!({"roomId": room}))
         .await
         .expect("node 2 took the room over");
-    assert_eq!(j["members"].as_array().unwrap().len(), 0, "a new life of the room");
+    assert_eq!(
+        j["members"].as_array().unwrap().len(),
+        0,
+        "a new life of the room"
+    );
     unsafe { libc::kill(n1.pid(), libc::SIGCONT) };
 
     let (code, _) = alice.expect_close().await;

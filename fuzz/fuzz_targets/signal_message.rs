@@ -56,7 +56,9 @@ fn frame(text: &str) {
     match ty {
         RequestType::Hello => drop(fields::<Hello>(ty, obj)),
         RequestType::Resume => drop(fields::<Resume>(ty, obj)),
-        RequestType::Ping | RequestType::LeaveRoom => drop(fields::<Empty>(ty, obj)),
+        RequestType::Ping | RequestType::LeaveRoom | RequestType::GetRoom => {
+            drop(fields::<Empty>(ty, obj))
+        }
         RequestType::CreateRoom => drop(fields::<CreateRoom>(ty, obj)),
         RequestType::JoinRoom => drop(fields::<JoinRoom>(ty, obj)),
         RequestType::Offer | RequestType::Answer => {
