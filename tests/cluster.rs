@@ -985,3 +985,52 @@ async fn after_a_partition_heals_the_old_owner_gives_the_room_up() {
     assert_eq!(metric(&m, "ferry_cluster_rooms_lost_total"), Some(1.0));
     assert_eq!(metric(&m, "ferry_cluster_rooms_owned"), Some(0.0));
 }
+
+/// A room is made on the node its creator reached, unless another node is much less busy: with
+/// 40 sessions on node 1 and none on node 2, `createRoom` through node 1 makes the room on node
+/// 2 (its members' relayed media goes there), and joining it through node 1 works.
+#[tokio::test]
+async fn a_new_room_goes_to_a_much_less_busy_node() {
+    let Some(redis) = Redis::start("a_new_room_goes_to_a_much_less_busy_node") else {
+        return;
+    };
+    let name = cluster_name("place");
+    let n1 = Node::start(&redis, &name, &[]).await;
+    let n2 = Node::start(&redis, &name, &[]).await;
+    until_nodes_seen(&[&n1, &n2], 2).await;
+    let mut crowd = Vec::new();
+    for i in 0..40 {
+        crowd.push(Client::joined_hello(n1.http, &format!("c{i}")).await);
+    }
+    // The load reaches the registry at node 1's next heartbeat (a third of node_ttl).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut alice = Client::joined_hello(n1.http, "alice").await;
+    let room = alice
+        .create_room(json!({"roomId": format!("busy-{name}")}))
+        .await;
+    let mut c = redis.conn().await;
+    let owner: String = redis::cmd("HGET")
+        .arg(format!("ferry:{name}:room:{room}"))
+        .arg("owner")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(owner, n2.id(), "placed on the quiet node");
+    alice
+        .request("joinRoom", json!({"roomId": room}))
+        .await
+        .expect("joined through node 1");
+    let (_, m) = http_get(n2.http, "/metrics").await;
+    assert_eq!(metric(&m, "ferry_cluster_rooms_owned"), Some(1.0));
+    // Few sessions: a room stays where it is asked for.
+    let mut bob = Client::joined_hello(n2.http, "bob").await;
+    let other = bob.create_room(json!({})).await;
+    let owner: String = redis::cmd("HGET")
+        .arg(format!("ferry:{name}:room:{other}"))
+        .arg("owner")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(owner, n2.id());
+    drop(crowd);
+}
