@@ -108,16 +108,11 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
         .into_response()
 }
 
-/// A member link from another node of the cluster (see cluster::link): only with the cluster's
-/// secret.
-async fn attach(
-    State(hub): State<Arc<Hub>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
-    headers: axum::http::HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+/// The refusal of a request to `/cluster/…` that does not come from a node of this cluster (its
+/// secret); `None` when it does.
+fn not_from_a_node(hub: &Hub, headers: &axum::http::HeaderMap) -> Option<Response> {
     let Some(cluster) = hub.directory().cluster() else {
-        return (StatusCode::NOT_FOUND, "not a cluster node\n").into_response();
+        return Some((StatusCode::NOT_FOUND, "not a cluster node\n").into_response());
     };
     let presented = headers
         .get(crate::cluster::link::SECRET_HEADER)
@@ -128,7 +123,21 @@ async fn attach(
             .http_refused
             .with_label_values(&["cluster_secret"])
             .inc();
-        return (StatusCode::FORBIDDEN, "wrong or missing cluster secret\n").into_response();
+        return Some((StatusCode::FORBIDDEN, "wrong or missing cluster secret\n").into_response());
+    }
+    None
+}
+
+/// A member link from another node of the cluster (see cluster::link): only with the cluster's
+/// secret.
+async fn attach(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Some(refused) = not_from_a_node(&hub, &headers) {
+        return refused;
     }
     let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
     let upgrade = upgrade
@@ -164,19 +173,8 @@ async fn cluster_ws(
     headers: axum::http::HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let Some(cluster) = hub.directory().cluster() else {
-        return (StatusCode::NOT_FOUND, "not a cluster node\n").into_response();
-    };
-    let presented = headers
-        .get(crate::cluster::link::SECRET_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !crate::cluster::link::secret_matches(presented, &cluster.config.secret) {
-        hub.metrics
-            .http_refused
-            .with_label_values(&["cluster_secret"])
-            .inc();
-        return (StatusCode::FORBIDDEN, "wrong or missing cluster secret\n").into_response();
+    if let Some(refused) = not_from_a_node(&hub, &headers) {
+        return refused;
     }
     let client = headers
         .get(crate::cluster::link::CLIENT_IP_HEADER)

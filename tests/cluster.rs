@@ -23,13 +23,11 @@ use serde_json::json;
 /// one node (unknown target, room full, already in room, a room that does not exist), leaving.
 #[tokio::test]
 async fn members_on_two_nodes_meet_and_signal_as_on_one() {
-    let Some(redis) = Redis::start("members_on_two_nodes_meet_and_signal_as_on_one") else {
+    let Some((_redis, name, [n1, n2])) =
+        start_cluster("members_on_two_nodes_meet_and_signal_as_on_one", "meet").await
+    else {
         return;
     };
-    let name = cluster_name("meet");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
 
     let mut alice = Client::joined_hello(n1.http, "alice").await;
     let mut bob = Client::joined_hello(n2.http, "bob").await;
@@ -148,13 +146,11 @@ async fn members_on_two_nodes_meet_and_signal_as_on_one() {
 /// once the dead node's registry entry expired.
 #[tokio::test]
 async fn a_room_whose_owner_is_killed_is_taken_over() {
-    let Some(redis) = Redis::start("a_room_whose_owner_is_killed_is_taken_over") else {
+    let Some((_redis, _name, [mut n1, n2])) =
+        start_cluster("a_room_whose_owner_is_killed_is_taken_over", "kill").await
+    else {
         return;
     };
-    let name = cluster_name("kill");
-    let mut n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let mut alice = Client::joined_hello(n1.http, "alice").await;
     let room = alice
         .create_room(json!({"maxPeers": 3, "mode": "relay"}))
@@ -216,13 +212,11 @@ async fn a_room_whose_owner_is_killed_is_taken_over() {
 /// leaves the registry when it stops.
 #[tokio::test]
 async fn a_draining_node_hands_its_rooms_off() {
-    let Some(redis) = Redis::start("a_draining_node_hands_its_rooms_off") else {
+    let Some((redis, name, [n1, n2])) =
+        start_cluster("a_draining_node_hands_its_rooms_off", "drain").await
+    else {
         return;
     };
-    let name = cluster_name("drain");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let mut alice = Client::joined_hello(n1.http, "alice").await;
     let room = alice.create_room(json!({"maxPeers": 4})).await;
     alice
@@ -275,13 +269,11 @@ async fn a_draining_node_hands_its_rooms_off() {
 /// error, and once Redis is back (empty) the owner writes its rooms again and joins work.
 #[tokio::test]
 async fn calls_go_on_while_redis_is_away_and_all_recovers() {
-    let Some(mut redis) = Redis::start("calls_go_on_while_redis_is_away_and_all_recovers") else {
+    let Some((mut redis, _name, [n1, n2])) =
+        start_cluster("calls_go_on_while_redis_is_away_and_all_recovers", "redis").await
+    else {
         return;
     };
-    let name = cluster_name("redis");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let (mut alice, mut bob, room) = {
         let mut alice = Client::joined_hello(n1.http, "alice").await;
         let room = alice.create_room(json!({})).await;
@@ -346,13 +338,11 @@ async fn calls_go_on_while_redis_is_away_and_all_recovers() {
 /// Everyone leaves, the room expires, the nodes stop: nothing of the cluster is left in Redis.
 #[tokio::test]
 async fn no_keys_are_left_behind_after_everyone_leaves() {
-    let Some(redis) = Redis::start("no_keys_are_left_behind_after_everyone_leaves") else {
+    let Some((redis, name, [n1, n2])) =
+        start_cluster("no_keys_are_left_behind_after_everyone_leaves", "keys").await
+    else {
         return;
     };
-    let name = cluster_name("keys");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let mut alice = Client::joined_hello(n1.http, "alice").await;
     let room = alice.create_room(json!({})).await;
     alice
@@ -718,14 +708,14 @@ async fn hello_at(addr: SocketAddr, fields: serde_json::Value) -> (Client, serde
 /// member `reconnecting` wherever its session is held.
 #[tokio::test]
 async fn a_resume_that_reaches_another_node_is_carried_to_the_session() {
-    let Some(redis) = Redis::start("a_resume_that_reaches_another_node_is_carried_to_the_session")
+    let Some((_redis, _name, [n1, n2])) = start_cluster(
+        "a_resume_that_reaches_another_node_is_carried_to_the_session",
+        "resume",
+    )
+    .await
     else {
         return;
     };
-    let name = cluster_name("resume");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     // Alice's session and her room on node 1; Bob's session on node 2, linked to node 1.
     let (mut alice, w) = hello_at(n1.http, json!({"identity": "alice"})).await;
     let token = w["resumeToken"].as_str().unwrap().to_string();
@@ -787,13 +777,11 @@ async fn a_resume_that_reaches_another_node_is_carried_to_the_session() {
 /// that has it.
 #[tokio::test]
 async fn a_member_whose_room_moved_gets_its_user_id_back() {
-    let Some(redis) = Redis::start("a_member_whose_room_moved_gets_its_user_id_back") else {
+    let Some((_redis, _name, [mut n1, n2])) =
+        start_cluster("a_member_whose_room_moved_gets_its_user_id_back", "rejoin").await
+    else {
         return;
     };
-    let name = cluster_name("rejoin");
-    let mut n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let (mut alice, _) = hello_at(n1.http, json!({"identity": "alice"})).await;
     let room = alice.create_room(json!({})).await;
     alice
@@ -938,14 +926,14 @@ async fn a_member_whose_own_node_dies_comes_back_as_itself() {
 /// serves it on, and its members there are moved (1012) to the room's new node, where they meet.
 #[tokio::test]
 async fn after_a_partition_heals_the_old_owner_gives_the_room_up() {
-    let Some(redis) = Redis::start("after_a_partition_heals_the_old_owner_gives_the_room_up")
+    let Some((_redis, _name, [n1, n2])) = start_cluster(
+        "after_a_partition_heals_the_old_owner_gives_the_room_up",
+        "partition",
+    )
+    .await
     else {
         return;
     };
-    let name = cluster_name("partition");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let (mut alice, wa) = hello_at(n1.http, json!({"identity": "alice"})).await;
     let room = alice.create_room(json!({})).await;
     alice
@@ -991,13 +979,11 @@ async fn after_a_partition_heals_the_old_owner_gives_the_room_up() {
 /// 2 (its members' relayed media goes there), and joining it through node 1 works.
 #[tokio::test]
 async fn a_new_room_goes_to_a_much_less_busy_node() {
-    let Some(redis) = Redis::start("a_new_room_goes_to_a_much_less_busy_node") else {
+    let Some((redis, name, [n1, n2])) =
+        start_cluster("a_new_room_goes_to_a_much_less_busy_node", "place").await
+    else {
         return;
     };
-    let name = cluster_name("place");
-    let n1 = Node::start(&redis, &name, &[]).await;
-    let n2 = Node::start(&redis, &name, &[]).await;
-    until_nodes_seen(&[&n1, &n2], 2).await;
     let mut crowd = Vec::new();
     for i in 0..40 {
         crowd.push(Client::joined_hello(n1.http, &format!("c{i}")).await);

@@ -258,3 +258,20 @@ http {{
         .expect("start nginx");
     ChildGuard(child)
 }
+
+/// A Redis and `N` nodes of a fresh cluster (named after `short`), every node seeing all of
+/// them; `None` when redis-server is missing outside CI (the test says it is skipped).
+pub async fn start_cluster<const N: usize>(
+    test: &str,
+    short: &str,
+) -> Option<(Redis, String, [Node; N])> {
+    let redis = Redis::start(test)?;
+    let name = cluster_name(short);
+    let mut nodes = Vec::new();
+    for _ in 0..N {
+        nodes.push(Node::start(&redis, &name, &[]).await);
+    }
+    until_nodes_seen(&nodes.iter().collect::<Vec<_>>(), N).await;
+    let nodes: [Node; N] = nodes.try_into().unwrap_or_else(|_| unreachable!());
+    Some((redis, name, nodes))
+}
