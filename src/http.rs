@@ -108,6 +108,20 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> Response {
         .into_response()
 }
 
+/// A signaling WebSocket's buffers and limits (every WebSocket path: `/ws` and the cluster's).
+fn sized(hub: &Hub, upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
+    // tungstenite zero-fills its read buffer up to `read_buffer_size` on every read, and the
+    // buffer stays allocated (and touched) for the connection's life: the default 128 KiB was
+    // a memset of 128 KiB per signaling frame and 128 KiB of RSS per connected peer. Signaling
+    // messages are small; a larger one is read in several chunks (its frame length is reserved
+    // up front), so 4 KiB costs nothing but the extra reads of a big SDP.
+    upgrade
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+}
+
 /// The refusal of a request to `/cluster/…` that does not come from a node of this cluster (its
 /// secret); `None` when it does.
 fn not_from_a_node(hub: &Hub, headers: &axum::http::HeaderMap) -> Option<Response> {
@@ -139,11 +153,7 @@ async fn attach(
     if let Some(refused) = not_from_a_node(&hub, &headers) {
         return refused;
     }
-    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
-    let upgrade = upgrade
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .max_message_size(limit)
-        .max_frame_size(limit);
+    let upgrade = sized(&hub, upgrade);
     upgrade.on_upgrade(move |socket| async move {
         if hub.is_draining() {
             session::refuse(socket, close::TRY_AGAIN_LATER, "node is draining").await;
@@ -181,11 +191,7 @@ async fn cluster_ws(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<std::net::IpAddr>().ok())
         .map_or(remote, |ip| SocketAddr::new(ip, 0));
-    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
-    let upgrade = upgrade
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .max_message_size(limit)
-        .max_frame_size(limit);
+    let upgrade = sized(&hub, upgrade);
     upgrade.on_upgrade(move |socket| serve_session(hub, socket, client, None))
 }
 
@@ -215,16 +221,7 @@ async fn ws(
                 .into_response();
         }
     }
-    let limit = hub.config.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR;
-    // tungstenite zero-fills its read buffer up to `read_buffer_size` on every read, and the
-    // buffer stays allocated (and touched) for the connection's life: the default 128 KiB was
-    // a memset of 128 KiB per signaling frame and 128 KiB of RSS per connected peer. Signaling
-    // messages are small; a larger one is read in several chunks (its frame length is reserved
-    // up front), so 4 KiB costs nothing but the extra reads of a big SDP.
-    let upgrade = upgrade
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .max_message_size(limit)
-        .max_frame_size(limit);
+    let upgrade = sized(&hub, upgrade);
     // A draining node of a cluster answers before the upgrade, so that a balancer can take the
     // connection to another node at once (nginx `proxy_next_upstream http_503`, haproxy's
     // health check); one node on its own closes after the upgrade with 1013, as clients expect.

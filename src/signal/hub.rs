@@ -431,13 +431,9 @@ impl Hub {
         self.sessions.len()
     }
 
-    pub fn unregister(&self, user_id: &str) {
-        self.sessions.remove(user_id);
-    }
-
     /// Unregister `user_id` if it is still the session whose queue is `tx` (another may have
     /// taken its id since: a member coming back through another node).
-    pub fn unregister_own(&self, user_id: &str, tx: &mpsc::Sender<Utf8Bytes>) {
+    pub fn unregister(&self, user_id: &str, tx: &mpsc::Sender<Utf8Bytes>) {
         self.sessions
             .remove_if(user_id, |_, h| h.tx.same_channel(tx));
     }

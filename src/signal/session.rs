@@ -660,9 +660,9 @@ impl Session {
             self.hub.media_leave(self.shard, &auth.user_id, self.joins);
         }
         if let Some(auth) = &self.auth {
-            match &self.events_tx {
-                Some(tx) => self.hub.unregister_own(&auth.user_id, tx),
-                None => self.hub.unregister(&auth.user_id),
+            // Its queue is known from the moment it registered (hello, or a member link's attach).
+            if let Some(tx) = &self.events_tx {
+                self.hub.unregister(&auth.user_id, tx);
             }
             info!(
                 code,
