@@ -478,10 +478,13 @@ fn cluster_config(
     let node_address = match node_address {
         Some(a) => {
             let a = a.trim_end_matches('/').to_string();
-            if !(a.starts_with("http://") || a.starts_with("https://")) {
+            if !a.starts_with("http://") {
                 return Err(invalid(
                     "node_address",
-                    format!("expected http://host:port, got {a:?}"),
+                    format!(
+                        "expected http://host:port (links between nodes are plain HTTP on a \
+                         private network), got {a:?}"
+                    ),
                 ));
             }
             a
@@ -497,11 +500,15 @@ fn cluster_config(
                 ),
             ));
         }
-        None => {
-            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-            format!("{scheme}://{}", cfg.http_listen)
-        }
+        None => format!("http://{}", cfg.http_listen),
     };
+    if cfg.tls.is_some() {
+        return Err(invalid(
+            "tls_cert",
+            "a node of a cluster serves plain HTTP (the other nodes link to it without TLS): \
+             terminate TLS at the balancer in front of the cluster",
+        ));
+    }
     let secret = match secret.or_else(|| cfg.api.as_ref().map(|(_, s)| s.clone())) {
         Some(s) if s.len() >= 16 => s,
         Some(_) => return Err(invalid("cluster_secret", "must be at least 16 characters")),
@@ -1137,6 +1144,21 @@ mod tests {
                 "node_address",
                 FileConfig {
                     node_address: Some("10.0.0.5:8080".into()),
+                    ..base()
+                },
+            ),
+            (
+                "node_address",
+                FileConfig {
+                    node_address: Some("https://n1:8443".into()),
+                    ..base()
+                },
+            ),
+            (
+                "tls_cert",
+                FileConfig {
+                    tls_cert: Some("c.pem".into()),
+                    tls_key: Some("k.pem".into()),
                     ..base()
                 },
             ),
