@@ -11,7 +11,8 @@
 //!
 //! When the link ends with the member in a room (the owner drains, dies or lost the room), the
 //! entry node closes the client's connection with the owner's close code (1012 when it died):
-//! the SDK reconnects and joins again, and the room is found on its new owner.
+//! the SDK reconnects and joins again as the same member (`hello` with `rejoin`), and the room is
+//! found on its new owner.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

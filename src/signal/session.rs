@@ -215,7 +215,9 @@ pub async fn run(
 
 /// Run the session of a member whose WebSocket is on another node of the cluster: the first
 /// message is that node's `attach` (who the member is); from then on the socket is the member's
-/// (see cluster::link). Such a session is not held for a resume: its entry node holds it.
+/// (see cluster::link). It has no resume token (its entry node gives those); when its link drops
+/// without a close (its entry node died), it is held for `resume_timeout` for the member to come
+/// back through another node.
 pub async fn run_attached(
     hub: Arc<Hub>,
     mut socket: WebSocket,
